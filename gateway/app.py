@@ -1,0 +1,46 @@
+"""Composition root: builds every service once and hangs it on ``app.state``."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from gateway import __version__
+from gateway.dataplane import DataPlane
+from gateway.http import install_error_handlers, router
+from gateway.monitoring.metrics import Metrics
+from gateway.protocol.codec import Limits
+from gateway.registry import ModelRegistry
+from gateway.repository import ModelRepository
+from gateway.settings import Settings
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+    metrics = Metrics()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if settings.torch_threads:
+            import torch
+
+            torch.set_num_threads(settings.torch_threads)
+        registry = ModelRegistry(ModelRepository(settings.model_repository), settings, metrics)
+        app.state.dataplane = DataPlane(registry, settings)
+        await registry.load_all()
+        try:
+            yield
+        finally:
+            await registry.close()
+
+    app = FastAPI(title="Bastion", version=__version__, lifespan=lifespan)
+    app.state.settings = settings
+    app.state.metrics = metrics
+    app.state.limits = Limits(
+        settings.max_body_bytes, settings.max_json_bytes, settings.max_elements
+    )
+    app.include_router(router)
+    install_error_handlers(app, metrics)
+    return app

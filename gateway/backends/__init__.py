@@ -1,0 +1,48 @@
+"""Backends run a batch of tensors on a device; they know nothing of the protocol.
+
+The contract is three phases the batcher times separately (Triton's compute_input, compute_infer,
+compute_output): ``to_device``, ``forward`` and ``to_host``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from gateway.errors import NotFound
+from gateway.repository import ModelConfig
+
+
+class Backend(Protocol):
+    device: str  # "cpu" or "cuda:N": batches on one device share its concurrency bound
+
+    def to_device(self, batch: dict[str, np.ndarray]) -> Any: ...
+
+    def forward(self, inputs: Any) -> Any: ...
+
+    def to_host(self, outputs: Any) -> dict[str, np.ndarray]: ...
+
+    def close(self) -> None: ...
+
+
+def load_backend(config: ModelConfig, version: int, device: str, threads: int) -> Backend:
+    """Builds the backend a model's config names, for one version folder."""
+    folder = config.version_path(version)
+    if config.backend == "pytorch":
+        from gateway.backends.torch_backend import TorchBackend
+
+        return TorchBackend(config, folder, device)
+    if config.backend == "onnxruntime":
+        from gateway.backends.onnx_backend import OnnxBackend
+
+        return OnnxBackend(config, folder, device, threads)
+    raise NotFound(f"model {config.name!r}: no backend named {config.backend!r}")
+
+
+def weights_file(folder: Path, names: tuple[str, ...]) -> Path | None:
+    for name in names:
+        if (folder / name).is_file():
+            return folder / name
+    return None

@@ -1,0 +1,72 @@
+"""PyTorch backend: an architecture from ``models.zoo`` plus safetensors weights.
+
+Nothing executable is read from the repository (no pickles, no TorchScript). On CUDA the batch is
+staged in pinned memory and copied without blocking; on the CPU the same code runs unchanged.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+
+from gateway.backends import weights_file
+from gateway.repository import ConfigError, ModelConfig
+from models.zoo import ServedClassifier, build
+
+
+class TorchBackend:
+    def __init__(self, config: ModelConfig, folder: Path, device: str) -> None:
+        arch = config.parameters.get("architecture")
+        if not arch:
+            raise ConfigError(f"model {config.name!r}: parameters need an 'architecture'")
+        net = build(arch)
+        path = weights_file(folder, ("model.safetensors",))
+        if path is not None:
+            net.load_state_dict(load_file(path), strict=True)
+        elif config.parameters.get("random_weights", "").lower() == "true":
+            _seeded_init(net, int(config.parameters.get("seed", "0")))
+        else:
+            raise ConfigError(f"{folder} has no model.safetensors")
+        self.device = device
+        self._device = torch.device(device)
+        self.module = ServedClassifier(net).to(self._device).eval()
+        self._inputs = [t.name for t in config.inputs]
+        self._outputs = [t.name for t in config.outputs]
+        if len(self._outputs) > 2:
+            raise ConfigError(
+                f"model {config.name!r}: a classifier serves logits and probabilities"
+            )
+        self._cuda = self._device.type == "cuda"
+
+    def to_device(self, batch: dict[str, np.ndarray]) -> list[torch.Tensor]:
+        tensors = [torch.from_numpy(batch[name]) for name in self._inputs]
+        if self._cuda:
+            return [t.pin_memory().to(self._device, non_blocking=True) for t in tensors]
+        return tensors
+
+    def forward(self, inputs: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        with torch.inference_mode():
+            outputs = self.module(*inputs)
+        if self._cuda:
+            torch.cuda.synchronize(self._device)
+        return outputs
+
+    def to_host(self, outputs: tuple[torch.Tensor, ...]) -> dict[str, np.ndarray]:
+        return {name: t.cpu().numpy() for name, t in zip(self._outputs, outputs, strict=False)}
+
+    def close(self) -> None:
+        self.module = None  # type: ignore[assignment]
+        if self._cuda:
+            torch.cuda.empty_cache()
+
+
+def _seeded_init(net: torch.nn.Module, seed: int) -> None:
+    """Benchmark models (ResNets) use random weights made from a seed: nothing is downloaded."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in net.parameters():
+            if p.dim() > 1:
+                p.copy_(torch.randn(p.shape, generator=generator) * (2.0 / p[0].numel()) ** 0.5)

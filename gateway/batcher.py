@@ -1,0 +1,208 @@
+"""Dynamic batcher: one per model version (Triton's dynamic batching semantics).
+
+A request waits at most ``max_queue_delay_us`` after the *oldest* queued request; a batch goes
+out at once when the largest preferred size (or the max batch size) is queued. Batches are
+formed only when the device has a free slot, so while the device is busy the queue grows into a
+larger next batch.
+The queue is bounded (full → ``Unavailable`` at once); requests past their deadline are answered
+before they reach the device; a cancelled caller's rows are dropped before the batch runs.
+Model work runs in the device's thread pool, never on the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+from gateway.errors import BackendError, DeadlineExceeded, Unavailable
+from gateway.monitoring.stats import BatchTimes
+
+Arrays = dict[str, np.ndarray]
+RunBatch = Callable[[Sequence[Arrays]], tuple[Arrays, BatchTimes]]
+
+
+class BatchObserver(Protocol):
+    def on_batch(self, size: int, requests: int, times: BatchTimes) -> None: ...
+
+    def on_dequeue(self, queue_ns: int) -> None: ...
+
+    def on_expired(self, queue_ns: int) -> None: ...
+
+
+class DeviceSlots:
+    """Bounds the batches in flight on one device; one worker thread per slot."""
+
+    def __init__(self, device: str, slots: int) -> None:
+        self.device = device
+        self.semaphore = asyncio.Semaphore(slots)
+        self.executor = ThreadPoolExecutor(
+            max_workers=slots, thread_name_prefix=f"bastion-{device}"
+        )
+
+    def close(self) -> None:
+        self.executor.shutdown(wait=True, cancel_futures=True)
+
+
+@dataclass(slots=True)
+class _Item:
+    inputs: Arrays
+    rows: int
+    future: asyncio.Future[Arrays]
+    arrival_ns: int
+    deadline_ns: int | None
+
+
+class DynamicBatcher:
+    def __init__(
+        self,
+        run_batch: RunBatch,
+        slots: DeviceSlots,
+        observer: BatchObserver,
+        *,
+        max_batch_size: int,
+        preferred_batch_sizes: Sequence[int] = (),
+        max_queue_delay_us: int = 0,
+        max_queue_size: int = 1024,
+    ) -> None:
+        self._run_batch = run_batch
+        self._slots = slots
+        self._observer = observer
+        self.max_batch_size = max(1, max_batch_size)
+        fits = [s for s in preferred_batch_sizes if s <= self.max_batch_size]
+        self._ready_rows = max(fits) if fits else self.max_batch_size
+        self._delay_ns = max_queue_delay_us * 1000
+        self._max_queue_size = max_queue_size
+        self._queue: deque[_Item] = deque()
+        self._queued_rows = 0
+        self._wake = asyncio.Event()
+        self._closing = False
+        self._inflight: set[asyncio.Task[None]] = set()
+        self._loop_task: asyncio.Task[None] | None = None
+
+    @property
+    def pending(self) -> int:
+        return len(self._queue)
+
+    def start(self) -> None:
+        self._loop_task = asyncio.get_running_loop().create_task(self._loop())
+
+    async def submit(self, inputs: Arrays, rows: int, deadline_ns: int | None = None) -> Arrays:
+        """Queues one validated request; returns its rows of every output."""
+        if self._closing:
+            raise Unavailable("model is unloading")
+        if len(self._queue) >= self._max_queue_size:
+            raise Unavailable(f"queue is full ({self._max_queue_size} requests); retry later")
+        future: asyncio.Future[Arrays] = asyncio.get_running_loop().create_future()
+        self._queue.append(_Item(inputs, rows, future, time.perf_counter_ns(), deadline_ns))
+        self._queued_rows += rows
+        self._wake.set()
+        return await future
+
+    async def close(self, drain_timeout_s: float = 10.0) -> None:
+        """Stops taking requests, answers what was accepted, then stops the loop."""
+        self._closing = True
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(drain_timeout_s):
+                while self._queue or self._inflight:
+                    self._wake.set()
+                    await asyncio.sleep(0.005)
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._loop_task
+        for item in self._queue:
+            _fail(item.future, Unavailable("model unloaded before the request ran"))
+        self._queue.clear()
+
+    async def _loop(self) -> None:
+        while True:
+            await self._wait_for_batch()
+            await self._slots.semaphore.acquire()
+            items = self._take()
+            if not items:
+                self._slots.semaphore.release()
+                continue
+            task = asyncio.get_running_loop().create_task(self._execute(items))
+            self._inflight.add(task)
+            task.add_done_callback(self._inflight.discard)
+
+    async def _wait_for_batch(self) -> None:
+        """Returns when a batch should go: enough rows, or the oldest request's delay is spent."""
+        while True:
+            if not self._queue:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            if self._queued_rows >= self._ready_rows or self._closing:
+                return
+            remaining = self._queue[0].arrival_ns + self._delay_ns - time.perf_counter_ns()
+            if remaining <= 0:
+                return
+            self._wake.clear()
+            try:
+                async with asyncio.timeout(remaining / 1e9):
+                    await self._wake.wait()
+            except TimeoutError:
+                return
+
+    def _take(self) -> list[_Item]:
+        """Pops up to max_batch_size rows, answering expired and dropping cancelled requests."""
+        items: list[_Item] = []
+        rows = 0
+        now = time.perf_counter_ns()
+        while self._queue and rows + self._queue[0].rows <= self.max_batch_size:
+            item = self._queue.popleft()
+            self._queued_rows -= item.rows
+            if item.future.done():
+                continue
+            if item.deadline_ns is not None and now > item.deadline_ns:
+                self._observer.on_expired(now - item.arrival_ns)
+                _fail(item.future, DeadlineExceeded("request timed out in the queue"))
+                continue
+            self._observer.on_dequeue(now - item.arrival_ns)
+            items.append(item)
+            rows += item.rows
+        return items
+
+    async def _execute(self, items: list[_Item]) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            outputs, times = await loop.run_in_executor(
+                self._slots.executor, self._run_batch, [item.inputs for item in items]
+            )
+            rows = sum(item.rows for item in items)
+            for name, value in outputs.items():
+                if value.shape[:1] != (rows,):
+                    raise BackendError(
+                        f"output {name!r} has {value.shape[:1]} rows, expected {rows}"
+                    )
+        except Exception as exc:
+            error = (
+                exc if isinstance(exc, BackendError) else BackendError(f"inference failed: {exc}")
+            )
+            for item in items:
+                _fail(item.future, error)
+            return
+        finally:
+            self._slots.semaphore.release()
+            self._wake.set()
+        self._observer.on_batch(rows, len(items), times)
+        start = 0
+        for item in items:
+            stop = start + item.rows
+            if not item.future.done():
+                item.future.set_result({name: value[start:stop] for name, value in outputs.items()})
+            start = stop
+
+
+def _fail(future: asyncio.Future[Arrays], error: Exception) -> None:
+    if not future.done():
+        future.set_exception(error)

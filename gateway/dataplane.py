@@ -1,0 +1,142 @@
+"""The protocol-agnostic service: lookup, validation, batching, responses, statistics.
+
+Transports (HTTP now, gRPC later) only decode and encode; everything a request means happens here.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+
+from gateway import __version__
+from gateway.errors import BastionError, InvalidInput
+from gateway.inputs import ImageLimits, prepare_inputs
+from gateway.protocol.codec import RawInput
+from gateway.protocol.types import InferRequest, InferResponse, OutputTensor, RequestedOutput
+from gateway.registry import LoadedModel, ModelRegistry
+from gateway.repository import ModelConfig, TensorSpec
+from gateway.settings import Settings
+
+EXTENSIONS = [
+    "classification",
+    "model_repository",
+    "model_repository(unload_dependents)",
+    "schedule_policy",
+    "model_configuration",
+    "binary_tensor_data",
+    "parameters",
+    "statistics",
+]
+
+
+class DataPlane:
+    def __init__(self, registry: ModelRegistry, settings: Settings) -> None:
+        self.registry = registry
+        self.settings = settings
+        self._images = ImageLimits(settings.max_image_bytes, settings.max_image_pixels)
+
+    def server_metadata(self) -> dict[str, Any]:
+        return {"name": "bastion", "version": __version__, "extensions": EXTENSIONS}
+
+    def ready(self) -> bool:
+        index = self.registry.index()
+        return bool(index) and all(entry["state"] == "READY" for entry in index)
+
+    def model_metadata(self, name: str, version: int | None) -> dict[str, Any]:
+        model = self.registry.get(name, version)
+        config = model.config
+        versions = [str(m.version) for m in self.registry.loaded() if m.config.name == name]
+        return {
+            "name": name,
+            "versions": sorted(versions, key=int) if version is None else [str(version)],
+            "platform": config.platform or config.backend,
+            "inputs": [_tensor_metadata(t, config) for t in config.inputs],
+            "outputs": [_tensor_metadata(t, config) for t in config.outputs],
+        }
+
+    def model_config(self, name: str, version: int | None) -> dict[str, Any]:
+        return self.registry.get(name, version).config.raw
+
+    def statistics(self, name: str | None, version: int | None) -> dict[str, Any]:
+        if name is None:
+            models = self.registry.loaded()
+        elif version is None:
+            self.registry.get(name)
+            models = [m for m in self.registry.loaded() if m.config.name == name]
+        else:
+            models = [self.registry.get(name, version)]
+        return {"model_stats": [m.stats.as_dict() for m in models]}
+
+    def raw_input(self, name: str, version: int | None) -> RawInput | None:
+        config = self.registry.get(name, version).config
+        if len(config.inputs) != 1:
+            return None
+        spec = config.inputs[0]
+        return RawInput(spec.name, spec.datatype, spec.dims)
+
+    async def infer(self, name: str, version: int | None, request: InferRequest) -> InferResponse:
+        start = time.perf_counter_ns()
+        model = self.registry.get(name, version)
+        try:
+            arrays, rows = prepare_inputs(model.config, request, self._images)
+            wanted = _requested_outputs(model.config, request)
+            deadline = self._deadline(model, request, start)
+            results = await model.batcher.submit(arrays, rows, deadline)
+            outputs = [_output(model.config, want, results[want.name]) for want in wanted]
+        except BastionError as exc:
+            model.observer.on_failure(time.perf_counter_ns() - start, exc.reason)
+            raise
+        model.observer.on_success(time.perf_counter_ns() - start)
+        return InferResponse(name, str(model.version), outputs, id=request.id)
+
+    def _deadline(self, model: LoadedModel, request: InferRequest, start_ns: int) -> int | None:
+        policy = model.config.batching
+        timeout_us = policy.default_timeout_us or self.settings.default_timeout_us
+        if request.timeout_us and policy.allow_timeout_override:
+            timeout_us = request.timeout_us
+        return start_ns + timeout_us * 1000 if timeout_us else None
+
+
+def _tensor_metadata(spec: TensorSpec, config: ModelConfig) -> dict[str, Any]:
+    return {"name": spec.name, "datatype": spec.datatype, "shape": [-1, *spec.dims]}
+
+
+def _requested_outputs(config: ModelConfig, request: InferRequest) -> list[RequestedOutput]:
+    if request.outputs is None:
+        return [RequestedOutput(spec.name, request.binary_output) for spec in config.outputs]
+    known = {spec.name for spec in config.outputs}
+    for want in request.outputs:
+        if want.name not in known:
+            raise InvalidInput(
+                f"model {config.name!r} has no output {want.name!r}; its outputs are "
+                f"{sorted(known)}"
+            )
+    return [
+        RequestedOutput(
+            w.name, request.binary_output if w.binary is None else w.binary, w.class_count
+        )
+        for w in request.outputs
+    ]
+
+
+def _output(config: ModelConfig, want: RequestedOutput, values: np.ndarray) -> OutputTensor:
+    spec = next(s for s in config.outputs if s.name == want.name)
+    binary = bool(want.binary)
+    if not want.class_count:
+        return OutputTensor(spec.name, spec.datatype, values, binary)
+    return OutputTensor(spec.name, "BYTES", classify(values, want.class_count, spec.labels), binary)
+
+
+def classify(values: np.ndarray, k: int, labels: tuple[str, ...]) -> np.ndarray:
+    """Triton's classification extension: top-k per row as ``"score:index[:label]"``."""
+    flat = values.reshape(values.shape[0], -1)
+    k = min(k, flat.shape[1])
+    top = np.argsort(-flat, axis=1, kind="stable")[:, :k]
+    out = np.empty(top.shape, dtype=object)
+    for row, indices in enumerate(top):
+        for col, index in enumerate(indices):
+            label = f":{labels[index]}" if index < len(labels) else ""
+            out[row, col] = f"{flat[row, index]:f}:{index}{label}".encode()
+    return out

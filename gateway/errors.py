@@ -1,0 +1,57 @@
+"""Errors that carry their HTTP status; one handler turns them into ``{"error": "..."}``.
+
+The mapping follows Triton's (NOT_FOUND 404, UNAVAILABLE 503, UNSUPPORTED 501, the rest 400).
+"""
+
+from __future__ import annotations
+
+
+class BastionError(Exception):
+    status: int = 500
+    reason: str = "OTHER"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidInput(BastionError):
+    status = 400
+    reason = "REJECTED"
+
+
+class NotFound(BastionError):
+    status = 404
+    reason = "REJECTED"
+
+
+class Forbidden(BastionError):
+    status = 403
+    reason = "REJECTED"
+
+
+class PayloadTooLarge(BastionError):
+    status = 413
+    reason = "REJECTED"
+
+
+class Unsupported(BastionError):
+    status = 501
+    reason = "REJECTED"
+
+
+class Unavailable(BastionError):
+    """Overload or a model that is not ready: the client may retry."""
+
+    status = 503
+    reason = "REJECTED"
+
+
+class DeadlineExceeded(BastionError):
+    status = 504
+    reason = "CANCELED"
+
+
+class BackendError(BastionError):
+    status = 500
+    reason = "BACKEND"

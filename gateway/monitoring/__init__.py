@@ -1,0 +1,1 @@
+"""Statistics, Prometheus metrics and (later) drift and the dashboard."""

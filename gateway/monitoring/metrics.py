@@ -1,0 +1,175 @@
+"""Prometheus exposition: Triton's ``nv_*`` families plus Bastion's histograms (in seconds).
+
+The ``nv_*`` counters are rendered from ``ModelStats`` at scrape time, with Triton's exact names
+(no ``_total`` suffix, which prometheus-client would add), so dashboards written for Triton work
+unchanged. The histograms come from prometheus-client, in a registry owned by the app.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from gateway.monitoring.stats import BatchTimes, ModelStats
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+_LATENCY_BUCKETS = (
+    0.0005,
+    0.001,
+    0.002,
+    0.005,
+    0.01,
+    0.02,
+    0.05,
+    0.1,
+    0.2,
+    0.5,
+    1.0,
+    2.0,
+    5.0,
+    10.0,
+)
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+
+_COUNTERS = (
+    ("nv_inference_request_success", "Number of successful inference requests", "success_count"),
+    ("nv_inference_count", "Number of inferences performed (a batch of n counts n)", "inference"),
+    ("nv_inference_exec_count", "Number of model executions (batches)", "execution"),
+    ("nv_inference_request_duration_us", "Cumulative inference request duration", "success_ns"),
+    ("nv_inference_queue_duration_us", "Cumulative time requests spend queued", "queue_ns"),
+    ("nv_inference_compute_input_duration_us", "Cumulative compute input duration", "input_ns"),
+    ("nv_inference_compute_infer_duration_us", "Cumulative compute inference duration", "infer_ns"),
+    ("nv_inference_compute_output_duration_us", "Cumulative compute output duration", "output_ns"),
+)
+
+
+def _values(s: ModelStats) -> dict[str, float]:
+    d = s.durations
+    return {
+        "success_count": d["success"].count,
+        "inference": s.inference_count,
+        "execution": s.execution_count,
+        "success_ns": d["success"].ns // 1000,
+        "queue_ns": d["queue"].ns // 1000,
+        "input_ns": d["compute_input"].ns // 1000,
+        "infer_ns": d["compute_infer"].ns // 1000,
+        "output_ns": d["compute_output"].ns // 1000,
+    }
+
+
+def render_triton(stats: Iterable[ModelStats]) -> str:
+    stats = list(stats)
+    lines: list[str] = []
+    values = [(s, _values(s)) for s in stats]
+    for name, help_text, key in _COUNTERS:
+        lines += [f"# HELP {name} {help_text}", f"# TYPE {name} counter"]
+        lines += [f'{name}{{model="{s.name}",version="{s.version}"}} {v[key]}' for s, v in values]
+    name = "nv_inference_request_failure"
+    lines += [f"# HELP {name} Number of failed inference requests", f"# TYPE {name} counter"]
+    for s in stats:
+        for reason in ("REJECTED", "CANCELED", "BACKEND", "OTHER"):
+            count = s.failures.get(reason, 0)
+            lines.append(
+                f'{name}{{model="{s.name}",reason="{reason}",version="{s.version}"}} {count}'
+            )
+    name = "nv_inference_pending_request_count"
+    lines += [f"# HELP {name} Instantaneous number of pending requests", f"# TYPE {name} gauge"]
+    lines += [f'{name}{{model="{s.name}",version="{s.version}"}} {s.pending}' for s in stats]
+    return "\n".join(lines) + "\n"
+
+
+def render_gpu() -> str:
+    """``nv_gpu_*`` gauges, present only when torch sees a CUDA device."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return ""
+    lines = [
+        "# HELP nv_gpu_memory_total_bytes GPU total memory, in bytes",
+        "# TYPE nv_gpu_memory_total_bytes gauge",
+        "# HELP nv_gpu_memory_used_bytes GPU used memory, in bytes",
+        "# TYPE nv_gpu_memory_used_bytes gauge",
+        "# HELP nv_gpu_utilization GPU utilization rate [0.0 - 1.0)",
+        "# TYPE nv_gpu_utilization gauge",
+    ]
+    for i in range(torch.cuda.device_count()):
+        uuid = str(torch.cuda.get_device_properties(i).uuid)
+        free, total = torch.cuda.mem_get_info(i)
+        lines.append(f'nv_gpu_memory_total_bytes{{gpu_uuid="{uuid}"}} {total}')
+        lines.append(f'nv_gpu_memory_used_bytes{{gpu_uuid="{uuid}"}} {total - free}')
+        with contextlib.suppress(Exception):  # utilization needs NVML, which some drivers lack
+            busy = torch.cuda.utilization(i) / 100
+            lines.append(f'nv_gpu_utilization{{gpu_uuid="{uuid}"}} {busy}')
+    return "\n".join(lines) + "\n"
+
+
+class Metrics:
+    """The app's Prometheus registry and Bastion's own histograms."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        labels = ["model", "version"]
+        self.request_duration = Histogram(
+            "bastion_request_duration_seconds",
+            "Infer request latency, arrival to response",
+            labels,
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.queue_duration = Histogram(
+            "bastion_queue_duration_seconds",
+            "Time a request waits for its batch",
+            labels,
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.batch_size = Histogram(
+            "bastion_batch_size",
+            "Rows per executed batch",
+            labels,
+            buckets=_BATCH_BUCKETS,
+            registry=self.registry,
+        )
+        self.errors = Counter(
+            "bastion_request_errors",
+            "Requests answered with an error, by HTTP status",
+            ["status"],
+            registry=self.registry,
+        )
+        self.models_ready = Gauge(
+            "bastion_models_ready", "Model versions loaded and ready", registry=self.registry
+        )
+
+    def render(self, stats: Iterable[ModelStats]) -> bytes:
+        return (render_triton(stats) + render_gpu()).encode() + generate_latest(self.registry)
+
+
+class ModelObserver:
+    """Feeds one model version's batches into its statistics and histograms."""
+
+    def __init__(self, stats: ModelStats, metrics: Metrics) -> None:
+        self.stats = stats
+        self._latency = metrics.request_duration.labels(stats.name, stats.version)
+        self._queue = metrics.queue_duration.labels(stats.name, stats.version)
+        self._batch = metrics.batch_size.labels(stats.name, stats.version)
+
+    def on_batch(self, size: int, requests: int, times: BatchTimes) -> None:
+        self.stats.record_batch(size, requests, times)
+        self._batch.observe(size)
+
+    def on_dequeue(self, queue_ns: int) -> None:
+        self.stats.record_queue(queue_ns)
+        self._queue.observe(queue_ns / 1e9)
+
+    def on_expired(self, queue_ns: int) -> None:
+        self._queue.observe(queue_ns / 1e9)
+
+    def on_success(self, duration_ns: int) -> None:
+        self.stats.record_success(duration_ns)
+        self._latency.observe(duration_ns / 1e9)
+
+    def on_failure(self, duration_ns: int, reason: str) -> None:
+        self.stats.record_failure(duration_ns, reason)
+        self._latency.observe(duration_ns / 1e9)

@@ -1,0 +1,1 @@
+"""The KServe v2 / Triton inference protocol: types, dtypes and codecs."""

@@ -1,0 +1,79 @@
+"""Encoded images (PNG/JPEG in BYTES inputs) to pixel arrays, with limits checked before decoding.
+
+Pillow reads the header first, so the pixel count is known before any pixel is decoded; a
+decompression bomb or a truncated file becomes an ``InvalidInput`` naming the element.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import warnings
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from gateway.errors import InvalidInput
+
+_MODES = {1: "L", 3: "RGB"}
+_FORMATS = ("PNG", "JPEG")
+
+
+def decode_images(
+    items: np.ndarray, dims: tuple[int, ...], max_bytes: int, max_pixels: int, name: str
+) -> np.ndarray:
+    """Decodes a flat batch of encoded images into uint8 (n, C, H, W) matching ``dims``."""
+    channels, height, width = dims
+    if channels not in _MODES:
+        raise InvalidInput(f"input {name!r}: images need 1 or 3 channels, the model has {channels}")
+    out = np.empty((len(items), channels, height, width), dtype=np.uint8)
+    for i, item in enumerate(items):
+        pixels = decode_image(item, _MODES[channels], max_bytes, max_pixels, f"{name}[{i}]")
+        if pixels.shape[:2] != (height, width):
+            raise InvalidInput(
+                f"image {name}[{i}] is {pixels.shape[1]}x{pixels.shape[0]}, "
+                f"the model expects {width}x{height}"
+            )
+        out[i] = pixels.reshape(height, width, channels).transpose(2, 0, 1)
+    return out
+
+
+def decode_image(data: bytes, mode: str, max_bytes: int, max_pixels: int, what: str) -> np.ndarray:
+    """One PNG/JPEG (raw or base64 text) to an (H, W[, C]) uint8 array in ``mode``."""
+    data = _unwrap_base64(data)
+    if len(data) > max_bytes:
+        raise InvalidInput(f"image {what} has {len(data)} bytes, over the limit of {max_bytes}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data), formats=_FORMATS)
+            width, height = image.size
+            if width * height > max_pixels:
+                raise InvalidInput(
+                    f"image {what} is {width}x{height}, over the limit of {max_pixels} pixels"
+                )
+            image.load()
+            return np.asarray(image.convert(mode))
+    except InvalidInput:
+        raise
+    except (
+        UnidentifiedImageError,
+        OSError,
+        ValueError,
+        SyntaxError,
+        Image.DecompressionBombError,
+        Image.DecompressionBombWarning,
+    ) as exc:
+        raise InvalidInput(f"image {what} is not a readable PNG or JPEG: {exc}") from None
+
+
+def _unwrap_base64(data: bytes) -> bytes:
+    """JSON requests carry images as base64 text (optionally a data: URI); binary ones raw."""
+    if data[:8] in (b"\x89PNG\r\n\x1a\n",) or data[:3] == b"\xff\xd8\xff":
+        return data
+    text = data.split(b",", 1)[1] if data.startswith(b"data:") else data
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        return data

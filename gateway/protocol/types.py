@@ -1,0 +1,57 @@
+"""Protocol-agnostic inference request and response: what the codecs produce and consume."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+
+@dataclass(slots=True)
+class InputTensor:
+    """A decoded input. ``data`` has ``shape``; BYTES inputs hold an object array of ``bytes``."""
+
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+    data: np.ndarray
+    parameters: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class RequestedOutput:
+    name: str
+    binary: bool | None = None  # None: follow the request's binary_data_output
+    class_count: int = 0  # classification extension: top-k as "score:index[:label]"
+
+
+@dataclass(slots=True)
+class InferRequest:
+    inputs: list[InputTensor]
+    outputs: list[RequestedOutput] | None = None  # None: every output of the model
+    id: str | None = None
+    binary_output: bool = False
+    timeout_us: int | None = None
+    parameters: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class OutputTensor:
+    name: str
+    datatype: str
+    data: np.ndarray
+    binary: bool = False
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.data.shape)
+
+
+@dataclass(slots=True)
+class InferResponse:
+    model_name: str
+    model_version: str
+    outputs: list[OutputTensor]
+    id: str | None = None
+    parameters: dict[str, Any] = field(default_factory=dict)

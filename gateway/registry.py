@@ -1,0 +1,192 @@
+"""Loaded model versions: each a backend, a dynamic batcher and its statistics.
+
+Loading runs off the event loop. Versions appear and disappear with the repository's folders and
+version policy (``load`` re-reads the config), so a version is rolled out or back without a
+redeploy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from gateway.backends import Backend, load_backend
+from gateway.batcher import Arrays, DeviceSlots, DynamicBatcher
+from gateway.errors import BastionError, NotFound, Unavailable
+from gateway.monitoring.metrics import Metrics, ModelObserver
+from gateway.monitoring.stats import BatchTimes, ModelStats
+from gateway.protocol.dtypes import BY_V2
+from gateway.repository import ConfigError, ModelConfig, ModelRepository
+from gateway.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LoadedModel:
+    config: ModelConfig
+    version: int
+    backend: Backend
+    batcher: DynamicBatcher
+    observer: ModelObserver
+
+    @property
+    def stats(self) -> ModelStats:
+        self.observer.stats.pending = self.batcher.pending
+        return self.observer.stats
+
+
+def run_batch(backend: Backend, requests: Sequence[Arrays]) -> tuple[Arrays, BatchTimes]:
+    """One device job: stack the requests' rows, run the model, bring the outputs back."""
+    t0 = time.perf_counter_ns()
+    names = requests[0].keys()
+    if len(requests) == 1:
+        batch = dict(requests[0])
+    else:
+        batch = {name: np.concatenate([r[name] for r in requests]) for name in names}
+    device_inputs = backend.to_device(batch)
+    t1 = time.perf_counter_ns()
+    device_outputs = backend.forward(device_inputs)
+    t2 = time.perf_counter_ns()
+    outputs = backend.to_host(device_outputs)
+    t3 = time.perf_counter_ns()
+    return outputs, BatchTimes(t1 - t0, t2 - t1, t3 - t2)
+
+
+def warm_up(backend: Backend, config: ModelConfig) -> None:
+    """Runs the smallest and largest batch once so the first requests pay no start-up cost."""
+    for rows in sorted({1, config.max_batch_size}):
+        batch = {
+            spec.name: np.zeros((rows, *(max(d, 1) for d in spec.dims)), BY_V2[spec.datatype].numpy)
+            for spec in config.inputs
+        }
+        run_batch(backend, [batch])
+
+
+def pick_device(setting: str) -> str:
+    import torch
+
+    if setting == "cuda" or (setting == "auto" and torch.cuda.is_available()):
+        return "cuda:0"
+    return "cpu"
+
+
+class ModelRegistry:
+    def __init__(self, repository: ModelRepository, settings: Settings, metrics: Metrics) -> None:
+        self.repository = repository
+        self.settings = settings
+        self.metrics = metrics
+        self.device = pick_device(settings.device)
+        self._models: dict[str, dict[int, LoadedModel]] = {}
+        self._errors: dict[str, str] = {}
+        self._slots: dict[str, DeviceSlots] = {}
+        self._lock = asyncio.Lock()
+
+    async def load_all(self) -> None:
+        for name in self.repository.names():
+            try:
+                await self.load(name)
+            except BastionError as exc:
+                log.error("model %s failed to load: %s", name, exc.message)
+
+    async def load(self, name: str) -> None:
+        """(Re)loads a model: new versions start, versions no longer available are unloaded."""
+        async with self._lock:
+            try:
+                config = self.repository.config(name)
+                if config.max_batch_size < 1:
+                    raise ConfigError(f"model {name!r}: max_batch_size must be at least 1")
+                current = self._models.get(name, {})
+                fresh = {}
+                for version in config.versions:
+                    old = current.get(version)
+                    fresh[version] = old if old else await self._load_version(config, version)
+                if not fresh:
+                    raise ConfigError(f"model {name!r} has no version folder to serve")
+            except (ConfigError, OSError, RuntimeError, ValueError) as exc:
+                self._errors[name] = str(exc)
+                raise Unavailable(f"failed to load model {name!r}: {exc}") from exc
+            self._models[name] = fresh
+            self._errors.pop(name, None)
+            for version, loaded in current.items():
+                if version not in fresh:
+                    await self._close(loaded)
+            self._update_ready()
+            log.info("model %s ready, versions %s", name, sorted(fresh))
+
+    async def unload(self, name: str) -> None:
+        async with self._lock:
+            versions = self._models.pop(name, None)
+            if versions is None:
+                raise NotFound(f"model {name!r} is not loaded")
+            for loaded in versions.values():
+                await self._close(loaded)
+            self._update_ready()
+
+    async def close(self) -> None:
+        for name in list(self._models):
+            await self.unload(name)
+        for slots in self._slots.values():
+            slots.close()
+
+    def get(self, name: str, version: int | None = None) -> LoadedModel:
+        versions = self._models.get(name)
+        if not versions:
+            if name in self._errors:
+                raise Unavailable(f"model {name!r} is not ready: {self._errors[name]}")
+            raise NotFound(f"unknown model {name!r}")
+        if version is None:
+            return versions[max(versions)]
+        loaded = versions.get(version)
+        if loaded is None:
+            raise NotFound(f"model {name!r} has no version {version} (ready: {sorted(versions)})")
+        return loaded
+
+    def loaded(self) -> list[LoadedModel]:
+        return [m for versions in self._models.values() for m in versions.values()]
+
+    def index(self) -> list[dict[str, str]]:
+        entries = []
+        for name in self.repository.names():
+            versions = self._models.get(name)
+            if versions:
+                entries += [{"name": name, "version": str(v), "state": "READY"} for v in versions]
+            else:
+                entry = {"name": name, "state": "UNAVAILABLE"}
+                entry["reason"] = self._errors.get(name, "unloaded")
+                entries.append(entry)
+        return entries
+
+    async def _load_version(self, config: ModelConfig, version: int) -> LoadedModel:
+        threads = self.settings.torch_threads
+        backend = await asyncio.to_thread(load_backend, config, version, self.device, threads)
+        await asyncio.to_thread(warm_up, backend, config)
+        slots = self._slots.get(backend.device)
+        if slots is None:
+            slots = DeviceSlots(backend.device, self.settings.max_concurrent_batches)
+            self._slots[backend.device] = slots
+        observer = ModelObserver(ModelStats(config.name, str(version)), self.metrics)
+        batching = config.batching
+        batcher = DynamicBatcher(
+            lambda requests: run_batch(backend, requests),
+            slots,
+            observer,
+            max_batch_size=batching.max_batch_size,
+            preferred_batch_sizes=batching.preferred_batch_sizes,
+            max_queue_delay_us=batching.max_queue_delay_us,
+            max_queue_size=self.settings.max_queue_size or batching.max_queue_size,
+        )
+        batcher.start()
+        return LoadedModel(config, version, backend, batcher, observer)
+
+    async def _close(self, loaded: LoadedModel) -> None:
+        await loaded.batcher.close()
+        loaded.backend.close()
+
+    def _update_ready(self) -> None:
+        self.metrics.models_ready.set(len(self.loaded()))

@@ -1,0 +1,87 @@
+"""Every knob of the gateway, from flags, ``BASTION_*`` environment variables and a config file.
+
+Precedence (highest first): explicit keyword arguments (the CLI's flags), environment, the TOML/JSON
+file named by ``BASTION_CONFIG_FILE``, defaults.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import tomllib
+from pydantic import Field
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+import models
+
+DEFAULT_REPOSITORY = Path(models.__file__).parent / "repository"
+
+
+class Settings(BaseSettings):
+    """Gateway settings. Units are in the names: ``_us`` microseconds, ``_s`` seconds."""
+
+    model_config = SettingsConfigDict(env_prefix="BASTION_", extra="forbid")
+
+    host: str = Field("127.0.0.1", description="Address to bind.")
+    port: int = Field(8000, ge=0, le=65535, description="HTTP port.")
+    model_repository: Path = Field(DEFAULT_REPOSITORY, description="Triton-style model repository.")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="auto picks CUDA when present."
+    )
+    torch_threads: int = Field(
+        0, ge=0, description="torch intra-op threads; 0 leaves torch's default."
+    )
+    max_body_bytes: int = Field(64 << 20, gt=0, description="Largest accepted request body.")
+    max_json_bytes: int = Field(16 << 20, gt=0, description="Largest JSON header of a request.")
+    max_elements: int = Field(
+        1 << 26, gt=0, description="Largest element count of one input tensor."
+    )
+    max_image_bytes: int = Field(8 << 20, gt=0, description="Largest encoded PNG/JPEG image.")
+    max_image_pixels: int = Field(
+        4096 * 4096, gt=0, description="Largest decoded image, in pixels."
+    )
+    max_queue_size: int = Field(
+        0, ge=0, description="Queue bound per model in requests; 0 uses each model's config."
+    )
+    default_timeout_us: int = Field(
+        0, ge=0, description="Deadline for a request with none of its own; 0 means none."
+    )
+    max_concurrent_batches: int = Field(
+        1, ge=1, description="Batches in flight per device (one compute thread each)."
+    )
+    admin_token: str = Field("", description="Bearer token for admin actions; empty disables them.")
+    log_level: str = Field("info", description="Python logging level.")
+    access_log: bool = Field(False, description="uvicorn's access log (costs throughput).")
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return init_settings, env_settings, _FileSource(settings_cls)
+
+
+class _FileSource(PydanticBaseSettingsSource):
+    """Reads ``BASTION_CONFIG_FILE`` (TOML or JSON) when it is set."""
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        path = os.environ.get("BASTION_CONFIG_FILE")
+        if not path:
+            return {}
+        return load_config_file(Path(path))
+
+
+def load_config_file(path: Path) -> dict[str, Any]:
+    text = path.read_text()
+    data = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
+    return dict(data.get("bastion", data))

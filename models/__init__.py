@@ -1,0 +1,1 @@
+"""Model code, training and the bundled model repository."""

@@ -1,0 +1,65 @@
+"""Architectures the torch backend can build by name.
+
+A model repository names its architecture in ``config.pbtxt``
+(``parameters { key: "architecture" }``) and ships only weights (safetensors), so nothing executable
+is ever loaded from the repository. Every architecture takes float32 pixels in [0, 1] (N, C, H, W)
+and returns logits; normalisation lives inside the network so that screening squeezes the same
+pixels the client sent.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from models.digits import DigitsNet
+
+
+def _resnet(depth: int) -> Callable[[], nn.Module]:
+    def build() -> nn.Module:
+        from torchvision.models import resnet18, resnet50
+
+        net = (resnet18 if depth == 18 else resnet50)(weights=None, num_classes=1000)
+        return nn.Sequential(_ImageNetNormalize(), net)
+
+    return build
+
+
+class _ImageNetNormalize(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+
+ARCHITECTURES: dict[str, Callable[[], nn.Module]] = {
+    "digits_cnn": DigitsNet,
+    "resnet18": _resnet(18),
+    "resnet50": _resnet(50),
+}
+
+
+class ServedClassifier(nn.Module):
+    """The graph a classifier is served as: logits and their softmax, in one pass."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self.net(images)
+        return logits, torch.softmax(logits, dim=1)
+
+
+def build(name: str) -> nn.Module:
+    """Builds an untrained network of a registered architecture."""
+    try:
+        factory = ARCHITECTURES[name]
+    except KeyError:
+        raise ValueError(f"unknown architecture {name!r}; known: {sorted(ARCHITECTURES)}") from None
+    return factory()
