@@ -44,11 +44,8 @@ class LoadedModel:
 def run_batch(backend: Backend, requests: Sequence[Arrays]) -> tuple[Arrays, BatchTimes]:
     """One device job: stack the requests' rows, run the model, bring the outputs back."""
     t0 = time.perf_counter_ns()
-    names = requests[0].keys()
-    if len(requests) == 1:
-        batch = dict(requests[0])
-    else:
-        batch = {name: np.concatenate([r[name] for r in requests]) for name in names}
+    # concatenate copies: the batch is fresh, writable memory even for a single request
+    batch = {name: np.concatenate([r[name] for r in requests]) for name in requests[0]}
     device_inputs = backend.to_device(batch)
     t1 = time.perf_counter_ns()
     device_outputs = backend.forward(device_inputs)

@@ -250,7 +250,7 @@ def _json_tensor(data: Any, dtype: DType, shape: tuple[int, ...], name: str) -> 
         arr = np.asarray(data)
     except (ValueError, TypeError):
         raise InvalidInput(f"input {name!r}: 'data' is not a regular array of numbers") from None
-    if arr.dtype.kind not in _KINDS[dtype.numpy.kind]:
+    if arr.size and arr.dtype.kind not in _KINDS[dtype.numpy.kind]:
         raise InvalidInput(f"input {name!r}: 'data' holds values that are not {dtype.v2}")
     if arr.size != count:
         raise InvalidInput(

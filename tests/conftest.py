@@ -1,0 +1,88 @@
+"""Shared fixtures: the bundled repository, a real gateway process for end-to-end tests."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from gateway.settings import DEFAULT_REPOSITORY
+
+
+@pytest.fixture
+def repository(tmp_path: Path) -> Path:
+    """A private copy of the bundled model repository that a test may change."""
+    target = tmp_path / "repository"
+    shutil.copytree(DEFAULT_REPOSITORY, target)
+    return target
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class ServerProcess:
+    process: subprocess.Popen[bytes]
+    port: int
+    log: Path
+
+    @property
+    def url(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=10)
+
+
+def start_server(log_dir: Path, *args: str, env: dict[str, str] | None = None) -> ServerProcess:
+    """Starts ``bastion serve`` on a free port and polls readiness with backoff."""
+    port = free_port()
+    log = log_dir / f"server-{port}.log"
+    full_env = {**os.environ, "BASTION_TORCH_THREADS": "1", **(env or {})}
+    with log.open("wb") as sink:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "gateway", "serve", "--port", str(port), *args],
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            env=full_env,
+        )
+    server = ServerProcess(process, port, log)
+    delay, deadline = 0.05, time.monotonic() + 90
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited early:\n{log.read_text()}")
+        try:
+            if httpx.get(f"http://{server.url}/v2/health/ready", timeout=2).status_code == 200:
+                return server
+        except httpx.HTTPError:
+            pass
+        time.sleep(delay)
+        delay = min(delay * 2, 1.0)
+    server.stop()
+    raise RuntimeError(f"server not ready in time:\n{log.read_text()}")
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """One real gateway process serving the bundled repository, shared by the e2e tests."""
+    proc = start_server(tmp_path_factory.mktemp("server"), env={"BASTION_ADMIN_TOKEN": "s3cret"})
+    yield proc
+    proc.stop()
