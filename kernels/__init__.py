@@ -1,0 +1,1 @@
+"""Fused GPU kernels (Triton language) and their pure-torch CPU references."""
