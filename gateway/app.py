@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -9,7 +10,7 @@ from fastapi import FastAPI
 
 from gateway import __version__
 from gateway.dataplane import DataPlane
-from gateway.http import install_error_handlers, router
+from gateway.http import InferRoute, install_error_handlers, router
 from gateway.monitoring.metrics import Metrics
 from gateway.protocol.codec import Limits
 from gateway.registry import ModelRegistry
@@ -17,7 +18,8 @@ from gateway.repository import ModelRepository
 from gateway.settings import Settings
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None) -> InferRoute:
+    """The ASGI app: the inference fast path in front of the FastAPI app (``.app``)."""
     settings = settings or Settings()
     metrics = Metrics()
 
@@ -30,6 +32,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         registry = ModelRegistry(ModelRepository(settings.model_repository), settings, metrics)
         app.state.dataplane = DataPlane(registry, settings)
         await registry.load_all()
+        # the loaded models are permanent: keep the collector from rescanning them on every pass
+        gc.collect()
+        gc.freeze()
         try:
             yield
         finally:
@@ -43,4 +48,4 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.include_router(router)
     install_error_handlers(app, metrics)
-    return app
+    return InferRoute(app)

@@ -55,6 +55,7 @@ def serve(
         loop="uvloop",
         http="httptools",
         access_log=settings.access_log,
+        proxy_headers=False,
         log_level=settings.log_level,
         timeout_graceful_shutdown=30,
     )

@@ -73,12 +73,20 @@ def _convert(
         raise InvalidInput(
             f"input {spec.name!r} has datatype {tensor.datatype}, the model expects {spec.datatype}"
         )
-    if array.dtype.kind == "f":
-        if not np.isfinite(array).all():
-            raise InvalidInput(f"input {spec.name!r} contains NaN or Inf")
-        if image_model and array.size and (array.min() < 0.0 or array.max() > 1.0):
-            raise InvalidInput(f"input {spec.name!r}: pixel values must lie in [0, 1]")
+    if array.dtype.kind == "f" and array.size:
+        _check_values(array, spec.name, image_model)
     return np.ascontiguousarray(array)
+
+
+def _check_values(array: np.ndarray, name: str, image_model: bool) -> None:
+    # NaN fails every comparison, so one min/max pass covers NaN, Inf and the pixel range
+    low, high = array.min(), array.max()
+    if image_model and low >= 0.0 and high <= 1.0:
+        return
+    if not np.isfinite(array).all():
+        raise InvalidInput(f"input {name!r} contains NaN or Inf")
+    if image_model:
+        raise InvalidInput(f"input {name!r}: pixel values must lie in [0, 1]")
 
 
 def _scale_uint8(pixels: np.ndarray, spec: TensorSpec) -> np.ndarray:

@@ -1,0 +1,44 @@
+"""Settings come from flags, then BASTION_* environment variables, then a config file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from gateway.settings import DEFAULT_REPOSITORY, Settings
+
+
+def test_defaults_serve_the_bundled_repository_on_localhost(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("BASTION_CONFIG_FILE", raising=False)
+    settings = Settings()
+    assert (settings.host, settings.port) == ("127.0.0.1", 8000)
+    assert settings.model_repository == DEFAULT_REPOSITORY
+    assert (DEFAULT_REPOSITORY / "digits" / "config.pbtxt").is_file()
+
+
+def test_flags_beat_environment_which_beats_the_config_file(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    config = tmp_path / "bastion.toml"
+    config.write_text('[bastion]\nport = 9001\nmax_body_bytes = 1234\nadmin_token = "file"\n')
+    monkeypatch.setenv("BASTION_CONFIG_FILE", str(config))
+    monkeypatch.setenv("BASTION_PORT", "9002")
+    assert Settings().max_body_bytes == 1234
+    assert Settings().port == 9002
+    assert Settings(port=9003).port == 9003
+    json_config = tmp_path / "bastion.json"
+    json_config.write_text('{"admin_token": "json"}')
+    monkeypatch.setenv("BASTION_CONFIG_FILE", str(json_config))
+    assert Settings().admin_token == "json"
+
+
+def test_invalid_or_unknown_settings_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BASTION_MAX_BODY_BYTES", "-1")
+    with pytest.raises(ValidationError):
+        Settings()
+    with pytest.raises(ValidationError):
+        Settings(no_such_knob=1)  # type: ignore[call-arg]
