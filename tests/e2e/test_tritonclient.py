@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import gzip
+import signal
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -89,16 +91,28 @@ def test_request_id_compression_and_classification(client: th.InferenceServerCli
     assert result.as_numpy("logits").shape == (3, 10)
 
 
-@pytest.fixture
-def slow_batching_server(repository: Path, tmp_path: Path) -> Iterator[ServerProcess]:
-    """A server whose digits model waits up to 200 ms to fill a batch of 16, so that batching
-    shows in the counters however slowly a loaded machine sends the requests."""
+def delayed_batching_server(repository: Path, log_dir: Path, delay_us: int,
+                            preferred: int) -> ServerProcess:
+    """A server whose digits model waits up to ``delay_us`` to fill a batch of ``preferred``,
+    so that queueing shows in the counters however slowly a loaded machine sends requests."""
     config = repository / "digits" / "config.pbtxt"
     text = config.read_text().replace("max_queue_delay_microseconds: 1000",
-                                      "max_queue_delay_microseconds: 200000")
+                                      f"max_queue_delay_microseconds: {delay_us}")
     config.write_text(text.replace("preferred_batch_size: [ 16, 32, 64 ]",
-                                   "preferred_batch_size: [ 16 ]"))
-    proc = start_server(tmp_path, "--model-repository", str(repository))
+                                   f"preferred_batch_size: [ {preferred} ]"))
+    return start_server(log_dir, "--model-repository", str(repository))
+
+
+@pytest.fixture
+def slow_batching_server(repository: Path, tmp_path: Path) -> Iterator[ServerProcess]:
+    proc = delayed_batching_server(repository, tmp_path, 200_000, 16)
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture
+def stalled_batching_server(repository: Path, tmp_path: Path) -> Iterator[ServerProcess]:
+    proc = delayed_batching_server(repository, tmp_path, 5_000_000, 64)
     yield proc
     proc.stop()
 
@@ -151,3 +165,24 @@ def test_hostile_bodies_against_the_real_server(
     assert response.status_code == status, response.text
     assert message in response.json()["error"]
     assert httpx.get(f"{url}/v2/health/live", timeout=10).status_code == 200
+
+
+def test_sigterm_answers_every_accepted_request(stalled_batching_server: ServerProcess) -> None:
+    """Requests queued when the server is told to stop are still answered (graceful drain)."""
+    server = stalled_batching_server
+    url = server.url
+    client = th.InferenceServerClient(url, concurrency=12, network_timeout=60)
+    tensor = th.InferInput("images", [1, 1, 28, 28], "FP32")
+    tensor.set_data_from_numpy(np.zeros((1, 1, 28, 28), np.float32))
+    pending = [client.async_infer("digits", [tensor]) for _ in range(12)]
+    deadline = time.monotonic() + 30
+    while 'nv_inference_pending_request_count{model="digits",version="1"} 12' not in httpx.get(
+        f"http://{url}/metrics", timeout=10
+    ).text:
+        assert time.monotonic() < deadline, "requests never queued"
+    server.process.send_signal(signal.SIGTERM)
+    results = [p.get_result(timeout=60).as_numpy("probabilities") for p in pending]
+    assert len(results) == 12 and all(r.shape == (1, 10) for r in results)
+    # uvicorn re-raises SIGTERM after its graceful shutdown, so the process ends by that signal
+    assert server.process.wait(timeout=30) in (0, -signal.SIGTERM)
+    assert "Application shutdown complete" in server.log.read_text()

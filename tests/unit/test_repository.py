@@ -19,7 +19,8 @@ BENCH_REPOSITORY = Path(__file__).parents[2] / "benchmarks" / "repository"
 def test_bundled_config_is_read_with_tritons_schema(repository: Path) -> None:
     config = ModelRepository(repository).config("digits")
     assert config.backend == "pytorch" and config.max_batch_size == 64
-    assert [(t.name, t.datatype, t.dims) for t in config.inputs] == [("images", "FP32", (1, 28, 28))]
+    inputs = [(t.name, t.datatype, t.dims) for t in config.inputs]
+    assert inputs == [("images", "FP32", (1, 28, 28))]
     assert config.outputs[1].labels == tuple(str(i) for i in range(10))
     assert config.batching.preferred_batch_sizes == (16, 32, 64)
     assert config.batching.max_queue_delay_us == 1000
