@@ -6,6 +6,7 @@ staged in pinned memory and copied without blocking; on the CPU the same code ru
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -48,14 +49,32 @@ class TorchBackend:
                 f"model {config.name!r}: a classifier serves logits and probabilities"
             )
         self._cuda = self._device.type == "cuda"
+        self._pinned = threading.local()
 
     def to_device(self, batch: dict[str, np.ndarray]) -> list[torch.Tensor]:
         tensors = [torch.from_numpy(batch[name]) for name in self._inputs]
         if self._cuda:
-            tensors = [t.pin_memory().to(self._device, non_blocking=True) for t in tensors]
+            tensors = [
+                self._stage(name, t).to(self._device, non_blocking=True)
+                for name, t in zip(self._inputs, tensors, strict=True)
+            ]
         if self._channels_last:
             tensors = [t.contiguous(memory_format=torch.channels_last) for t in tensors]
         return tensors
+
+    def _stage(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        """Copies into this thread's pinned buffer (allocating pinned memory per batch is slow).
+
+        A buffer is reused only by the thread that owns it, after ``forward`` synchronised, so
+        no copy in flight can be overwritten.
+        """
+        buffers: dict[str, torch.Tensor] = self._pinned.__dict__.setdefault("buffers", {})
+        buffer = buffers.get(name)
+        if buffer is None or buffer.numel() < tensor.numel():
+            buffer = buffers[name] = torch.empty(tensor.numel(), dtype=tensor.dtype).pin_memory()
+        staged = buffer[: tensor.numel()].view(tensor.shape)
+        staged.copy_(tensor)
+        return staged
 
     def forward(self, inputs: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
         with torch.inference_mode():
@@ -71,4 +90,3 @@ class TorchBackend:
         self.module = None  # type: ignore[assignment]
         if self._cuda:
             torch.cuda.empty_cache()
-
