@@ -36,12 +36,8 @@ class TorchBackend:
             raise ConfigError(f"{folder} has no model.safetensors")
         self.device = device
         self._device = torch.device(device)
-        self.module = ServedClassifier(net).to(self._device).eval()
-        # channels-last lets oneDNN (CPU) and cuDNN (GPU) pick their fast convolution kernels:
-        # about 3x per image at batch 32 on the CPU for the digits CNN (benchmarks/RESULTS.md)
-        self._channels_last = all(len(t.dims) == 3 for t in config.inputs)
-        if self._channels_last:
-            self.module = self.module.to(memory_format=torch.channels_last)
+        images = all(len(t.dims) == 3 for t in config.inputs)
+        self.module = ServedClassifier(net, channels_last=images).to(self._device).eval()
         self._inputs = [t.name for t in config.inputs]
         self._outputs = [t.name for t in config.outputs]
         if len(self._outputs) > 2:
@@ -58,8 +54,6 @@ class TorchBackend:
                 self._stage(name, t).to(self._device, non_blocking=True)
                 for name, t in zip(self._inputs, tensors, strict=True)
             ]
-        if self._channels_last:
-            tensors = [t.contiguous(memory_format=torch.channels_last) for t in tensors]
         return tensors
 
     def _stage(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
