@@ -13,8 +13,10 @@ from gateway.dataplane import DataPlane
 from gateway.http import InferRoute, install_error_handlers, router
 from gateway.monitoring.metrics import Metrics
 from gateway.protocol.codec import Limits
+from gateway.quarantine.sqlite import SQLiteQuarantineStore
 from gateway.registry import ModelRegistry
 from gateway.repository import ModelRepository
+from gateway.screening.service import ScreeningService
 from gateway.settings import Settings
 
 
@@ -30,7 +32,10 @@ def create_app(settings: Settings | None = None) -> InferRoute:
 
             torch.set_num_threads(settings.torch_threads)
         registry = ModelRegistry(ModelRepository(settings.model_repository), settings, metrics)
-        app.state.dataplane = DataPlane(registry, settings)
+        store = SQLiteQuarantineStore(settings.quarantine_path)
+        screening = ScreeningService(store, metrics)
+        registry.on_screening = screening.publish_thresholds
+        app.state.dataplane = DataPlane(registry, settings, screening)
         await registry.load_all()
         # the loaded models are permanent: keep the collector from rescanning them on every pass
         gc.collect()
@@ -39,6 +44,7 @@ def create_app(settings: Settings | None = None) -> InferRoute:
             yield
         finally:
             await registry.close()
+            store.close()
 
     app = FastAPI(title="Bastion", version=__version__, lifespan=lifespan)
     app.state.settings = settings

@@ -59,3 +59,31 @@ def serve(
         log_level=settings.log_level,
         timeout_graceful_shutdown=30,
     )
+
+
+@app.command()
+def calibrate(
+    model: Annotated[str, typer.Argument(help="Model name in the repository.")],
+    model_repository: Annotated[
+        Path | None, typer.Option(help="Triton-style model repository [the bundled one].")
+    ] = None,
+    version: Annotated[int | None, typer.Option(help="Version folder [the latest].")] = None,
+    fpr: Annotated[float, typer.Option(help="Target false-positive rate on clean data.")] = 0.05,
+    data: Annotated[
+        Path | None, typer.Option(help="Clean images (.npz with 'images') [bundled split].")
+    ] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+) -> None:
+    """Set screening thresholds on clean data and write calibration.json beside the weights."""
+    from gateway.screening.calibrate import calibrate_model
+    from gateway.settings import DEFAULT_REPOSITORY
+
+    calibration, path = calibrate_model(
+        model_repository or DEFAULT_REPOSITORY, model, version, fpr, data, device
+    )
+    typer.echo(f"wrote {path}")
+    typer.echo(f"{'detector':<20} threshold (flag when above)")
+    for name, value in calibration.thresholds.items():
+        typer.echo(f"{name:<20} {value:.6g}")
+    typer.echo(f"{'combined':<20} {calibration.combined_threshold:.6g}  "
+               f"(calibration FPR {calibration.calibration_fpr:.3f}, n={calibration.samples})")

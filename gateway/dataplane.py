@@ -17,6 +17,13 @@ from gateway.protocol.codec import RawInput
 from gateway.protocol.types import InferRequest, InferResponse, OutputTensor, RequestedOutput
 from gateway.registry import LoadedModel, ModelRegistry
 from gateway.repository import ModelConfig, TensorSpec
+from gateway.screening.service import (
+    REPORT_PARAMETER,
+    Screened,
+    ScreeningService,
+    refuse_if_withheld,
+    report_outputs,
+)
 from gateway.settings import Settings
 
 EXTENSIONS = [
@@ -32,9 +39,12 @@ EXTENSIONS = [
 
 
 class DataPlane:
-    def __init__(self, registry: ModelRegistry, settings: Settings) -> None:
+    def __init__(
+        self, registry: ModelRegistry, settings: Settings, screening: ScreeningService
+    ) -> None:
         self.registry = registry
         self.settings = settings
+        self.screening = screening
         self._images = ImageLimits(settings.max_image_bytes, settings.max_image_pixels)
 
     def server_metadata(self) -> dict[str, Any]:
@@ -84,12 +94,34 @@ class DataPlane:
             wanted = _requested_outputs(model.config, request)
             deadline = self._deadline(model, request, start)
             results = await model.batcher.submit(arrays, rows, deadline)
+            screened = await self._screen(model, request, arrays, results)
             outputs = [_output(model.config, want, results[want.name]) for want in wanted]
         except BastionError as exc:
             model.observer.on_failure(time.perf_counter_ns() - start, exc.reason)
             raise
         model.observer.on_success(time.perf_counter_ns() - start)
-        return InferResponse(name, str(model.version), outputs, id=request.id)
+        response = InferResponse(name, str(model.version), outputs, id=request.id)
+        if screened is not None:
+            _attach_screening(response, screened, request)
+        return response
+
+    async def _screen(
+        self,
+        model: LoadedModel,
+        request: InferRequest,
+        arrays: dict[str, np.ndarray],
+        results: dict[str, np.ndarray],
+    ) -> Screened | None:
+        """Policy after the fused batch: metrics, quarantine, and the 403 for withheld images."""
+        job = model.backend.screening
+        if job is None:
+            return None
+        policy = model.screening_action
+        screened = await self.screening.apply(
+            job, policy, model.config.name, str(model.version), request, arrays, results
+        )
+        refuse_if_withheld(screened, request)
+        return screened
 
     def _deadline(self, model: LoadedModel, request: InferRequest, start_ns: int) -> int | None:
         policy = model.config.batching
@@ -97,6 +129,16 @@ class DataPlane:
         if request.timeout_us and policy.allow_timeout_override:
             timeout_us = request.timeout_us
         return start_ns + timeout_us * 1000 if timeout_us else None
+
+
+def _attach_screening(response: InferResponse, screened: Screened, request: InferRequest) -> None:
+    decision = screened.decision
+    if decision.flagged:
+        response.parameters["screening_flagged"] = ",".join(map(str, decision.flagged))
+    if request.parameters.get(REPORT_PARAMETER) is True:
+        binary = request.binary_output
+        report_outputs(screened, response.outputs, binary)
+        response.parameters["screening_scores_columns"] = ",".join(screened.columns)
 
 
 def _tensor_metadata(spec: TensorSpec, config: ModelConfig) -> dict[str, Any]:

@@ -5,14 +5,21 @@ The mapping follows Triton's (NOT_FOUND 404, UNAVAILABLE 503, UNSUPPORTED 501, t
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class BastionError(Exception):
     status: int = 500
     reason: str = "OTHER"
 
-    def __init__(self, message: str) -> None:
+    def __init__(self, message: str, details: dict[str, Any] | None = None) -> None:
         super().__init__(message)
         self.message = message
+        self.details = details or {}
+
+    def body(self) -> dict[str, Any]:
+        """The v2 error body: ``error`` first, machine-readable details beside it."""
+        return {"error": self.message, **self.details}
 
 
 class InvalidInput(BastionError):
@@ -26,6 +33,13 @@ class NotFound(BastionError):
 
 
 class Forbidden(BastionError):
+    status = 403
+    reason = "REJECTED"
+
+
+class Blocked(BastionError):
+    """Screening withheld the prediction of at least one image of the request."""
+
     status = 403
     reason = "REJECTED"
 

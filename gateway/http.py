@@ -147,17 +147,20 @@ class InferRoute:
         try:
             status, out_headers, payload = await self._infer(match, headers, receive)
         except BastionError as exc:
-            status, out_headers, payload = self._error(exc.status, exc.message)
+            status, out_headers, payload = self._error(exc.status, exc.body())
         except Exception as exc:
             log.exception("unhandled error on %s", scope["path"])
-            status, out_headers, payload = self._error(500, f"internal error: {type(exc).__name__}")
+            error = {"error": f"internal error: {type(exc).__name__}"}
+            status, out_headers, payload = self._error(500, error)
         out_headers.append((b"content-length", str(len(payload)).encode()))
         await send({"type": "http.response.start", "status": status, "headers": out_headers})
         await send({"type": "http.response.body", "body": payload})
 
-    def _error(self, status: int, message: str) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+    def _error(
+        self, status: int, body: dict[str, Any]
+    ) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
         self.state.metrics.errors.labels(str(status)).inc()
-        return status, [(b"content-type", _JSON.encode())], orjson.dumps({"error": message})
+        return status, [(b"content-type", _JSON.encode())], orjson.dumps(body)
 
     async def _infer(
         self, match: re.Match[str], headers: dict[str, str], receive: Receive
@@ -173,6 +176,7 @@ class InferRoute:
             self.state.limits,
             raw,
         )
+        request.client_id = headers.get(plane.settings.client_id_header)
         response = await plane.infer(model, version, request)
         payload, json_size = encode_response(response)
         out = [(b"content-type", (_JSON if json_size is None else _BINARY).encode())]
@@ -210,7 +214,7 @@ def install_error_handlers(app: FastAPI, metrics: Metrics) -> None:
     async def on_bastion(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, BastionError)
         metrics.errors.labels(str(exc.status)).inc()
-        return error_response(exc.status, exc.message)
+        return _json(exc.body(), exc.status)
 
     async def on_http(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, StarletteHTTPException)

@@ -10,8 +10,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -22,6 +23,7 @@ from gateway.monitoring.metrics import Metrics, ModelObserver
 from gateway.monitoring.stats import BatchTimes, ModelStats
 from gateway.protocol.dtypes import BY_V2
 from gateway.repository import ConfigError, ModelConfig, ModelRepository
+from gateway.screening.policy import from_config
 from gateway.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -34,6 +36,7 @@ class LoadedModel:
     backend: Backend
     batcher: DynamicBatcher
     observer: ModelObserver
+    screening_action: str = "allow"  # what an adversarial verdict does; admins may tighten it
 
     @property
     def stats(self) -> ModelStats:
@@ -52,7 +55,8 @@ def run_batch(backend: Backend, requests: Sequence[Arrays]) -> tuple[Arrays, Bat
     t2 = time.perf_counter_ns()
     outputs = backend.to_host(device_outputs)
     t3 = time.perf_counter_ns()
-    return outputs, BatchTimes(t1 - t0, t2 - t1, t3 - t2)
+    screen_ns = getattr(device_outputs, "screen_ns", 0)
+    return outputs, BatchTimes(t1 - t0, t2 - t1, t3 - t2, screen_ns)
 
 
 def warm_up(backend: Backend, config: ModelConfig) -> None:
@@ -83,6 +87,7 @@ class ModelRegistry:
         self._errors: dict[str, str] = {}
         self._slots: dict[str, DeviceSlots] = {}
         self._lock = asyncio.Lock()
+        self.on_screening: Callable[[str, str, Any], None] = lambda *_: None
 
     async def load_all(self) -> None:
         for name in self.repository.names():
@@ -106,6 +111,7 @@ class ModelRegistry:
                 if not fresh:
                     raise ConfigError(f"model {name!r} has no version folder to serve")
             except (ConfigError, OSError, RuntimeError, ValueError) as exc:
+                log.error("model %s failed to load: %s", name, exc)
                 self._errors[name] = str(exc)
                 raise Unavailable(f"failed to load model {name!r}: {exc}") from exc
             self._models[name] = fresh
@@ -179,7 +185,12 @@ class ModelRegistry:
             max_queue_size=self.settings.max_queue_size or batching.max_queue_size,
         )
         batcher.start()
-        return LoadedModel(config, version, backend, batcher, observer)
+        loaded = LoadedModel(config, version, backend, batcher, observer)
+        policy = from_config(config)
+        if policy is not None and backend.screening is not None:
+            loaded.screening_action = policy.action
+            self.on_screening(config.name, str(version), backend.screening)
+        return loaded
 
     async def _close(self, loaded: LoadedModel) -> None:
         await loaded.batcher.close()

@@ -53,6 +53,13 @@ class Settings(BaseSettings):
         1, ge=1, description="Batches in flight per device (one compute thread each)."
     )
     admin_token: str = Field("", description="Bearer token for admin actions; empty disables them.")
+    client_id_header: str = Field(
+        "x-client-id", description="Request header naming the client (lower case)."
+    )
+    quarantine_path: Path = Field(
+        Path.home() / ".local" / "share" / "bastion" / "quarantine.db",
+        description="SQLite file of the quarantine store.",
+    )
     log_level: str = Field("info", description="Python logging level.")
     access_log: bool = Field(False, description="uvicorn's access log (costs throughput).")
 

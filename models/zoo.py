@@ -48,8 +48,8 @@ class ServedClassifier(nn.Module):
     """The graph a classifier is served as: logits and their softmax, in one pass.
 
     ``channels_last`` stores the weights and feeds the input as NHWC, which lets oneDNN (CPU) and
-    cuDNN (GPU) pick their fast convolution kernels: about 3x per image at batch 32 for the
-    digits CNN on the CPU (benchmarks/RESULTS.md). The outputs are the same either way.
+    cuDNN (GPU) pick their fast convolution kernels: for the digits CNN on the CPU about 2x per
+    image at batch 32 and 3x at batch 1 (benchmarks/RESULTS.md). The outputs are the same.
     """
 
     def __init__(self, net: nn.Module, channels_last: bool = False) -> None:

@@ -56,7 +56,12 @@ def start_server(log_dir: Path, *args: str, env: dict[str, str] | None = None) -
     """Starts ``bastion serve`` on a free port and polls readiness with backoff."""
     port = free_port()
     log = log_dir / f"server-{port}.log"
-    full_env = {**os.environ, "BASTION_TORCH_THREADS": "1", **(env or {})}
+    full_env = {
+        **os.environ,
+        "BASTION_TORCH_THREADS": "1",
+        "BASTION_QUARANTINE_PATH": str(log_dir / f"quarantine-{port}.db"),
+        **(env or {}),
+    }
     with log.open("wb") as sink:
         process = subprocess.Popen(
             [sys.executable, "-m", "gateway", "serve", "--port", str(port), *args],

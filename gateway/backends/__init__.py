@@ -12,11 +12,15 @@ from typing import Any, Protocol
 import numpy as np
 
 from gateway.errors import NotFound
-from gateway.repository import ModelConfig
+from gateway.repository import ConfigError, ModelConfig
+
+SCORES = "bastion.screening.scores"  # (n, D) detector scores, beside the model's outputs
+COMBINED = "bastion.screening.combined"  # (n,) combined score; -1 when uncalibrated
 
 
 class Backend(Protocol):
     device: str  # "cpu" or "cuda:N": batches on one device share its concurrency bound
+    screening: Any  # the ScreenedClassifier when the model screens its inputs, else None
 
     def to_device(self, batch: dict[str, np.ndarray]) -> Any: ...
 
@@ -29,11 +33,19 @@ class Backend(Protocol):
 
 def load_backend(config: ModelConfig, version: int, device: str, threads: int) -> Backend:
     """Builds the backend a model's config names, for one version folder."""
+    from gateway.screening.policy import from_config
+
     folder = config.version_path(version)
+    policy = from_config(config)
     if config.backend == "pytorch":
         from gateway.backends.torch_backend import TorchBackend
 
-        return TorchBackend(config, folder, device)
+        return TorchBackend(config, folder, device, policy)
+    if policy is not None:
+        raise ConfigError(
+            f"model {config.name!r}: screening needs the pytorch backend (it takes an input "
+            "gradient); set parameter screening to off"
+        )
     if config.backend == "onnxruntime":
         from gateway.backends.onnx_backend import OnnxBackend
 

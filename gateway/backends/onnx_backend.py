@@ -26,6 +26,7 @@ class OnnxBackend:
         self.device = device if providers[0] != "CPUExecutionProvider" else "cpu"
         self._session = ort.InferenceSession(str(path), options, providers=providers)
         self._outputs = [t.name for t in config.outputs]
+        self.screening = None
 
     def to_device(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return batch

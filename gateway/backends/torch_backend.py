@@ -13,13 +13,18 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from gateway.backends import weights_file
+from gateway.backends import COMBINED, SCORES, weights_file
 from gateway.repository import ConfigError, ModelConfig
+from gateway.screening.calibration import Calibration
+from gateway.screening.pipeline import ScreenedClassifier, ScreenResult
+from gateway.screening.policy import ScreeningPolicy
 from models.zoo import ServedClassifier, build
 
 
 class TorchBackend:
-    def __init__(self, config: ModelConfig, folder: Path, device: str) -> None:
+    def __init__(
+        self, config: ModelConfig, folder: Path, device: str, policy: ScreeningPolicy | None
+    ) -> None:
         arch = config.parameters.get("architecture")
         if not arch:
             raise ConfigError(f"model {config.name!r}: parameters need an 'architecture'")
@@ -46,6 +51,7 @@ class TorchBackend:
             )
         self._cuda = self._device.type == "cuda"
         self._pinned = threading.local()
+        self.screening = _screened(self.module, config, folder, policy, self._device)
 
     def to_device(self, batch: dict[str, np.ndarray]) -> list[torch.Tensor]:
         tensors = [torch.from_numpy(batch[name]) for name in self._inputs]
@@ -70,17 +76,58 @@ class TorchBackend:
         staged.copy_(tensor)
         return staged
 
-    def forward(self, inputs: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
-        with torch.inference_mode():
-            outputs = self.module(*inputs)
+    def forward(self, inputs: list[torch.Tensor]) -> tuple[torch.Tensor, ...] | ScreenResult:
+        if self.screening is not None:
+            outputs = self.screening(inputs[0])
+        else:
+            with torch.inference_mode():
+                outputs = self.module(*inputs)
         if self._cuda:
             torch.cuda.synchronize(self._device)
         return outputs
 
-    def to_host(self, outputs: tuple[torch.Tensor, ...]) -> dict[str, np.ndarray]:
-        return {name: t.cpu().numpy() for name, t in zip(self._outputs, outputs, strict=False)}
+    def to_host(self, outputs: tuple[torch.Tensor, ...] | ScreenResult) -> dict[str, np.ndarray]:
+        if isinstance(outputs, ScreenResult):
+            host = {SCORES: outputs.scores.cpu().numpy(), COMBINED: outputs.combined.cpu().numpy()}
+            outputs = (outputs.logits, outputs.probs)
+        else:
+            host = {}
+        for name, tensor in zip(self._outputs, outputs, strict=False):
+            host[name] = tensor.cpu().numpy()
+        return host
 
     def close(self) -> None:
         self.module = None  # type: ignore[assignment]
         if self._cuda:
             torch.cuda.empty_cache()
+
+
+def _screened(
+    module: torch.nn.Module,
+    config: ModelConfig,
+    folder: Path,
+    policy: ScreeningPolicy | None,
+    device: torch.device,
+) -> ScreenedClassifier | None:
+    """The fused screening job, refusing a model whose calibration is missing or stale."""
+    if policy is None:
+        return None
+    calibration = Calibration.load(folder)
+    if calibration is None and not policy.allow_uncalibrated:
+        raise ConfigError(
+            f"model {config.name!r} version {folder.name} screens its inputs but has no "
+            f"calibration; run `bastion calibrate {config.name}` or set parameter "
+            "screening_uncalibrated to allow"
+        )
+    wanted = (policy.detectors, policy.squeeze.bits, policy.squeeze.medians)
+    if calibration is not None and wanted != (
+        calibration.detectors,
+        calibration.bits,
+        calibration.medians,
+    ):
+        raise ConfigError(
+            f"model {config.name!r} version {folder.name}: calibration was made for detectors "
+            f"{calibration.detectors}, bits {calibration.bits}, medians {calibration.medians}; "
+            f"run `bastion calibrate {config.name}` again"
+        )
+    return ScreenedClassifier(module, policy.detectors, policy.squeeze, calibration, device)

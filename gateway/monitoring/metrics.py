@@ -31,6 +31,25 @@ _LATENCY_BUCKETS = (
     5.0,
     10.0,
 )
+_SCORE_BUCKETS = (
+    0.001,
+    0.003,
+    0.01,
+    0.03,
+    0.1,
+    0.2,
+    0.3,
+    0.5,
+    0.7,
+    0.9,
+    1.0,
+    1.5,
+    2.0,
+    3.0,
+    10.0,
+    30.0,
+    100.0,
+)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 
 _COUNTERS = (
@@ -42,6 +61,11 @@ _COUNTERS = (
     ("nv_inference_compute_input_duration_us", "Cumulative compute input duration", "input_ns"),
     ("nv_inference_compute_infer_duration_us", "Cumulative compute inference duration", "infer_ns"),
     ("nv_inference_compute_output_duration_us", "Cumulative compute output duration", "output_ns"),
+    (
+        "bastion_screening_compute_duration_us",
+        "Cumulative screening time within compute infer",
+        "screen_ns",
+    ),
 )
 
 
@@ -56,6 +80,7 @@ def _values(s: ModelStats) -> dict[str, float]:
         "input_ns": d["compute_input"].ns // 1000,
         "infer_ns": d["compute_infer"].ns // 1000,
         "output_ns": d["compute_output"].ns // 1000,
+        "screen_ns": d["screening"].ns // 1000,
     }
 
 
@@ -136,6 +161,26 @@ class Metrics:
             "bastion_request_errors",
             "Requests answered with an error, by HTTP status",
             ["status"],
+            registry=self.registry,
+        )
+        screening = ["model", "version", "detector"]
+        self.screening_score = Histogram(
+            "bastion_screening_score",
+            "Detector scores of screened images (higher: more suspicious)",
+            screening,
+            buckets=_SCORE_BUCKETS,
+            registry=self.registry,
+        )
+        self.screening_threshold = Gauge(
+            "bastion_screening_threshold",
+            "Calibrated thresholds in force",
+            screening,
+            registry=self.registry,
+        )
+        self.screening_verdicts = Counter(
+            "bastion_screening_verdicts",
+            "Screened images by verdict and the action taken",
+            ["model", "version", "verdict", "action"],
             registry=self.registry,
         )
         self.models_ready = Gauge(

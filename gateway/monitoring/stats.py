@@ -33,6 +33,7 @@ class BatchTimes:
     input_ns: int
     infer_ns: int
     output_ns: int
+    screen_ns: int = 0  # the part of infer_ns spent on screening (host-timed)
 
 
 @dataclass(slots=True)
@@ -42,7 +43,15 @@ class _BatchStats:
     compute_output: Duration = field(default_factory=Duration)
 
 
-_PHASES = ("success", "fail", "queue", "compute_input", "compute_infer", "compute_output")
+_PHASES = (
+    "success",
+    "fail",
+    "queue",
+    "compute_input",
+    "compute_infer",
+    "compute_output",
+    "screening",
+)
 
 
 @dataclass
@@ -65,6 +74,8 @@ class ModelStats:
         d["compute_input"].add(times.input_ns * requests, requests)
         d["compute_infer"].add(times.infer_ns * requests, requests)
         d["compute_output"].add(times.output_ns * requests, requests)
+        if times.screen_ns:
+            d["screening"].add(times.screen_ns * requests, requests)
         per_size = self.batches.get(size)
         if per_size is None:
             per_size = self.batches[size] = _BatchStats()

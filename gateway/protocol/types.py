@@ -34,6 +34,7 @@ class InferRequest:
     binary_output: bool = False
     timeout_us: int | None = None
     parameters: dict[str, Any] = field(default_factory=dict)
+    client_id: str | None = None  # from a transport header, for screening and quarantine
 
 
 @dataclass(slots=True)

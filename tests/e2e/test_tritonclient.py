@@ -66,15 +66,18 @@ def test_predictions_equal_the_model_called_directly(client: th.InferenceServerC
     x = to_float(images[:100])
     with torch.inference_mode():
         expected = torch.softmax(load_digits()(torch.from_numpy(x)), 1).numpy()
-    got = []
+    got, verdicts = [], []
     for start, stop in ((0, 1), (1, 8), (8, 40), (40, 100)):
-        chunk = x[start:stop]
-        while len(chunk):
-            got.append(infer(client, chunk[:64], request_id=f"r{start}").as_numpy("probabilities"))
-            chunk = chunk[64:]
+        result = infer(client, x[start:stop], request_id=f"r{start}",
+                       parameters={"screening_report": True})
+        got.append(result.as_numpy("probabilities"))
+        verdicts += [v.decode() for v in result.as_numpy("screening_verdict")]
     probs = np.concatenate(got)
-    np.testing.assert_allclose(probs, expected, atol=1e-5)
-    assert (probs.argmax(1) == labels[:100]).mean() >= 0.95
+    served = np.array([v.startswith("clean") for v in verdicts])
+    assert served.mean() >= 0.9  # clean test digits; about 5% false positives by calibration
+    np.testing.assert_allclose(probs[served], expected[served], atol=1e-5)
+    assert np.isnan(probs[~served]).all()  # withheld images get no prediction
+    assert (probs[served].argmax(1) == labels[:100][served]).mean() >= 0.97
     onnx = infer(client, x[:16], model="digits_onnx").as_numpy("probabilities")
     np.testing.assert_allclose(onnx, expected[:16], atol=1e-4)
 
@@ -173,7 +176,7 @@ def test_sigterm_answers_every_accepted_request(stalled_batching_server: ServerP
     url = server.url
     client = th.InferenceServerClient(url, concurrency=12, network_timeout=60)
     tensor = th.InferInput("images", [1, 1, 28, 28], "FP32")
-    tensor.set_data_from_numpy(np.zeros((1, 1, 28, 28), np.float32))
+    tensor.set_data_from_numpy(to_float(load_split("test")[0][:1]))
     pending = [client.async_infer("digits", [tensor]) for _ in range(12)]
     deadline = time.monotonic() + 30
     while 'nv_inference_pending_request_count{model="digits",version="1"} 12' not in httpx.get(

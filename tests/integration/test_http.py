@@ -22,9 +22,10 @@ INFER = "/v2/models/digits/infer"
 
 
 @pytest.fixture
-def client(repository: Path) -> Iterator[TestClient]:
+def client(repository: Path, tmp_path: Path) -> Iterator[TestClient]:
     settings = Settings(
-        model_repository=repository, admin_token="tok", max_body_bytes=1 << 20, torch_threads=1
+        model_repository=repository, admin_token="tok", max_body_bytes=1 << 20, torch_threads=1,
+        quarantine_path=tmp_path / "quarantine.db",
     )
     with TestClient(create_app(settings)) as test_client:
         yield test_client
@@ -148,10 +149,25 @@ def test_repository_control_needs_the_admin_token(client: TestClient, repository
     assert client.post("/v2/repository/models/digits/unload", headers=admin).status_code == 200
     assert client.get("/v2/models/digits/ready").status_code == 404
     (repository / "digits" / "2").mkdir()
-    weights = repository / "digits" / "1" / "model.safetensors"
-    (repository / "digits" / "2" / "model.safetensors").write_bytes(weights.read_bytes())
+    for name in ("model.safetensors", "calibration.json"):
+        source = repository / "digits" / "1" / name
+        (repository / "digits" / "2" / name).write_bytes(source.read_bytes())
     assert client.post("/v2/repository/models/digits/load", headers=admin).status_code == 200
     assert client.get("/v2/models/digits").json()["versions"] == ["2"]
+
+
+def test_screened_model_without_calibration_is_refused_with_a_clear_error(
+    client: TestClient, repository: Path
+) -> None:
+    (repository / "digits" / "3").mkdir()
+    weights = repository / "digits" / "1" / "model.safetensors"
+    (repository / "digits" / "3" / "model.safetensors").write_bytes(weights.read_bytes())
+    admin = {"Authorization": "Bearer tok"}
+    response = client.post("/v2/repository/models/digits/load", headers=admin)
+    assert response.status_code == 503
+    assert "no calibration; run `bastion calibrate digits`" in response.json()["error"]
+    index = client.post("/v2/repository/index").json()
+    assert {e["name"]: e["state"] for e in index}["digits"] == "READY"  # version 1 still serves
 
 
 IMAGE = np.zeros((28, 28), np.uint8)
@@ -185,5 +201,5 @@ def test_hostile_input_gets_a_4xx_and_the_server_stays_live(client: TestClient, 
     assert response.status_code == status, response.text
     assert message in response.json()["error"]
     assert client.get("/v2/health/live").status_code == 200
-    ok = client.post(INFER, **binary_body(np.zeros((1, 1, 28, 28), np.float32)))
-    assert ok.status_code == 200
+    ok = client.post(INFER, **binary_body(to_float(load_split("test")[0][:1])))
+    assert ok.status_code == 200, ok.text

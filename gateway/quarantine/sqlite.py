@@ -1,0 +1,312 @@
+"""A single-node quarantine store on SQLite (stdlib ``sqlite3``), durable on every commit."""
+
+from __future__ import annotations
+
+import builtins
+import io
+import json
+import os
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from gateway.quarantine.store import (
+    QUARANTINED,
+    RELEASED,
+    NewItem,
+    QuarantineRecord,
+    check_page,
+    check_status,
+)
+
+MIGRATIONS: tuple[tuple[str, ...], ...] = (
+    (
+        # ``input`` is the last column: SQLite decodes a row left to right, so listing without
+        # the input never walks the blob's overflow pages.
+        """CREATE TABLE quarantine (
+            seq INTEGER PRIMARY KEY,
+            id TEXT NOT NULL UNIQUE,
+            created_at REAL NOT NULL,
+            model TEXT NOT NULL,
+            version TEXT NOT NULL,
+            client_id TEXT,
+            request_id TEXT,
+            image_index INTEGER NOT NULL,
+            scores TEXT NOT NULL,
+            thresholds TEXT NOT NULL,
+            verdict TEXT NOT NULL,
+            status TEXT NOT NULL CHECK (status IN ('quarantined', 'released')),
+            released_at REAL,
+            note TEXT,
+            input BLOB NOT NULL
+        )""",
+        "CREATE INDEX quarantine_model_created ON quarantine (model, created_at)",
+        "CREATE INDEX quarantine_status_created ON quarantine (status, created_at)",
+        "CREATE INDEX quarantine_created ON quarantine (created_at)",
+    ),
+)
+"""Schema steps; ``PRAGMA user_version`` counts how many have been applied. Append, never edit."""
+
+SCHEMA_VERSION = len(MIGRATIONS)
+
+_SUMMARY = (
+    "id, created_at, model, version, client_id, request_id, image_index, scores, thresholds, "
+    "verdict, status, released_at, note"
+)
+_FULL = _SUMMARY + ", input"
+_NEWEST_FIRST = "ORDER BY created_at DESC, seq DESC"
+
+
+def encode_array(array: np.ndarray) -> bytes:
+    """``.npy`` bytes keep dtype, shape, order and every bit; object arrays are refused because
+    storing them would need pickle, and loading pickle from a database is code execution."""
+    if not isinstance(array, np.ndarray):
+        raise TypeError(f"input must be a numpy.ndarray, got {type(array).__name__}")
+    if array.dtype.hasobject:
+        raise ValueError(f"cannot store an object array (dtype {array.dtype})")
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    return buffer.getvalue()
+
+
+def decode_array(data: bytes) -> np.ndarray:
+    return np.load(io.BytesIO(data), allow_pickle=False)
+
+
+def _floats(values: dict[str, float]) -> str:
+    """JSON with plain floats: detectors hand over numpy scalars, which ``json`` cannot encode."""
+    return json.dumps({str(k): float(v) for k, v in values.items()})
+
+
+class SQLiteQuarantineStore:
+    """Quarantine on one SQLite file, shared by the threads of one gateway process.
+
+    Durability: ``journal_mode=WAL`` with ``synchronous=FULL``. In WAL mode a committed
+    transaction sits in the WAL file, so it survives ``kill -9`` of the process under both
+    NORMAL and FULL. NORMAL, however, only fsyncs the WAL at checkpoints, so an OS crash or power
+    loss can roll back the last commits. The gateway names a quarantine id in its response only
+    after ``add_many`` returns; FULL fsyncs the WAL on every commit, so that id can never point
+    at a record that vanished. The cost is one fsync per request that quarantines something,
+    which is rare by design.
+
+    Threads: one connection (``check_same_thread=False``) serialized by a lock, because the
+    gateway calls in from ``asyncio.to_thread`` workers. Other processes on the same file are
+    safe too: writes take ``BEGIN IMMEDIATE`` and wait up to ``busy_timeout_s`` for the lock.
+
+    ``clock`` gives ``created_at``/``released_at`` (unix seconds); tests inject one to order
+    records without sleeping. ``path=":memory:"`` gives a private throwaway database.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        busy_timeout_s: float = 5.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        target = os.fspath(path)
+        if target != ":memory:":
+            Path(target).parent.mkdir(parents=True, exist_ok=True)
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._conn = sqlite3.connect(
+            target, timeout=busy_timeout_s, isolation_level=None, check_same_thread=False
+        )
+        try:
+            self._configure()
+            self._migrate()
+        except BaseException:
+            self._conn.close()
+            raise
+
+    def _configure(self) -> None:
+        """``busy_timeout`` is already set by ``connect(timeout=...)``."""
+        conn = self._conn
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute("PRAGMA synchronous = FULL")
+        conn.execute("PRAGMA fullfsync = ON")
+
+    def _migrate(self) -> None:
+        """Applies missing schema steps in one transaction; refuses a newer schema than this code
+        knows, since writing to it could break the newer gateway that made it."""
+        with self._lock, self._transaction() as conn:
+            current = conn.execute("PRAGMA user_version").fetchone()[0]
+            if current > SCHEMA_VERSION:
+                raise RuntimeError(
+                    f"quarantine schema version {current} is newer than {SCHEMA_VERSION}; "
+                    "upgrade the gateway"
+                )
+            for step in MIGRATIONS[current:]:
+                for statement in step:
+                    conn.execute(statement)
+            if current < SCHEMA_VERSION:
+                conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        """``BEGIN IMMEDIATE`` takes the write lock up front, so a writer in another process
+        waits on ``busy_timeout`` instead of failing halfway with SQLITE_BUSY on lock upgrade."""
+        conn = self._conn
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield conn
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+
+    def add_many(self, items: Sequence[NewItem]) -> builtins.list[str]:
+        now = self._clock()
+        rows = [self._row(item, now) for item in items]
+        if not rows:
+            return []
+        with self._lock, self._transaction() as conn:
+            conn.executemany(
+                "INSERT INTO quarantine (id, created_at, model, version, client_id, request_id,"
+                " image_index, scores, thresholds, verdict, status, input)"
+                f" VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, '{QUARANTINED}', ?)",
+                rows,
+            )
+        return [row[0] for row in rows]
+
+    @staticmethod
+    def _row(item: NewItem, now: float) -> tuple[Any, ...]:
+        """Encodes outside the lock so one thread's large tensor does not stall the others."""
+        return (
+            uuid.uuid4().hex,
+            now,
+            str(item.model),
+            str(item.version),
+            item.client_id,
+            item.request_id,
+            int(item.image_index),
+            _floats(item.scores),
+            _floats(item.thresholds),
+            str(item.verdict),
+            encode_array(item.input),
+        )
+
+    def get(self, id: str) -> QuarantineRecord | None:
+        with self._lock:
+            row = self._conn.execute(
+                f"SELECT {_FULL} FROM quarantine WHERE id = ?", (id,)
+            ).fetchone()
+        return None if row is None else _record(row)
+
+    def count(self, model: str | None = None, status: str | None = None) -> int:
+        where, params = _where(model=model, status=status)
+        with self._lock:
+            sql = f"SELECT COUNT(*) FROM quarantine{where}"
+            (total,) = self._conn.execute(sql, params).fetchone()
+        return int(total)
+
+    def release(self, id: str, note: str | None = None) -> QuarantineRecord:
+        with self._lock, self._transaction() as conn:
+            conn.execute(
+                "UPDATE quarantine SET status = ?, released_at = ?, note = ?"
+                " WHERE id = ? AND status = ?",
+                (RELEASED, self._clock(), note, id, QUARANTINED),
+            )
+            row = conn.execute(f"SELECT {_FULL} FROM quarantine WHERE id = ?", (id,)).fetchone()
+        if row is None:
+            raise KeyError(id)
+        return _record(row)
+
+    def purge(
+        self,
+        status: str | None = None,
+        older_than: float | None = None,
+        ids: Sequence[str] | None = None,
+    ) -> int:
+        if status is None and older_than is None and ids is None:
+            raise ValueError("purge needs at least one of status, older_than, ids")
+        where, params = _where(status=status, older_than=older_than, ids=ids)
+        with self._lock, self._transaction() as conn:
+            return conn.execute(f"DELETE FROM quarantine{where}", params).rowcount
+
+    def pragmas(self) -> dict[str, Any]:
+        """The settings in force on this connection, for diagnostics and tests."""
+        names = ("journal_mode", "synchronous", "busy_timeout", "user_version")
+        with self._lock:
+            return {n: self._conn.execute(f"PRAGMA {n}").fetchone()[0] for n in names}
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+    def __enter__(self) -> SQLiteQuarantineStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def list(
+        self,
+        model: str | None = None,
+        status: str | None = None,
+        limit: int = 100,
+        offset: int = 0,
+        include_input: bool = False,
+    ) -> builtins.list[QuarantineRecord]:
+        check_page(limit, offset)
+        where, params = _where(model=model, status=status)
+        columns = _FULL if include_input else _SUMMARY
+        with self._lock:
+            rows = self._conn.execute(
+                f"SELECT {columns} FROM quarantine{where} {_NEWEST_FIRST} LIMIT ? OFFSET ?",
+                (*params, limit, offset),
+            ).fetchall()
+        return [_record(row) for row in rows]
+
+
+def _where(
+    model: str | None = None,
+    status: str | None = None,
+    older_than: float | None = None,
+    ids: Sequence[str] | None = None,
+) -> tuple[str, builtins.list[Any]]:
+    """AND of the given filters; ``ids`` travel as one JSON parameter, so any number of them
+    fits within SQLite's bound-variable limit."""
+    check_status(status)
+    clauses: builtins.list[str] = []
+    params: builtins.list[Any] = []
+    if model is not None:
+        clauses.append("model = ?")
+        params.append(model)
+    if status is not None:
+        clauses.append("status = ?")
+        params.append(status)
+    if older_than is not None:
+        clauses.append("created_at < ?")
+        params.append(float(older_than))
+    if ids is not None:
+        clauses.append("id IN (SELECT value FROM json_each(?))")
+        params.append(json.dumps([str(i) for i in ids]))
+    return (" WHERE " + " AND ".join(clauses) if clauses else ""), params
+
+
+def _record(row: Sequence[Any]) -> QuarantineRecord:
+    return QuarantineRecord(
+        id=row[0],
+        created_at=row[1],
+        model=row[2],
+        version=row[3],
+        client_id=row[4],
+        request_id=row[5],
+        image_index=row[6],
+        scores=json.loads(row[7]),
+        thresholds=json.loads(row[8]),
+        verdict=row[9],
+        status=row[10],
+        released_at=row[11],
+        note=row[12],
+        input=decode_array(row[13]) if len(row) > 13 else None,
+    )

@@ -1,0 +1,76 @@
+"""The fused screening job: classifier and every detector as one device job per batch.
+
+The squeezed copies are rows of the same forward batch as the originals, the margin comes from
+the same softmax, the input gradient from one backward pass over that batch, and the detectors'
+percentiles are computed on the device: the host sees only the final outputs and scores.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gateway.screening import detectors as registry
+from gateway.screening.calibration import Calibration, combined_score
+from gateway.screening.detectors import Detector, ScreenInputs
+from kernels.squeeze import SqueezeSpec, squeeze
+
+
+@dataclass(frozen=True, slots=True)
+class ScreenResult:
+    logits: torch.Tensor  # (n, K)
+    probs: torch.Tensor  # (n, K)
+    scores: torch.Tensor  # (n, D), one column per detector
+    combined: torch.Tensor  # (n,) max clean percentile; -1 when uncalibrated
+    screen_ns: int  # host time spent on squeezing, backward and scoring
+
+
+class ScreenedClassifier:
+    """Wraps a served classifier (returning logits, probs) with in-batch detectors."""
+
+    def __init__(
+        self,
+        module: nn.Module,
+        detector_names: tuple[str, ...],
+        squeeze_spec: SqueezeSpec,
+        calibration: Calibration | None,
+        device: torch.device,
+    ) -> None:
+        self.module = module
+        for parameter in module.parameters():
+            parameter.requires_grad_(False)
+        self.detectors: tuple[Detector, ...] = registry.get(detector_names)
+        self.squeeze_spec = squeeze_spec
+        self._squeeze = any(d.needs_squeeze for d in self.detectors)
+        self._gradient = any(d.needs_gradient for d in self.detectors)
+        self.calibration = calibration
+        self._reference = calibration.reference_tensor(device) if calibration else None
+
+    def __call__(self, x: torch.Tensor) -> ScreenResult:
+        n = x.shape[0]
+        t0 = time.perf_counter_ns()
+        with torch.no_grad():
+            copies = squeeze(x, self.squeeze_spec).flatten(0, 1) if self._squeeze else None
+        t1 = time.perf_counter_ns()
+        with torch.enable_grad():
+            original = x.detach().requires_grad_(self._gradient)
+            rows = original if copies is None else torch.cat([original, copies])
+            logits_all, probs_all = self.module(rows)
+            t2 = time.perf_counter_ns()
+            gradient = None
+            if self._gradient:
+                loss = F.cross_entropy(logits_all[:n], logits_all[:n].argmax(1), reduction="sum")
+                (gradient,) = torch.autograd.grad(loss, original)
+        with torch.no_grad():
+            logits, probs = logits_all[:n].detach(), probs_all[:n].detach()
+            squeezed = probs_all[n:].detach().view(-1, *probs.shape) if copies is not None else None
+            scores = registry.run(self.detectors, ScreenInputs(probs, squeezed, gradient))
+            if self._reference is None:
+                combined = torch.full((n,), -1.0, device=x.device)
+            else:
+                combined = combined_score(scores, self._reference)
+        return ScreenResult(logits, probs, scores, combined, t1 - t0 + time.perf_counter_ns() - t2)
