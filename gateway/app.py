@@ -8,7 +8,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from gateway import __version__
+from gateway import __version__, admin
 from gateway.dataplane import DataPlane
 from gateway.http import InferRoute, install_error_handlers, router
 from gateway.monitoring.metrics import Metrics
@@ -53,5 +53,6 @@ def create_app(settings: Settings | None = None) -> InferRoute:
         settings.max_body_bytes, settings.max_json_bytes, settings.max_elements
     )
     app.include_router(router)
+    app.include_router(admin.router)
     install_error_handlers(app, metrics)
     return InferRoute(app)

@@ -11,9 +11,81 @@ import typer
 app = typer.Typer(help="Bastion: a Triton-compatible inference gateway.", no_args_is_help=True)
 
 
+quarantine = typer.Typer(help="List, inspect, release and purge quarantined inputs.")
+app.add_typer(quarantine, name="quarantine")
+
+Url = Annotated[str, typer.Option(envvar="BASTION_URL", help="Gateway address.")]
+Token = Annotated[str, typer.Option(envvar="BASTION_ADMIN_TOKEN", help="Admin token.")]
+
+
 @app.callback()
 def main() -> None:
     """Bastion: a Triton-compatible inference gateway."""
+
+
+def _admin(url: str, token: str, method: str, path: str, **kwargs: Any) -> Any:
+    from gateway.admin_client import AdminError, call
+
+    try:
+        return call(url, token, method, path, **kwargs)
+    except AdminError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+
+
+@quarantine.command("list")
+def quarantine_list(
+    url: Url = "127.0.0.1:8000",
+    token: Token = "",
+    model: str | None = None,
+    status: str | None = None,
+    limit: int = 50,
+) -> None:
+    """Quarantined records, newest first."""
+    page = _admin(
+        url,
+        token,
+        "GET",
+        "/v2/quarantine",
+        query={"model": model, "status": status, "limit": limit},
+    )
+    typer.echo(f"{page['total']} records")
+    for r in page["items"]:
+        scores = " ".join(f"{k}={v:.3g}" for k, v in r["scores"].items() if v is not None)
+        typer.echo(
+            f"{r['id']}  {r['status']:<11} {r['model']}/{r['version']}  "
+            f"client={r['client_id']} request={r['request_id']}[{r['image_index']}]  {scores}"
+        )
+
+
+@quarantine.command("show")
+def quarantine_show(item: str, url: Url = "127.0.0.1:8000", token: Token = "") -> None:
+    """One record as JSON, with its input tensor."""
+    import json
+
+    typer.echo(json.dumps(_admin(url, token, "GET", f"/v2/quarantine/{item}"), indent=1))
+
+
+@quarantine.command("release")
+def quarantine_release(
+    item: str, url: Url = "127.0.0.1:8000", token: Token = "", note: str | None = None
+) -> None:
+    """Mark a record a false positive (kept, with its input, for recalibration)."""
+    record = _admin(url, token, "POST", f"/v2/quarantine/{item}/release", body={"note": note})
+    typer.echo(f"{record['id']} {record['status']}")
+
+
+@quarantine.command("purge")
+def quarantine_purge(
+    url: Url = "127.0.0.1:8000",
+    token: Token = "",
+    status: str | None = None,
+    older_than_s: float | None = None,
+    item: Annotated[list[str] | None, typer.Option()] = None,
+) -> None:
+    """Delete records by status, age and/or id."""
+    body = {"status": status, "older_than_s": older_than_s, "ids": item}
+    typer.echo(f"purged {_admin(url, token, 'POST', '/v2/quarantine/purge', body=body)['purged']}")
 
 
 @app.command()
@@ -85,5 +157,7 @@ def calibrate(
     typer.echo(f"{'detector':<20} threshold (flag when above)")
     for name, value in calibration.thresholds.items():
         typer.echo(f"{name:<20} {value:.6g}")
-    typer.echo(f"{'combined':<20} {calibration.combined_threshold:.6g}  "
-               f"(calibration FPR {calibration.calibration_fpr:.3f}, n={calibration.samples})")
+    typer.echo(
+        f"{'combined':<20} {calibration.combined_threshold:.6g}  "
+        f"(calibration FPR {calibration.calibration_fpr:.3f}, n={calibration.samples})"
+    )

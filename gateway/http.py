@@ -26,21 +26,31 @@ _JSON = "application/json"
 _BINARY = "application/octet-stream"
 
 
-def _json(data: Any, status: int = 200) -> Response:
+def json_response(data: Any, status: int = 200) -> Response:
     return Response(orjson.dumps(data), status_code=status, media_type=_JSON)
 
 
 def error_response(status: int, message: str) -> Response:
-    return _json({"error": message}, status)
+    return json_response({"error": message}, status)
 
 
-def _plane(request: Request) -> DataPlane:
+def plane(request: Request) -> DataPlane:
     return request.app.state.dataplane
+
+
+def require_admin(request: Request) -> None:
+    """Admin actions need ``Authorization: Bearer <BASTION_ADMIN_TOKEN>``; none is set: refused."""
+    token = plane(request).settings.admin_token
+    given = request.headers.get("authorization", "")
+    if not token:
+        raise Forbidden("admin actions are disabled: set BASTION_ADMIN_TOKEN to enable them")
+    if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+        raise Forbidden("this action needs 'Authorization: Bearer <admin token>'")
 
 
 @router.get("/v2")
 async def server_metadata(request: Request) -> Response:
-    return _json(_plane(request).server_metadata())
+    return json_response(plane(request).server_metadata())
 
 
 @router.get("/v2/health/live")
@@ -50,78 +60,69 @@ async def live() -> Response:
 
 @router.get("/v2/health/ready")
 async def ready(request: Request) -> Response:
-    return Response(status_code=200 if _plane(request).ready() else 503)
+    return Response(status_code=200 if plane(request).ready() else 503)
 
 
 @router.get("/v2/models/stats")
 async def all_stats(request: Request) -> Response:
-    return _json(_plane(request).statistics(None, None))
+    return json_response(plane(request).statistics(None, None))
 
 
 @router.get("/v2/models/{model}")
 @router.get("/v2/models/{model}/versions/{version}")
 async def model_metadata(request: Request, model: str, version: str | None = None) -> Response:
-    return _json(_plane(request).model_metadata(model, parse_version(version)))
+    return json_response(plane(request).model_metadata(model, parse_version(version)))
 
 
 @router.get("/v2/models/{model}/ready")
 @router.get("/v2/models/{model}/versions/{version}/ready")
 async def model_ready(request: Request, model: str, version: str | None = None) -> Response:
-    _plane(request).registry.get(model, parse_version(version))
+    plane(request).registry.get(model, parse_version(version))
     return Response(status_code=200)
 
 
 @router.get("/v2/models/{model}/config")
 @router.get("/v2/models/{model}/versions/{version}/config")
 async def model_config(request: Request, model: str, version: str | None = None) -> Response:
-    return _json(_plane(request).model_config(model, parse_version(version)))
+    return json_response(plane(request).model_config(model, parse_version(version)))
 
 
 @router.get("/v2/models/{model}/stats")
 @router.get("/v2/models/{model}/versions/{version}/stats")
 async def model_stats(request: Request, model: str, version: str | None = None) -> Response:
-    return _json(_plane(request).statistics(model, parse_version(version)))
+    return json_response(plane(request).statistics(model, parse_version(version)))
 
 
 @router.post("/v2/repository/index")
 async def repository_index(request: Request) -> Response:
-    return _json(_plane(request).registry.index())
+    return json_response(plane(request).registry.index())
 
 
 @router.post("/v2/repository/models/{model}/load")
 async def load_model(request: Request, model: str) -> Response:
-    _require_admin(request)
-    await _plane(request).registry.load(model)
-    return _json({})
+    require_admin(request)
+    await plane(request).registry.load(model)
+    return json_response({})
 
 
 @router.post("/v2/repository/models/{model}/unload")
 async def unload_model(request: Request, model: str) -> Response:
-    _require_admin(request)
-    await _plane(request).registry.unload(model)
-    return _json({})
+    require_admin(request)
+    await plane(request).registry.unload(model)
+    return json_response({})
 
 
 @router.get("/v2/systemsharedmemory/status")
 @router.get("/v2/cudasharedmemory/status")
 async def shared_memory_status() -> Response:
-    return _json([])
+    return json_response([])
 
 
 @router.get("/metrics")
 async def metrics(request: Request) -> Response:
-    stats = [m.stats for m in _plane(request).registry.loaded()]
+    stats = [m.stats for m in plane(request).registry.loaded()]
     body = request.app.state.metrics.render(stats)
     return Response(body, media_type=CONTENT_TYPE)
-
-
-def _require_admin(request: Request) -> None:
-    token = _plane(request).settings.admin_token
-    given = request.headers.get("authorization", "")
-    if not token:
-        raise Forbidden("repository control is disabled: set BASTION_ADMIN_TOKEN to enable it")
-    if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
-        raise Forbidden("this action needs 'Authorization: Bearer <admin token>'")
 
 
 class InferRoute:
@@ -214,7 +215,7 @@ def install_error_handlers(app: FastAPI, metrics: Metrics) -> None:
     async def on_bastion(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, BastionError)
         metrics.errors.labels(str(exc.status)).inc()
-        return _json(exc.body(), exc.status)
+        return json_response(exc.body(), exc.status)
 
     async def on_http(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, StarletteHTTPException)

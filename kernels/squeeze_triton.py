@@ -20,8 +20,6 @@ set ``TRITON_INTERPRET=1`` before importing it to run on CPU tensors.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
@@ -29,7 +27,6 @@ from torch import Tensor
 
 from kernels.squeeze import SqueezeSpec, window_offsets
 
-INTERPRETED: bool = os.environ.get("TRITON_INTERPRET", "0") == "1"
 MAX_BLOCK = 256
 # Elements of the (BLOCK, TAPS) neighbourhood tile. Offline sm_90 builds (ptxas resource usage):
 # 256x32 for a 5x5 window takes 254 registers per thread, 64x32 about 128 with no spills.
@@ -83,8 +80,9 @@ def _median(
 ):
     """Element of rank ⌊w²/2⌋ of each pixel's window (scipy's choice: upper median if w even).
 
-    The window sits in a (BLOCK, TAPS) tile; candidate ``t`` is the answer exactly when fewer
-    than RANK+1 taps are below it and more than RANK are at most it, so ties pick equal values.
+    Selection by counting, as Triton has no per-row sort: the window sits in a (BLOCK, TAPS)
+    tile and tap ``t`` is the answer when #(window < t) <= RANK < #(window <= t). Under ties
+    several taps qualify, all with the same value. O(w^4) compares, unrolled at compile time.
     """
     RANK: tl.constexpr = WINDOW * WINDOW // 2
     tap = tl.arange(0, TAPS)
@@ -138,7 +136,12 @@ def _squeeze_kernel(
         tl.store(dest + (len(LEVELS) + j) * stride, med, mask=inside)
 
 
+# What triton.jit chose from TRITON_INTERPRET when this module was imported.
+INTERPRETED: bool = not isinstance(_squeeze_kernel, triton.runtime.JITFunction)
+
+
 def _check_input(x: Tensor) -> None:
+    """Rejects what the kernel cannot take rather than computing something else."""
     if x.dim() != 4:
         raise ValueError(f"expected (N, C, H, W), got shape {tuple(x.shape)}")
     if x.dtype != torch.float32:
@@ -166,15 +169,21 @@ def squeeze_triton(x: Tensor, spec: SqueezeSpec) -> Tensor:
         return out
     block = block_size(h * w, spec)
     grid = (n * c, triton.cdiv(h * w, block))
+    with torch.cuda.device_of(x):
+        _launch(x, out, spec, block, grid)
+    return out
+
+
+def _launch(x: Tensor, out: Tensor, spec: SqueezeSpec, block: int, grid: tuple[int, int]) -> None:
+    """Specialises the kernel on the spec: one compiled variant per (bits, windows, block)."""
     _squeeze_kernel[grid](
         x,
         out,
-        h,
-        w,
+        x.shape[2],
+        x.shape[3],
         LEVELS=tuple(2**b - 1 for b in spec.bits),
         WINDOWS=spec.medians,
         BEFORES=tuple(window_offsets(k)[0] for k in spec.medians),
         TAPS=tuple(triton.next_power_of_2(k * k) for k in spec.medians),
         BLOCK=block,
     )
-    return out

@@ -63,7 +63,11 @@ def calibrate_model(
         for i in range(0, len(images), batch_size)
     ]
     calibration = fit(
-        np.concatenate(scores), policy.detectors, policy.squeeze.bits, policy.squeeze.medians,
-        fpr, meta={"model": name, "version": version, "data": source, "device": str(target)},
+        np.concatenate(scores),
+        policy.detectors,
+        policy.squeeze.bits,
+        policy.squeeze.medians,
+        fpr,
+        meta={"model": name, "version": version, "data": source, "device": str(target)},
     )
     return calibration, calibration.save(folder)

@@ -90,4 +90,4 @@ def get(names: tuple[str, ...]) -> tuple[Detector, ...]:
 def run(detectors: tuple[Detector, ...], inputs: ScreenInputs) -> torch.Tensor:
     """Scores of every detector, (n, D), with non-finite scores mapped to +inf."""
     scores = torch.stack([d.score(inputs) for d in detectors], dim=1)
-    return torch.nan_to_num(scores, nan=torch.inf)
+    return torch.nan_to_num(scores, nan=torch.inf, posinf=torch.inf)

@@ -1,0 +1,82 @@
+"""The fused screening job: one forward over originals and squeezed copies, one backward, and
+the same scores as each detector computed on its own."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from gateway.screening.calibration import fit
+from gateway.screening.detectors import DETECTORS
+from gateway.screening.pipeline import ScreenedClassifier
+from kernels.squeeze import SqueezeSpec, squeeze_reference
+from models.data import load_split, to_float
+from models.weights import load_digits
+from models.zoo import ServedClassifier
+
+NAMES = tuple(DETECTORS)
+SPEC = SqueezeSpec(bits=(1,), medians=(2, 3))
+
+
+def digits(n: int = 12) -> torch.Tensor:
+    return torch.from_numpy(to_float(load_split("test")[0][:n]))
+
+
+def separate_scores(module: ServedClassifier, x: torch.Tensor) -> np.ndarray:
+    """Each detector computed on its own, with its own passes: the reference."""
+    with torch.no_grad():
+        _, probs = module(x)
+        copies = squeeze_reference(x, SPEC)
+        squeezed = torch.stack([module(copy)[1] for copy in copies])
+    fs = (squeezed - probs).abs().sum(-1).amax(0)
+    top = probs.topk(2, dim=1).values
+    margin = 1 - (top[:, 0] - top[:, 1])
+    x_grad = x.clone().requires_grad_(True)
+    logits, _ = module(x_grad)
+    loss = F.cross_entropy(logits, logits.argmax(1), reduction="sum")
+    (gradient,) = torch.autograd.grad(loss, x_grad)
+    return torch.stack([fs, margin, gradient.flatten(1).norm(dim=1)], 1).detach().numpy()
+
+
+def test_fused_batch_gives_the_scores_of_each_detector_run_alone() -> None:
+    module = ServedClassifier(load_digits()).eval()
+    x = digits()
+    expected = separate_scores(module, x)
+    job = ScreenedClassifier(module, NAMES, SPEC, None, torch.device("cpu"))
+    result = job(x)
+    np.testing.assert_allclose(result.scores.numpy(), expected, rtol=1e-4, atol=1e-5)
+    with torch.no_grad():
+        logits, probs = module(x)
+    np.testing.assert_allclose(result.probs.numpy(), probs.numpy(), atol=1e-6)
+    assert (result.combined == -1).all()  # uncalibrated
+
+
+def test_classifier_and_squeezed_copies_run_as_one_forward_batch() -> None:
+    module = ServedClassifier(load_digits()).eval()
+    calls: list[int] = []
+    module.register_forward_hook(lambda _m, args, _out: calls.append(args[0].shape[0]))
+    ScreenedClassifier(module, NAMES, SPEC, None, torch.device("cpu"))(digits(5))
+    assert calls == [5 * (1 + SPEC.count)]
+
+
+def test_scores_of_an_image_do_not_depend_on_its_batch() -> None:
+    module = ServedClassifier(load_digits(), channels_last=True).eval()
+    job = ScreenedClassifier(module, NAMES, SPEC, None, torch.device("cpu"))
+    x = digits(8)
+    together = job(x).scores.numpy()
+    alone = np.concatenate([job(x[i : i + 1]).scores.numpy() for i in range(8)])
+    np.testing.assert_allclose(together, alone, rtol=1e-4, atol=1e-5)
+
+
+def test_combined_score_uses_the_calibrated_clean_percentiles() -> None:
+    module = ServedClassifier(load_digits()).eval()
+    clean = ScreenedClassifier(module, NAMES, SPEC, None, torch.device("cpu"))(digits(40))
+    calibration = fit(clean.scores.numpy(), NAMES, SPEC.bits, SPEC.medians, 0.1)
+    job = ScreenedClassifier(module, NAMES, SPEC, calibration, torch.device("cpu"))
+    result = job(digits(40))
+    assert ((result.combined > 0) & (result.combined <= 1)).all()
+    flagged = (result.combined > calibration.combined_threshold).float().mean().item()
+    assert flagged <= 0.1 + 1e-6
+    noise = job(torch.rand(4, 1, 28, 28, generator=torch.Generator().manual_seed(0)))
+    assert (noise.combined > calibration.combined_threshold).all()
