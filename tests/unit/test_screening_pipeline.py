@@ -47,7 +47,7 @@ def test_fused_batch_gives_the_scores_of_each_detector_run_alone() -> None:
     result = job(x)
     np.testing.assert_allclose(result.scores.numpy(), expected, rtol=1e-4, atol=1e-5)
     with torch.no_grad():
-        logits, probs = module(x)
+        _, probs = module(x)
     np.testing.assert_allclose(result.probs.numpy(), probs.numpy(), atol=1e-6)
     assert (result.combined == -1).all()  # uncalibrated
 
