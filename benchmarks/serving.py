@@ -16,6 +16,7 @@ import argparse
 import json
 import re
 import shlex
+import shutil
 import sys
 import urllib.request
 from collections.abc import Callable
@@ -31,7 +32,7 @@ from benchmarks.peers import ensure_pytriton_venv, installed_version, pytriton_e
 from benchmarks.report import markdown_report, summarize
 from benchmarks.workload import REPO_ROOT, build_request, digit_images, load_served
 
-SERVERS = ("bastion", "plain", "pytriton")
+SERVERS = ("bastion", "bastion-screened", "plain", "pytriton")
 MODEL = "digits"
 COMMON_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
@@ -50,21 +51,47 @@ def _sibling(executable: str) -> str:
     return str(Path(sys.executable).with_name(executable))
 
 
-def launch_bastion(port: int, layout_flags: list[str]) -> Launch:
+def bastion_repository(workdir: Path, screening: bool) -> Path:
+    """A copy of the bundled repository with digits screening off, or on with action ``flag``.
+
+    ``flag`` pays for every detector in the batch yet answers every request with its prediction,
+    so screened and unscreened runs serve the same responses and only the screening cost differs.
+    """
+    target = workdir / "repository"
+    shutil.rmtree(target, ignore_errors=True)
+    shutil.copytree(REPO_ROOT / "models" / "repository", target)
+    config = target / MODEL / "config.pbtxt"
+    text = config.read_text().replace('string_value: "block"', 'string_value: "flag"')
+    if not screening:
+        text = text.replace(
+            'key: "screening" value: { string_value: "on" }',
+            'key: "screening" value: { string_value: "off" }',
+        )
+    config.write_text(text)
+    return target
+
+
+def launch_bastion(
+    port: int, layout_flags: list[str], workdir: Path, screening: bool = False
+) -> Launch:
     """Bastion picks its own layout (channels_last); ``layout_flags`` are for the peers."""
-    repository = REPO_ROOT / "models" / "repository"
+    repository = bastion_repository(workdir, screening)
     command = [_sibling("bastion"), "serve", "--host", "127.0.0.1", "--port", str(port)]
     command += ["--model-repository", str(repository)]
-    env = {"BASTION_TORCH_THREADS": "1"}
+    env = {"BASTION_TORCH_THREADS": "1", "BASTION_QUARANTINE_PATH": str(workdir / "q.db")}
     return Launch(command, env, f"http://127.0.0.1:{port}/metrics", "checkout")
 
 
-def launch_plain(port: int, layout_flags: list[str]) -> Launch:
+def launch_bastion_screened(port: int, layout_flags: list[str], workdir: Path) -> Launch:
+    return launch_bastion(port, layout_flags, workdir, screening=True)
+
+
+def launch_plain(port: int, layout_flags: list[str], workdir: Path) -> Launch:
     command = [sys.executable, "-m", "benchmarks.plain_server", "--port", str(port), *layout_flags]
     return Launch(command, {}, None, "benchmarks/plain_server.py")
 
 
-def launch_pytriton(port: int, layout_flags: list[str]) -> Launch:
+def launch_pytriton(port: int, layout_flags: list[str], workdir: Path) -> Launch:
     python = ensure_pytriton_venv()
     command = [str(python), "benchmarks/pytriton_server.py", "--http-port", str(port)]
     command += layout_flags
@@ -72,8 +99,9 @@ def launch_pytriton(port: int, layout_flags: list[str]) -> Launch:
     return Launch(command, pytriton_env(python), f"http://127.0.0.1:{port + 2}/metrics", version)
 
 
-LAUNCHERS: dict[str, Callable[[int, list[str]], Launch]] = {
+LAUNCHERS: dict[str, Callable[[int, list[str], Path], Launch]] = {
     "bastion": launch_bastion,
+    "bastion-screened": launch_bastion_screened,
     "plain": launch_plain,
     "pytriton": launch_pytriton,
 }
@@ -173,8 +201,11 @@ def bench_server(name: str, args: argparse.Namespace) -> dict:
     """Starts one server, checks, warms and loads it at every user count, and always stops it."""
     background = procs.wait_quiet(args.quiet_wait)
     port = procs.free_port_block(3)
+    (args.workdir / name).mkdir(parents=True, exist_ok=True)
     launch = LAUNCHERS[name](
-        port, ["--channels-last"] if args.peer_layout == "channels_last" else []
+        port,
+        ["--channels-last"] if args.peer_layout == "channels_last" else [],
+        args.workdir / name,
     )
     url = f"http://127.0.0.1:{port}"
     env = {**COMMON_ENV, **launch.env}

@@ -103,11 +103,14 @@ def squeeze(x: Tensor, spec: SqueezeSpec, use_triton: bool | None = None) -> Ten
     """All squeezed copies of ``x``, shape (spec.count, N, C, H, W).
 
     ``use_triton=None`` picks the fused kernel for float32 CUDA tensors when Triton is importable
-    and the torch reference otherwise; ``True`` forces the kernel (on CPU it then needs
-    ``TRITON_INTERPRET=1`` before ``kernels.squeeze_triton`` is imported); ``False`` forces torch.
+    and no gradient is wanted (the kernel has no backward; adaptive attacks need the torch path),
+    and the torch reference otherwise. ``True`` forces the kernel (on CPU it then needs
+    ``TRITON_INTERPRET=1`` before triton is first imported); ``False`` forces torch.
     """
     if use_triton is None:
-        use_triton = x.is_cuda and x.dtype == torch.float32 and triton_available()
+        wants_grad = x.requires_grad and torch.is_grad_enabled()
+        use_triton = x.is_cuda and x.dtype == torch.float32 and not wants_grad
+        use_triton = use_triton and triton_available()
     if not use_triton:
         return squeeze_reference(x, spec)
     from kernels.squeeze_triton import squeeze_triton

@@ -14,8 +14,9 @@ plane, so they come from cache rather than from a second pass over memory.
 Borders follow scipy's ``mode='reflect'``: half-sample symmetric (``d c b a | a b c d | d c b a``).
 
 The kernel is specialised per spec (bit depths and windows are ``tl.constexpr`` tuples). Triton
-chooses compiled or interpreted mode when ``@triton.jit`` runs, i.e. when this module is imported:
-set ``TRITON_INTERPRET=1`` before importing it to run on CPU tensors.
+chooses compiled or interpreted mode when ``@triton.jit`` runs, so to run on CPU tensors set
+``TRITON_INTERPRET=1`` before the process first imports triton (``tl.sum`` is itself a jit
+function decorated then) and before it imports this module.
 """
 
 from __future__ import annotations
@@ -136,8 +137,13 @@ def _squeeze_kernel(
         tl.store(dest + (len(LEVELS) + j) * stride, med, mask=inside)
 
 
-# What triton.jit chose from TRITON_INTERPRET when this module was imported.
-INTERPRETED: bool = not isinstance(_squeeze_kernel, triton.runtime.JITFunction)
+def _interpreted(fn: object) -> bool:
+    return not isinstance(fn, triton.runtime.JITFunction)
+
+
+# triton.jit reads TRITON_INTERPRET when it decorates: for this module's kernel that is at import,
+# for triton.language's own jit helpers (tl.sum) when triton is first imported. Both must agree.
+INTERPRETED: bool = _interpreted(_squeeze_kernel) and _interpreted(tl.sum)
 
 
 def _check_input(x: Tensor) -> None:
@@ -148,8 +154,8 @@ def _check_input(x: Tensor) -> None:
         raise TypeError(f"the fused kernel takes float32, got {x.dtype}")
     if not x.is_cuda and not INTERPRETED:
         raise RuntimeError(
-            "CPU tensors need the Triton interpreter: set TRITON_INTERPRET=1 before importing "
-            "kernels.squeeze_triton"
+            "CPU tensors need the Triton interpreter: set TRITON_INTERPRET=1 before triton and "
+            "kernels.squeeze_triton are first imported"
         )
 
 
