@@ -8,12 +8,12 @@ from __future__ import annotations
 import time
 from typing import Any
 
-import orjson
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
 from gateway.errors import InvalidInput, NotFound
 from gateway.http import json_response, plane, require_admin
+from gateway.protocol.codec import parse_json_object
 from gateway.protocol.dtypes import from_numpy
 from gateway.quarantine.store import QuarantineRecord
 from gateway.repository import parse_version
@@ -124,15 +124,7 @@ async def purge_quarantine(request: Request) -> Response:
 
 async def _json_body(request: Request) -> dict[str, Any]:
     raw = await request.body()
-    if not raw:
-        return {}
-    try:
-        body = orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        raise InvalidInput(f"request JSON is malformed: {exc}") from None
-    if not isinstance(body, dict):
-        raise InvalidInput("request JSON must be an object")
-    return body
+    return parse_json_object(raw) if raw else {}
 
 
 def _record(record: QuarantineRecord) -> dict[str, Any]:

@@ -161,3 +161,49 @@ def calibrate(
         f"{'combined':<20} {calibration.combined_threshold:.6g}  "
         f"(calibration FPR {calibration.calibration_fpr:.3f}, n={calibration.samples})"
     )
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def evaluate(ctx: typer.Context) -> None:
+    """White-box (ART) and adaptive evaluation of the screening on the test split.
+
+    Forwards its arguments to ``python -m benchmarks.adversarial.evaluate``: ``--seeds``,
+    ``--attacks``, ``--no-adaptive``, ``--out``, ``--save-examples`` (``bastion evaluate --help``
+    shows this; ``bastion evaluate -- --help`` shows the evaluator's own options).
+    """
+    from benchmarks.adversarial.evaluate import main as evaluate_main
+
+    raise typer.Exit(evaluate_main(list(ctx.args)))
+
+
+@app.command("attack-sim")
+def attack_sim(
+    url: Url = "127.0.0.1:8000",
+    model: str = "digits",
+    rate: Annotated[float, typer.Option(help="Requests per second (open loop).")] = 50.0,
+    duration: Annotated[float, typer.Option(help="Seconds to run.")] = 30.0,
+    adversarial_fraction: Annotated[
+        float, typer.Option(help="Share of adversarial requests.")
+    ] = 0.1,
+    clients: Annotated[int, typer.Option(help="Honest client ids (X-Client-ID).")] = 4,
+    examples: Annotated[
+        Path | None, typer.Option(help=".npz with 'images' (n,1,28,28) in [0,1] [made by PGD].")
+    ] = None,
+    seed: int = 0,
+    max_requests: Annotated[int | None, typer.Option(help="Stop after this many.")] = None,
+) -> None:
+    """Replay a mix of clean and adversarial traffic into a running gateway."""
+    from gateway.attack_sim import format_report, simulate
+
+    report = simulate(
+        url,
+        model=model,
+        rate_per_s=rate,
+        duration_s=duration,
+        adversarial_fraction=adversarial_fraction,
+        clients=clients,
+        examples=examples,
+        seed=seed,
+        max_requests=max_requests,
+    )
+    typer.echo(format_report(report))

@@ -92,7 +92,7 @@ def decode_request(
     json_size = _json_size(header_length, len(body), limits)
     if json_size == 0:
         return _raw_request(body, raw, limits)
-    header = _parse_json(body[:json_size])
+    header = parse_json_object(body[:json_size])
     binary = memoryview(body)[json_size:]
     inputs, used = _decode_inputs(header.get("inputs"), binary, limits)
     if used != len(binary):
@@ -133,7 +133,7 @@ def _json_size(header_length: str | None, body_size: int, limits: Limits) -> int
     return size
 
 
-def _parse_json(raw: bytes | memoryview) -> dict[str, Any]:
+def parse_json_object(raw: bytes | memoryview) -> dict[str, Any]:
     try:
         header = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
@@ -158,14 +158,8 @@ def _decode_inputs(specs: Any, binary: memoryview, limits: Limits) -> tuple[list
     inputs: list[InputTensor] = []
     seen: set[str] = set()
     offset = 0
-    for spec in specs:
-        spec = _dict(spec, "each input")
-        name = spec.get("name")
-        if not isinstance(name, str) or not name:
-            raise InvalidInput("each input needs a non-empty string 'name'")
-        if name in seen:
-            raise InvalidInput(f"input {name!r} appears more than once")
-        seen.add(name)
+    for item in specs:
+        spec, name = _named(item, "input", seen)
         dtype = _dtype(spec.get("datatype"), name)
         shape = _shape(spec.get("shape"), name, limits)
         params = _dict(spec.get("parameters", {}), f"parameters of input {name!r}")
@@ -284,14 +278,8 @@ def _decode_outputs(specs: Any) -> list[RequestedOutput] | None:
         raise InvalidInput("'outputs' must be a list")
     outputs: list[RequestedOutput] = []
     seen: set[str] = set()
-    for spec in specs:
-        spec = _dict(spec, "each output")
-        name = spec.get("name")
-        if not isinstance(name, str) or not name:
-            raise InvalidInput("each requested output needs a string 'name'")
-        if name in seen:
-            raise InvalidInput(f"output {name!r} is requested more than once")
-        seen.add(name)
+    for item in specs:
+        spec, name = _named(item, "output", seen)
         params = _dict(spec.get("parameters", {}), f"parameters of output {name!r}")
         binary = params.get("binary_data")
         outputs.append(
@@ -302,6 +290,18 @@ def _decode_outputs(specs: Any) -> list[RequestedOutput] | None:
             )
         )
     return outputs
+
+
+def _named(item: Any, kind: str, seen: set[str]) -> tuple[dict[str, Any], str]:
+    """An input or output entry: a JSON object with a non-empty name not seen before."""
+    spec = _dict(item, f"each {kind}")
+    name = spec.get("name")
+    if not isinstance(name, str) or not name:
+        raise InvalidInput(f"each {kind} needs a non-empty string 'name'")
+    if name in seen:
+        raise InvalidInput(f"{kind} {name!r} appears more than once")
+    seen.add(name)
+    return spec, name
 
 
 def _dtype(value: Any, name: str) -> DType:
