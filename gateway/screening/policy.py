@@ -81,7 +81,10 @@ def decide(combined: np.ndarray, threshold: float | None, action: str) -> Decisi
     if threshold is None:
         verdicts = ["uncalibrated"] * len(combined)
     else:
-        verdicts = ["adversarial" if s > threshold else "clean" for s in combined.tolist()]
+        # compare in the scores' own precision: a percentile equal to the threshold must pass
+        # (float32 0.962 is above float64 0.962), as it does offline and at calibration
+        above = combined > combined.dtype.type(threshold)
+        verdicts = ["adversarial" if flag else "clean" for flag in above.tolist()]
     actions = [action if v == "adversarial" else "allow" for v in verdicts]
     return Decision(
         verdicts=verdicts,

@@ -12,6 +12,7 @@ from gateway.backends import COMBINED, load_backend
 from gateway.registry import run_batch
 from gateway.repository import ModelRepository
 from gateway.screening.calibration import Calibration, combined_score, fit, threshold_at
+from gateway.screening.policy import decide
 from gateway.settings import DEFAULT_REPOSITORY
 from models.data import load_split, to_float
 
@@ -62,5 +63,6 @@ def test_committed_calibration_holds_its_rate_on_the_held_out_test_split() -> No
     assert calibration.target_fpr == 0.05 and calibration.samples == 1000
     images, _ = load_split("test")
     outputs, _ = run_batch(backend, [{"images": to_float(images)}])
-    test_fpr = (outputs[COMBINED] > calibration.combined_threshold).mean()
+    decision = decide(outputs[COMBINED], calibration.combined_threshold, "block")
+    test_fpr = len(decision.withheld) / len(images)
     assert 0.02 <= test_fpr <= 0.08, test_fpr

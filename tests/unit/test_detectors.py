@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -72,3 +73,13 @@ def test_scores_stay_in_their_ranges_for_any_probabilities(n: int, k: int, s: in
     assert ((scores[:, 0] >= 0) & (scores[:, 0] <= 2 + 1e-6)).all()
     assert ((scores[:, 1] >= -1e-6) & (scores[:, 1] <= 1 + 1e-6)).all()
     assert (scores[:, 2] >= 0).all()
+
+
+def test_a_score_equal_to_the_threshold_passes_in_float32() -> None:
+    from gateway.screening.policy import decide
+
+    threshold = 0.962  # float64, as stored in calibration.json
+    combined = np.array([0.962, 0.963, 0.5], dtype=np.float32)
+    decision = decide(combined, threshold, "block")
+    assert decision.verdicts == ["clean", "adversarial", "clean"]
+    assert decision.withheld == [1]
