@@ -187,7 +187,7 @@ def attack_sim(
     ] = 0.1,
     clients: Annotated[int, typer.Option(help="Honest client ids (X-Client-ID).")] = 4,
     examples: Annotated[
-        Path | None, typer.Option(help=".npz with 'images' (n,1,28,28) in [0,1] [made by PGD].")
+        Path | None, typer.Option(help=".npz with 'images' (n,1,28,28), pixels 0..1; default: made by PGD.")
     ] = None,
     seed: int = 0,
     max_requests: Annotated[int | None, typer.Option(help="Stop after this many.")] = None,
