@@ -90,12 +90,12 @@ def quarantine_purge(
 
 @app.command()
 def serve(
-    host: Annotated[str | None, typer.Option(help="Address to bind [127.0.0.1].")] = None,
-    port: Annotated[int | None, typer.Option(help="HTTP port [8000].")] = None,
+    host: Annotated[str | None, typer.Option(help="Address to bind (default: 127.0.0.1).")] = None,
+    port: Annotated[int | None, typer.Option(help="HTTP port (default: 8000).")] = None,
     model_repository: Annotated[
-        Path | None, typer.Option(help="Triton-style model repository [the bundled one].")
+        Path | None, typer.Option(help="Triton-style model repository (default: the bundled one).")
     ] = None,
-    device: Annotated[str | None, typer.Option(help="auto, cpu or cuda [auto].")] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu or cuda (default: auto).")] = None,
     config: Annotated[
         Path | None, typer.Option(help="TOML/JSON settings file (also BASTION_CONFIG_FILE).")
     ] = None,
@@ -137,12 +137,15 @@ def serve(
 def calibrate(
     model: Annotated[str, typer.Argument(help="Model name in the repository.")],
     model_repository: Annotated[
-        Path | None, typer.Option(help="Triton-style model repository [the bundled one].")
+        Path | None, typer.Option(help="Triton-style model repository (default: the bundled one).")
     ] = None,
-    version: Annotated[int | None, typer.Option(help="Version folder [the latest].")] = None,
+    version: Annotated[
+        int | None, typer.Option(help="Version folder (default: the latest).")
+    ] = None,
     fpr: Annotated[float, typer.Option(help="Target false-positive rate on clean data.")] = 0.05,
     data: Annotated[
-        Path | None, typer.Option(help="Clean images (.npz with 'images') [bundled split].")
+        Path | None,
+        typer.Option(help="Clean images (.npz with 'images') (default: bundled split)."),
     ] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
 ) -> None:
@@ -187,7 +190,8 @@ def attack_sim(
     ] = 0.1,
     clients: Annotated[int, typer.Option(help="Honest client ids (X-Client-ID).")] = 4,
     examples: Annotated[
-        Path | None, typer.Option(help=".npz with 'images' (n,1,28,28), pixels 0..1; default: made by PGD.")
+        Path | None,
+        typer.Option(help=".npz with 'images' (n,1,28,28), pixels 0..1 (default: made by PGD)."),
     ] = None,
     seed: int = 0,
     max_requests: Annotated[int | None, typer.Option(help="Stop after this many.")] = None,
