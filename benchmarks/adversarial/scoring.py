@@ -1,0 +1,126 @@
+"""Scores through the gateway's own screening job, and detection metrics on them.
+
+The job is built the way the torch backend builds it (served graph, channels-last, the model's
+policy and its committed calibration), so the numbers describe what the gateway decides. Metrics
+follow Xu et al. (NDSS 2018): negatives are the clean test split, positives the successful
+adversarial examples; ROC-AUC with higher score = adversarial, and the true- and false-positive
+rates at the thresholds calibrated on the separate calibration split.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from sklearn.metrics import roc_auc_score, roc_curve
+
+from gateway.repository import ModelRepository
+from gateway.screening.calibration import Calibration
+from gateway.screening.pipeline import ScreenedClassifier
+from gateway.screening.policy import from_config
+from gateway.settings import DEFAULT_REPOSITORY
+from models.data import to_float
+from models.weights import load_digits
+from models.zoo import ServedClassifier
+
+COMBINED = "combined"
+
+
+@dataclass(frozen=True)
+class Scores:
+    """Per-sample detector scores (n, D), the combined percentile (n,) and predictions (n,)."""
+
+    detectors: np.ndarray
+    combined: np.ndarray
+    predictions: np.ndarray
+
+    def column(self, name: str, names: tuple[str, ...]) -> np.ndarray:
+        return self.combined if name == COMBINED else self.detectors[:, names.index(name)]
+
+
+def build_job(
+    repository: Path = DEFAULT_REPOSITORY, model: str = "digits", version: int = 1
+) -> tuple[ScreenedClassifier, Calibration]:
+    """The gateway's screening job for a model version, with its committed calibration."""
+    config = ModelRepository(repository).config(model)
+    policy = from_config(config)
+    if policy is None:
+        raise ValueError(f"model {model!r} does not screen its inputs")
+    calibration = Calibration.load(config.version_path(version))
+    if calibration is None:
+        raise ValueError(f"model {model!r} version {version} has no calibration")
+    module = ServedClassifier(load_digits(repository, version), channels_last=True).eval()
+    device = torch.device("cpu")
+    job = ScreenedClassifier(module, policy.detectors, policy.squeeze, calibration, device)
+    return job, calibration
+
+
+def score(job: ScreenedClassifier, pixels: np.ndarray, batch_size: int = 250) -> Scores:
+    """Runs uint8 images through the screening job in batches."""
+    parts = []
+    for i in range(0, len(pixels), batch_size):
+        result = job(torch.from_numpy(to_float(pixels[i : i + batch_size])))
+        parts.append((result.scores.numpy(), result.combined.numpy(), result.logits.argmax(1)))
+    if not parts:
+        width = len(job.detectors)
+        return Scores(np.zeros((0, width)), np.zeros(0), np.zeros(0, dtype=np.int64))
+    detectors, combined, predictions = zip(*parts, strict=True)
+    return Scores(
+        np.concatenate(detectors), np.concatenate(combined), np.concatenate(predictions).astype(int)
+    )
+
+
+def thresholds(calibration: Calibration) -> dict[str, float]:
+    """Every decision's threshold: per detector on its own, and the combined one."""
+    return {**calibration.thresholds, COMBINED: calibration.combined_threshold}
+
+
+def _finite(values: np.ndarray) -> np.ndarray:
+    """Non-finite scores (the detectors' 'most suspicious') as the largest float, for sklearn."""
+    return np.nan_to_num(values.astype(np.float64), nan=np.inf, posinf=np.finfo(np.float64).max)
+
+
+def auc(clean: np.ndarray, adversarial: np.ndarray) -> float:
+    """ROC-AUC of a score separating adversarial (positive) from clean; NaN without positives."""
+    if len(adversarial) == 0 or len(clean) == 0:
+        return float("nan")
+    y = np.r_[np.zeros(len(clean)), np.ones(len(adversarial))]
+    return float(roc_auc_score(y, _finite(np.r_[clean, adversarial])))
+
+
+def flagged_rate(values: np.ndarray, threshold: float) -> float:
+    """Fraction flagged by the gateway's rule ``score > threshold``."""
+    return float((values > threshold).mean()) if len(values) else float("nan")
+
+
+def roc(clean: np.ndarray, adversarial: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """False- and true-positive rates along the ROC curve."""
+    y = np.r_[np.zeros(len(clean)), np.ones(len(adversarial))]
+    fpr, tpr, _ = roc_curve(y, _finite(np.r_[clean, adversarial]))
+    return fpr, tpr
+
+
+def metrics(
+    clean: Scores, adversarial: Scores, names: tuple[str, ...], cuts: dict[str, float]
+) -> dict[str, dict[str, float]]:
+    """AUC, TPR at the calibrated threshold and the clean test FPR, per detector and combined."""
+    out = {}
+    for name in (*names, COMBINED):
+        negatives, positives = clean.column(name, names), adversarial.column(name, names)
+        out[name] = {
+            "auc": auc(negatives, positives),
+            "tpr": flagged_rate(positives, cuts[name]),
+            "fpr": flagged_rate(negatives, cuts[name]),
+        }
+    return out
+
+
+def pool(parts: list[Scores]) -> Scores:
+    """All attacks' successes as one set: pooled rates are weighted by each attack's successes."""
+    return Scores(
+        np.concatenate([p.detectors for p in parts]),
+        np.concatenate([p.combined for p in parts]),
+        np.concatenate([p.predictions for p in parts]),
+    )
