@@ -167,16 +167,34 @@ def calibrate(
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-def evaluate(ctx: typer.Context) -> None:
+def evaluate(
+    ctx: typer.Context,
+    everything: Annotated[
+        bool,
+        typer.Option(
+            "--all",
+            help="Then replay the examples through a live gateway and "
+            "run the black-box attacks over HTTP (about 15 minutes in all).",
+        ),
+    ] = False,
+) -> None:
     """White-box (ART) and adaptive evaluation of the screening on the test split.
 
-    Forwards its arguments to ``python -m benchmarks.adversarial.evaluate``: ``--seeds``,
-    ``--attacks``, ``--no-adaptive``, ``--out``, ``--save-examples`` (``bastion evaluate --help``
-    shows this; ``bastion evaluate -- --help`` shows the evaluator's own options).
+    Other arguments go to ``python -m benchmarks.adversarial.evaluate`` (``--seeds``,
+    ``--attacks``, ``--no-adaptive``, ``--out``, ``--save-examples``; see
+    ``bastion evaluate -- --help``). Results: ``benchmarks/results/adversarial/``.
     """
-    from benchmarks.adversarial.evaluate import main as evaluate_main
+    from benchmarks.adversarial import evaluate as white_box
 
-    raise typer.Exit(evaluate_main(list(ctx.args)))
+    args = list(ctx.args)
+    if everything and "--save-examples" not in args:
+        args.append("--save-examples")
+    status = white_box.main(args)
+    if everything:
+        from benchmarks.adversarial import blackbox, through_gateway
+
+        status = max(status, through_gateway.main([]), blackbox.main([]))
+    raise typer.Exit(status)
 
 
 @app.command("attack-sim")
