@@ -149,14 +149,16 @@ def calibrate(
     ] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
 ) -> None:
-    """Set screening thresholds on clean data and write calibration.json beside the weights."""
+    """Set screening thresholds on clean data; write calibration.json and the drift reference
+    profile beside the weights."""
     from gateway.screening.calibrate import calibrate_model
     from gateway.settings import DEFAULT_REPOSITORY
 
-    calibration, path = calibrate_model(
+    calibration, paths = calibrate_model(
         model_repository or DEFAULT_REPOSITORY, model, version, fpr, data, device
     )
-    typer.echo(f"wrote {path}")
+    for path in paths:
+        typer.echo(f"wrote {path}")
     typer.echo(f"{'detector':<20} threshold (flag when above)")
     for name, value in calibration.thresholds.items():
         typer.echo(f"{name:<20} {value:.6g}")

@@ -79,6 +79,20 @@ class DataPlane:
             models = [self.registry.get(name, version)]
         return {"model_stats": [m.stats.as_dict() for m in models]}
 
+    def drift(self, name: str, version: int | None) -> dict[str, Any]:
+        """The drift monitor's reference, latest window, scores, alarms and events."""
+        model = self.registry.get(name, version)
+        if model.drift is None:
+            return {
+                "model": name,
+                "version": str(model.version),
+                "enabled": False,
+                "reason": "no reference profile for this version (bastion calibrate writes one)"
+                if self.settings.drift
+                else "drift monitoring is off (BASTION_DRIFT)",
+            }
+        return {"enabled": True, **model.drift.snapshot()}
+
     def raw_input(self, name: str, version: int | None) -> RawInput | None:
         config = self.registry.get(name, version).config
         if len(config.inputs) != 1:

@@ -93,6 +93,12 @@ async def model_stats(request: Request, model: str, version: str | None = None) 
     return json_response(plane(request).statistics(model, parse_version(version)))
 
 
+@router.get("/v2/models/{model}/drift")
+@router.get("/v2/models/{model}/versions/{version}/drift")
+async def model_drift(request: Request, model: str, version: str | None = None) -> Response:
+    return json_response(plane(request).drift(model, parse_version(version)))
+
+
 @router.post("/v2/repository/index")
 async def repository_index(request: Request) -> Response:
     return json_response(plane(request).registry.index())

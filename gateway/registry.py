@@ -19,7 +19,9 @@ import numpy as np
 from gateway.backends import Backend, load_backend
 from gateway.batcher import Arrays, DeviceSlots, DynamicBatcher
 from gateway.errors import BastionError, NotFound, Unavailable
+from gateway.monitoring.drift_monitor import DriftConfig, DriftMonitor
 from gateway.monitoring.metrics import Metrics, ModelObserver
+from gateway.monitoring.reference import ReferenceProfile
 from gateway.monitoring.stats import BatchTimes, ModelStats
 from gateway.protocol.dtypes import BY_V2
 from gateway.repository import ConfigError, ModelConfig, ModelRepository
@@ -37,6 +39,7 @@ class LoadedModel:
     batcher: DynamicBatcher
     observer: ModelObserver
     screening_action: str = "allow"  # what an adversarial verdict does; admins may tighten it
+    drift: DriftMonitor | None = None
 
     @property
     def stats(self) -> ModelStats:
@@ -67,6 +70,21 @@ def warm_up(backend: Backend, config: ModelConfig) -> None:
             for spec in config.inputs
         }
         run_batch(backend, [batch])
+
+
+def drift_config(settings: Settings) -> DriftConfig:
+    return DriftConfig(
+        hop_images=settings.drift_hop_images,
+        window_hops=settings.drift_window_hops,
+        hop_max_s=settings.drift_hop_max_s,
+        min_images=settings.drift_min_images,
+        psi_threshold=settings.drift_psi_threshold,
+        js_threshold=settings.drift_js_threshold,
+        flag_z_threshold=settings.drift_flag_z_threshold,
+        mmd_alpha=settings.drift_mmd_alpha,
+        mmd_permutations=settings.drift_mmd_permutations,
+        embedding_sample=settings.drift_embedding_sample,
+    )
 
 
 def pick_device(setting: str) -> str:
@@ -169,6 +187,7 @@ class ModelRegistry:
         threads = self.settings.torch_threads
         backend = await asyncio.to_thread(load_backend, config, version, self.device, threads)
         await asyncio.to_thread(warm_up, backend, config)
+        drift = self._drift_monitor(config, version, backend)
         slots = self._slots.get(backend.device)
         if slots is None:
             slots = DeviceSlots(backend.device, self.settings.max_concurrent_batches)
@@ -186,15 +205,44 @@ class ModelRegistry:
         )
         batcher.start()
         loaded = LoadedModel(config, version, backend, batcher, observer)
+        loaded.drift = drift
         policy = from_config(config)
         if policy is not None and backend.screening is not None:
             loaded.screening_action = policy.action
             self.on_screening(config.name, str(version), backend.screening)
         return loaded
 
+    def _drift_monitor(
+        self, config: ModelConfig, version: int, backend: Backend
+    ) -> DriftMonitor | None:
+        """A monitor for a torch model whose version folder holds a reference profile."""
+        wanted = config.parameters.get("drift", "on").lower() != "off"
+        if not (self.settings.drift and wanted and hasattr(backend, "monitor")):
+            return None
+        try:
+            profile = ReferenceProfile.load(config.version_path(version))
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"model {config.name!r}: bad reference profile: {exc}") from exc
+        if profile is None:
+            return None
+        import torch
+
+        monitor = DriftMonitor(
+            config.name,
+            str(version),
+            profile,
+            drift_config(self.settings),
+            self.metrics,
+            torch.device(backend.device),
+        )
+        backend.monitor = monitor
+        return monitor
+
     async def _close(self, loaded: LoadedModel) -> None:
         await loaded.batcher.close()
         loaded.backend.close()
+        if loaded.drift is not None:
+            loaded.drift.close()
 
     def _update_ready(self) -> None:
         self.metrics.models_ready.set(len(self.loaded()))

@@ -60,6 +60,33 @@ class Settings(BaseSettings):
         Path.home() / ".local" / "share" / "bastion" / "quarantine.db",
         description="SQLite file of the quarantine store.",
     )
+    drift: bool = Field(
+        True, description="Monitor drift for models whose version has a reference profile."
+    )
+    drift_hop_images: int = Field(
+        250, ge=10, description="Images per hop; the sliding window is evaluated at every hop."
+    )
+    drift_window_hops: int = Field(2, ge=1, description="Hops in a drift window.")
+    drift_hop_max_s: float = Field(
+        60.0, gt=0, description="A hop also closes after this many seconds (windows by time)."
+    )
+    drift_min_images: int = Field(
+        400, ge=1, description="A window with fewer images is not scored (too noisy)."
+    )
+    drift_psi_threshold: float = Field(0.15, gt=0, description="PSI alarm threshold.")
+    drift_js_threshold: float = Field(
+        0.05, gt=0, description="Jensen-Shannon (nats) alarm threshold for the class mix."
+    )
+    drift_flag_z_threshold: float = Field(
+        5.0, gt=0, description="Alarm when the flag rate is this many binomial sds above its rate."
+    )
+    drift_mmd_alpha: float = Field(
+        0.001, gt=0, lt=1, description="MMD p-value alarm level (two disjoint windows in a row)."
+    )
+    drift_mmd_permutations: int = Field(1000, ge=10, description="Permutations per MMD test.")
+    drift_embedding_sample: int = Field(
+        256, ge=20, description="Embeddings per window compared with the reference by MMD."
+    )
     log_level: str = Field("info", description="Python logging level.")
     access_log: bool = Field(False, description="uvicorn's access log (costs throughput).")
 

@@ -9,6 +9,7 @@ pixels the client sent.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 
 import torch
@@ -58,12 +59,43 @@ class ServedClassifier(nn.Module):
         self.channels_last = channels_last
         if channels_last:
             self.net = net.to(memory_format=torch.channels_last)
+        self._captured = threading.local()
+        head = _last_linear(net)
+        if head is not None:
+            head.register_forward_pre_hook(self._capture)
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         logits = self.net(images)
         return logits, torch.softmax(logits, dim=1)
+
+    def forward_embedded(
+        self, images: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Logits, probabilities and the penultimate embedding (the head's input), in one pass.
+
+        The embedding is caught by a hook on the network's last ``Linear`` and kept per thread,
+        so batches running concurrently on other threads cannot swap it.
+        """
+        self._captured.on = True
+        try:
+            logits, probs = self(images)
+            embedding = getattr(self._captured, "value", None)
+        finally:
+            self._captured.on = False
+            self._captured.value = None
+        return logits, probs, embedding
+
+    def _capture(self, module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+        if getattr(self._captured, "on", False):
+            self._captured.value = args[0]
+
+
+def _last_linear(net: nn.Module) -> nn.Linear | None:
+    """The classification head of every zoo architecture: its last ``Linear`` module."""
+    linears = [m for m in net.modules() if isinstance(m, nn.Linear)]
+    return linears[-1] if linears else None
 
 
 def build(name: str) -> nn.Module:

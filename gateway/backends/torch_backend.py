@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from gateway.backends import COMBINED, SCORES, weights_file
+from gateway.monitoring.drift_monitor import DriftMonitor
 from gateway.repository import ConfigError, ModelConfig
 from gateway.screening.calibration import Calibration
 from gateway.screening.pipeline import ScreenedClassifier, ScreenResult
@@ -52,6 +53,7 @@ class TorchBackend:
         self._cuda = self._device.type == "cuda"
         self._pinned = threading.local()
         self.screening = _screened(self.module, config, folder, policy, self._device)
+        self.monitor: DriftMonitor | None = None  # attached by the registry after warm-up
 
     def to_device(self, batch: dict[str, np.ndarray]) -> list[torch.Tensor]:
         tensors = [torch.from_numpy(batch[name]) for name in self._inputs]
@@ -77,14 +79,31 @@ class TorchBackend:
         return staged
 
     def forward(self, inputs: list[torch.Tensor]) -> tuple[torch.Tensor, ...] | ScreenResult:
+        monitor = self.monitor
         if self.screening is not None:
             outputs = self.screening(inputs[0])
+            if monitor is not None:
+                flags = self._flags(outputs)
+                with torch.no_grad():
+                    monitor.observe(inputs[0], outputs.probs, outputs.embedding, flags)
+        elif monitor is not None:
+            with torch.no_grad():
+                logits, probs, embedding = self.module.forward_embedded(inputs[0])
+                monitor.observe(inputs[0], probs, embedding, None)
+            outputs = (logits, probs)
         else:
             with torch.inference_mode():
                 outputs = self.module(*inputs)
         if self._cuda:
             torch.cuda.synchronize(self._device)
         return outputs
+
+    def _flags(self, result: ScreenResult) -> torch.Tensor | None:
+        """Which rows screening flags, on the device (float32, as the policy compares)."""
+        calibration = self.screening.calibration if self.screening else None
+        if calibration is None:
+            return None
+        return result.combined > calibration.combined_threshold
 
     def to_host(self, outputs: tuple[torch.Tensor, ...] | ScreenResult) -> dict[str, np.ndarray]:
         if isinstance(outputs, ScreenResult):

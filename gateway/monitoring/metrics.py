@@ -183,8 +183,60 @@ class Metrics:
             ["model", "version", "verdict", "action"],
             registry=self.registry,
         )
+        self.screening_target_fpr = Gauge(
+            "bastion_screening_target_fpr",
+            "Clean flag rate the screening was calibrated for (the flagged-rate baseline)",
+            labels,
+            registry=self.registry,
+        )
+        self._drift_metrics(labels)
         self.models_ready = Gauge(
             "bastion_models_ready", "Model versions loaded and ready", registry=self.registry
+        )
+
+    def _drift_metrics(self, labels: list[str]) -> None:
+        statistic = [*labels, "statistic"]
+
+        def gauge(name: str, text: str, names: list[str]) -> Gauge:
+            return Gauge(name, text, names, registry=self.registry)
+
+        self.drift_score = gauge(
+            "bastion_drift_score", "Drift score of the latest window per statistic", statistic
+        )
+        self.drift_pvalue = gauge(
+            "bastion_drift_pvalue", "Permutation p-value of the latest window's MMD", statistic
+        )
+        self.drift_threshold = gauge(
+            "bastion_drift_threshold", "Alarm threshold per drift statistic", statistic
+        )
+        self.drift_alarm = gauge(
+            "bastion_drift_alarm", "1 while any drift statistic is in alarm", labels
+        )
+        self.drift_window_images = gauge(
+            "bastion_drift_window_images", "Images in the latest evaluated window", labels
+        )
+        self.window_mean = gauge(
+            "bastion_window_mean", "Mean of a statistic over the latest window", statistic
+        )
+        self.reference_mean = gauge(
+            "bastion_reference_mean", "Mean of a statistic over the reference profile", statistic
+        )
+        self.class_share = gauge(
+            "bastion_class_share",
+            "Share of predictions per class, in the latest window and in the reference",
+            [*labels, "class", "source"],
+        )
+        self.drift_events = Counter(
+            "bastion_drift_events",
+            "Drift alarms raised per statistic",
+            statistic,
+            registry=self.registry,
+        )
+        self.predictions = Counter(
+            "bastion_predictions",
+            "Predicted class of every image the model served (counted per closed hop)",
+            [*labels, "class"],
+            registry=self.registry,
         )
 
     def render(self, stats: Iterable[ModelStats]) -> bytes:

@@ -244,6 +244,8 @@ def _json_tensor(data: Any, dtype: DType, shape: tuple[int, ...], name: str) -> 
         arr = np.asarray(data)
     except (ValueError, TypeError):
         raise InvalidInput(f"input {name!r}: 'data' is not a regular array of numbers") from None
+    if arr.size and arr.dtype.kind == "f" and dtype.numpy.kind in "iu":
+        arr = _big_integers(data, dtype, name)
     if arr.size and arr.dtype.kind not in _KINDS[dtype.numpy.kind]:
         raise InvalidInput(f"input {name!r}: 'data' holds values that are not {dtype.v2}")
     if arr.size != count:
@@ -255,6 +257,17 @@ def _json_tensor(data: Any, dtype: DType, shape: tuple[int, ...], name: str) -> 
         if arr.min() < info.min or arr.max() > info.max:
             raise InvalidInput(f"input {name!r}: values out of range for {dtype.v2}")
     return arr.astype(dtype.numpy).reshape(shape)
+
+
+def _big_integers(data: Any, dtype: DType, name: str) -> np.ndarray:
+    """Integers numpy promoted to float64 (a UINT64 above 2⁶³ beside small ones) stay exact."""
+    values = np.asarray(data, dtype=object)
+    if not all(type(v) is int for v in values.flat):
+        raise InvalidInput(f"input {name!r}: 'data' holds values that are not {dtype.v2}")
+    info = np.iinfo(dtype.numpy)
+    if values.size and (min(values.flat) < info.min or max(values.flat) > info.max):
+        raise InvalidInput(f"input {name!r}: values out of range for {dtype.v2}")
+    return values.astype(dtype.numpy)
 
 
 def _flatten_strings(data: Any, name: str) -> list[bytes]:

@@ -1,4 +1,5 @@
-"""``bastion calibrate``: score clean calibration images and write ``calibration.json``.
+"""``bastion calibrate``: score clean calibration images; write ``calibration.json`` and the
+drift reference profile (``reference.safetensors``) beside the weights.
 
 The images come from the project's documented split for the digits model, or from an ``.npz``
 file (array ``images``: uint8 pixels or floats in [0, 1], shaped like the model's input).
@@ -12,6 +13,7 @@ import numpy as np
 import torch
 
 from gateway.backends.torch_backend import TorchBackend
+from gateway.monitoring.reference import build_profile
 from gateway.registry import pick_device
 from gateway.repository import ConfigError, ModelRepository
 from gateway.screening.calibration import Calibration, fit
@@ -47,7 +49,7 @@ def calibrate_model(
     data: Path | None = None,
     device: str = "auto",
     batch_size: int = 250,
-) -> tuple[Calibration, Path]:
+) -> tuple[Calibration, list[Path]]:
     config = ModelRepository(repository).config(name)
     policy = from_config(config)
     if policy is None or config.backend != "pytorch":
@@ -58,10 +60,11 @@ def calibrate_model(
     backend = TorchBackend(config, folder, str(target), policy=None)
     job = ScreenedClassifier(backend.module, policy.detectors, policy.squeeze, None, target)
     images, source = clean_images(data, config.inputs[0].dims)
-    scores = [
-        job(torch.from_numpy(images[i : i + batch_size]).to(target)).scores.cpu().numpy()
+    results = [
+        job(torch.from_numpy(images[i : i + batch_size]).to(target))
         for i in range(0, len(images), batch_size)
     ]
+    scores = [r.scores.cpu().numpy() for r in results]
     calibration = fit(
         np.concatenate(scores),
         policy.detectors,
@@ -70,4 +73,12 @@ def calibrate_model(
         fpr,
         meta={"model": name, "version": version, "data": source, "device": str(target)},
     )
-    return calibration, calibration.save(folder)
+    embeddings = [r.embedding for r in results]
+    profile = build_profile(
+        torch.from_numpy(images),
+        torch.cat([r.probs for r in results]).cpu(),
+        torch.cat(embeddings).cpu() if all(e is not None for e in embeddings) else None,
+        flag_rate=calibration.target_fpr,
+        meta={"model": name, "version": version, "data": source},
+    )
+    return calibration, [calibration.save(folder), profile.save(folder)]

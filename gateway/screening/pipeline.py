@@ -27,6 +27,7 @@ class ScreenResult:
     scores: torch.Tensor  # (n, D), one column per detector
     combined: torch.Tensor  # (n,) max clean percentile; -1 when uncalibrated
     screen_ns: int  # host time spent on squeezing, backward and scoring
+    embedding: torch.Tensor | None = None  # (n, E) penultimate layer, for drift monitoring
 
 
 class ScreenedClassifier:
@@ -59,7 +60,7 @@ class ScreenedClassifier:
         with torch.enable_grad():
             original = x.detach().requires_grad_(self._gradient)
             rows = original if copies is None else torch.cat([original, copies])
-            logits_all, probs_all = self.module(rows)
+            logits_all, probs_all, embedding_all = self.module.forward_embedded(rows)
             t2 = time.perf_counter_ns()
             gradient = None
             if self._gradient:
@@ -73,4 +74,6 @@ class ScreenedClassifier:
                 combined = torch.full((n,), -1.0, device=x.device)
             else:
                 combined = combined_score(scores, self._reference)
-        return ScreenResult(logits, probs, scores, combined, t1 - t0 + time.perf_counter_ns() - t2)
+            embedding = None if embedding_all is None else embedding_all[:n].detach()
+        screen_ns = t1 - t0 + time.perf_counter_ns() - t2
+        return ScreenResult(logits, probs, scores, combined, screen_ns, embedding)

@@ -49,6 +49,7 @@ class ScreeningService:
         for name, value in calibration.thresholds.items():
             gauge.labels(model, version, name).set(value)
         gauge.labels(model, version, "combined").set(calibration.combined_threshold)
+        self.metrics.screening_target_fpr.labels(model, version).set(calibration.target_fpr)
 
     async def apply(
         self,

@@ -217,3 +217,10 @@ def test_oversized_json_header_is_refused() -> None:
     body, length = js(one_input(data=[1, 2]))
     with pytest.raises(PayloadTooLarge):
         decode_request(body, length, Limits(max_json_bytes=10))
+
+
+def test_json_uint64_above_int64_range_decodes_exactly() -> None:
+    array = np.array([2**63, 0], dtype=np.uint64)
+    body, size = client_body(array, binary=False)
+    (tensor,) = decode_request(body, size, LIMITS).inputs
+    np.testing.assert_array_equal(tensor.data, array)

@@ -1,0 +1,392 @@
+"""In-path drift monitoring: sufficient statistics on the device, windows and alarms on the host.
+
+Every batch adds to one *hop* of device tensors (histogram counts over the reference's bins,
+sums, class counts, flagged count and a ring of the latest embeddings) with tensor ops only, so the
+serving path never waits for the device per request. A hop closes after ``hop_images`` images or
+``hop_max_s`` seconds, which is the only host sync (a few hundred numbers). The *window* is the
+last ``window_hops`` hops, a sliding window evaluated at every hop; a shift that starts anywhere
+fills a whole window within ``(window_hops + 1) * hop_images`` images.
+
+Each window gets PSI per scalar statistic, Jensen-Shannon for the predicted classes, a z-score of
+the screening's flag rate against its calibrated rate, and MMD² on the embeddings with a
+permutation p-value, which runs on a worker thread off the hot path. A statistic's alarm is
+raised by one window over its threshold, except MMD, whose per-window p-value must stay below
+``mmd_alpha`` in two disjoint windows in a row: with hundreds of windows per hour, a single
+permutation test at 0.001 would raise false alarms by itself.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from gateway.monitoring import drift
+from gateway.monitoring.metrics import Metrics
+from gateway.monitoring.reference import STATISTICS, ReferenceProfile, scalar_statistics
+
+log = logging.getLogger(__name__)
+
+PSI = tuple(f"psi_{name}" for name in STATISTICS)
+JS_CLASSES = "js_classes"
+FLAG_RATE = "flag_rate_z"
+MMD = "mmd_embedding"
+HISTORY_SHOWN = 200
+
+
+@dataclass(frozen=True)
+class DriftConfig:
+    hop_images: int = 250
+    window_hops: int = 2
+    hop_max_s: float = 60.0
+    min_images: int = 400
+    psi_threshold: float = 0.15
+    js_threshold: float = 0.05
+    flag_z_threshold: float = 5.0
+    mmd_alpha: float = 0.001
+    mmd_permutations: int = 1000
+    embedding_sample: int = 256
+
+
+@dataclass
+class Hop:
+    """One hop's sufficient statistics, on the host once closed."""
+
+    counts: torch.Tensor  # (S, B)
+    sums: torch.Tensor  # (S,)
+    classes: torch.Tensor  # (K,)
+    flagged: int
+    screened: int  # images that had a screening verdict
+    images: int
+    embeddings: torch.Tensor  # (<= ring, E), oldest first
+
+
+@dataclass(frozen=True)
+class DriftEvent:
+    time: float
+    model: str
+    version: str
+    statistic: str
+    kind: str  # "raised" when an alarm starts, "cleared" when it ends
+    value: float
+    threshold: float
+    at_image: int  # images the model had seen when the window closed
+    window_images: int
+
+
+class _DeviceHop:
+    """The open hop's device tensors; ``add`` is tensor ops only."""
+
+    def __init__(
+        self, profile: ReferenceProfile, device: torch.device, ring: int, opened: float
+    ) -> None:
+        s, b = profile.proportions.shape
+        self.edges = profile.edges.to(device)
+        self.counts = torch.zeros(s * b, dtype=torch.long, device=device)
+        self.sums = torch.zeros(s, dtype=torch.float64, device=device)
+        self.classes = torch.zeros(len(profile.classes), dtype=torch.long, device=device)
+        self.flagged = torch.zeros((), dtype=torch.long, device=device)
+        self.ring = torch.zeros(ring, profile.embeddings.shape[1], device=device)
+        self.written = 0  # embeddings written to the ring, host-side count
+        self.screened = 0
+        self.images = 0
+        self.opened = opened
+
+    def add(
+        self,
+        images: torch.Tensor,
+        probs: torch.Tensor,
+        embedding: torch.Tensor | None,
+        flagged: torch.Tensor | None,
+    ) -> None:
+        values = scalar_statistics(images, probs)
+        self.counts += drift.bin_counts(values, self.edges).flatten()
+        self.sums += values.sum(dim=1, dtype=torch.float64)
+        self.classes += torch.bincount(probs.argmax(dim=1), minlength=len(self.classes))
+        if flagged is not None:
+            self.flagged += flagged.sum()
+            self.screened += len(flagged)
+        if embedding is not None:
+            rows = embedding.detach()[-len(self.ring) :].float()
+            slots = torch.arange(self.written, self.written + len(rows)) % len(self.ring)
+            self.ring.index_copy_(0, slots.to(self.ring.device), rows)
+            self.written += len(rows)
+        self.images += len(images)
+
+    def close(self) -> Hop:
+        s, b = self.edges.shape[0], self.edges.shape[1] + 1
+        filled = min(self.written, len(self.ring))
+        start = self.written % len(self.ring) if self.written > len(self.ring) else 0
+        order = (torch.arange(filled) + start) % len(self.ring)
+        return Hop(
+            counts=self.counts.view(s, b).cpu(),
+            sums=self.sums.cpu(),
+            classes=self.classes.cpu(),
+            flagged=int(self.flagged),
+            screened=self.screened,
+            images=self.images,
+            embeddings=self.ring[order.to(self.ring.device)].cpu(),
+        )
+
+
+@dataclass
+class WindowScores:
+    at_image: int
+    time: float
+    images: int
+    scores: dict[str, float]
+    means: dict[str, float]
+    pvalue: float | None = None
+    alarm: bool = False
+    active: list[str] = field(default_factory=list)
+
+
+def score_window(
+    profile: ReferenceProfile, hops: list[Hop], config: DriftConfig
+) -> tuple[dict[str, float], dict[str, float]]:
+    """Scores (statistic → value) and statistic means of a window of closed hops. Pure."""
+    counts = torch.stack([h.counts for h in hops]).sum(0)
+    images = sum(h.images for h in hops)
+    psi = drift.psi(profile.proportions, drift.proportions(counts))
+    scores = {name: float(v) for name, v in zip(PSI, psi, strict=True)}
+    classes = drift.proportions(torch.stack([h.classes for h in hops]).sum(0))
+    scores[JS_CLASSES] = float(drift.js_divergence(profile.classes, classes))
+    screened = sum(h.screened for h in hops)
+    if profile.flag_rate is not None and screened:
+        p0 = profile.flag_rate
+        flagged = sum(h.flagged for h in hops)
+        scores[FLAG_RATE] = (flagged - screened * p0) / math.sqrt(screened * p0 * (1 - p0))
+    sums = torch.stack([h.sums for h in hops]).sum(0) / max(images, 1)
+    means = {name: float(v) for name, v in zip(STATISTICS, sums, strict=True)}
+    return scores, means
+
+
+def thresholds(config: DriftConfig) -> dict[str, float]:
+    table = dict.fromkeys(PSI, config.psi_threshold)
+    table[JS_CLASSES] = config.js_threshold
+    table[FLAG_RATE] = config.flag_z_threshold
+    table[MMD] = config.mmd_alpha  # on the p-value: an alarm is *below* it
+    return table
+
+
+class DriftMonitor:
+    """One model version's drift monitor: fed by its batches, read by metrics and the API."""
+
+    def __init__(
+        self,
+        model: str,
+        version: str,
+        profile: ReferenceProfile,
+        config: DriftConfig,
+        metrics: Metrics,
+        device: torch.device,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.model, self.version = model, version
+        self.profile = profile
+        self.config = config
+        self.thresholds = thresholds(config)
+        self.metrics = metrics
+        self._device = device
+        self._ring = max(1, config.embedding_sample // config.window_hops)
+        self._lock = threading.Lock()
+        self._clock = clock
+        self._hop = _DeviceHop(profile, device, self._ring, clock())
+        self._hops: deque[Hop] = deque(maxlen=config.window_hops)
+        self.images_seen = 0
+        self.windows = 0
+        self.history: deque[WindowScores] = deque(maxlen=600)
+        self.events: deque[DriftEvent] = deque(maxlen=200)
+        self.active: set[str] = set()
+        self._mmd_pvalues: deque[float] = deque(maxlen=config.window_hops + 1)
+        self._mmd_busy = False
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix=f"drift-{model}")
+        self._generator = torch.Generator().manual_seed(0)
+        self._publish_reference()
+
+    def observe(
+        self,
+        images: torch.Tensor,
+        probs: torch.Tensor,
+        embedding: torch.Tensor | None,
+        flagged: torch.Tensor | None,
+    ) -> None:
+        """Called by the device job for every batch; closes a hop when it is full or old."""
+        with self._lock:
+            self._hop.add(images, probs, embedding, flagged)
+            self.images_seen += len(images)
+            hop = self._hop
+            full = hop.images >= self.config.hop_images
+            if not full and self._clock() - hop.opened < self.config.hop_max_s:
+                return
+            self._hops.append(hop.close())
+            self._hop = _DeviceHop(self.profile, self._device, self._ring, self._clock())
+            self._evaluate()
+
+    def _evaluate(self) -> None:
+        hops = list(self._hops)
+        self._count_predictions(hops[-1])
+        images = sum(h.images for h in hops)
+        if images < self.config.min_images:
+            return
+        scores, means = score_window(self.profile, hops, self.config)
+        window = WindowScores(self.images_seen, time.time(), images, scores, means)
+        self.windows += 1
+        self.history.append(window)
+        for name, value in scores.items():
+            self._update(name, value > self.thresholds[name], value, window)
+        self._publish(window, hops)
+        embeddings = torch.cat([h.embeddings for h in hops])[-self.config.embedding_sample :]
+        if not self._mmd_busy and len(embeddings) >= 20:
+            self._mmd_busy = True
+            self._pool.submit(self._mmd, embeddings, window)
+        window.alarm = bool(self.active)
+        window.active = sorted(self.active)
+
+    def _mmd(self, embeddings: torch.Tensor, window: WindowScores) -> None:
+        """Off the hot path: MMD² and its permutation p-value against the reference sample."""
+        try:
+            value, pvalue = drift.mmd_permutation_test(
+                embeddings,
+                self.profile.embeddings,
+                self.profile.bandwidth,
+                self.config.mmd_permutations,
+                self._generator,
+            )
+            with self._lock:
+                window.scores[MMD] = value
+                window.pvalue = pvalue
+                self._mmd_pvalues.append(pvalue)
+                earlier = (
+                    self._mmd_pvalues[0]
+                    if len(self._mmd_pvalues) > self.config.window_hops
+                    else 1.0
+                )
+                alarm = max(pvalue, earlier) <= self.config.mmd_alpha
+                self._update(MMD, alarm, pvalue, window)
+                window.alarm = bool(self.active)
+                window.active = sorted(self.active)
+                self.metrics.drift_score.labels(self.model, self.version, MMD).set(value)
+                self.metrics.drift_pvalue.labels(self.model, self.version, MMD).set(pvalue)
+                self.metrics.drift_alarm.labels(self.model, self.version).set(int(window.alarm))
+        except Exception:  # a monitor must never take the server down
+            log.exception("drift: MMD for %s failed", self.model)
+        finally:
+            self._mmd_busy = False
+
+    def _update(self, statistic: str, alarm: bool, value: float, window: WindowScores) -> None:
+        was = statistic in self.active
+        if alarm == was:
+            return
+        kind = "raised" if alarm else "cleared"
+        (self.active.add if alarm else self.active.discard)(statistic)
+        event = DriftEvent(
+            time=window.time,
+            model=self.model,
+            version=self.version,
+            statistic=statistic,
+            kind=kind,
+            value=value,
+            threshold=self.thresholds[statistic],
+            at_image=window.at_image,
+            window_images=window.images,
+        )
+        self.events.append(event)
+        if alarm:
+            self.metrics.drift_events.labels(self.model, self.version, statistic).inc()
+        log.warning(
+            "drift alarm %s: model %s version %s %s=%.4g (threshold %g) at image %d, window of %d",
+            kind,
+            self.model,
+            self.version,
+            statistic,
+            value,
+            self.thresholds[statistic],
+            window.at_image,
+            window.images,
+        )
+
+    def _count_predictions(self, hop: Hop) -> None:
+        counter = self.metrics.predictions
+        for label, count in enumerate(hop.classes.tolist()):
+            if count:
+                counter.labels(self.model, self.version, str(label)).inc(count)
+
+    def _publish_reference(self) -> None:
+        m, labels = self.metrics, (self.model, self.version)
+        for name, value in thresholds(self.config).items():
+            m.drift_threshold.labels(*labels, name).set(value)
+        for name, value in zip(STATISTICS, self.profile.means.tolist(), strict=True):
+            m.reference_mean.labels(*labels, name).set(value)
+        for label, share in enumerate(self.profile.classes.tolist()):
+            m.class_share.labels(*labels, str(label), "reference").set(share)
+        m.drift_alarm.labels(*labels).set(0)
+
+    def _publish(self, window: WindowScores, hops: list[Hop]) -> None:
+        m, labels = self.metrics, (self.model, self.version)
+        for name, value in window.scores.items():
+            m.drift_score.labels(*labels, name).set(value)
+        for name, value in window.means.items():
+            m.window_mean.labels(*labels, name).set(value)
+        shares = drift.proportions(torch.stack([h.classes for h in hops]).sum(0))
+        for label, share in enumerate(shares.tolist()):
+            m.class_share.labels(*labels, str(label), "window").set(share)
+        m.drift_window_images.labels(*labels).set(window.images)
+        m.drift_alarm.labels(*labels).set(int(bool(self.active)))
+
+    def snapshot(self) -> dict[str, Any]:
+        """What ``GET /v2/models/{m}/drift`` and the dashboard show."""
+        with self._lock:
+            hops = list(self._hops)
+            latest = self.history[-1] if self.history else None
+            window: dict[str, Any] | None = None
+            if hops:
+                counts = torch.stack([h.counts for h in hops]).sum(0)
+                classes = torch.stack([h.classes for h in hops]).sum(0)
+                window = {
+                    "images": sum(h.images for h in hops),
+                    "proportions": dict(
+                        zip(STATISTICS, drift.proportions(counts).tolist(), strict=True)
+                    ),
+                    "classes": drift.proportions(classes).tolist(),
+                }
+            return {
+                "model": self.model,
+                "version": self.version,
+                "images_seen": self.images_seen,
+                "windows": self.windows,
+                "alarm": bool(self.active),
+                "active": sorted(self.active),
+                "config": asdict(self.config),
+                "thresholds": self.thresholds,
+                "latest": asdict(latest) if latest else None,
+                "window": window,
+                "reference": {
+                    "samples": self.profile.samples,
+                    "statistics": list(STATISTICS),
+                    "edges": _by_statistic(self.profile.edges),
+                    "proportions": dict(
+                        zip(STATISTICS, self.profile.proportions.tolist(), strict=True)
+                    ),
+                    "means": dict(zip(STATISTICS, self.profile.means.tolist(), strict=True)),
+                    "classes": self.profile.classes.tolist(),
+                    "flag_rate": self.profile.flag_rate,
+                },
+                "history": [asdict(w) for w in list(self.history)[-HISTORY_SHOWN:]],
+                "events": [asdict(e) for e in self.events],
+            }
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _by_statistic(rows: torch.Tensor) -> dict[str, Any]:
+    return dict(zip(STATISTICS, rows.tolist(), strict=True))

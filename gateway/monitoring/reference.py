@@ -1,0 +1,133 @@
+"""The reference profile: what clean traffic looks like, built at calibration, stored per version.
+
+It holds, from the clean calibration images: quantile bins and their proportions for each scalar
+statistic a window is compared on (confidence, margin, pixel mean, pixel spread), their means, the
+predicted-class distribution, and a random sample of penultimate-layer embeddings with its RBF
+bandwidth. Saved as safetensors (tensors plus a JSON header), so loading runs no code.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from gateway.monitoring import drift
+
+FILENAME = "reference.safetensors"
+STATISTICS = ("confidence", "margin", "pixel_mean", "pixel_std")
+BINS = 10
+EMBEDDING_SAMPLE = 500
+
+
+def scalar_statistics(images: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+    """(S, n): each image's top-1 probability, top-1 minus top-2, and its pixels' mean and std.
+
+    Pure tensor ops on the batch's own device, so the serving path can call it with no host sync.
+    """
+    top = probs.topk(2, dim=1).values
+    pixels = images.flatten(1)
+    std, mean = torch.std_mean(pixels, dim=1)
+    return torch.stack([top[:, 0], top[:, 0] - top[:, 1], mean, std]).float()
+
+
+@dataclass(frozen=True)
+class ReferenceProfile:
+    edges: torch.Tensor  # (S, BINS - 1) inner quantile edges per statistic
+    proportions: torch.Tensor  # (S, BINS) reference mass per bin
+    means: torch.Tensor  # (S,)
+    classes: torch.Tensor  # (K,) predicted-class proportions
+    embeddings: torch.Tensor  # (M, E) a random sample of penultimate-layer embeddings
+    bandwidth: float  # RBF bandwidth for MMD: the sample's median pairwise distance
+    samples: int
+    flag_rate: float | None = None  # the screening's expected clean flag rate, when calibrated
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def statistics(self) -> tuple[str, ...]:
+        return STATISTICS
+
+    def save(self, folder: Path) -> Path:
+        path = folder / FILENAME
+        tensors = {
+            "edges": self.edges,
+            "proportions": self.proportions,
+            "means": self.means,
+            "classes": self.classes,
+            "embeddings": self.embeddings,
+        }
+        header = {
+            "bandwidth": self.bandwidth,
+            "samples": self.samples,
+            "flag_rate": self.flag_rate,
+            "statistics": list(STATISTICS),
+            "meta": self.meta,
+        }
+        save_file(
+            {k: v.contiguous().cpu() for k, v in tensors.items()},
+            path,
+            metadata={"profile": json.dumps(header)},
+        )
+        return path
+
+    @classmethod
+    def load(cls, folder: Path) -> ReferenceProfile | None:
+        path = folder / FILENAME
+        if not path.is_file():
+            return None
+        from safetensors import safe_open
+
+        with safe_open(path, framework="pt") as handle:
+            header = json.loads(handle.metadata()["profile"])
+        if tuple(header["statistics"]) != STATISTICS:
+            raise ValueError(f"{path}: profile statistics {header['statistics']} are not ours")
+        tensors = load_file(path)
+        return cls(
+            edges=tensors["edges"],
+            proportions=tensors["proportions"],
+            means=tensors["means"],
+            classes=tensors["classes"],
+            embeddings=tensors["embeddings"],
+            bandwidth=float(header["bandwidth"]),
+            samples=int(header["samples"]),
+            flag_rate=header["flag_rate"],
+            meta=header["meta"],
+        )
+
+
+def build_profile(
+    images: torch.Tensor,
+    probs: torch.Tensor,
+    embeddings: torch.Tensor | None,
+    flag_rate: float | None = None,
+    seed: int = 0,
+    meta: dict[str, Any] | None = None,
+) -> ReferenceProfile:
+    """The profile of clean images, from the served model's probabilities and embeddings."""
+    values = scalar_statistics(images, probs).cpu()
+    edges = torch.stack([drift.quantile_edges(row, BINS) for row in values])
+    proportions = drift.proportions(drift.bin_counts(values, edges)).float()
+    classes = torch.bincount(probs.argmax(dim=1).cpu(), minlength=probs.shape[1])
+    if embeddings is None:  # a network without a Linear head: no MMD
+        sample, bandwidth = torch.zeros(0, 1), 1.0
+    else:
+        generator = torch.Generator().manual_seed(seed)
+        take = torch.randperm(len(embeddings), generator=generator)[:EMBEDDING_SAMPLE]
+        sample = embeddings.detach().cpu().float()[take.sort().values]
+        bandwidth = drift.median_bandwidth(sample)
+    return ReferenceProfile(
+        edges=edges,
+        proportions=proportions,
+        means=values.mean(dim=1),
+        classes=drift.proportions(classes).float(),
+        embeddings=sample,
+        bandwidth=bandwidth,
+        samples=len(images),
+        flag_rate=flag_rate,
+        meta={"created_at": time.time(), **(meta or {})},
+    )
