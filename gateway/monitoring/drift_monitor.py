@@ -384,6 +384,10 @@ class DriftMonitor:
                 "events": [asdict(e) for e in self.events],
             }
 
+    def settle(self) -> None:
+        """Waits for the MMD test in flight, if any (for tests and benchmarks)."""
+        self._pool.submit(lambda: None).result()
+
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
 
