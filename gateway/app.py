@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import gc
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from gateway import __version__, admin
+from gateway import __version__, admin, dashboard
 from gateway.dataplane import DataPlane
 from gateway.http import InferRoute, install_error_handlers, router
 from gateway.monitoring.metrics import Metrics
+from gateway.monitoring.timeseries import Sampler, read_totals
 from gateway.protocol.codec import Limits
 from gateway.quarantine.sqlite import SQLiteQuarantineStore
 from gateway.registry import ModelRegistry
@@ -36,13 +40,21 @@ def create_app(settings: Settings | None = None) -> InferRoute:
         screening = ScreeningService(store, metrics)
         registry.on_screening = screening.publish_thresholds
         app.state.dataplane = DataPlane(registry, settings, screening)
+        app.state.sampler = Sampler(
+            lambda: read_totals(time.time(), metrics, [m.stats for m in registry.loaded()]),
+            settings.dashboard_interval_s,
+        )
         await registry.load_all()
+        sampling = asyncio.create_task(app.state.sampler.run())
         # the loaded models are permanent: keep the collector from rescanning them on every pass
         gc.collect()
         gc.freeze()
         try:
             yield
         finally:
+            sampling.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sampling
             await registry.close()
             store.close()
 
@@ -54,5 +66,6 @@ def create_app(settings: Settings | None = None) -> InferRoute:
     )
     app.include_router(router)
     app.include_router(admin.router)
+    app.include_router(dashboard.router)
     install_error_handlers(app, metrics)
     return InferRoute(app)

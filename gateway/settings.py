@@ -87,6 +87,9 @@ class Settings(BaseSettings):
     drift_embedding_sample: int = Field(
         256, ge=20, description="Embeddings per window compared with the reference by MMD."
     )
+    dashboard_interval_s: float = Field(
+        1.0, gt=0, description="How often the built-in dashboard's history is sampled."
+    )
     log_level: str = Field("info", description="Python logging level.")
     access_log: bool = Field(False, description="uvicorn's access log (costs throughput).")
 

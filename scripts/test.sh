@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# Sets up everything the tests need, then runs the linter and the whole test suite.
+# Sets up everything the tests need (Python packages, Prometheus, Chromium), then runs the linter and the whole test suite.
 # The virtual environment lives outside the checkout, keyed by the dependency spec, and is
 # rebuilt from nothing when it is missing or stale (see scripts/setup.sh).
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 venv=${BASTION_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/bastion/venv}
 bash "$root/scripts/setup.sh" "$venv" >/dev/null
+bash "$root/scripts/system-packages.sh"
 cd "$root"
 "$venv/bin/ruff" check .
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}

@@ -1,0 +1,62 @@
+"""The built-in dashboard: one page, its assets and the JSON it polls, all served by Bastion.
+
+Nothing is fetched from elsewhere (a Content-Security-Policy of ``'self'`` enforces it), so the
+page works on an air-gapped host. The charts are uPlot (MIT, vendored in
+``monitoring/static``).
+"""
+
+from __future__ import annotations
+
+from functools import cache
+from pathlib import Path
+
+from fastapi import APIRouter, Request
+from starlette.responses import Response
+
+from gateway.errors import NotFound
+from gateway.http import json_response, plane
+
+router = APIRouter()
+STATIC = Path(__file__).parent / "monitoring" / "static"
+_TYPES = {".js": "text/javascript", ".css": "text/css", ".html": "text/html"}
+_ASSETS = ("uPlot.iife.min.js", "uPlot.min.css", "dashboard.js", "dashboard.css")
+_HEADERS = {
+    "content-security-policy": "default-src 'self'; img-src 'self' data:; "
+    "style-src 'self' 'unsafe-inline'",
+    "x-content-type-options": "nosniff",
+}
+
+
+@cache
+def _read(name: str) -> bytes:
+    return (STATIC / name).read_bytes()
+
+
+def _file(name: str) -> Response:
+    media = _TYPES[Path(name).suffix]
+    return Response(_read(name), media_type=media, headers=_HEADERS)
+
+
+@router.get("/dashboard")
+async def dashboard() -> Response:
+    return _file("index.html")
+
+
+@router.get("/dashboard/assets/{name}")
+async def asset(name: str) -> Response:
+    if name not in _ASSETS:  # a fixed list: no path ever reaches the file system
+        raise NotFound(f"no dashboard asset {name!r}")
+    return _file(name)
+
+
+@router.get("/dashboard/api/summary")
+async def summary(request: Request) -> Response:
+    """Recent per-second rates and quantiles, and each monitored model's drift state."""
+    dataplane = plane(request)
+    models = []
+    for model in dataplane.registry.loaded():
+        if model.drift is not None:
+            models.append(model.drift.snapshot())
+        else:
+            models.append({"model": model.config.name, "version": str(model.version)})
+    return json_response({"series": request.app.state.sampler.series(), "models": models})

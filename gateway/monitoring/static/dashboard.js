@@ -1,0 +1,113 @@
+// Bastion's built-in dashboard: polls /dashboard/api/summary and draws it with uPlot.
+// Each chart records how many finite points it drew in data-points (the browser test reads it).
+"use strict";
+
+const POLL_MS = 2000;
+const WIDTH = 560, HEIGHT = 240;
+const COLORS = ["#2563eb", "#dc2626", "#16a34a", "#9333ea", "#ea580c", "#0891b2", "#ca8a04", "#db2777"];
+const charts = {};
+
+function countPoints(data) {
+  let n = 0;
+  for (let s = 1; s < data.length; s++) for (const v of data[s]) if (v !== null && Number.isFinite(v)) n++;
+  return n;
+}
+
+function draw(id, series, data, opts = {}) {
+  const el = document.getElementById(id);
+  const key = id + "|" + series.map(s => s.label).join(",");
+  if (!charts[key]) {
+    el.replaceChildren();
+    for (const k of Object.keys(charts)) if (k.startsWith(id + "|")) delete charts[k];
+    charts[key] = new uPlot({
+      width: WIDTH, height: HEIGHT,
+      scales: { x: { time: opts.time !== false }, ...(opts.scales || {}) },
+      axes: opts.axes,
+      series: [{}, ...series.map((s, i) => ({ stroke: COLORS[i % COLORS.length], width: 2, spanGaps: false, ...s }))],
+    }, data, el);
+  } else {
+    charts[key].setData(data);
+  }
+  el.dataset.points = countPoints(data);
+}
+
+function bars(align) { return uPlot.paths.bars({ size: [0.4, 60], align }); }
+
+function drawDistribution(id, labels, windowShares, referenceShares) {
+  const x = labels.map((_, i) => i);
+  draw(id, [
+    { label: "window", fill: "#2563ebaa", paths: bars(-1), points: { show: false } },
+    { label: "reference", fill: "#9ca3afaa", stroke: "#6b7280", paths: bars(1), points: { show: false } },
+  ], [x, windowShares, referenceShares], {
+    time: false,
+    scales: { x: { time: false, range: [-0.6, labels.length - 0.4] }, y: { range: [0, null] } },
+    axes: [{ values: (u, splits) => splits.map(v => labels[Math.round(v)] ?? "") }, {}],
+  });
+}
+
+function binLabels(edges) {
+  const cut = edges.map(e => e.toPrecision(4));
+  return [`<${cut[0]}`, ...cut.slice(0, -1).map((e, i) => `${e}–${cut[i + 1]}`), `≥${cut[cut.length - 1]}`];
+}
+
+function render(summary) {
+  const s = summary.series;
+  draw("chart-rps", [{ label: "requests/s" }], [s.t, s.rps]);
+  draw("chart-latency", [{ label: "p50 ms" }, { label: "p99 ms" }], [s.t, s.p50_ms, s.p99_ms]);
+  draw("chart-errors", [{ label: "errors/s" }], [s.t, s.errors_per_s]);
+  draw("chart-batch", [{ label: "rows per batch" }], [s.t, s.batch_size]);
+  const verdicts = Object.keys(s.verdicts_per_s);
+  draw("chart-verdicts", verdicts.map(v => ({ label: v })), [s.t, ...verdicts.map(v => s.verdicts_per_s[v])]);
+
+  const monitored = summary.models.filter(m => m.reference);
+  const status = document.getElementById("status");
+  const alarms = monitored.filter(m => m.alarm);
+  status.className = "badge " + (alarms.length ? "alarm" : "ok");
+  status.textContent = alarms.length
+    ? "drift: " + alarms.map(m => `${m.model} (${m.active.join(", ")})`).join("; ")
+    : `no drift (${monitored.length} model${monitored.length === 1 ? "" : "s"} monitored)`;
+  document.getElementById("updated").textContent = "updated " + new Date().toLocaleTimeString();
+  if (!monitored.length) return;
+
+  const m = monitored[0];
+  document.getElementById("drift-caption").textContent = `Drift scores — ${m.model} v${m.version}`;
+  const stats = Object.keys(m.thresholds).filter(k => k !== "mmd_embedding");
+  const history = m.history;
+  draw("chart-drift", [...stats.map(k => ({ label: k })), { label: "MMD p-value" }],
+    [history.map(h => h.time), ...stats.map(k => history.map(h => h.scores[k] ?? null)),
+     history.map(h => h.pvalue ?? null)]);
+  if (m.window) {
+    const ref = m.reference;
+    drawDistribution("chart-confidence", binLabels(ref.edges.confidence),
+      m.window.proportions.confidence, ref.proportions.confidence);
+    drawDistribution("chart-classes", ref.classes.map((_, i) => String(i)), m.window.classes, ref.classes);
+  }
+  const rows = monitored.flatMap(x => x.events).sort((a, b) => b.time - a.time).slice(0, 20).map(e => {
+    const tr = document.createElement("tr");
+    for (const [text, cls] of [[new Date(e.time * 1000).toLocaleTimeString()], [`${e.model} v${e.version}`],
+      [e.statistic], [e.kind, e.kind], [e.value.toPrecision(4)], [String(e.threshold)], [String(e.at_image)]]) {
+      const td = document.createElement("td");
+      td.textContent = text;
+      if (cls) td.className = cls;
+      tr.append(td);
+    }
+    return tr;
+  });
+  document.querySelector("#events tbody").replaceChildren(...rows);
+}
+
+async function poll() {
+  try {
+    const response = await fetch("/dashboard/api/summary", { cache: "no-store" });
+    if (!response.ok) throw new Error(`HTTP ${response.status}`);
+    render(await response.json());
+    document.body.dataset.ready = "true";
+  } catch (err) {
+    const status = document.getElementById("status");
+    status.className = "badge alarm";
+    status.textContent = "dashboard error: " + err.message;
+  }
+  setTimeout(poll, POLL_MS);
+}
+
+poll();

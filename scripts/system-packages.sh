@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Debian packages the tests drive for real: Prometheus (promtool, a scraping server) and Chromium
+# (the dashboard test). Installs only what is missing, so a prepared machine pays nothing.
+set -euo pipefail
+missing=()
+command -v prometheus >/dev/null 2>&1 && command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
+command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+if ((${#missing[@]})); then
+  sudo=""
+  if [ "$(id -u)" != 0 ]; then sudo="sudo"; fi
+  echo "installing ${missing[*]} (apt-get)" >&2
+  $sudo apt-get update -qq >/dev/null
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends \
+    "${missing[@]}" >/dev/null
+fi
