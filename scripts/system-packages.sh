@@ -10,6 +10,6 @@ if ((${#missing[@]})); then
   if [ "$(id -u)" != 0 ]; then sudo="sudo"; fi
   echo "installing ${missing[*]} (apt-get)" >&2
   $sudo apt-get update -qq >/dev/null
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends \
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq \
     "${missing[@]}" >/dev/null
 fi
