@@ -72,14 +72,20 @@ def bastion_repository(workdir: Path, screening: bool) -> Path:
 
 
 def launch_bastion(
-    port: int, layout_flags: list[str], workdir: Path, screening: bool = False
+    port: int, layout_flags: list[str], workdir: Path, screening: bool = False, drift: bool = True
 ) -> Launch:
     """Bastion picks its own layout (channels_last); ``layout_flags`` are for the peers."""
     repository = bastion_repository(workdir, screening)
     command = [_sibling("bastion"), "serve", "--host", "127.0.0.1", "--port", str(port)]
     command += ["--model-repository", str(repository)]
     env = {"BASTION_TORCH_THREADS": "1", "BASTION_QUARANTINE_PATH": str(workdir / "q.db")}
+    env["BASTION_DRIFT"] = "true" if drift else "false"
     return Launch(command, env, f"http://127.0.0.1:{port}/metrics", "checkout")
+
+
+def launch_bastion_without_drift(port: int, layout_flags: list[str], workdir: Path) -> Launch:
+    """The cost of drift monitoring: the same server with its monitor off."""
+    return launch_bastion(port, layout_flags, workdir, drift=False)
 
 
 def launch_bastion_screened(port: int, layout_flags: list[str], workdir: Path) -> Launch:
@@ -104,6 +110,7 @@ LAUNCHERS: dict[str, Callable[[int, list[str], Path], Launch]] = {
     "bastion-screened": launch_bastion_screened,
     "plain": launch_plain,
     "pytriton": launch_pytriton,
+    "bastion-nodrift": launch_bastion_without_drift,
 }
 
 
@@ -243,9 +250,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     args.users = [int(users) for users in args.users.split(",")]
     args.servers = [name.strip() for name in args.servers.split(",")]
-    unknown = set(args.servers) - set(SERVERS)
+    unknown = set(args.servers) - set(LAUNCHERS)
     if unknown:
-        parser.error(f"unknown servers {sorted(unknown)}; known: {list(SERVERS)}")
+        parser.error(f"unknown servers {sorted(unknown)}; known: {list(LAUNCHERS)}")
     args.out = args.out.resolve()
     args.workdir = args.out / "tmp"
     return args

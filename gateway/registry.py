@@ -83,6 +83,7 @@ def drift_config(settings: Settings) -> DriftConfig:
         flag_z_threshold=settings.drift_flag_z_threshold,
         mmd_alpha=settings.drift_mmd_alpha,
         mmd_permutations=settings.drift_mmd_permutations,
+        mmd_interval_s=settings.drift_mmd_interval_s,
         embedding_sample=settings.drift_embedding_sample,
     )
 

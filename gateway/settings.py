@@ -84,6 +84,9 @@ class Settings(BaseSettings):
         0.001, gt=0, lt=1, description="MMD p-value alarm level (two disjoint windows in a row)."
     )
     drift_mmd_permutations: int = Field(1000, ge=10, description="Permutations per MMD test.")
+    drift_mmd_interval_s: float = Field(
+        5.0, ge=0, description="Least time between two MMD tests (they run off the hot path)."
+    )
     drift_embedding_sample: int = Field(
         256, ge=20, description="Embeddings per window compared with the reference by MMD."
     )

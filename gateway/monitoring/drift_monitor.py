@@ -9,10 +9,11 @@ fills a whole window within ``(window_hops + 1) * hop_images`` images.
 
 Each window gets PSI per scalar statistic, Jensen-Shannon for the predicted classes, a z-score of
 the screening's flag rate against its calibrated rate, and MMD² on the embeddings with a
-permutation p-value, which runs on a worker thread off the hot path. A statistic's alarm is
-raised by one window over its threshold, except MMD, whose per-window p-value must stay below
-``mmd_alpha`` in two disjoint windows in a row: with hundreds of windows per hour, a single
-permutation test at 0.001 would raise false alarms by itself.
+permutation p-value, which runs on a worker thread off the hot path, at most every
+``mmd_interval_s`` (a thousand permutations cost about 90 ms of one CPU core). A statistic's alarm
+is raised by one window over its threshold, except MMD, whose p-value must be at most
+``mmd_alpha`` in the window and in the latest tested window disjoint from it: with hundreds of
+windows per hour, a single permutation test at 0.001 would raise false alarms by itself.
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ class DriftConfig:
     flag_z_threshold: float = 5.0
     mmd_alpha: float = 0.001
     mmd_permutations: int = 1000
+    mmd_interval_s: float = 5.0
     embedding_sample: int = 256
 
 
@@ -116,8 +118,9 @@ class _DeviceHop:
             self.screened += len(flagged)
         if embedding is not None:
             rows = embedding.detach()[-len(self.ring) :].float()
-            slots = torch.arange(self.written, self.written + len(rows)) % len(self.ring)
-            self.ring.index_copy_(0, slots.to(self.ring.device), rows)
+            end = self.written + len(rows)
+            slots = torch.arange(self.written, end, device=self.ring.device) % len(self.ring)
+            self.ring.index_copy_(0, slots, rows)
             self.written += len(rows)
         self.images += len(images)
 
@@ -206,8 +209,9 @@ class DriftMonitor:
         self.history: deque[WindowScores] = deque(maxlen=600)
         self.events: deque[DriftEvent] = deque(maxlen=200)
         self.active: set[str] = set()
-        self._mmd_pvalues: deque[float] = deque(maxlen=config.window_hops + 1)
+        self._mmd_results: deque[tuple[int, float]] = deque(maxlen=64)  # (at_image, p-value)
         self._mmd_busy = False
+        self._mmd_started = -math.inf
         self._pool = ThreadPoolExecutor(1, thread_name_prefix=f"drift-{model}")
         self._generator = torch.Generator().manual_seed(0)
         self._publish_reference()
@@ -245,8 +249,10 @@ class DriftMonitor:
             self._update(name, value > self.thresholds[name], value, window)
         self._publish(window, hops)
         embeddings = torch.cat([h.embeddings for h in hops])[-self.config.embedding_sample :]
-        if not self._mmd_busy and len(embeddings) >= 20:
+        due = self._clock() - self._mmd_started >= self.config.mmd_interval_s
+        if due and not self._mmd_busy and len(embeddings) >= 20:
             self._mmd_busy = True
+            self._mmd_started = self._clock()
             self._pool.submit(self._mmd, embeddings, window)
         window.alarm = bool(self.active)
         window.active = sorted(self.active)
@@ -264,12 +270,10 @@ class DriftMonitor:
             with self._lock:
                 window.scores[MMD] = value
                 window.pvalue = pvalue
-                self._mmd_pvalues.append(pvalue)
-                earlier = (
-                    self._mmd_pvalues[0]
-                    if len(self._mmd_pvalues) > self.config.window_hops
-                    else 1.0
-                )
+                first_image = window.at_image - window.images
+                disjoint = [p for at, p in self._mmd_results if at <= first_image]
+                earlier = disjoint[-1] if disjoint else 1.0
+                self._mmd_results.append((window.at_image, pvalue))
                 alarm = max(pvalue, earlier) <= self.config.mmd_alpha
                 self._update(MMD, alarm, pvalue, window)
                 window.alarm = bool(self.active)

@@ -30,7 +30,12 @@ from models.zoo import ServedClassifier
 
 CPU = torch.device("cpu")
 CONFIG = DriftConfig(
-    hop_images=100, window_hops=2, min_images=150, mmd_permutations=200, mmd_alpha=0.01
+    hop_images=100,
+    window_hops=2,
+    min_images=150,
+    mmd_permutations=200,
+    mmd_alpha=0.01,
+    mmd_interval_s=0.0,
 )
 
 

@@ -45,9 +45,11 @@ function drawDistribution(id, labels, windowShares, referenceShares) {
   });
 }
 
+// The bins are the reference's quantiles (deciles): label them by reference mass, not by value,
+// since confidence piles up just below 1.
 function binLabels(edges) {
-  const cut = edges.map(e => e.toPrecision(4));
-  return [`<${cut[0]}`, ...cut.slice(0, -1).map((e, i) => `${e}–${cut[i + 1]}`), `≥${cut[cut.length - 1]}`];
+  const step = 100 / (edges.length + 1);
+  return [...edges, null].map((_, i) => `${Math.round(i * step)}–${Math.round((i + 1) * step)}%`);
 }
 
 function render(summary) {

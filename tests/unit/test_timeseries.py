@@ -1,0 +1,50 @@
+"""The dashboard's own history: quantiles from bucket deltas and per-second rates."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from gateway.monitoring.metrics import Metrics
+from gateway.monitoring.stats import ModelStats
+from gateway.monitoring.timeseries import Sampler, histogram_quantile, read_totals
+
+INF = math.inf
+
+
+def test_histogram_quantile_interpolates_inside_the_bucket_like_promql() -> None:
+    bounds = [0.1, 0.2, 0.5, INF]
+    cumulative = [10.0, 60.0, 100.0, 100.0]
+    assert histogram_quantile(0.5, bounds, cumulative) == pytest.approx(0.1 + 0.1 * 40 / 50)
+    assert histogram_quantile(0.05, bounds, cumulative) == pytest.approx(0.05)
+    assert histogram_quantile(0.99, bounds, cumulative) == pytest.approx(0.2 + 0.3 * 39 / 40)
+
+
+def test_histogram_quantile_is_nan_when_empty_and_capped_in_the_inf_bucket() -> None:
+    assert math.isnan(histogram_quantile(0.5, [0.1, INF], [0.0, 0.0]))
+    assert histogram_quantile(0.99, [0.1, INF], [1.0, 10.0]) == 0.1
+
+
+def test_sampler_turns_counters_into_rates_and_interval_quantiles() -> None:
+    metrics = Metrics()
+    stats = ModelStats("digits", "1")
+    clock = iter([100.0, 102.0, 104.0])
+    sampler = Sampler(lambda: read_totals(next(clock), metrics, [stats]))
+    sampler.sample()
+    for _ in range(20):
+        stats.record_success(3_000_000)
+        metrics.request_duration.labels("digits", "1").observe(0.003)
+    metrics.batch_size.labels("digits", "1").observe(4)
+    metrics.batch_size.labels("digits", "1").observe(16)
+    metrics.errors.labels("503").inc(4)
+    metrics.screening_verdicts.labels("digits", "1", "adversarial", "block").inc(2)
+    sampler.sample()
+    sampler.sample()  # a quiet interval
+    series = sampler.series()
+    assert series["t"] == [102.0, 104.0]
+    assert series["rps"] == [10.0, 0.0]
+    assert series["errors_per_s"] == [2.0, 0.0]
+    assert series["batch_size"] == [10.0, None]  # no batch ran: no mean, not zero
+    assert series["p50_ms"][0] == pytest.approx(2 + 3 * 0.5) and series["p50_ms"][1] is None
+    assert series["verdicts_per_s"] == {"adversarial": [1.0, 0.0]}
