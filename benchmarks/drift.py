@@ -354,7 +354,7 @@ def markdown(report: dict[str, Any]) -> str:
         "then sends shifted requests (at least 1,000) after at least 1,000 clean ones.",
         "",
         "| scenario | requests to the first alarm | first statistics | also raised by the end | "
-        "clean requests to clear |",
+        "clean requests until no alarm (0: already clear) |",
         "|---|---:|---|---|---:|",
     ]
     for r in report["scenarios"]:

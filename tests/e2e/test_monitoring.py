@@ -162,7 +162,10 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
 
 
 def _up(prometheus: Prometheus) -> bool:
+    """Prometheus is ready (its API answers 503 before) and has scraped the gateway."""
     try:
+        if httpx.get(f"{prometheus.url}/-/ready", timeout=5).status_code != 200:
+            return False
         result = prometheus.query('up{job="bastion"}')
     except httpx.HTTPError:
         return False
