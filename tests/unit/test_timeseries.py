@@ -33,8 +33,8 @@ def test_sampler_turns_counters_into_rates_and_interval_quantiles() -> None:
     sampler = Sampler(lambda: read_totals(next(clock), metrics, [stats]))
     sampler.sample()
     for _ in range(20):
-        stats.record_success(3_000_000)
-        metrics.request_duration.labels("digits", "1").observe(0.003)
+        stats.record_success(2_600_000)
+        metrics.request_duration.labels("digits", "1").observe(0.0026)
     metrics.batch_size.labels("digits", "1").observe(4)
     metrics.batch_size.labels("digits", "1").observe(16)
     metrics.errors.labels("503").inc(4)
@@ -46,5 +46,6 @@ def test_sampler_turns_counters_into_rates_and_interval_quantiles() -> None:
     assert series["rps"] == [10.0, 0.0]
     assert series["errors_per_s"] == [2.0, 0.0]
     assert series["batch_size"] == [10.0, None]  # no batch ran: no mean, not zero
-    assert series["p50_ms"][0] == pytest.approx(2 + 3 * 0.5) and series["p50_ms"][1] is None
+    # all in the (2 ms, 3 ms] bucket: the median is interpolated half way
+    assert series["p50_ms"][0] == pytest.approx(2.5) and series["p50_ms"][1] is None
     assert series["verdicts_per_s"] == {"adversarial": [1.0, 0.0]}
