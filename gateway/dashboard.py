@@ -7,6 +7,7 @@ page works on an air-gapped host. The charts are uPlot (MIT, vendored in
 
 from __future__ import annotations
 
+import asyncio
 from functools import cache
 from pathlib import Path
 
@@ -52,11 +53,12 @@ async def asset(name: str) -> Response:
 @router.get("/dashboard/api/summary")
 async def summary(request: Request) -> Response:
     """Recent per-second rates and quantiles, and each monitored model's drift state."""
-    dataplane = plane(request)
-    models = []
-    for model in dataplane.registry.loaded():
-        if model.drift is not None:
-            models.append(model.drift.snapshot())
-        else:
-            models.append({"model": model.config.name, "version": str(model.version)})
-    return json_response({"series": request.app.state.sampler.series(), "models": models})
+    loaded = plane(request).registry.loaded()
+    monitors = [m.drift for m in loaded if m.drift is not None]
+    # snapshots briefly take each monitor's lock, which a batch may hold: off the event loop
+    snapshots = await asyncio.to_thread(lambda: [monitor.snapshot() for monitor in monitors])
+    unmonitored = [
+        {"model": m.config.name, "version": str(m.version)} for m in loaded if m.drift is None
+    ]
+    body = {"series": request.app.state.sampler.series(), "models": snapshots + unmonitored}
+    return json_response(body)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 import re
@@ -96,7 +97,9 @@ async def model_stats(request: Request, model: str, version: str | None = None) 
 @router.get("/v2/models/{model}/drift")
 @router.get("/v2/models/{model}/versions/{version}/drift")
 async def model_drift(request: Request, model: str, version: str | None = None) -> Response:
-    return json_response(plane(request).drift(model, parse_version(version)))
+    # a snapshot briefly takes the monitor's lock, which a batch may hold: off the event loop
+    drift = await asyncio.to_thread(plane(request).drift, model, parse_version(version))
+    return json_response(drift)
 
 
 @router.post("/v2/repository/index")

@@ -72,6 +72,18 @@ def warm_up(backend: Backend, config: ModelConfig) -> None:
         run_batch(backend, [batch])
 
 
+def check_profile(profile: ReferenceProfile, config: ModelConfig, backend: Backend) -> None:
+    """Refuses a profile made for another model: other classes or another embedding width."""
+    classes = config.outputs[0].dims[-1] if config.outputs else None
+    if classes is not None and classes != len(profile.classes):
+        raise ValueError(f"the reference profile has {len(profile.classes)} classes, not {classes}")
+    width = getattr(getattr(backend, "module", None), "embedding_width", None)
+    if len(profile.embeddings) and width != profile.embeddings.shape[1]:
+        raise ValueError(
+            f"the reference embeddings are {profile.embeddings.shape[1]} wide, the model's {width}"
+        )
+
+
 def drift_config(settings: Settings) -> DriftConfig:
     return DriftConfig(
         hop_images=settings.drift_hop_images,
@@ -220,10 +232,13 @@ class ModelRegistry:
         wanted = config.parameters.get("drift", "on").lower() != "off"
         if not (self.settings.drift and wanted and hasattr(backend, "monitor")):
             return None
-        try:
+        try:  # monitoring must not cost a model its service: a bad profile turns it off
             profile = ReferenceProfile.load(config.version_path(version))
-        except (OSError, ValueError) as exc:
-            raise ConfigError(f"model {config.name!r}: bad reference profile: {exc}") from exc
+            if profile is not None:
+                check_profile(profile, config, backend)
+        except Exception as exc:
+            log.error("model %s v%d: drift monitoring off: %s", config.name, version, exc)
+            return None
         if profile is None:
             return None
         import torch

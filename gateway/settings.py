@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import tomllib
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 import models
@@ -95,6 +95,24 @@ class Settings(BaseSettings):
     )
     log_level: str = Field("info", description="Python logging level.")
     access_log: bool = Field(False, description="uvicorn's access log (costs throughput).")
+
+    @model_validator(mode="after")
+    def _drift_can_alarm(self) -> Settings:
+        """Refuses drift settings under which a statistic could never raise an alarm."""
+        if self.drift_min_images > self.drift_hop_images * self.drift_window_hops:
+            raise ValueError(
+                "drift_min_images is more than a window holds (drift_hop_images x "
+                "drift_window_hops): no window would ever be scored"
+            )
+        if self.drift_mmd_permutations + 1 < 1 / self.drift_mmd_alpha:
+            raise ValueError(
+                "drift_mmd_permutations is too few for drift_mmd_alpha: the smallest p-value, "
+                "1 / (permutations + 1), is above it, so MMD could never raise an alarm"
+            )
+        per_hop = self.drift_embedding_sample // self.drift_window_hops
+        if per_hop * self.drift_window_hops < 20:
+            raise ValueError("drift_embedding_sample leaves under 20 embeddings per window")
+        return self
 
     @classmethod
     def settings_customise_sources(

@@ -61,6 +61,7 @@ class ServedClassifier(nn.Module):
             self.net = net.to(memory_format=torch.channels_last)
         self._captured = threading.local()
         head = _last_linear(net)
+        self.embedding_width = head.in_features if head is not None else None
         if head is not None:
             head.register_forward_pre_hook(self._capture)
 

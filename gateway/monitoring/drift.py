@@ -30,12 +30,22 @@ def quantile_edges(values: torch.Tensor, bins: int) -> torch.Tensor:
 def bin_counts(values: torch.Tensor, edges: torch.Tensor) -> torch.Tensor:
     """Histogram counts (S, B) of values (S, n) over inner edges (S, B - 1), one row a statistic.
 
-    A value equal to an edge falls in the bin above it; runs on whatever device holds the values.
+    A value equal to an edge falls in the bin above it. Runs on whatever device holds the values
+    and never waits for it: ``index_add_`` into a preallocated tensor, where ``torch.bincount`` on
+    CUDA reads the indices' min and max back to the host.
     """
     stats, bins = edges.shape[0], edges.shape[1] + 1
     index = torch.searchsorted(edges.contiguous(), values.contiguous(), right=True)
     offsets = torch.arange(stats, device=values.device).unsqueeze(1) * bins
-    return torch.bincount((index + offsets).flatten(), minlength=stats * bins).view(stats, bins)
+    return count_into(
+        torch.zeros(stats * bins, dtype=torch.long, device=values.device), index + offsets
+    ).view(stats, bins)
+
+
+def count_into(counts: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Adds one to ``counts`` at every index, in place, with no host sync."""
+    flat = index.flatten()
+    return counts.index_add_(0, flat, torch.ones_like(flat, dtype=counts.dtype))
 
 
 def proportions(counts: torch.Tensor) -> torch.Tensor:

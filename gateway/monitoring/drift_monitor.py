@@ -10,7 +10,7 @@ fills a whole window within ``(window_hops + 1) * hop_images`` images.
 Each window gets PSI per scalar statistic, Jensen-Shannon for the predicted classes, a z-score of
 the screening's flag rate against its calibrated rate, and MMD² on the embeddings with a
 permutation p-value, which runs on a worker thread off the hot path, at most every
-``mmd_interval_s`` (a thousand permutations cost about 90 ms of one CPU core). A statistic's alarm
+``mmd_interval_s`` (a thousand permutations cost about 90 ms of CPU on one thread). An alarm
 is raised by one window over its threshold, except MMD, whose p-value must be at most
 ``mmd_alpha`` in the window and in the latest tested window disjoint from it: with hundreds of
 windows per hour, a single permutation test at 0.001 would raise false alarms by itself.
@@ -18,6 +18,7 @@ windows per hour, a single permutation test at 0.001 would raise false alarms by
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import threading
@@ -25,7 +26,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
@@ -112,7 +113,7 @@ class _DeviceHop:
         values = scalar_statistics(images, probs)
         self.counts += drift.bin_counts(values, self.edges).flatten()
         self.sums += values.sum(dim=1, dtype=torch.float64)
-        self.classes += torch.bincount(probs.argmax(dim=1), minlength=len(self.classes))
+        drift.count_into(self.classes, probs.argmax(dim=1))
         if flagged is not None:
             self.flagged += flagged.sum()
             self.screened += len(flagged)
@@ -214,6 +215,7 @@ class DriftMonitor:
         self._mmd_started = -math.inf
         self._pool = ThreadPoolExecutor(1, thread_name_prefix=f"drift-{model}")
         self._generator = torch.Generator().manual_seed(0)
+        self.failed = False
         self._publish_reference()
 
     def observe(
@@ -223,7 +225,26 @@ class DriftMonitor:
         embedding: torch.Tensor | None,
         flagged: torch.Tensor | None,
     ) -> None:
-        """Called by the device job for every batch; closes a hop when it is full or old."""
+        """Called by the device job for every batch. A monitor must never fail a batch: on an
+        error it logs once and switches itself off."""
+        if self.failed:
+            return
+        try:
+            self._observe(images, probs, embedding, flagged)
+        except Exception:
+            self.failed = True
+            log.exception(
+                "drift monitor of %s v%s failed; monitoring off", self.model, self.version
+            )
+
+    def _observe(
+        self,
+        images: torch.Tensor,
+        probs: torch.Tensor,
+        embedding: torch.Tensor | None,
+        flagged: torch.Tensor | None,
+    ) -> None:
+        """Adds a batch to the open hop; closes the hop when it is full or old."""
         with self._lock:
             self._hop.add(images, probs, embedding, flagged)
             self.images_seen += len(images)
@@ -344,56 +365,93 @@ class DriftMonitor:
         for label, share in enumerate(shares.tolist()):
             m.class_share.labels(*labels, str(label), "window").set(share)
         m.drift_window_images.labels(*labels).set(window.images)
+        m.drift_window_time.labels(*labels).set(window.time)
         m.drift_alarm.labels(*labels).set(int(bool(self.active)))
 
     def snapshot(self) -> dict[str, Any]:
-        """What ``GET /v2/models/{m}/drift`` and the dashboard show."""
+        """What ``GET /v2/models/{m}/drift`` and the dashboard show.
+
+        The lock is held only to copy; the copies are turned into JSON-ready dicts after it is
+        released, so a reader never holds up the serving path's ``observe``.
+        """
         with self._lock:
             hops = list(self._hops)
-            latest = self.history[-1] if self.history else None
-            window: dict[str, Any] | None = None
-            if hops:
-                counts = torch.stack([h.counts for h in hops]).sum(0)
-                classes = torch.stack([h.classes for h in hops]).sum(0)
-                window = {
-                    "images": sum(h.images for h in hops),
-                    "proportions": dict(
-                        zip(STATISTICS, drift.proportions(counts).tolist(), strict=True)
-                    ),
-                    "classes": drift.proportions(classes).tolist(),
-                }
-            return {
+            windows = [
+                replace(w, scores=dict(w.scores), means=dict(w.means), active=list(w.active))
+                for w in list(self.history)[-HISTORY_SHOWN:]
+            ]
+            events = list(self.events)
+            state = {
                 "model": self.model,
                 "version": self.version,
                 "images_seen": self.images_seen,
                 "windows": self.windows,
                 "alarm": bool(self.active),
                 "active": sorted(self.active),
-                "config": asdict(self.config),
-                "thresholds": self.thresholds,
-                "latest": asdict(latest) if latest else None,
-                "window": window,
-                "reference": {
-                    "samples": self.profile.samples,
-                    "statistics": list(STATISTICS),
-                    "edges": _by_statistic(self.profile.edges),
-                    "proportions": dict(
-                        zip(STATISTICS, self.profile.proportions.tolist(), strict=True)
-                    ),
-                    "means": dict(zip(STATISTICS, self.profile.means.tolist(), strict=True)),
-                    "classes": self.profile.classes.tolist(),
-                    "flag_rate": self.profile.flag_rate,
-                },
-                "history": [asdict(w) for w in list(self.history)[-HISTORY_SHOWN:]],
-                "events": [asdict(e) for e in self.events],
+                "failed": self.failed,
             }
+        window: dict[str, Any] | None = None
+        if hops:
+            counts = torch.stack([h.counts for h in hops]).sum(0)
+            classes = torch.stack([h.classes for h in hops]).sum(0)
+            window = {
+                "images": sum(h.images for h in hops),
+                "proportions": _by_statistic(drift.proportions(counts)),
+                "classes": drift.proportions(classes).tolist(),
+            }
+        history = [asdict(w) for w in windows]
+        return {
+            **state,
+            "config": asdict(self.config),
+            "thresholds": self.thresholds,
+            "latest": history[-1] if history else None,
+            "window": window,
+            "reference": {
+                "samples": self.profile.samples,
+                "statistics": list(STATISTICS),
+                "edges": _by_statistic(self.profile.edges),
+                "proportions": _by_statistic(self.profile.proportions),
+                "means": _by_statistic(self.profile.means),
+                "classes": self.profile.classes.tolist(),
+                "flag_rate": self.profile.flag_rate,
+            },
+            "history": history,
+            "events": [asdict(e) for e in events],
+        }
 
     def settle(self) -> None:
         """Waits for the MMD test in flight, if any (for tests and benchmarks)."""
         self._pool.submit(lambda: None).result()
 
     def close(self) -> None:
+        """Stops the MMD worker and withdraws this version's series, so an unloaded version
+        leaves no alarm or stale window behind in Prometheus."""
         self._pool.shutdown(wait=True, cancel_futures=True)
+        m, labels = self.metrics, (self.model, self.version)
+        statistics = (*self.thresholds, *STATISTICS)
+        classes = [str(c) for c in range(len(self.profile.classes))]
+        series = [
+            *[(g, (*labels, name)) for g in (m.drift_score, m.drift_pvalue) for name in statistics],
+            *[(m.drift_threshold, (*labels, name)) for name in self.thresholds],
+            *[
+                (g, (*labels, name))
+                for g in (m.window_mean, m.reference_mean)
+                for name in STATISTICS
+            ],
+            *[(m.drift_events, (*labels, name)) for name in self.thresholds],
+            *[
+                (m.class_share, (*labels, c, src))
+                for c in classes
+                for src in ("window", "reference")
+            ],
+            *[(m.predictions, (*labels, c)) for c in classes],
+            (m.drift_alarm, labels),
+            (m.drift_window_images, labels),
+            (m.drift_window_time, labels),
+        ]
+        for metric, values in series:
+            with contextlib.suppress(KeyError):
+                metric.remove(*values)
 
 
 def _by_statistic(rows: torch.Tensor) -> dict[str, Any]:

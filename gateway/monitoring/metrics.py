@@ -225,6 +225,11 @@ class Metrics:
         self.drift_window_images = gauge(
             "bastion_drift_window_images", "Images in the latest evaluated window", labels
         )
+        self.drift_window_time = gauge(
+            "bastion_drift_window_timestamp_seconds",
+            "Unix time the latest window was scored (alerts ignore stale windows)",
+            labels,
+        )
         self.window_mean = gauge(
             "bastion_window_mean", "Mean of a statistic over the latest window", statistic
         )

@@ -9,6 +9,7 @@ PromQL's ``histogram_quantile`` does (linear inside the bucket).
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 from collections import defaultdict, deque
 from collections.abc import Callable, Iterable
@@ -19,6 +20,8 @@ from prometheus_client import Metric
 
 from gateway.monitoring.metrics import Metrics
 from gateway.monitoring.stats import ModelStats
+
+log = logging.getLogger(__name__)
 
 
 def histogram_quantile(q: float, bounds: list[float], cumulative: list[float]) -> float:
@@ -81,21 +84,28 @@ def _sum(families: Iterable[Metric], name: str) -> float:
     return float(sum(s.value for f in families for s in f.samples if s.name == name))
 
 
+def increase(before: float, after: float) -> float:
+    """A counter's increase; a counter that went down was reset (a model reloaded), as PromQL
+    reads it: everything since the reset is new."""
+    return after - before if after >= before else after
+
+
 def interval_point(before: Totals, after: Totals) -> dict[str, Any]:
     """Rates and quantiles over the interval between two readings. Pure."""
     seconds = max(after.time - before.time, 1e-9)
     bounds = list(after.latency)
-    deltas = [after.latency[b] - before.latency.get(b, 0.0) for b in bounds]
-    batches = after.batches - before.batches
+    deltas = [increase(before.latency.get(b, 0.0), after.latency[b]) for b in bounds]
+    batches = increase(before.batches, after.batches)
+    rows = increase(before.batch_rows, after.batch_rows)
     return {
         "t": after.time,
-        "rps": (after.requests - before.requests) / seconds,
-        "errors_per_s": (after.errors - before.errors) / seconds,
+        "rps": increase(before.requests, after.requests) / seconds,
+        "errors_per_s": increase(before.errors, after.errors) / seconds,
         "p50_ms": histogram_quantile(0.5, bounds, deltas) * 1000,
         "p99_ms": histogram_quantile(0.99, bounds, deltas) * 1000,
-        "batch_size": (after.batch_rows - before.batch_rows) / batches if batches else math.nan,
+        "batch_size": rows / batches if batches else math.nan,
         "verdicts_per_s": {
-            verdict: (count - before.verdicts.get(verdict, 0.0)) / seconds
+            verdict: increase(before.verdicts.get(verdict, 0.0), count) / seconds
             for verdict, count in after.verdicts.items()
         },
     }
@@ -123,7 +133,10 @@ class Sampler:
 
     async def run(self) -> None:
         while True:
-            self.sample()
+            try:
+                self.sample()
+            except Exception:  # the dashboard's history must never stop the server
+                log.exception("dashboard sampler failed")
             await asyncio.sleep(self.interval_s)
 
     def series(self) -> dict[str, Any]:

@@ -124,6 +124,7 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
             "BASTION_DRIFT_HOP_IMAGES": "100",
             "BASTION_DRIFT_MIN_IMAGES": "200",
             "BASTION_DRIFT_MMD_PERMUTATIONS": "200",
+            "BASTION_DRIFT_MMD_ALPHA": "0.01",
         },
     )
     port = free_port()
@@ -268,7 +269,8 @@ def test_dashboard_draws_live_charts_in_headless_chromium(live: Live, tmp_path: 
     empty = [name for name, points in charts.items() if int(points) == 0]
     assert not empty, f"charts without data: {empty}"
     assert re.search(r'id="status" class="badge alarm">drift: digits', dom)
-    assert "psi_pixel_mean" in dom  # the events table
+    events = dom.split('<table id="events">')[1].split("</tbody>")[0]
+    assert "<td>psi_pixel_mean</td>" in events and '<td class="raised">raised</td>' in events
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     screenshot = ARTIFACTS / "dashboard.png"
     subprocess.run(

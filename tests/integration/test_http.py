@@ -203,3 +203,31 @@ def test_hostile_input_gets_a_4xx_and_the_server_stays_live(client: TestClient, 
     assert client.get("/v2/health/live").status_code == 200
     ok = client.post(INFER, **binary_body(to_float(load_split("test")[0][:1])))
     assert ok.status_code == 200, ok.text
+
+
+def test_drift_endpoint_reports_the_monitor_of_a_profiled_model(client: TestClient) -> None:
+    state = client.get("/v2/models/digits/drift").json()
+    assert state["enabled"] and state["reference"]["samples"] == 1000
+    assert state["images_seen"] == 0  # warm-up batches run before the monitor is attached
+    onnx = client.get("/v2/models/digits_onnx/drift").json()
+    assert onnx == {
+        "model": "digits_onnx",
+        "version": "1",
+        "enabled": False,
+        "reason": "no reference profile for this version (bastion calibrate writes one)",
+    }
+    assert client.get("/v2/models/nope/drift").status_code == 404
+
+
+def test_a_broken_reference_profile_turns_drift_off_but_the_model_serves(
+    repository: Path, tmp_path: Path
+) -> None:
+    profile = repository / "digits" / "1" / "reference.safetensors"
+    profile.write_bytes(profile.read_bytes()[:1000])  # truncated
+    settings = Settings(model_repository=repository, quarantine_path=tmp_path / "q.db")
+    with TestClient(create_app(settings)) as client:
+        assert client.get("/v2/models/digits/ready").status_code == 200
+        assert client.get("/v2/models/digits/drift").json()["enabled"] is False
+        digit = np.zeros((1, 1, 28, 28), np.float32)
+        digit[0, 0, 4:24, 13:15] = 1.0  # a plain "1"
+        assert client.post(INFER, **binary_body(digit)).status_code == 200

@@ -9,6 +9,7 @@ from functools import cache
 import numpy as np
 import pytest
 import torch
+from prometheus_client import generate_latest
 
 from gateway.monitoring import drift
 from gateway.monitoring.drift_monitor import (
@@ -16,6 +17,7 @@ from gateway.monitoring.drift_monitor import (
     MMD,
     DriftConfig,
     DriftMonitor,
+    _DeviceHop,
 )
 from gateway.monitoring.metrics import Metrics
 from gateway.monitoring.reference import (
@@ -189,3 +191,52 @@ def test_mmd_alarm_needs_two_disjoint_windows_below_alpha(monitor: DriftMonitor)
     assert MMD not in monitor.active
     feed(monitor, bright[200:400])  # a second, disjoint shifted window
     assert MMD in monitor.active
+
+
+def test_the_embedding_ring_keeps_the_latest_rows_in_arrival_order() -> None:
+    hop = _DeviceHop(profile(), CPU, ring=8, opened=0.0)
+    images = torch.zeros(3, 1, 28, 28)
+    probs = torch.full((3, 10), 0.1)
+    rows = torch.arange(11 * 128, dtype=torch.float32).view(11, 128)
+    for start, stop in ((0, 3), (3, 4), (4, 9), (9, 11)):  # 11 rows through 8 slots, wrapping
+        n = stop - start
+        hop.add(images[:1].expand(n, -1, -1, -1), probs[:1].expand(n, -1), rows[start:stop], None)
+    torch.testing.assert_close(hop.close().embeddings, rows[3:])
+
+
+def test_a_failing_monitor_switches_itself_off_and_never_fails_the_batch(
+    monitor: DriftMonitor,
+) -> None:
+    x = torch.zeros(4, 1, 28, 28)
+    wrong = torch.zeros(4, 12)  # twelve classes against a ten-class profile
+    wrong[:, 11] = 1.0
+    monitor.observe(x, wrong, None, None)
+    assert monitor.failed and monitor.snapshot()["failed"]
+    monitor.observe(*outputs(shuffled_test()[:4]), None)  # ignored from now on
+    assert monitor.images_seen == 0
+
+
+def test_closing_withdraws_the_versions_series(metrics: Metrics) -> None:
+    m = DriftMonitor("digits", "7", profile(), CONFIG, metrics, CPU)
+    feed(m, shuffled_test()[:200])
+    labels = {"model": "digits", "version": "7"}
+    assert metrics.registry.get_sample_value("bastion_drift_alarm", labels) == 0
+    m.close()
+    assert metrics.registry.get_sample_value("bastion_drift_alarm", labels) is None
+    text = generate_latest(metrics.registry).decode()
+    assert 'version="7"' not in text
+
+
+def test_mmd_runs_at_most_once_per_interval(metrics: Metrics) -> None:
+    clock = FakeClock()
+    m = DriftMonitor(
+        "digits", "1", profile(), replace(CONFIG, mmd_interval_s=10.0), metrics, CPU, clock=clock
+    )
+    feed(m, shuffled_test()[:500])  # windows at 200, 300, 400, 500 images, all at t=0
+    tested = [w for w in m.snapshot()["history"] if w["pvalue"] is not None]
+    assert [w["at_image"] for w in tested] == [200]
+    clock.now = 10.0
+    feed(m, shuffled_test()[500:600])
+    tested = [w for w in m.snapshot()["history"] if w["pvalue"] is not None]
+    assert [w["at_image"] for w in tested] == [200, 600]
+    m.close()

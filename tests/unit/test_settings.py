@@ -42,3 +42,19 @@ def test_invalid_or_unknown_settings_are_refused(monkeypatch: pytest.MonkeyPatch
         Settings()
     with pytest.raises(ValidationError):
         Settings(no_such_knob=1)  # type: ignore[call-arg]
+
+
+@pytest.mark.parametrize(
+    ("knobs", "message"),
+    [
+        ({"drift_hop_images": 100, "drift_min_images": 400}, "no window would ever be scored"),
+        ({"drift_mmd_permutations": 200}, "MMD could never raise an alarm"),
+        ({"drift_embedding_sample": 20, "drift_window_hops": 3}, "under 20 embeddings"),
+    ],
+)
+def test_drift_settings_under_which_no_alarm_could_fire_are_refused(
+    knobs: dict[str, int], message: str
+) -> None:
+    with pytest.raises(ValidationError, match=message):
+        Settings(**knobs)
+    Settings(drift_mmd_permutations=200, drift_mmd_alpha=0.01)  # 1/201 <= 0.01: fine

@@ -69,7 +69,10 @@ function render(summary) {
     ? "drift: " + alarms.map(m => `${m.model} (${m.active.join(", ")})`).join("; ")
     : `no drift (${monitored.length} model${monitored.length === 1 ? "" : "s"} monitored)`;
   document.getElementById("updated").textContent = "updated " + new Date().toLocaleTimeString();
-  if (!monitored.length) return;
+  if (!monitored.length) {
+    clearDrift();
+    return;
+  }
 
   const m = monitored[0];
   document.getElementById("drift-caption").textContent = `Drift scores — ${m.model} v${m.version}`;
@@ -87,7 +90,8 @@ function render(summary) {
   const rows = monitored.flatMap(x => x.events).sort((a, b) => b.time - a.time).slice(0, 20).map(e => {
     const tr = document.createElement("tr");
     for (const [text, cls] of [[new Date(e.time * 1000).toLocaleTimeString()], [`${e.model} v${e.version}`],
-      [e.statistic], [e.kind, e.kind], [e.value.toPrecision(4)], [String(e.threshold)], [String(e.at_image)]]) {
+      [e.statistic], [e.kind, e.kind], [Number.isFinite(e.value) ? e.value.toPrecision(4) : "—"],
+      [String(e.threshold)], [String(e.at_image)]]) {
       const td = document.createElement("td");
       td.textContent = text;
       if (cls) td.className = cls;
@@ -96,6 +100,17 @@ function render(summary) {
     return tr;
   });
   document.querySelector("#events tbody").replaceChildren(...rows);
+}
+
+// No monitored model (any more): drift charts and events must not keep showing old data.
+function clearDrift() {
+  for (const id of ["chart-drift", "chart-confidence", "chart-classes"]) {
+    for (const k of Object.keys(charts)) if (k.startsWith(id + "|")) delete charts[k];
+    const el = document.getElementById(id);
+    el.replaceChildren();
+    el.dataset.points = 0;
+  }
+  document.querySelector("#events tbody").replaceChildren();
 }
 
 async function poll() {
