@@ -225,36 +225,25 @@ class DriftMonitor:
         embedding: torch.Tensor | None,
         flagged: torch.Tensor | None,
     ) -> None:
-        """Called by the device job for every batch. A monitor must never fail a batch: on an
-        error it logs once and switches itself off."""
+        """Adds a batch to the open hop and closes the hop when it is full or old. Called by the
+        device job for every batch; a monitor must never fail a batch, so on an error it logs
+        once and switches itself off."""
         if self.failed:
             return
         try:
-            self._observe(images, probs, embedding, flagged)
+            with self._lock:
+                self._hop.add(images, probs, embedding, flagged)
+                self.images_seen += len(images)
+                hop = self._hop
+                full = hop.images >= self.config.hop_images
+                if not full and self._clock() - hop.opened < self.config.hop_max_s:
+                    return
+                self._hops.append(hop.close())
+                self._hop = _DeviceHop(self.profile, self._device, self._ring, self._clock())
+                self._evaluate()
         except Exception:
             self.failed = True
-            log.exception(
-                "drift monitor of %s v%s failed; monitoring off", self.model, self.version
-            )
-
-    def _observe(
-        self,
-        images: torch.Tensor,
-        probs: torch.Tensor,
-        embedding: torch.Tensor | None,
-        flagged: torch.Tensor | None,
-    ) -> None:
-        """Adds a batch to the open hop; closes the hop when it is full or old."""
-        with self._lock:
-            self._hop.add(images, probs, embedding, flagged)
-            self.images_seen += len(images)
-            hop = self._hop
-            full = hop.images >= self.config.hop_images
-            if not full and self._clock() - hop.opened < self.config.hop_max_s:
-                return
-            self._hops.append(hop.close())
-            self._hop = _DeviceHop(self.profile, self._device, self._ring, self._clock())
-            self._evaluate()
+            log.exception("drift monitor of %s v%s failed; it is off", self.model, self.version)
 
     def _evaluate(self) -> None:
         hops = list(self._hops)
