@@ -87,8 +87,9 @@ class TorchBackend:
                 with torch.no_grad():
                     monitor.observe(inputs[0], outputs.probs, outputs.embedding, flags)
         elif monitor is not None:
-            with torch.no_grad():
+            with torch.inference_mode():
                 logits, probs, embedding = self.module.forward_embedded(inputs[0])
+            with torch.no_grad():  # the hop's tensors are ordinary ones, updated outside
                 monitor.observe(inputs[0], probs, embedding, None)
             outputs = (logits, probs)
         else:

@@ -231,3 +231,21 @@ def test_a_broken_reference_profile_turns_drift_off_but_the_model_serves(
         digit = np.zeros((1, 1, 28, 28), np.float32)
         digit[0, 0, 4:24, 13:15] = 1.0  # a plain "1"
         assert client.post(INFER, **binary_body(digit)).status_code == 200
+
+
+def test_an_unscreened_model_is_monitored_too(repository: Path, tmp_path: Path) -> None:
+    config = repository / "digits" / "config.pbtxt"
+    config.write_text(config.read_text().replace('string_value: "on"', 'string_value: "off"'))
+    settings = Settings(
+        model_repository=repository, quarantine_path=tmp_path / "q.db", drift_hop_images=10,
+        drift_min_images=10,
+    )
+    digits = np.random.default_rng(0).random((12, 1, 28, 28), dtype=np.float32)
+    with TestClient(create_app(settings)) as client:
+        assert client.get("/v2/models/digits/screening").status_code in (401, 403)  # no token
+        response = client.post(INFER, **binary_body(digits))
+        assert response.status_code == 200 and "screening_flagged" not in response.text
+        state = client.get("/v2/models/digits/drift").json()
+    assert state["images_seen"] == 12 and state["windows"] == 1
+    assert "flag_rate_z" not in state["latest"]["scores"]  # nothing screened, no flag rate
+    assert state["latest"]["scores"]["psi_pixel_mean"] > 0.15  # uniform noise is not a digit
