@@ -22,9 +22,10 @@ import torch
 from benchmarks.machine import describe_machine
 from benchmarks.workload import REPO_ROOT, set_single_thread
 from gateway.monitoring import drift
-from gateway.monitoring.drift_monitor import DriftConfig, DriftMonitor
+from gateway.monitoring.drift_monitor import DriftMonitor
 from gateway.monitoring.metrics import Metrics
 from gateway.monitoring.reference import ReferenceProfile
+from gateway.monitoring.window import DriftConfig
 from gateway.settings import DEFAULT_REPOSITORY
 from models.data import load_split, to_float
 from models.weights import load_digits

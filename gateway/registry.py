@@ -19,10 +19,11 @@ import numpy as np
 from gateway.backends import Backend, load_backend
 from gateway.batcher import Arrays, DeviceSlots, DynamicBatcher
 from gateway.errors import BastionError, NotFound, Unavailable
-from gateway.monitoring.drift_monitor import DriftConfig, DriftMonitor
+from gateway.monitoring.drift_monitor import DriftMonitor
 from gateway.monitoring.metrics import Metrics, ModelObserver
 from gateway.monitoring.reference import ReferenceProfile
 from gateway.monitoring.stats import BatchTimes, ModelStats
+from gateway.monitoring.window import DriftConfig
 from gateway.protocol.dtypes import BY_V2
 from gateway.repository import ConfigError, ModelConfig, ModelRepository
 from gateway.screening.policy import from_config

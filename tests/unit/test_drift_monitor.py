@@ -12,19 +12,14 @@ import torch
 from prometheus_client import generate_latest
 
 from gateway.monitoring import drift
-from gateway.monitoring.drift_monitor import (
-    FLAG_RATE,
-    MMD,
-    DriftConfig,
-    DriftMonitor,
-    _DeviceHop,
-)
+from gateway.monitoring.drift_monitor import DriftMonitor
 from gateway.monitoring.metrics import Metrics
 from gateway.monitoring.reference import (
     ReferenceProfile,
     build_profile,
     scalar_statistics,
 )
+from gateway.monitoring.window import FLAG_RATE, MMD, DeviceHop, DriftConfig
 from gateway.settings import DEFAULT_REPOSITORY
 from models.data import load_split, to_float
 from models.weights import load_digits
@@ -194,7 +189,7 @@ def test_mmd_alarm_needs_two_disjoint_windows_below_alpha(monitor: DriftMonitor)
 
 
 def test_the_embedding_ring_keeps_the_latest_rows_in_arrival_order() -> None:
-    hop = _DeviceHop(profile(), CPU, ring=8, opened=0.0)
+    hop = DeviceHop(profile(), CPU, ring=8, opened=0.0)
     images = torch.zeros(3, 1, 28, 28)
     probs = torch.full((3, 10), 0.1)
     rows = torch.arange(11 * 128, dtype=torch.float32).view(11, 128)
