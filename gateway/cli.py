@@ -16,6 +16,15 @@ app.add_typer(quarantine, name="quarantine")
 
 Url = Annotated[str, typer.Option(envvar="BASTION_URL", help="Gateway address.")]
 Token = Annotated[str, typer.Option(envvar="BASTION_ADMIN_TOKEN", help="Admin token.")]
+ModelName = Annotated[str, typer.Argument(help="Model name in the repository.")]
+RepositoryOption = Annotated[
+    Path | None, typer.Option(help="Triton-style model repository (default: the bundled one).")
+]
+VersionOption = Annotated[int | None, typer.Option(help="Version folder (default: the latest).")]
+CleanData = Annotated[
+    Path | None, typer.Option(help="Clean images (.npz with 'images') (default: bundled split).")
+]
+DeviceOption = Annotated[str, typer.Option(help="auto, cpu or cuda.")]
 
 
 @app.callback()
@@ -135,19 +144,12 @@ def serve(
 
 @app.command()
 def calibrate(
-    model: Annotated[str, typer.Argument(help="Model name in the repository.")],
-    model_repository: Annotated[
-        Path | None, typer.Option(help="Triton-style model repository (default: the bundled one).")
-    ] = None,
-    version: Annotated[
-        int | None, typer.Option(help="Version folder (default: the latest).")
-    ] = None,
+    model: ModelName,
+    model_repository: RepositoryOption = None,
+    version: VersionOption = None,
     fpr: Annotated[float, typer.Option(help="Target false-positive rate on clean data.")] = 0.05,
-    data: Annotated[
-        Path | None,
-        typer.Option(help="Clean images (.npz with 'images') (default: bundled split)."),
-    ] = None,
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    data: CleanData = None,
+    device: DeviceOption = "auto",
 ) -> None:
     """Set screening thresholds on clean data; write calibration.json and the drift reference
     profile beside the weights."""
@@ -166,6 +168,23 @@ def calibrate(
         f"{'combined':<20} {calibration.combined_threshold:.6g}  "
         f"(calibration FPR {calibration.calibration_fpr:.3f}, n={calibration.samples})"
     )
+
+
+@app.command()
+def profile(
+    model: ModelName,
+    model_repository: RepositoryOption = None,
+    version: VersionOption = None,
+    data: CleanData = None,
+    device: DeviceOption = "auto",
+) -> None:
+    """Write the drift reference profile of a torch model (screened or not) beside its weights.
+    (``calibrate`` writes it too, for screened models.)"""
+    from gateway.monitoring.profile import profile_model
+    from gateway.settings import DEFAULT_REPOSITORY
+
+    path = profile_model(model_repository or DEFAULT_REPOSITORY, model, version, data, device)
+    typer.echo(f"wrote {path}")
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})

@@ -1,0 +1,53 @@
+"""``bastion profile``: the drift reference profile of any torch model, screened or not.
+
+``bastion calibrate`` writes the profile of a screened model along with its thresholds; this
+builds it alone, from the same clean images, for a model that does not screen its inputs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from gateway.backends.torch_backend import TorchBackend
+from gateway.monitoring.reference import build_profile
+from gateway.registry import pick_device
+from gateway.repository import ConfigError, ModelRepository
+from gateway.screening.calibrate import clean_images
+from gateway.screening.calibration import Calibration
+from gateway.screening.policy import from_config
+
+
+def profile_model(
+    repository: Path,
+    name: str,
+    version: int | None = None,
+    data: Path | None = None,
+    device: str = "auto",
+    batch_size: int = 250,
+) -> Path:
+    config = ModelRepository(repository).config(name)
+    if config.backend != "pytorch":
+        raise ConfigError(f"model {name!r}: drift monitoring needs the pytorch backend")
+    version = version or max(config.versions)
+    folder = config.version_path(version)
+    target = torch.device(pick_device(device))
+    module = TorchBackend(config, folder, str(target), policy=None).module
+    images, source = clean_images(data, config.inputs[0].dims)
+    probs, embeddings = [], []
+    with torch.inference_mode():
+        for i in range(0, len(images), batch_size):
+            batch = torch.from_numpy(images[i : i + batch_size]).to(target)
+            _, p, e = module.forward_embedded(batch)
+            probs.append(p.cpu())
+            embeddings.append(None if e is None else e.cpu())
+    calibration = Calibration.load(folder) if from_config(config) else None
+    profile = build_profile(
+        torch.from_numpy(images),
+        torch.cat(probs),
+        None if any(e is None for e in embeddings) else torch.cat(embeddings),
+        flag_rate=calibration.target_fpr if calibration else None,
+        meta={"model": name, "version": version, "data": source},
+    )
+    return profile.save(folder)
