@@ -38,7 +38,7 @@ def create_app(settings: Settings | None = None) -> InferRoute:
         registry = ModelRegistry(ModelRepository(settings.model_repository), settings, metrics)
         store = SQLiteQuarantineStore(settings.quarantine_path)
         screening = ScreeningService(store, metrics)
-        registry.on_screening = screening.publish_thresholds
+        registry.on_screening = screening.publish_calibration
         app.state.dataplane = DataPlane(registry, settings, screening)
         app.state.sampler = Sampler(
             lambda: read_totals(time.time(), metrics, [m.stats for m in registry.loaded()]),

@@ -93,6 +93,71 @@ class Settings(BaseSettings):
     dashboard_interval_s: float = Field(
         1.0, gt=0, description="How often the built-in dashboard's history is sampled."
     )
+    # -- the front door: HTTP limits (answered 431, 408, 503) --------------------------------
+    http_max_header_bytes: int = Field(
+        32 << 10,
+        ge=1024,
+        description="Largest request head (request line and headers), bytes: 431.",
+    )
+    http_max_headers: int = Field(100, ge=8, description="Most header fields in a request: 431.")
+    http_header_timeout_s: float = Field(
+        10.0, gt=0, description="Time from a request's first byte to the end of its head: 408."
+    )
+    http_body_timeout_s: float = Field(
+        30.0, gt=0, description="Time from the end of a request's head to its last body byte: 408."
+    )
+    http_keepalive_timeout_s: float = Field(
+        5.0, gt=0, description="An idle connection (also a new one that sends nothing) is closed."
+    )
+    http_max_connections: int = Field(
+        2048,
+        ge=1,
+        description="Open connections; a new one past it gets 503 and is closed "
+        "(capped below the process's file-descriptor limit).",
+    )
+    max_requests_in_flight: int = Field(
+        1024, ge=1, description="Requests being handled at once (health checks excepted): 503."
+    )
+    # -- the front door: untrusted bytes are parsed in a bounded pool, never on the event loop --
+    decode_workers: int = Field(
+        2, ge=1, description="Threads that decompress, parse and decode request bodies."
+    )
+    decode_queue_size: int = Field(
+        256, ge=1, description="Requests waiting for a decode thread; past it: 503 at once."
+    )
+    decode_budget_ms: int = Field(
+        2000, ge=1, description="Decode time one request may use before it is refused (413)."
+    )
+    max_client_id_chars: int = Field(
+        128,
+        ge=1,
+        le=1024,
+        description="Longest client identity header (charset: letters, digits and ._:@/+=-): 400.",
+    )
+    max_request_id_chars: int = Field(256, ge=1, le=4096, description="Longest request id: 400.")
+    # -- what a public route may show --------------------------------------------------------
+    metrics_token: str = Field(
+        "",
+        description="Bearer token for /metrics; empty leaves /metrics public (it never "
+        "shows thresholds; per-detector score histograms appear only when a token is set).",
+    )
+    # -- the quarantine store: quotas and retention -------------------------------------------
+    quarantine_max_records: int = Field(
+        100_000, ge=1, description="Records kept in all; past it new ones are dropped (counted)."
+    )
+    quarantine_max_records_per_client: int = Field(
+        1_000, ge=1, description="Records kept per client id; past it new ones are dropped."
+    )
+    quarantine_max_bytes: int = Field(
+        1 << 30, ge=1 << 20, description="Stored input bytes in all; past it new ones are dropped."
+    )
+    quarantine_retention_s: float = Field(
+        30 * 86400.0, gt=0, description="Records older than this are deleted."
+    )
+    quarantine_retention_interval_s: float = Field(
+        600.0, gt=0, description="How often the retention sweep runs."
+    )
+    max_note_chars: int = Field(1024, ge=1, description="Longest admin note on a record.")
     log_level: str = Field("info", description="Python logging level.")
     access_log: bool = Field(False, description="uvicorn's access log (costs throughput).")
 

@@ -145,6 +145,7 @@ class Metrics:
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
+        self.private_registry = CollectorRegistry()
         labels = ["model", "version"]
         self.request_duration = Histogram(
             "bastion_request_duration_seconds",
@@ -174,18 +175,14 @@ class Metrics:
             registry=self.registry,
         )
         screening = ["model", "version", "detector"]
+        # per-detector score distributions are an oracle for an adaptive attacker at low traffic
+        # (one query moves one bucket): only in the private registry, shown behind a token
         self.screening_score = Histogram(
             "bastion_screening_score",
             "Detector scores of screened images (higher: more suspicious)",
             screening,
             buckets=_SCORE_BUCKETS,
-            registry=self.registry,
-        )
-        self.screening_threshold = Gauge(
-            "bastion_screening_threshold",
-            "Calibrated thresholds in force",
-            screening,
-            registry=self.registry,
+            registry=self.private_registry,
         )
         self.screening_verdicts = Counter(
             "bastion_screening_verdicts",
@@ -200,6 +197,7 @@ class Metrics:
             registry=self.registry,
         )
         self._drift_metrics(labels)
+        self._front_door_metrics()
         self.models_ready = Gauge(
             "bastion_models_ready", "Model versions loaded and ready", registry=self.registry
         )
@@ -254,8 +252,48 @@ class Metrics:
             registry=self.registry,
         )
 
-    def render(self, stats: Iterable[ModelStats]) -> bytes:
-        return (render_triton(stats) + render_gpu()).encode() + generate_latest(self.registry)
+    def _front_door_metrics(self) -> None:
+        self.rejected = Counter(
+            "bastion_http_rejected",
+            "Requests and connections refused at the front door, by reason",
+            ["reason"],
+            registry=self.registry,
+        )
+        self.connections = Gauge(
+            "bastion_http_connections", "Open HTTP connections", registry=self.registry
+        )
+        self.in_flight = Gauge(
+            "bastion_requests_in_flight", "Requests being handled", registry=self.registry
+        )
+        self.decode_pending = Gauge(
+            "bastion_decode_pending",
+            "Requests waiting for or in a decode thread",
+            registry=self.registry,
+        )
+        self.quarantine_dropped = Counter(
+            "bastion_quarantine_dropped",
+            "Withheld inputs whose quarantine record was dropped (still withheld), by reason",
+            ["reason"],
+            registry=self.registry,
+        )
+        self.quarantine_records = Gauge(
+            "bastion_quarantine_records", "Records in the quarantine store", registry=self.registry
+        )
+        self.quarantine_bytes = Gauge(
+            "bastion_quarantine_bytes",
+            "Stored input bytes in the quarantine store",
+            registry=self.registry,
+        )
+        self.quarantine_over_quota = Gauge(
+            "bastion_quarantine_over_quota",
+            "1 while the store refuses new records for a global quota (records or bytes)",
+            registry=self.registry,
+        )
+
+    def render(self, stats: Iterable[ModelStats], private: bool = False) -> bytes:
+        """The exposition text; ``private`` adds the series only an authenticated scrape sees."""
+        body = (render_triton(stats) + render_gpu()).encode() + generate_latest(self.registry)
+        return body + generate_latest(self.private_registry) if private else body
 
 
 class ModelObserver:

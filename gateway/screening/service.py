@@ -41,14 +41,12 @@ class ScreeningService:
         self.store = store
         self.metrics = metrics
 
-    def publish_thresholds(self, model: str, version: str, job: ScreenedClassifier) -> None:
+    def publish_calibration(self, model: str, version: str, job: ScreenedClassifier) -> None:
+        """Publishes the calibrated clean flag rate (the alert baseline), never a threshold:
+        thresholds are admin-only, since knowing them is a head start for an adaptive attacker."""
         calibration = job.calibration
         if calibration is None:
             return
-        gauge = self.metrics.screening_threshold
-        for name, value in calibration.thresholds.items():
-            gauge.labels(model, version, name).set(value)
-        gauge.labels(model, version, "combined").set(calibration.combined_threshold)
         self.metrics.screening_target_fpr.labels(model, version).set(calibration.target_fpr)
 
     async def apply(
