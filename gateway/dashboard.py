@@ -12,10 +12,11 @@ from functools import cache
 from pathlib import Path
 
 from fastapi import APIRouter, Request
-from starlette.responses import Response
+from starlette.responses import HTMLResponse, Response
 
 from gateway.errors import NotFound
 from gateway.http import json_response, plane
+from gateway.protocol.schema import error
 
 router = APIRouter()
 STATIC = Path(__file__).parent / "monitoring" / "static"
@@ -38,12 +39,22 @@ def _file(name: str) -> Response:
     return Response(_read(name), media_type=media, headers=_HEADERS)
 
 
-@router.get("/dashboard")
+@router.get("/dashboard", response_class=HTMLResponse)
 async def dashboard() -> Response:
     return _file("index.html")
 
 
-@router.get("/dashboard/assets/{name}")
+@router.get(
+    "/dashboard/assets/{name}",
+    response_class=Response,
+    responses={
+        200: {
+            "description": "A script or style sheet of the page",
+            "content": {"text/javascript": {}, "text/css": {}},
+        },
+        404: error("No such asset."),
+    },
+)
 async def asset(name: str) -> Response:
     if name not in _ASSETS:  # a fixed list: no path ever reaches the file system
         raise NotFound(f"no dashboard asset {name!r}")

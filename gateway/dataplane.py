@@ -1,20 +1,32 @@
 """The protocol-agnostic service: lookup, validation, batching, responses, statistics.
 
-Transports (HTTP now, gRPC later) only decode and encode; everything a request means happens here.
+Transports (HTTP now, gRPC later) only receive bytes and encode responses; they hand the data
+plane a *decoder* for the bytes, which runs with input validation in the bounded decode pool,
+never on the event loop. Everything a request means happens here.
 """
 
 from __future__ import annotations
 
+import math
 import time
+from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import numpy as np
 
 from gateway import __version__
-from gateway.errors import BastionError, InvalidInput
+from gateway.decode_pool import DecodePool
+from gateway.errors import BastionError, Forbidden, InvalidInput
 from gateway.inputs import ImageLimits, prepare_inputs
-from gateway.protocol.codec import RawInput
-from gateway.protocol.types import InferRequest, InferResponse, OutputTensor, RequestedOutput
+from gateway.protocol.codec import InputBound, Limits, RawInput
+from gateway.protocol.types import (
+    Caller,
+    InferRequest,
+    InferResponse,
+    OutputTensor,
+    RequestedOutput,
+)
 from gateway.registry import LoadedModel, ModelRegistry
 from gateway.repository import ModelConfig, TensorSpec
 from gateway.screening.service import (
@@ -38,13 +50,26 @@ EXTENSIONS = [
 ]
 
 
+Decoder = Callable[[RawInput | None, Limits], InferRequest]
+"""A transport's parser for one request's bytes: given the model's raw-input description and
+the limits that hold for it, returns the request or raises a ``BastionError``. Runs on a pool
+thread."""
+
+SCREENING_REPORT_SCOPE = "screening_report"
+
+
 class DataPlane:
     def __init__(
-        self, registry: ModelRegistry, settings: Settings, screening: ScreeningService
+        self,
+        registry: ModelRegistry,
+        settings: Settings,
+        screening: ScreeningService,
+        decoder: DecodePool,
     ) -> None:
         self.registry = registry
         self.settings = settings
         self.screening = screening
+        self.decoder = decoder
         self._images = ImageLimits(settings.max_image_bytes, settings.max_image_pixels)
 
     def server_metadata(self) -> dict[str, Any]:
@@ -93,18 +118,21 @@ class DataPlane:
             }
         return {"enabled": True, **model.drift.snapshot()}
 
-    def raw_input(self, name: str, version: int | None) -> RawInput | None:
-        config = self.registry.get(name, version).config
-        if len(config.inputs) != 1:
-            return None
-        spec = config.inputs[0]
-        return RawInput(spec.name, spec.datatype, spec.dims)
+    def limits(self, model: LoadedModel) -> Limits:
+        """The codec limits for one model version: the global ones and what each input takes."""
+        if model.codec_limits is None:
+            model.codec_limits = _model_limits(model.config, self.settings)
+        return model.codec_limits
 
-    async def infer(self, name: str, version: int | None, request: InferRequest) -> InferResponse:
+    async def infer(
+        self, name: str, version: int | None, decode: Decoder, caller: Caller
+    ) -> InferResponse:
+        """Decodes (in the pool), validates, batches, screens and answers one request."""
         start = time.perf_counter_ns()
         model = self.registry.get(name, version)
         try:
-            arrays, rows = prepare_inputs(model.config, request, self._images)
+            job = partial(self._decode_and_prepare, model, decode, caller)
+            request, arrays, rows = await self.decoder.run(job)
             wanted = _requested_outputs(model.config, request)
             deadline = self._deadline(model, request, start)
             results = await model.batcher.submit(arrays, rows, deadline)
@@ -118,6 +146,29 @@ class DataPlane:
         if screened is not None:
             _attach_screening(response, screened, request)
         return response
+
+    def _decode_and_prepare(
+        self, model: LoadedModel, decode: Decoder, caller: Caller
+    ) -> tuple[InferRequest, dict[str, np.ndarray], int]:
+        """On a decode thread: parse, check what the caller may ask, build the batch rows."""
+        config = model.config
+        raw = None
+        if len(config.inputs) == 1:
+            spec = config.inputs[0]
+            raw = RawInput(spec.name, spec.datatype, spec.dims)
+        request = decode(raw, self.limits(model))
+        request.client_id = caller.client_id
+        if (
+            request.parameters.get(REPORT_PARAMETER) is not None
+            and SCREENING_REPORT_SCOPE not in caller.scopes
+        ):
+            # per-detector scores are a gradient-free oracle for an adaptive attacker
+            raise Forbidden(
+                f"request parameter {REPORT_PARAMETER!r} needs the admin token "
+                "('Authorization: Bearer <admin token>')"
+            )
+        arrays, rows = prepare_inputs(config, request, self._images)
+        return request, arrays, rows
 
     async def _screen(
         self,
@@ -153,6 +204,22 @@ def _attach_screening(response: InferResponse, screened: Screened, request: Infe
         binary = request.binary_output
         report_outputs(screened, response.outputs, binary)
         response.parameters["screening_scores_columns"] = ",".join(screened.columns)
+
+
+def _model_limits(config: ModelConfig, settings: Settings) -> Limits:
+    bounds = {}
+    for spec in config.inputs:
+        row = math.prod(spec.dims) if all(d > 0 for d in spec.dims) else 0
+        bounds[spec.name] = InputBound(
+            spec.datatype, config.max_batch_size, config.max_batch_size * row
+        )
+    return Limits(
+        settings.max_body_bytes,
+        settings.max_json_bytes,
+        settings.max_elements,
+        settings.max_request_id_chars,
+        bounds,
+    )
 
 
 def _tensor_metadata(spec: TensorSpec, config: ModelConfig) -> dict[str, Any]:

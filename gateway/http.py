@@ -1,38 +1,58 @@
-"""KServe v2 HTTP routes, Triton flavour. Thin: parse, call the data plane, encode."""
+"""KServe v2 HTTP routes, Triton flavour. Thin: parse, call the data plane, encode.
+
+Inference itself takes the fast path in ``gateway.asgi``; these are the other routes, each
+declaring every status it can answer (``responses=``) for the public OpenAPI document.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import hmac
 import logging
-import re
 from typing import Any
 
 import orjson
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.responses import Response
-from starlette.types import Receive, Scope, Send
+from starlette.responses import PlainTextResponse, Response
 
 from gateway.dataplane import DataPlane
-from gateway.errors import BastionError, Forbidden, InvalidInput, PayloadTooLarge
+from gateway.errors import BastionError, Forbidden
 from gateway.monitoring.metrics import CONTENT_TYPE, Metrics
-from gateway.protocol.codec import compress, decode_infer_body, encode_response
+from gateway.protocol.schema import FRONT_DOOR, error
 from gateway.repository import parse_version
 
 log = logging.getLogger(__name__)
-router = APIRouter()
+router = APIRouter(responses=FRONT_DOOR)
 _JSON = "application/json"
-_BINARY = "application/octet-stream"
+MAX_MESSAGE_CHARS = 1024
+MODEL_ERRORS: dict[int | str, dict[str, Any]] = {
+    400: error("A malformed model version or parameter."),
+    404: error("No such model or version."),
+    503: error("The model is not ready."),
+}
+ADMIN_ERRORS: dict[int | str, dict[str, Any]] = {
+    403: error("The admin token is missing or wrong (or admin actions are disabled)."),
+}
 
 
 def json_response(data: Any, status: int = 200) -> Response:
     return Response(orjson.dumps(data), status_code=status, media_type=_JSON)
 
 
+def clip(message: str, limit: int = MAX_MESSAGE_CHARS) -> str:
+    """Error messages quote client input; an error body must not echo a megabyte back."""
+    return message if len(message) <= limit else message[:limit] + "... (truncated)"
+
+
 def error_response(status: int, message: str) -> Response:
-    return json_response({"error": message}, status)
+    return json_response({"error": clip(message)}, status)
+
+
+def token_matches(given: str, token: str) -> bool:
+    """Constant-time comparison of an Authorization header with ``Bearer <token>``."""
+    return bool(token) and hmac.compare_digest(given.encode(), f"Bearer {token}".encode())
 
 
 def plane(request: Request) -> DataPlane:
@@ -45,7 +65,7 @@ def require_admin(request: Request) -> None:
     given = request.headers.get("authorization", "")
     if not token:
         raise Forbidden("admin actions are disabled: set BASTION_ADMIN_TOKEN to enable them")
-    if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+    if not token_matches(given, token):
         raise Forbidden("this action needs 'Authorization: Bearer <admin token>'")
 
 
@@ -54,12 +74,16 @@ async def server_metadata(request: Request) -> Response:
     return json_response(plane(request).server_metadata())
 
 
-@router.get("/v2/health/live")
+@router.get("/v2/health/live", response_class=Response, responses={200: {"description": "Live"}})
 async def live() -> Response:
     return Response(status_code=200)
 
 
-@router.get("/v2/health/ready")
+@router.get(
+    "/v2/health/ready",
+    response_class=Response,
+    responses={200: {"description": "Every model is ready"}, 503: error("A model is not ready.")},
+)
 async def ready(request: Request) -> Response:
     return Response(status_code=200 if plane(request).ready() else 503)
 
@@ -69,33 +93,33 @@ async def all_stats(request: Request) -> Response:
     return json_response(plane(request).statistics(None, None))
 
 
-@router.get("/v2/models/{model}")
-@router.get("/v2/models/{model}/versions/{version}")
+@router.get("/v2/models/{model}", responses=MODEL_ERRORS)
+@router.get("/v2/models/{model}/versions/{version}", responses=MODEL_ERRORS)
 async def model_metadata(request: Request, model: str, version: str | None = None) -> Response:
     return json_response(plane(request).model_metadata(model, parse_version(version)))
 
 
-@router.get("/v2/models/{model}/ready")
-@router.get("/v2/models/{model}/versions/{version}/ready")
+@router.get("/v2/models/{model}/ready", responses=MODEL_ERRORS)
+@router.get("/v2/models/{model}/versions/{version}/ready", responses=MODEL_ERRORS)
 async def model_ready(request: Request, model: str, version: str | None = None) -> Response:
     plane(request).registry.get(model, parse_version(version))
     return Response(status_code=200)
 
 
-@router.get("/v2/models/{model}/config")
-@router.get("/v2/models/{model}/versions/{version}/config")
+@router.get("/v2/models/{model}/config", responses=MODEL_ERRORS)
+@router.get("/v2/models/{model}/versions/{version}/config", responses=MODEL_ERRORS)
 async def model_config(request: Request, model: str, version: str | None = None) -> Response:
     return json_response(plane(request).model_config(model, parse_version(version)))
 
 
-@router.get("/v2/models/{model}/stats")
-@router.get("/v2/models/{model}/versions/{version}/stats")
+@router.get("/v2/models/{model}/stats", responses=MODEL_ERRORS)
+@router.get("/v2/models/{model}/versions/{version}/stats", responses=MODEL_ERRORS)
 async def model_stats(request: Request, model: str, version: str | None = None) -> Response:
     return json_response(plane(request).statistics(model, parse_version(version)))
 
 
-@router.get("/v2/models/{model}/drift")
-@router.get("/v2/models/{model}/versions/{version}/drift")
+@router.get("/v2/models/{model}/drift", responses=MODEL_ERRORS)
+@router.get("/v2/models/{model}/versions/{version}/drift", responses=MODEL_ERRORS)
 async def model_drift(request: Request, model: str, version: str | None = None) -> Response:
     # a snapshot briefly takes the monitor's lock, which a batch may hold: off the event loop
     drift = await asyncio.to_thread(plane(request).drift, model, parse_version(version))
@@ -107,14 +131,22 @@ async def repository_index(request: Request) -> Response:
     return json_response(plane(request).registry.index())
 
 
-@router.post("/v2/repository/models/{model}/load")
+@router.post(
+    "/v2/repository/models/{model}/load",
+    tags=["admin"],
+    responses={**ADMIN_ERRORS, 404: error("No such model."), 503: error("It failed to load.")},
+)
 async def load_model(request: Request, model: str) -> Response:
     require_admin(request)
     await plane(request).registry.load(model)
     return json_response({})
 
 
-@router.post("/v2/repository/models/{model}/unload")
+@router.post(
+    "/v2/repository/models/{model}/unload",
+    tags=["admin"],
+    responses={**ADMIN_ERRORS, 404: error("The model is not loaded.")},
+)
 async def unload_model(request: Request, model: str) -> Response:
     require_admin(request)
     await plane(request).registry.unload(model)
@@ -127,95 +159,20 @@ async def shared_memory_status() -> Response:
     return json_response([])
 
 
-@router.get("/metrics")
+@router.get(
+    "/metrics",
+    response_class=PlainTextResponse,
+    responses={403: error("BASTION_METRICS_TOKEN is set and the request does not carry it.")},
+)
 async def metrics(request: Request) -> Response:
+    """Prometheus exposition. Thresholds are never here; with ``metrics_token`` set, the scrape
+    must carry it and also sees per-detector score histograms."""
+    token = plane(request).settings.metrics_token
+    if token and not token_matches(request.headers.get("authorization", ""), token):
+        raise Forbidden("/metrics needs 'Authorization: Bearer <metrics token>'")
     stats = [m.stats for m in plane(request).registry.loaded()]
-    body = request.app.state.metrics.render(stats)
+    body = request.app.state.metrics.render(stats, private=bool(token))
     return Response(body, media_type=CONTENT_TYPE)
-
-
-class InferRoute:
-    """ASGI fast path for ``POST /v2/models/{m}[/versions/{v}]/infer``, ahead of FastAPI.
-
-    Inference is the one hot route: skipping the framework's routing, middleware and dependency
-    resolution halves the gateway's own CPU per request (benchmarks/RESULTS.md). Every other
-    route goes to the FastAPI app unchanged.
-    """
-
-    PATH = re.compile(r"^/v2/models/([^/]+)(?:/versions/([^/]*))?/infer$")
-
-    def __init__(self, app: FastAPI) -> None:
-        self.app = app
-        self.state = app.state
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        match = self.PATH.match(scope["path"]) if scope["type"] == "http" else None
-        if match is None or scope["method"] != "POST":
-            await self.app(scope, receive, send)
-            return
-        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
-        try:
-            status, out_headers, payload = await self._infer(match, headers, receive)
-        except BastionError as exc:
-            status, out_headers, payload = self._error(exc.status, exc.body())
-        except Exception as exc:
-            log.exception("unhandled error on %s", scope["path"])
-            error = {"error": f"internal error: {type(exc).__name__}"}
-            status, out_headers, payload = self._error(500, error)
-        out_headers.append((b"content-length", str(len(payload)).encode()))
-        await send({"type": "http.response.start", "status": status, "headers": out_headers})
-        await send({"type": "http.response.body", "body": payload})
-
-    def _error(
-        self, status: int, body: dict[str, Any]
-    ) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
-        self.state.metrics.errors.labels(str(status)).inc()
-        return status, [(b"content-type", _JSON.encode())], orjson.dumps(body)
-
-    async def _infer(
-        self, match: re.Match[str], headers: dict[str, str], receive: Receive
-    ) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
-        plane: DataPlane = self.state.dataplane
-        model, version = match.group(1), parse_version(match.group(2))
-        raw = plane.raw_input(model, version)
-        body = await _receive_body(receive, headers, plane.settings.max_body_bytes)
-        request = decode_infer_body(
-            body,
-            headers.get("inference-header-content-length"),
-            headers.get("content-encoding"),
-            self.state.limits,
-            raw,
-        )
-        request.client_id = headers.get(plane.settings.client_id_header)
-        response = await plane.infer(model, version, request)
-        payload, json_size = encode_response(response)
-        out = [(b"content-type", (_JSON if json_size is None else _BINARY).encode())]
-        if json_size is not None:
-            out.append((b"inference-header-content-length", str(json_size).encode()))
-        payload, encoding = compress(payload, headers.get("accept-encoding"))
-        if encoding:
-            out.append((b"content-encoding", encoding.encode()))
-        return 200, out, payload
-
-
-async def _receive_body(receive: Receive, headers: dict[str, str], limit: int) -> bytes:
-    """Reads an ASGI body without ever holding more than ``limit`` bytes."""
-    length = headers.get("content-length")
-    if length is not None and length.isdigit() and int(length) > limit:
-        raise PayloadTooLarge(f"request body of {length} bytes exceeds the limit of {limit}")
-    chunks: list[bytes] = []
-    size = 0
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            raise InvalidInput("client disconnected before sending the whole body")
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes")
-        chunks.append(chunk)
-        if not message.get("more_body", False):
-            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
 def install_error_handlers(app: FastAPI, metrics: Metrics) -> None:
@@ -224,7 +181,7 @@ def install_error_handlers(app: FastAPI, metrics: Metrics) -> None:
     async def on_bastion(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, BastionError)
         metrics.errors.labels(str(exc.status)).inc()
-        return json_response(exc.body(), exc.status)
+        return json_response({**exc.body(), "error": clip(exc.message)}, exc.status)
 
     async def on_http(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, StarletteHTTPException)
@@ -233,7 +190,8 @@ def install_error_handlers(app: FastAPI, metrics: Metrics) -> None:
 
     async def on_validation(request: Request, exc: Exception) -> Response:
         metrics.errors.labels("400").inc()
-        return error_response(400, f"invalid request: {exc}")
+        assert isinstance(exc, RequestValidationError)
+        return error_response(400, f"invalid request: {_describe(exc)}")
 
     async def on_unexpected(request: Request, exc: Exception) -> Response:
         log.exception("unhandled error on %s", request.url.path)
@@ -244,3 +202,12 @@ def install_error_handlers(app: FastAPI, metrics: Metrics) -> None:
     app.add_exception_handler(StarletteHTTPException, on_http)
     app.add_exception_handler(RequestValidationError, on_validation)
     app.add_exception_handler(Exception, on_unexpected)
+
+
+def _describe(exc: RequestValidationError) -> str:
+    """Where and what, without echoing the (possibly huge) input back."""
+    parts = []
+    for err in exc.errors()[:5]:
+        where = ".".join(str(x) for x in err.get("loc", ()))
+        parts.append(f"{where}: {err.get('msg', 'invalid')}")
+    return "; ".join(parts) or "invalid request"

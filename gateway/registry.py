@@ -41,6 +41,7 @@ class LoadedModel:
     observer: ModelObserver
     screening_action: str = "allow"  # what an adversarial verdict does; admins may tighten it
     drift: DriftMonitor | None = None
+    codec_limits: Any = None  # the data plane's cached ``Limits`` for this version's inputs
 
     @property
     def stats(self) -> ModelStats:

@@ -22,6 +22,8 @@ from gateway.protocol.dtypes import BY_CONFIG
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 DEFAULT_MAX_QUEUE_SIZE = 1024
+# ASCII digits only: str.isdigit() accepts "²", which int() then refuses
+_VERSION = re.compile(r"[0-9]{1,18}")
 
 
 class ConfigError(ValueError):
@@ -194,6 +196,7 @@ def parse_version(version: str | None) -> int | None:
     """A URL's version segment: absent or empty means the model's latest available version."""
     if version is None or version == "":
         return None
-    if not version.isdigit():
-        raise InvalidInput(f"model version {version!r} is not a positive integer")
+    if _VERSION.fullmatch(version) is None:
+        shown = version if len(version) <= 32 else version[:32] + "..."
+        raise InvalidInput(f"model version {shown!r} is not a positive integer (1 to 18 digits)")
     return int(version)

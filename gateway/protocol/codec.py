@@ -10,13 +10,15 @@ from __future__ import annotations
 import math
 import struct
 import zlib
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import orjson
 
 from gateway.errors import InvalidInput, PayloadTooLarge
+from gateway.protocol.budget import checkpoint
 from gateway.protocol.dtypes import BY_V2, DType
 from gateway.protocol.types import InferRequest, InferResponse, InputTensor, RequestedOutput
 
@@ -24,11 +26,33 @@ MAX_RANK = 16
 _U32 = struct.Struct("<I")
 
 
+_CHECK_EVERY = 4096  # elements between two decode-budget checkpoints
+
+
+@dataclass(frozen=True, slots=True)
+class InputBound:
+    """What a model takes for one input, so a tensor too big for it is refused before its
+    data is parsed: ``max_rows`` is the model's max_batch_size, ``max_elements`` the rows times
+    the elements of one row (0 when a dimension is variable; then only the global limit holds).
+    Encoded images (BYTES given to a non-BYTES input) are one element a row."""
+
+    datatype: str
+    max_rows: int
+    max_elements: int
+
+    def cap(self, datatype: str) -> int:
+        if datatype == "BYTES" and self.datatype != "BYTES":
+            return self.max_rows
+        return self.max_elements
+
+
 @dataclass(frozen=True, slots=True)
 class Limits:
     max_body_bytes: int = 64 << 20
     max_json_bytes: int = 16 << 20
     max_elements: int = 1 << 26
+    max_request_id_chars: int = 256
+    inputs: Mapping[str, InputBound] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,6 +128,11 @@ def decode_request(
     request_id = header.get("id")
     if request_id is not None and not isinstance(request_id, str):
         raise InvalidInput("request 'id' must be a string")
+    if request_id is not None and len(request_id) > limits.max_request_id_chars:
+        raise InvalidInput(
+            f"request 'id' has {len(request_id)} characters, over the limit of "
+            f"{limits.max_request_id_chars}"
+        )
     return InferRequest(
         inputs=inputs,
         outputs=_decode_outputs(header.get("outputs")),
@@ -162,11 +191,12 @@ def _decode_inputs(specs: Any, binary: memoryview, limits: Limits) -> tuple[list
         spec, name = _named(item, "input", seen)
         dtype = _dtype(spec.get("datatype"), name)
         shape = _shape(spec.get("shape"), name, limits)
+        _check_bound(name, dtype, shape, limits)
         params = _dict(spec.get("parameters", {}), f"parameters of input {name!r}")
         if "binary_data_size" in params:
             if "data" in spec:
                 raise InvalidInput(f"input {name!r} has both 'data' and binary_data_size")
-            size = _optional_uint(params["binary_data_size"], "binary_data_size")
+            size = _uint(params["binary_data_size"], "binary_data_size")
             tensor, size = _binary_tensor(name, dtype, shape, size, binary[offset:], limits)
             offset += size
         else:
@@ -184,11 +214,10 @@ def _binary_tensor(
     name: str,
     dtype: DType,
     shape: tuple[int, ...],
-    size: int | None,
+    size: int,
     buf: memoryview,
     limits: Limits,
 ) -> tuple[InputTensor, int]:
-    assert size is not None
     if size > len(buf):
         raise InvalidInput(
             f"input {name!r}: binary_data_size {size} but only {len(buf)} bytes remain in the body"
@@ -213,6 +242,8 @@ def _split_bytes(chunk: memoryview, count: int, name: str) -> np.ndarray:
     items = np.empty(count, dtype=object)
     pos, end = 0, len(chunk)
     for i in range(count):
+        if i % _CHECK_EVERY == 0:
+            checkpoint()
         if pos + 4 > end:
             raise InvalidInput(f"input {name!r}: BYTES element {i} is missing its length prefix")
         (length,) = _U32.unpack_from(chunk, pos)
@@ -279,6 +310,8 @@ def _flatten_strings(data: Any, name: str) -> list[bytes]:
             stack.extend(reversed(item))
         elif isinstance(item, str):
             out.append(item.encode())
+            if len(out) % _CHECK_EVERY == 0:
+                checkpoint()
         else:
             raise InvalidInput(f"input {name!r}: BYTES data in JSON must be strings")
     return out
@@ -341,6 +374,24 @@ def _shape(value: Any, name: str, limits: Limits) -> tuple[int, ...]:
     return tuple(value)
 
 
+def _check_bound(name: str, dtype: DType, shape: tuple[int, ...], limits: Limits) -> None:
+    """Refuses a tensor larger than the model could take, before its data is touched."""
+    bound = limits.inputs.get(name)
+    if bound is None:  # not an input of the model: validation names it later
+        return
+    if shape and shape[0] > bound.max_rows:
+        raise InvalidInput(
+            f"input {name!r}: batch size {shape[0]} is outside 1..{bound.max_rows}"
+        )
+    cap = bound.cap(dtype.v2)
+    count = math.prod(shape)
+    if cap and count > cap:
+        raise InvalidInput(
+            f"input {name!r}: shape {list(shape)} has {count} elements; the model takes at "
+            f"most {cap} per request ({bound.max_rows} rows)"
+        )
+
+
 def _dict(value: Any, what: str) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise InvalidInput(f"{what} must be a JSON object")
@@ -354,8 +405,10 @@ def _bool(value: Any, what: str) -> bool:
 
 
 def _optional_uint(value: Any, what: str) -> int | None:
-    if value is None:
-        return None
+    return None if value is None else _uint(value, what)
+
+
+def _uint(value: Any, what: str) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value < 0:
         raise InvalidInput(f"parameter {what!r} must be a non-negative integer")
     return value

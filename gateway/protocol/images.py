@@ -1,7 +1,9 @@
 """Encoded images (PNG/JPEG in BYTES inputs) to pixel arrays, with limits checked before decoding.
 
-Pillow reads the header first, so the pixel count is known before any pixel is decoded; a
-decompression bomb or a truncated file becomes an ``InvalidInput`` naming the element.
+Pillow reads the header first, so the size is known before any pixel is decoded: an image that
+is not exactly the model's input size (or is over the pixel limit) is refused from its header
+alone, and a decompression bomb or a truncated file becomes an ``InvalidInput`` naming the
+element. Decoding runs in the decode pool, with a budget checkpoint between images.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from gateway.errors import InvalidInput
+from gateway.protocol.budget import checkpoint
 
 _MODES = {1: "L", 3: "RGB"}
 _FORMATS = ("PNG", "JPEG")
@@ -29,18 +32,25 @@ def decode_images(
         raise InvalidInput(f"input {name!r}: images need 1 or 3 channels, the model has {channels}")
     out = np.empty((len(items), channels, height, width), dtype=np.uint8)
     for i, item in enumerate(items):
-        pixels = decode_image(item, _MODES[channels], max_bytes, max_pixels, f"{name}[{i}]")
-        if pixels.shape[:2] != (height, width):
-            raise InvalidInput(
-                f"image {name}[{i}] is {pixels.shape[1]}x{pixels.shape[0]}, "
-                f"the model expects {width}x{height}"
-            )
+        checkpoint()
+        what = f"{name}[{i}]"
+        pixels = decode_image(item, _MODES[channels], max_bytes, max_pixels, what, (width, height))
         out[i] = pixels.reshape(height, width, channels).transpose(2, 0, 1)
     return out
 
 
-def decode_image(data: bytes, mode: str, max_bytes: int, max_pixels: int, what: str) -> np.ndarray:
-    """One PNG/JPEG (raw or base64 text) to an (H, W[, C]) uint8 array in ``mode``."""
+def decode_image(
+    data: bytes,
+    mode: str,
+    max_bytes: int,
+    max_pixels: int,
+    what: str,
+    size: tuple[int, int] | None = None,
+) -> np.ndarray:
+    """One PNG/JPEG (raw or base64 text) to an (H, W[, C]) uint8 array in ``mode``.
+
+    ``size`` (width, height), when given, must match the header, checked before decoding.
+    """
     data = _unwrap_base64(data)
     if len(data) > max_bytes:
         raise InvalidInput(f"image {what} has {len(data)} bytes, over the limit of {max_bytes}")
@@ -52,6 +62,10 @@ def decode_image(data: bytes, mode: str, max_bytes: int, max_pixels: int, what: 
             if width * height > max_pixels:
                 raise InvalidInput(
                     f"image {what} is {width}x{height}, over the limit of {max_pixels} pixels"
+                )
+            if size is not None and (width, height) != size:
+                raise InvalidInput(
+                    f"image {what} is {width}x{height}, the model expects {size[0]}x{size[1]}"
                 )
             image.load()
             return np.asarray(image.convert(mode))

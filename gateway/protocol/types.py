@@ -26,6 +26,18 @@ class RequestedOutput:
     class_count: int = 0  # classification extension: top-k as "score:index[:label]"
 
 
+@dataclass(frozen=True, slots=True)
+class Caller:
+    """Who sent a request, as its transport established it.
+
+    ``client_id`` is validated (length, charset) by the transport; ``scopes`` are capabilities the
+    caller proved (the admin token grants ``screening_report``).
+    """
+
+    client_id: str | None = None
+    scopes: frozenset[str] = frozenset()
+
+
 @dataclass(slots=True)
 class InferRequest:
     inputs: list[InputTensor]

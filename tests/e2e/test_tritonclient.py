@@ -69,7 +69,7 @@ def test_predictions_equal_the_model_called_directly(client: th.InferenceServerC
     got, verdicts = [], []
     for start, stop in ((0, 1), (1, 8), (8, 40), (40, 100)):
         result = infer(client, x[start:stop], request_id=f"r{start}",
-                       parameters={"screening_report": True}, headers=ADMIN)
+                       parameters={"screening_report": True}, headers=dict(ADMIN))
         got.append(result.as_numpy("probabilities"))
         verdicts += [v.decode() for v in result.as_numpy("screening_verdict")]
     probs = np.concatenate(got)

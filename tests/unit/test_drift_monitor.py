@@ -97,7 +97,9 @@ def test_committed_reference_profile_is_rebuilt_from_the_calibration_split() -> 
     assert committed is not None
     rebuilt = profile()
     torch.testing.assert_close(committed.edges, rebuilt.edges, atol=1e-5, rtol=0)
-    torch.testing.assert_close(committed.proportions, rebuilt.proportions)
+    # confidence saturates at 1.0 in float32: the top deciles' edges are a few ulps apart, so
+    # which bin a tied image falls in depends on the CPU's softmax rounding (AVX2 vs AVX-512)
+    torch.testing.assert_close(committed.proportions, rebuilt.proportions, atol=0.04, rtol=0)
     torch.testing.assert_close(committed.classes, rebuilt.classes)
     torch.testing.assert_close(committed.embeddings, rebuilt.embeddings, atol=1e-3, rtol=1e-3)
     assert committed.samples == 1000 and committed.flag_rate == 0.05

@@ -1,0 +1,198 @@
+"""The ASGI entry point: front-door checks, the inference fast path, then the FastAPI app.
+
+Inference is the one hot route: skipping the framework's routing, middleware and dependency
+resolution halves the gateway's own CPU per request (benchmarks/RESULTS.md). Here, in order:
+
+1. health checks go straight to their routes, never counted or refused, so a liveness probe
+   answers while the gateway sheds load;
+2. every other request counts against ``max_requests_in_flight`` (past it: 503 at once);
+3. ``POST .../infer`` reads its body (at most ``max_body_bytes``) on the event loop — only
+   bytes — and hands the data plane a decoder that runs in the decode pool;
+4. anything else goes to FastAPI with its body capped at ``MAX_CONTROL_BODY_BYTES``: admin and
+   control bodies are small, and FastAPI parses a JSON body on the event loop before a route's
+   own checks (the admin token included) run.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Callable
+from typing import Any
+
+import orjson
+from fastapi import FastAPI
+from starlette.types import Message, Receive, Scope, Send
+
+from gateway.dataplane import SCREENING_REPORT_SCOPE, DataPlane
+from gateway.errors import BastionError, InvalidInput, PayloadTooLarge, Unavailable
+from gateway.http import clip, token_matches
+from gateway.protocol.codec import Limits, RawInput, compress, decode_infer_body, encode_response
+from gateway.protocol.types import Caller, InferRequest
+from gateway.repository import parse_version
+
+log = logging.getLogger(__name__)
+_JSON = b"application/json"
+_BINARY = b"application/octet-stream"
+MAX_CONTROL_BODY_BYTES = 64 << 10
+_HEALTH = frozenset({"/v2/health/live", "/v2/health/ready"})
+_CLIENT_ID = re.compile(r"[A-Za-z0-9._:@/+=-]+")
+Headers = list[tuple[bytes, bytes]]
+
+
+class Gateway:
+    """The app uvicorn runs; ``.app`` is the FastAPI app with every other route."""
+
+    INFER = re.compile(r"^/v2/models/([^/]+)(?:/versions/([^/]*))?/infer$")
+
+    def __init__(self, app: FastAPI) -> None:
+        self.app = app
+        self.state = app.state
+        self._in_flight = 0
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in _HEALTH:
+            await self.app(scope, receive, send)
+            return
+        settings = self.state.settings
+        if self._in_flight >= settings.max_requests_in_flight:
+            self.state.metrics.rejected.labels("in_flight").inc()
+            message = f"{settings.max_requests_in_flight} requests in flight; retry later"
+            await self._answer(send, *self._error(Unavailable(message)))
+            return
+        self._in_flight += 1
+        self.state.metrics.in_flight.set(self._in_flight)
+        try:
+            match = self.INFER.match(scope["path"])
+            if match is None or scope["method"] != "POST":
+                await self._control(scope, receive, send)
+                return
+            try:
+                reply = await self._infer(match, scope, receive)
+            except BastionError as exc:
+                reply = self._error(exc)
+            except Exception as exc:
+                log.exception("unhandled error on %s", scope["path"])
+                reply = self._error(BastionError(f"internal error: {type(exc).__name__}"))
+            await self._answer(send, *reply)
+        finally:
+            self._in_flight -= 1
+            self.state.metrics.in_flight.set(self._in_flight)
+
+    async def _control(self, scope: Scope, receive: Receive, send: Send) -> None:
+        for name, value in scope["headers"]:
+            if name == b"content-length" and _declared_length(value) > MAX_CONTROL_BODY_BYTES:
+                too_large = PayloadTooLarge(
+                    f"request body exceeds the limit of {MAX_CONTROL_BODY_BYTES} bytes "
+                    "for this route"
+                )
+                await self._answer(send, *self._error(too_large))
+                return
+        await self.app(scope, _capped(receive, MAX_CONTROL_BODY_BYTES), send)
+
+    @staticmethod
+    async def _answer(send: Send, status: int, headers: Headers, payload: bytes) -> None:
+        headers.append((b"content-length", str(len(payload)).encode()))
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": payload})
+
+    def _error(self, exc: BastionError) -> tuple[int, Headers, bytes]:
+        self.state.metrics.errors.labels(str(exc.status)).inc()
+        body = {**exc.body(), "error": clip(exc.message)}
+        return exc.status, [(b"content-type", _JSON)], orjson.dumps(body)
+
+    async def _infer(self, match: re.Match[str], scope: Scope, receive: Receive) -> tuple[
+        int, Headers, bytes
+    ]:
+        plane: DataPlane = self.state.dataplane
+        model, version = match.group(1), parse_version(match.group(2))
+        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+        caller = self._caller(plane, headers, scope)
+        plane.registry.get(model, version)  # 404/503 before reading a body for nothing
+        body = await _receive_body(receive, headers, plane.settings.max_body_bytes)
+        response = await plane.infer(model, version, _http_decoder(body, headers), caller)
+        payload, json_size = encode_response(response)
+        out = [(b"content-type", _JSON if json_size is None else _BINARY)]
+        if json_size is not None:
+            out.append((b"inference-header-content-length", str(json_size).encode()))
+        payload, encoding = compress(payload, headers.get("accept-encoding"))
+        if encoding:
+            out.append((b"content-encoding", encoding.encode()))
+        return 200, out, payload
+
+    @staticmethod
+    def _caller(plane: DataPlane, headers: dict[str, str], scope: Scope) -> Caller:
+        """The client id header (validated), else the peer address; the admin token's scope."""
+        settings = plane.settings
+        client_id = headers.get(settings.client_id_header)
+        if client_id is not None:
+            if len(client_id) > settings.max_client_id_chars:
+                raise InvalidInput(
+                    f"header {settings.client_id_header} is over "
+                    f"{settings.max_client_id_chars} characters"
+                )
+            if _CLIENT_ID.fullmatch(client_id) is None:
+                raise InvalidInput(
+                    f"header {settings.client_id_header} may hold only letters, digits and "
+                    "._:@/+=-"
+                )
+        elif scope.get("client"):
+            client_id = str(scope["client"][0])
+        scopes: frozenset[str] = frozenset()
+        authorization = headers.get("authorization")
+        if authorization and token_matches(authorization, settings.admin_token):
+            scopes = frozenset({SCREENING_REPORT_SCOPE})
+        return Caller(client_id, scopes)
+
+
+def _http_decoder(body: bytes, headers: dict[str, str]) -> Callable[
+    [RawInput | None, Limits], InferRequest
+]:
+    """The HTTP body's parser, for the data plane to run in the decode pool."""
+    header_length = headers.get("inference-header-content-length")
+    encoding = headers.get("content-encoding")
+
+    def decode(raw: RawInput | None, limits: Limits) -> InferRequest:
+        return decode_infer_body(body, header_length, encoding, limits, raw)
+
+    return decode
+
+
+async def _receive_body(receive: Receive, headers: dict[str, str], limit: int) -> bytes:
+    """Reads an ASGI body without ever holding more than ``limit`` bytes."""
+    length = headers.get("content-length")
+    if length is not None and _declared_length(length.encode()) > limit:
+        raise PayloadTooLarge(f"request body of {length} bytes exceeds the limit of {limit}")
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise InvalidInput("client disconnected before sending the whole body")
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes")
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+def _declared_length(value: bytes) -> int:
+    """A Content-Length header's value, or -1 (the HTTP parser already refused bad ones)."""
+    return int(value) if value.isdigit() and len(value) <= 18 else -1
+
+
+def _capped(receive: Receive, limit: int) -> Callable[[], Any]:
+    """``receive`` that raises 413 once a control route's body passes ``limit`` bytes."""
+    seen = 0
+
+    async def capped() -> Message:
+        nonlocal seen
+        message = await receive()
+        seen += len(message.get("body", b""))
+        if seen > limit:
+            raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes for this route")
+        return message
+
+    return capped

@@ -1,0 +1,48 @@
+"""The decode-time budget of the request being decoded on this thread.
+
+The decode pool sets a deadline around each job; decoders call ``checkpoint`` between elements so
+that a request which is cheap to send but slow to decode is cut off (413) instead of holding a
+decode thread. Outside a job there is no deadline and ``checkpoint`` does nothing, so decoders
+also work when called directly (tests, offline tools).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import TypeVar
+
+from gateway.errors import PayloadTooLarge, Unavailable
+
+T = TypeVar("T")
+_local = threading.local()
+
+
+def checkpoint() -> None:
+    """Raises ``PayloadTooLarge`` when this thread's decode job is past its budget."""
+    deadline = getattr(_local, "deadline", None)
+    if deadline is not None and time.monotonic() > deadline:
+        raise PayloadTooLarge(
+            f"request took more than its decode budget of {_local.budget_ms} ms to decode"
+        )
+
+
+@contextmanager
+def budget(deadline: float, budget_ms: int) -> Iterator[None]:
+    """Sets this thread's deadline (``time.monotonic()`` seconds) for the enclosed decode."""
+    _local.deadline, _local.budget_ms = deadline, budget_ms
+    try:
+        yield
+    finally:
+        _local.deadline = None
+
+
+def run_within(deadline: float, budget_ms: int, fn: Callable[[], T]) -> T:
+    """``fn()`` under the deadline; a job that spent its whole budget waiting for a thread is
+    refused with 503 (the server is overloaded, the request is not at fault)."""
+    if time.monotonic() > deadline:
+        raise Unavailable("requests are waiting too long to be decoded; retry later")
+    with budget(deadline, budget_ms):
+        return fn()

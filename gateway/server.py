@@ -1,0 +1,284 @@
+"""The HTTP/1.1 server: uvicorn with httptools, and the limits a public endpoint needs.
+
+uvicorn bounds neither the request head nor the time a client may take to send it, and
+``limit_concurrency`` answers 503 only after the head has arrived (so it does not stop a
+slowloris). Its protocol class is a documented, pluggable parameter (``http=``), so the limits
+live in a subclass of its httptools protocol rather than in another server: the measured fast
+path stays as it is (benchmarks/RESULTS.md). Each limit is a setting:
+
+- head size (request line + headers) and header count, checked *before* the bytes reach the
+  parser, so an oversized header never costs more than the limit to receive: 431;
+- head read time from its first byte, and body read time from the end of the head: 408;
+- idle time of a connection, a new one that sends nothing included: closed;
+- open connections: past the limit a connection's request is answered 503, and past twice the
+  limit (or the file-descriptor reserve) it is closed at once.
+
+Every refusal is a v2 error body (``{"error": ...}``) with ``Connection: close``, and is counted
+in ``bastion_http_rejected_total{reason}``. RFC 9110 §15.5.9 (408), RFC 6585 §5 (431).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import resource
+from dataclasses import dataclass
+from typing import Any
+
+import httptools
+import orjson
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+
+from gateway.monitoring.metrics import Metrics
+from gateway.settings import Settings
+
+log = logging.getLogger(__name__)
+_END_OF_HEAD = b"\r\n\r\n"
+_FD_RESERVE = 128  # descriptors kept for the model files, the store and the log
+
+
+@dataclass(frozen=True, slots=True)
+class FrontDoorLimits:
+    max_header_bytes: int
+    max_headers: int
+    header_timeout_s: float
+    body_timeout_s: float
+    keepalive_timeout_s: float
+    max_connections: int
+
+    @classmethod
+    def from_settings(cls, settings: Settings, fd_limit: int | None = None) -> FrontDoorLimits:
+        """``fd_limit`` (the soft RLIMIT_NOFILE) caps the connection limit below what would
+        make ``accept`` fail, so a flood meets a 503 rather than resets."""
+        connections = settings.http_max_connections
+        if fd_limit is not None:
+            connections = max(1, min(connections, (fd_limit - _FD_RESERVE) // 2))
+        return cls(
+            max_header_bytes=settings.http_max_header_bytes,
+            max_headers=settings.http_max_headers,
+            header_timeout_s=settings.http_header_timeout_s,
+            body_timeout_s=settings.http_body_timeout_s,
+            keepalive_timeout_s=settings.http_keepalive_timeout_s,
+            max_connections=connections,
+        )
+
+
+class _Refused(Exception):
+    """Raised from a parser callback; carries the response that ends the connection."""
+
+    def __init__(self, status: int, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.status, self.reason, self.message = status, reason, message
+
+
+def error_bytes(status: int, message: str) -> bytes:
+    """A whole HTTP/1.1 response with a v2 error body that closes the connection."""
+    body = orjson.dumps({"error": message})
+    head = (
+        b"content-type: application/json\r\ncontent-length: %d\r\nconnection: close\r\n\r\n"
+        % len(body)
+    )
+    return STATUS_LINE[status] + head + body
+
+
+async def _too_many_connections(scope: Any, receive: Any, send: Any) -> None:
+    body = orjson.dumps({"error": "too many open connections; retry later"})
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        (b"connection", b"close"),
+        (b"retry-after", b"1"),
+    ]
+    await send({"type": "http.response.start", "status": 503, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+def protocol_class(limits: FrontDoorLimits, metrics: Metrics) -> type[HttpToolsProtocol]:
+    """An httptools protocol class bound to ``limits``, for uvicorn's ``http=``."""
+
+    class BoundedHttpToolsProtocol(HttpToolsProtocol):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self._in_head = True
+            self._head_bytes = 0
+            self._head_tail = b""
+            self._header_count = 0
+            self._deadline: asyncio.TimerHandle | None = None
+            self._over_limit = False
+
+        # -- connections ---------------------------------------------------------------------
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            open_now = len(self.connections)
+            metrics.connections.set(open_now)
+            if open_now > 2 * limits.max_connections:
+                self._refuse(_Refused(503, "connections", "too many open connections"))
+                return
+            self._over_limit = open_now > limits.max_connections
+            # uvicorn arms its idle timer only after a response: a connection that never sends
+            # a byte would otherwise be held for ever
+            self.timeout_keep_alive_task = self.loop.call_later(
+                limits.keepalive_timeout_s, self.timeout_keep_alive_handler
+            )
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._clear_deadline()
+            super().connection_lost(exc)
+            metrics.connections.set(len(self.connections))
+
+        # -- the head --------------------------------------------------------------------------
+        def data_received(self, data: bytes) -> None:
+            if self._in_head and not self._admit_head_bytes(data):
+                return
+            self._unset_keepalive_if_required()
+            try:
+                self.parser.feed_data(data)
+            except httptools.HttpParserCallbackError as exc:
+                if isinstance(exc.__context__, _Refused):
+                    self._refuse(exc.__context__)
+                else:
+                    self._refuse(_Refused(400, "malformed", "invalid HTTP request"))
+            except httptools.HttpParserUpgrade:
+                self._refuse(_Refused(400, "malformed", "protocol upgrades are not supported"))
+            except httptools.HttpParserError:
+                self._refuse(_Refused(400, "malformed", "invalid HTTP request"))
+
+        def _admit_head_bytes(self, data: bytes) -> bool:
+            """Counts head bytes before parsing; refuses (431) a head that cannot end in time."""
+            if self._head_bytes == 0 and data:
+                self._arm(limits.header_timeout_s, self._head_timed_out)
+            room = limits.max_header_bytes - self._head_bytes
+            if len(data) > room:
+                window = self._head_tail + data[: max(room, 0)]
+                if _END_OF_HEAD not in window:
+                    self._refuse(
+                        _Refused(
+                            431,
+                            "header_bytes",
+                            f"request head exceeds {limits.max_header_bytes} bytes",
+                        )
+                    )
+                    return False
+            self._head_bytes += len(data)
+            self._head_tail = (self._head_tail + data[-3:])[-3:]
+            return True
+
+        def on_header(self, name: bytes, value: bytes) -> None:
+            self._header_count += 1
+            if self._header_count > limits.max_headers:
+                raise _Refused(
+                    431, "header_count", f"request has more than {limits.max_headers} headers"
+                )
+            super().on_header(name, value)
+
+        def on_headers_complete(self) -> None:
+            self._in_head = False
+            self._arm(limits.body_timeout_s, self._body_timed_out)
+            super().on_headers_complete()
+
+        def _start_asgi_task(self, cycle: Any, app: Any) -> None:
+            if self._over_limit:  # answered, not served, and the connection is not kept
+                cycle.keep_alive = False
+                metrics.rejected.labels("connections").inc()
+                app = _too_many_connections
+            super()._start_asgi_task(cycle, app)
+
+        def on_message_complete(self) -> None:
+            self._clear_deadline()
+            super().on_message_complete()
+            self._in_head = True
+            self._head_bytes = 0
+            self._head_tail = b""
+            self._header_count = 0
+
+        # -- deadlines -------------------------------------------------------------------------
+        def _arm(self, delay_s: float, callback: Any) -> None:
+            self._clear_deadline()
+            self._deadline = self.loop.call_later(delay_s, callback)
+
+        def _clear_deadline(self) -> None:
+            if self._deadline is not None:
+                self._deadline.cancel()
+                self._deadline = None
+
+        def _head_timed_out(self) -> None:
+            self._deadline = None
+            if self._in_head and not self.transport.is_closing():
+                message = f"request head not received within {limits.header_timeout_s:g} s"
+                self._refuse(_Refused(408, "header_timeout", message))
+
+        def _body_timed_out(self) -> None:
+            self._deadline = None
+            if self.transport.is_closing():
+                return
+            if self.flow.read_paused:  # the app is not reading yet: not the client's fault
+                self._arm(limits.body_timeout_s, self._body_timed_out)
+                return
+            message = f"request body not received within {limits.body_timeout_s:g} s"
+            self._refuse(_Refused(408, "body_timeout", message))
+
+        # -- refusals --------------------------------------------------------------------------
+        def _refuse(self, refusal: _Refused) -> None:
+            """Answers once (unless a response is under way) and closes the connection."""
+            metrics.rejected.labels(refusal.reason).inc()
+            cycle = self.cycle
+            if cycle is not None and not cycle.response_complete:
+                cycle.disconnected = True  # the app's receive() now sees a disconnect
+                cycle.message_event.set()
+                answered = cycle.response_started
+            else:
+                answered = False
+            if not answered and not self.transport.is_closing():
+                self.transport.write(error_bytes(refusal.status, refusal.message))
+            self._in_head = False
+            self._clear_deadline()
+            self.transport.close()
+
+        def send_400_response(self, msg: str) -> None:
+            self._refuse(_Refused(400, "malformed", msg))
+
+    return BoundedHttpToolsProtocol
+
+
+def raise_fd_limit() -> int:
+    """Raises the soft RLIMIT_NOFILE to the hard one (as nginx's worker_rlimit_nofile does)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 16)
+    if target > soft:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError) as exc:
+            log.warning("could not raise the file-descriptor limit from %d: %s", soft, exc)
+    return soft
+
+
+def serve(settings: Settings) -> None:
+    """Runs the gateway until SIGINT/SIGTERM, then drains accepted requests (30 s at most)."""
+    import uvicorn
+
+    from gateway.app import create_app
+
+    app = create_app(settings)
+    limits = FrontDoorLimits.from_settings(settings, raise_fd_limit())
+    if limits.max_connections < settings.http_max_connections:
+        log.warning(
+            "http_max_connections lowered to %d by the file-descriptor limit",
+            limits.max_connections,
+        )
+    uvicorn.run(
+        app,
+        host=settings.host,
+        port=settings.port,
+        loop="uvloop",
+        http=protocol_class(limits, app.state.metrics),
+        ws="none",
+        lifespan="on",
+        access_log=settings.access_log,
+        proxy_headers=False,
+        server_header=False,
+        log_level=settings.log_level,
+        timeout_keep_alive=int(max(1, round(settings.http_keepalive_timeout_s))),
+        timeout_graceful_shutdown=30,
+        h11_max_incomplete_event_size=settings.http_max_header_bytes,
+    )
