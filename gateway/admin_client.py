@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import datetime
 import json
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -41,3 +43,40 @@ def call(
         raise AdminError(f"{exc.code}: {detail}") from None
     except urllib.error.URLError as exc:
         raise AdminError(f"cannot reach {url}: {exc.reason}") from None
+
+
+def describe_stats(stats: dict[str, Any], now: float | None = None) -> list[str]:
+    """``GET /v2/quarantine/stats`` as lines for a terminal."""
+    quota = stats["quota"]
+    now = time.time() if now is None else now
+
+    def share(used: int, limit: int) -> str:
+        return f"of {limit} ({100 * used / limit:.1f}%)"
+
+    def pairs(counts: dict[str, int]) -> str:
+        return " ".join(f"{k}={v}" for k, v in counts.items()) or "-"
+
+    def when(t: float | None) -> str:
+        if t is None:
+            return "-"
+        stamp = datetime.datetime.fromtimestamp(t, datetime.timezone.utc).isoformat(
+            timespec="seconds"
+        )
+        return f"{stamp} ({(now - t) / 3600:.1f} h ago)"
+
+    clients = " ".join(
+        f"{c['client_id'] if c['client_id'] is not None else '(none)'}={c['records']}"
+        for c in stats["top_clients"]
+    )
+    return [
+        f"records      {stats['records']} {share(stats['records'], quota['max_records'])}",
+        f"bytes        {stats['bytes']} {share(stats['bytes'], quota['max_bytes'])}",
+        f"per client   at most {quota['max_records_per_client']} records",
+        f"over quota   {'YES: new records are dropped' if stats['over_quota'] else 'no'}",
+        f"by status    {pairs(stats['by_status'])}",
+        f"by model     {pairs(stats['by_model'])}",
+        f"oldest       {when(stats['oldest'])}",
+        f"newest       {when(stats['newest'])}",
+        f"top clients  {clients or '-'}",
+        f"dropped      {pairs(stats['dropped'])}",
+    ]

@@ -17,7 +17,7 @@ from gateway.http import InferRoute, install_error_handlers, router
 from gateway.monitoring.metrics import Metrics
 from gateway.monitoring.timeseries import Sampler, read_totals
 from gateway.protocol.codec import Limits
-from gateway.quarantine.sqlite import SQLiteQuarantineStore
+from gateway.quarantine.factory import open_store, retention_sweep
 from gateway.registry import ModelRegistry
 from gateway.repository import ModelRepository
 from gateway.screening.service import ScreeningService
@@ -36,7 +36,7 @@ def create_app(settings: Settings | None = None) -> InferRoute:
 
             torch.set_num_threads(settings.torch_threads)
         registry = ModelRegistry(ModelRepository(settings.model_repository), settings, metrics)
-        store = SQLiteQuarantineStore(settings.quarantine_path)
+        store = open_store(settings)
         screening = ScreeningService(store, metrics)
         registry.on_screening = screening.publish_calibration
         app.state.dataplane = DataPlane(registry, settings, screening)
@@ -46,6 +46,9 @@ def create_app(settings: Settings | None = None) -> InferRoute:
         )
         await registry.load_all()
         sampling = asyncio.create_task(app.state.sampler.run())
+        retention = asyncio.create_task(
+            retention_sweep(store, settings, screening.publish_usage).run()
+        )
         # the loaded models are permanent: keep the collector from rescanning them on every pass
         gc.collect()
         gc.freeze()
@@ -56,6 +59,9 @@ def create_app(settings: Settings | None = None) -> InferRoute:
             with contextlib.suppress(asyncio.CancelledError):
                 await sampling
             await registry.close()
+            retention.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await retention
             store.close()
 
     app = FastAPI(title="Bastion", version=__version__, lifespan=lifespan)

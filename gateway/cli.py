@@ -97,6 +97,21 @@ def quarantine_purge(
     typer.echo(f"purged {_admin(url, token, 'POST', '/v2/quarantine/purge', body=body)['purged']}")
 
 
+@quarantine.command("stats")
+def quarantine_stats(
+    url: Url = "127.0.0.1:8000",
+    token: Token = "",
+    as_json: Annotated[bool, typer.Option("--json", help="Print the raw JSON.")] = False,
+) -> None:
+    """Records by status, model and client; stored bytes; age range; quotas and drops."""
+    import json
+
+    from gateway.admin_client import describe_stats
+
+    stats = _admin(url, token, "GET", "/v2/quarantine/stats")
+    typer.echo(json.dumps(stats, indent=1) if as_json else "\n".join(describe_stats(stats)))
+
+
 @app.command()
 def serve(
     host: Annotated[str | None, typer.Option(help="Address to bind (default: 127.0.0.1).")] = None,

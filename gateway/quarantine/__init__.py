@@ -2,20 +2,36 @@
 
 from gateway.quarantine.sqlite import SQLiteQuarantineStore
 from gateway.quarantine.store import (
+    BYTES_QUOTA,
+    CLIENT_QUOTA,
+    DROP_REASONS,
     QUARANTINED,
+    RECORDS_QUOTA,
     RELEASED,
     STATUSES,
+    Caps,
     NewItem,
     QuarantineRecord,
     QuarantineStore,
+    Quota,
+    Stats,
+    Usage,
 )
 
 __all__ = [
+    "BYTES_QUOTA",
+    "CLIENT_QUOTA",
+    "DROP_REASONS",
     "QUARANTINED",
+    "RECORDS_QUOTA",
     "RELEASED",
     "STATUSES",
+    "Caps",
     "NewItem",
     "QuarantineRecord",
     "QuarantineStore",
+    "Quota",
     "SQLiteQuarantineStore",
+    "Stats",
+    "Usage",
 ]

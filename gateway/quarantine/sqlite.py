@@ -10,6 +10,7 @@ import sqlite3
 import threading
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -17,44 +18,26 @@ from typing import Any
 
 import numpy as np
 
+from gateway.quarantine.schema import MIGRATIONS, SCHEMA_VERSION
 from gateway.quarantine.store import (
+    BYTES_QUOTA,
+    CLIENT_QUOTA,
+    DROP_REASONS,
     QUARANTINED,
+    RECORDS_QUOTA,
     RELEASED,
+    Caps,
     NewItem,
     QuarantineRecord,
+    Quota,
+    Stats,
+    Usage,
+    cap,
     check_page,
     check_status,
 )
 
-MIGRATIONS: tuple[tuple[str, ...], ...] = (
-    (
-        # ``input`` is the last column: SQLite decodes a row left to right, so listing without
-        # the input never walks the blob's overflow pages.
-        """CREATE TABLE quarantine (
-            seq INTEGER PRIMARY KEY,
-            id TEXT NOT NULL UNIQUE,
-            created_at REAL NOT NULL,
-            model TEXT NOT NULL,
-            version TEXT NOT NULL,
-            client_id TEXT,
-            request_id TEXT,
-            image_index INTEGER NOT NULL,
-            scores TEXT NOT NULL,
-            thresholds TEXT NOT NULL,
-            verdict TEXT NOT NULL,
-            status TEXT NOT NULL CHECK (status IN ('quarantined', 'released')),
-            released_at REAL,
-            note TEXT,
-            input BLOB NOT NULL
-        )""",
-        "CREATE INDEX quarantine_model_created ON quarantine (model, created_at)",
-        "CREATE INDEX quarantine_status_created ON quarantine (status, created_at)",
-        "CREATE INDEX quarantine_created ON quarantine (created_at)",
-    ),
-)
-"""Schema steps; ``PRAGMA user_version`` counts how many have been applied. Append, never edit."""
-
-SCHEMA_VERSION = len(MIGRATIONS)
+__all__ = ["SCHEMA_VERSION", "SQLiteQuarantineStore", "decode_array", "encode_array"]
 
 _SUMMARY = (
     "id, created_at, model, version, client_id, request_id, image_index, scores, thresholds, "
@@ -62,6 +45,13 @@ _SUMMARY = (
 )
 _FULL = _SUMMARY + ", input"
 _NEWEST_FIRST = "ORDER BY created_at DESC, seq DESC"
+_INSERT = (
+    "INSERT INTO quarantine (id, created_at, model, version, client_id, request_id, image_index,"
+    " scores, thresholds, verdict, status, input_bytes, input)"
+    f" VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, '{QUARANTINED}', ?, ?)"
+)
+_CLIENT = 4  # position of client_id in an insert row
+_SIZE = 10  # position of input_bytes
 
 
 def encode_array(array: np.ndarray) -> bytes:
@@ -80,9 +70,9 @@ def decode_array(data: bytes) -> np.ndarray:
     return np.load(io.BytesIO(data), allow_pickle=False)
 
 
-def _floats(values: dict[str, float]) -> str:
+def _floats(values: dict[str, float], name_chars: int) -> str:
     """JSON with plain floats: detectors hand over numpy scalars, which ``json`` cannot encode."""
-    return json.dumps({str(k): float(v) for k, v in values.items()})
+    return json.dumps({cap(str(k), name_chars): float(v) for k, v in values.items()})
 
 
 class SQLiteQuarantineStore:
@@ -96,6 +86,11 @@ class SQLiteQuarantineStore:
     at a record that vanished. The cost is one fsync per request that quarantines something,
     which is rare by design.
 
+    Bounds: ``quota`` (see ``Quota``: when full, new records are dropped, old evidence is never
+    evicted) is checked inside the insert transaction, against totals that triggers keep in the
+    database, so threads and other processes on the same file cannot overshoot it together.
+    ``caps`` truncates every stored string (see ``Caps``).
+
     Threads: one connection (``check_same_thread=False``) serialized by a lock, because the
     gateway calls in from ``asyncio.to_thread`` workers. Other processes on the same file are
     safe too: writes take ``BEGIN IMMEDIATE`` and wait up to ``busy_timeout_s`` for the lock.
@@ -108,14 +103,20 @@ class SQLiteQuarantineStore:
         self,
         path: str | os.PathLike[str],
         *,
+        quota: Quota = Quota(),
+        caps: Caps = Caps(),
         busy_timeout_s: float = 5.0,
         clock: Callable[[], float] = time.time,
     ) -> None:
         target = os.fspath(path)
         if target != ":memory:":
             Path(target).parent.mkdir(parents=True, exist_ok=True)
+        self.quota = quota
+        self.caps = caps
         self._clock = clock
         self._lock = threading.Lock()
+        self._dropped: Counter[str] = Counter({reason: 0 for reason in DROP_REASONS})
+        self._refused = False  # a global quota dropped a record since the last deletion
         self._conn = sqlite3.connect(
             target, timeout=busy_timeout_s, isolation_level=None, check_same_thread=False
         )
@@ -150,11 +151,12 @@ class SQLiteQuarantineStore:
                 conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     @contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
+    def _transaction(self, mode: str = "IMMEDIATE") -> Iterator[sqlite3.Connection]:
         """``BEGIN IMMEDIATE`` takes the write lock up front, so a writer in another process
-        waits on ``busy_timeout`` instead of failing halfway with SQLITE_BUSY on lock upgrade."""
+        waits on ``busy_timeout`` instead of failing halfway with SQLITE_BUSY on lock upgrade.
+        Readers use ``DEFERRED``: one consistent snapshot across several statements."""
         conn = self._conn
-        conn.execute("BEGIN IMMEDIATE")
+        conn.execute(f"BEGIN {mode}")
         try:
             yield conn
             conn.execute("COMMIT")
@@ -163,35 +165,63 @@ class SQLiteQuarantineStore:
                 conn.execute("ROLLBACK")
             raise
 
-    def add_many(self, items: Sequence[NewItem]) -> builtins.list[str]:
+    def add_many(self, items: Sequence[NewItem]) -> builtins.list[str | None]:
         now = self._clock()
         rows = [self._row(item, now) for item in items]
         if not rows:
             return []
-        with self._lock, self._transaction() as conn:
-            conn.executemany(
-                "INSERT INTO quarantine (id, created_at, model, version, client_id, request_id,"
-                " image_index, scores, thresholds, verdict, status, input)"
-                f" VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, '{QUARANTINED}', ?)",
-                rows,
-            )
-        return [row[0] for row in rows]
+        with self._lock:
+            with self._transaction() as conn:
+                reasons = self._admit(conn, rows)
+                kept = [row for row, why in zip(rows, reasons, strict=True) if why is None]
+                conn.executemany(_INSERT, kept)
+            for why in reasons:
+                if why is not None:
+                    self._dropped[why] += 1
+                    self._refused |= why != CLIENT_QUOTA
+        return [None if why else row[0] for row, why in zip(rows, reasons, strict=True)]
 
-    @staticmethod
-    def _row(item: NewItem, now: float) -> tuple[Any, ...]:
+    def _admit(self, conn: sqlite3.Connection, rows: Sequence[tuple[Any, ...]]) -> list[str | None]:
+        """The drop reason of each row (``None``: kept), from the totals as they stand inside
+        the caller's write transaction, counting the rows of this batch kept before it."""
+        quota = self.quota
+        records, size = conn.execute("SELECT records, bytes FROM quarantine_totals").fetchone()
+        per_client: dict[str | None, int] = {}
+        reasons: list[str | None] = []
+        for row in rows:
+            client = row[_CLIENT]
+            if client not in per_client:
+                sql = "SELECT COUNT(*) FROM quarantine WHERE client_id IS ?"
+                per_client[client] = conn.execute(sql, (client,)).fetchone()[0]
+            if records >= quota.max_records:
+                reasons.append(RECORDS_QUOTA)
+            elif size + row[_SIZE] > quota.max_bytes:
+                reasons.append(BYTES_QUOTA)
+            elif per_client[client] >= quota.max_records_per_client:
+                reasons.append(CLIENT_QUOTA)
+            else:
+                reasons.append(None)
+                records, size = records + 1, size + row[_SIZE]
+                per_client[client] += 1
+        return reasons
+
+    def _row(self, item: NewItem, now: float) -> tuple[Any, ...]:
         """Encodes outside the lock so one thread's large tensor does not stall the others."""
+        caps = self.caps
+        data = encode_array(item.input)
         return (
             uuid.uuid4().hex,
             now,
-            str(item.model),
-            str(item.version),
-            item.client_id,
-            item.request_id,
+            cap(str(item.model), caps.name_chars),
+            cap(str(item.version), caps.name_chars),
+            cap(item.client_id, caps.client_id_chars),
+            cap(item.request_id, caps.request_id_chars),
             int(item.image_index),
-            _floats(item.scores),
-            _floats(item.thresholds),
-            str(item.verdict),
-            encode_array(item.input),
+            _floats(item.scores, caps.name_chars),
+            _floats(item.thresholds, caps.name_chars),
+            cap(str(item.verdict), caps.name_chars),
+            len(data),
+            data,
         )
 
     def get(self, id: str) -> QuarantineRecord | None:
@@ -203,8 +233,8 @@ class SQLiteQuarantineStore:
 
     def count(self, model: str | None = None, status: str | None = None) -> int:
         where, params = _where(model=model, status=status)
+        sql = f"SELECT COUNT(*) FROM quarantine{where}" if where else _TOTAL_RECORDS
         with self._lock:
-            sql = f"SELECT COUNT(*) FROM quarantine{where}"
             (total,) = self._conn.execute(sql, params).fetchone()
         return int(total)
 
@@ -213,7 +243,7 @@ class SQLiteQuarantineStore:
             conn.execute(
                 "UPDATE quarantine SET status = ?, released_at = ?, note = ?"
                 " WHERE id = ? AND status = ?",
-                (RELEASED, self._clock(), note, id, QUARANTINED),
+                (RELEASED, self._clock(), cap(note, self.caps.note_chars), id, QUARANTINED),
             )
             row = conn.execute(f"SELECT {_FULL} FROM quarantine WHERE id = ?", (id,)).fetchone()
         if row is None:
@@ -229,8 +259,59 @@ class SQLiteQuarantineStore:
         if status is None and older_than is None and ids is None:
             raise ValueError("purge needs at least one of status, older_than, ids")
         where, params = _where(status=status, older_than=older_than, ids=ids)
-        with self._lock, self._transaction() as conn:
-            return conn.execute(f"DELETE FROM quarantine{where}", params).rowcount
+        return self._delete(f"DELETE FROM quarantine{where}", params)
+
+    def expire(self, older_than: float, max_rows: int = 1000) -> int:
+        if max_rows < 1:
+            raise ValueError(f"max_rows must be >= 1, got {max_rows}")
+        return self._delete(
+            "DELETE FROM quarantine WHERE seq IN (SELECT seq FROM quarantine"
+            " WHERE created_at < ? ORDER BY created_at LIMIT ?)",
+            [float(older_than), int(max_rows)],
+        )
+
+    def _delete(self, sql: str, params: Sequence[Any]) -> int:
+        with self._lock:
+            with self._transaction() as conn:
+                deleted = conn.execute(sql, params).rowcount
+            if deleted:
+                self._refused = False
+        return deleted
+
+    def usage(self) -> Usage:
+        with self._lock:
+            records, size = self._conn.execute(
+                "SELECT records, bytes FROM quarantine_totals"
+            ).fetchone()
+            return self._usage(records, size)
+
+    def _usage(self, records: int, size: int) -> Usage:
+        """Needs the lock (reads the drop counters)."""
+        full = records >= self.quota.max_records or size >= self.quota.max_bytes
+        return Usage(records, size, full or self._refused, dict(self._dropped))
+
+    def stats(self, top_clients: int = 10) -> Stats:
+        with self._lock, self._transaction("DEFERRED") as conn:
+            records, size = conn.execute("SELECT records, bytes FROM quarantine_totals").fetchone()
+            by_status = conn.execute("SELECT status, COUNT(*) FROM quarantine GROUP BY status")
+            by_model = conn.execute("SELECT model, COUNT(*) FROM quarantine GROUP BY model")
+            oldest, newest = conn.execute(
+                "SELECT MIN(created_at), MAX(created_at) FROM quarantine"
+            ).fetchone()
+            clients = conn.execute(
+                "SELECT client_id, COUNT(*) AS n FROM quarantine GROUP BY client_id"
+                " ORDER BY n DESC, client_id LIMIT ?",
+                (max(0, top_clients),),
+            )
+            return Stats(
+                usage=self._usage(records, size),
+                quota=self.quota,
+                by_status={QUARANTINED: 0, RELEASED: 0, **dict(by_status.fetchall())},
+                by_model=dict(by_model.fetchall()),
+                oldest=oldest,
+                newest=newest,
+                top_clients=[(client, n) for client, n in clients.fetchall()],
+            )
 
     def pragmas(self) -> dict[str, Any]:
         """The settings in force on this connection, for diagnostics and tests."""
@@ -265,6 +346,9 @@ class SQLiteQuarantineStore:
                 (*params, limit, offset),
             ).fetchall()
         return [_record(row) for row in rows]
+
+
+_TOTAL_RECORDS = "SELECT records FROM quarantine_totals"
 
 
 def _where(

@@ -1,7 +1,8 @@
 """Applies a model's screening policy to one request's rows, after the fused batch ran.
 
 Records verdict and score metrics, stores quarantined inputs durably (the response that names a
-quarantine id is built only after its record is committed), and shapes what the client sees:
+quarantine id is built only after its record is committed; an image whose record a store quota
+drops is withheld all the same, and counted), and shapes what the client sees:
 by default a request with any withheld image is refused whole with 403; a client that sets the
 request parameter ``screening_report`` gets per-image verdicts and scores as extra outputs, with
 NaN in place of every withheld image's prediction.
@@ -18,7 +19,8 @@ from gateway.backends import COMBINED, SCORES
 from gateway.errors import Blocked
 from gateway.monitoring.metrics import Metrics
 from gateway.protocol.types import InferRequest, OutputTensor
-from gateway.quarantine.store import NewItem, QuarantineStore
+from gateway.quarantine.retention import UsageMetrics
+from gateway.quarantine.store import NewItem, QuarantineStore, Usage
 from gateway.screening.calibration import Calibration
 from gateway.screening.pipeline import ScreenedClassifier
 from gateway.screening.policy import Decision, decide
@@ -31,15 +33,17 @@ SCORES_OUTPUT = "screening_scores"
 @dataclass
 class Screened:
     decision: Decision
-    quarantine_ids: dict[int, str]
+    quarantine_ids: dict[int, str]  # only the stored ones: a quota may drop a record
     scores: np.ndarray  # (n, D + 1): detectors, then the combined score
     columns: tuple[str, ...]
+    quarantine_dropped: int = 0  # quarantined images whose record a quota dropped (withheld)
 
 
 class ScreeningService:
     def __init__(self, store: QuarantineStore, metrics: Metrics) -> None:
         self.store = store
         self.metrics = metrics
+        self.publish_usage = UsageMetrics(metrics)
 
     def publish_calibration(self, model: str, version: str, job: ScreenedClassifier) -> None:
         """Publishes the calibrated clean flag rate (the alert baseline), never a threshold:
@@ -66,6 +70,7 @@ class ScreeningService:
         columns = (*(d.name for d in job.detectors), "combined")
         self._observe(model, version, columns, scores, decision)
         ids: dict[int, str] = {}
+        dropped = 0
         if decision.quarantined:
             items = [
                 _item(
@@ -82,9 +87,16 @@ class ScreeningService:
                 )
                 for i in decision.quarantined
             ]
-            stored = await asyncio.to_thread(self.store.add_many, items)
-            ids = dict(zip(decision.quarantined, stored, strict=True))
-        return Screened(decision, ids, np.column_stack([scores, combined]), columns)
+            stored, usage = await asyncio.to_thread(self._store, items)
+            pairs = zip(decision.quarantined, stored, strict=True)
+            ids = {i: id_ for i, id_ in pairs if id_ is not None}
+            dropped = len(stored) - len(ids)
+            self.publish_usage(usage)
+        return Screened(decision, ids, np.column_stack([scores, combined]), columns, dropped)
+
+    def _store(self, items: list[NewItem]) -> tuple[list[str | None], Usage]:
+        """Off the event loop: the write, then the usage the metrics mirror (one O(1) read)."""
+        return self.store.add_many(items), self.store.usage()
 
     def _observe(
         self,
@@ -144,6 +156,8 @@ def refuse_if_withheld(screened: Screened, request: InferRequest) -> None:
     )
     if ids:
         message += f"; quarantine ids {ids}"
+    if screened.quarantine_dropped:
+        message += f"; {screened.quarantine_dropped} not stored (quarantine quota)"
     raise Blocked(
         message,
         {
@@ -151,6 +165,7 @@ def refuse_if_withheld(screened: Screened, request: InferRequest) -> None:
             "withheld": decision.withheld,
             "reason": "adversarial",
             "quarantine_ids": ids,
+            "quarantine_dropped": screened.quarantine_dropped,
         },
     )
 
