@@ -7,16 +7,20 @@ tree is metered. Servers run in turn, never together, so each has the machine to
 load generator, whose CPU cost is reported too). Everything started is stopped, also on errors.
 
 Run: ``python -m benchmarks.serving [--duration 20] [--users 16,64]
-[--servers bastion,plain,pytriton] [--out benchmarks/results]``.
+[--servers bastion,plain,pytriton] [--out benchmarks/results]``. ``--servers
+bastion,bastion-baseline --baseline-ref REF`` also serves Bastion as it was at git REF (from a
+worktree), to measure a change against the code before it in one run.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import shlex
 import shutil
+import subprocess
 import sys
 import urllib.request
 from collections.abc import Callable
@@ -86,6 +90,31 @@ def launch_bastion(
 def launch_bastion_without_drift(port: int, layout_flags: list[str], workdir: Path) -> Launch:
     """The cost of drift monitoring: the same server with its monitor off."""
     return launch_bastion(port, layout_flags, workdir, drift=False)
+
+
+def launch_bastion_at(port: int, layout_flags: list[str], workdir: Path, ref: str) -> Launch:
+    """Bastion as it was at git ``ref``, from a worktree of this checkout (same settings)."""
+    source = workdir / "source"
+    subprocess.run(
+        ["git", "-C", str(REPO_ROOT), "worktree", "remove", "--force", str(source)],
+        capture_output=True,
+        check=False,
+    )
+    subprocess.run(
+        ["git", "-C", str(REPO_ROOT), "worktree", "add", "--detach", str(source), ref],
+        capture_output=True,
+        check=True,
+    )
+    launch = launch_bastion(port, layout_flags, workdir)
+    command = [sys.executable, "-m", "gateway", *launch.command[1:]]
+    env = {**launch.env, "PYTHONPATH": f"{source}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    commit = subprocess.run(
+        ["git", "-C", str(source), "rev-parse", "--short", "HEAD"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    return Launch(command, env, launch.metrics_url, f"bastion at {commit}")
 
 
 def launch_bastion_screened(port: int, layout_flags: list[str], workdir: Path) -> Launch:
@@ -247,7 +276,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--quiet-wait", type=float, default=120, help="seconds to wait for other load to pass"
     )
+    parser.add_argument(
+        "--baseline-ref", help="git ref that server 'bastion-baseline' is served from"
+    )
     args = parser.parse_args(argv)
+    if args.baseline_ref:
+        LAUNCHERS["bastion-baseline"] = lambda port, flags, workdir: launch_bastion_at(
+            port, flags, workdir, args.baseline_ref
+        )
     args.users = [int(users) for users in args.users.split(",")]
     args.servers = [name.strip() for name in args.servers.split(",")]
     unknown = set(args.servers) - set(LAUNCHERS)

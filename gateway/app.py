@@ -11,12 +11,13 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from gateway import __version__, admin, dashboard
+from gateway import __version__, admin, dashboard, openapi
+from gateway.asgi import Gateway
 from gateway.dataplane import DataPlane
-from gateway.http import InferRoute, install_error_handlers, router
+from gateway.decode_pool import DecodePool
+from gateway.http import install_error_handlers, router
 from gateway.monitoring.metrics import Metrics
 from gateway.monitoring.timeseries import Sampler, read_totals
-from gateway.protocol.codec import Limits
 from gateway.quarantine.factory import open_store, retention_sweep
 from gateway.registry import ModelRegistry
 from gateway.repository import ModelRepository
@@ -24,8 +25,9 @@ from gateway.screening.service import ScreeningService
 from gateway.settings import Settings
 
 
-def create_app(settings: Settings | None = None) -> InferRoute:
-    """The ASGI app: the inference fast path in front of the FastAPI app (``.app``)."""
+def create_app(settings: Settings | None = None) -> Gateway:
+    """The ASGI app: front-door checks and the inference fast path in front of the FastAPI app
+    (``.app``)."""
     settings = settings or Settings()
     metrics = Metrics()
 
@@ -39,7 +41,10 @@ def create_app(settings: Settings | None = None) -> InferRoute:
         store = open_store(settings)
         screening = ScreeningService(store, metrics)
         registry.on_screening = screening.publish_calibration
-        app.state.dataplane = DataPlane(registry, settings, screening)
+        decoder = DecodePool(
+            settings.decode_workers, settings.decode_queue_size, settings.decode_budget_ms, metrics
+        )
+        app.state.dataplane = DataPlane(registry, settings, screening, decoder)
         app.state.sampler = Sampler(
             lambda: read_totals(time.time(), metrics, [m.stats for m in registry.loaded()]),
             settings.dashboard_interval_s,
@@ -59,6 +64,7 @@ def create_app(settings: Settings | None = None) -> InferRoute:
             with contextlib.suppress(asyncio.CancelledError):
                 await sampling
             await registry.close()
+            decoder.close()
             retention.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await retention
@@ -67,11 +73,9 @@ def create_app(settings: Settings | None = None) -> InferRoute:
     app = FastAPI(title="Bastion", version=__version__, lifespan=lifespan)
     app.state.settings = settings
     app.state.metrics = metrics
-    app.state.limits = Limits(
-        settings.max_body_bytes, settings.max_json_bytes, settings.max_elements
-    )
     app.include_router(router)
     app.include_router(admin.router)
     app.include_router(dashboard.router)
+    openapi.install(app)
     install_error_handlers(app, metrics)
-    return InferRoute(app)
+    return Gateway(app)

@@ -127,9 +127,7 @@ def serve(
     """Serve the model repository over KServe v2 HTTP."""
     import os
 
-    import uvicorn
-
-    from gateway.app import create_app
+    from gateway.server import serve as run_server
     from gateway.settings import Settings
 
     if config is not None:
@@ -144,17 +142,7 @@ def serve(
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    uvicorn.run(
-        create_app(settings),
-        host=settings.host,
-        port=settings.port,
-        loop="uvloop",
-        http="httptools",
-        access_log=settings.access_log,
-        proxy_headers=False,
-        log_level=settings.log_level,
-        timeout_graceful_shutdown=30,
-    )
+    run_server(settings)
 
 
 @app.command()

@@ -16,6 +16,7 @@ from hypothesis.extra import numpy as hnp
 
 from gateway.errors import InvalidInput, PayloadTooLarge
 from gateway.protocol.codec import (
+    InputBound,
     Limits,
     RawInput,
     compress,
@@ -224,3 +225,64 @@ def test_json_uint64_above_int64_range_decodes_exactly() -> None:
     body, size = client_body(array, binary=False)
     (tensor,) = decode_request(body, size, LIMITS).inputs
     np.testing.assert_array_equal(tensor.data, array)
+
+
+BOUNDED = Limits(
+    inputs={"images": InputBound("FP32", max_rows=64, max_elements=64 * 784)},
+    max_request_id_chars=16,
+)
+
+
+def binary_header(name: str, datatype: str, shape: list[int], size: object) -> bytes:
+    return orjson.dumps(
+        {"inputs": [{"name": name, "datatype": datatype, "shape": shape,
+                     "parameters": {"binary_data_size": size}}]}
+    )
+
+
+@pytest.mark.parametrize(
+    ("datatype", "shape", "message"),
+    [
+        ("BYTES", [16_000_000], "batch size 16000000 is outside 1..64"),
+        ("BYTES", [64, 2], "at most 64 per request"),
+        ("FP32", [65, 1, 28, 28], "batch size 65 is outside 1..64"),
+        ("FP32", [1, 1, 28, 28 * 65], "at most 50176 per request"),
+    ],
+)
+def test_a_tensor_larger_than_the_model_takes_is_refused_before_its_data_is_read(
+    datatype: str, shape: list[int], message: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import gateway.protocol.codec as codec
+
+    def must_not_split(*args: object) -> None:
+        raise AssertionError("BYTES data was split before the element count was checked")
+
+    monkeypatch.setattr(codec, "_split_bytes", must_not_split)
+    header = binary_header("images", datatype, shape, 0)
+    with pytest.raises(InvalidInput, match=message):
+        decode_request(header, str(len(header)), BOUNDED)
+
+
+def test_a_binary_data_size_of_null_is_an_invalid_input_not_a_crash() -> None:
+    header = binary_header("images", "FP32", [1, 1, 28, 28], None)
+    with pytest.raises(InvalidInput, match="binary_data_size"):
+        decode_request(header, str(len(header)), BOUNDED)
+
+
+def test_a_request_id_over_the_limit_is_refused() -> None:
+    body = orjson.dumps({"id": "x" * 17, "inputs": [
+        {"name": "images", "datatype": "FP32", "shape": [1], "data": [0.5]}]})
+    with pytest.raises(InvalidInput, match="over the limit of 16"):
+        decode_request(body, None, BOUNDED)
+
+
+def test_splitting_bytes_elements_stops_at_the_decode_budget() -> None:
+    import time
+
+    from gateway.protocol.budget import budget
+
+    count = 10_000
+    raw = struct.pack("<I", 0) * count
+    header = binary_header("s", "BYTES", [count], len(raw))
+    with budget(time.monotonic() - 1, 5), pytest.raises(PayloadTooLarge, match="decode budget"):
+        decode_request(header + raw, str(len(header)), LIMITS)

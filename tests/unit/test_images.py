@@ -60,3 +60,24 @@ def test_huge_image_is_refused_from_its_header() -> None:
 def test_broken_or_foreign_images_are_invalid_input(data: bytes, message: str) -> None:
     with pytest.raises(InvalidInput, match=message):
         decode_image(data, "L", 1 << 20, 1 << 20, "x[0]")
+
+
+def test_an_image_of_the_wrong_size_is_refused_from_its_header_alone() -> None:
+    """A PNG whose header says 4096x4096 but whose pixel data is garbage: refused for its size,
+    so no pixel was decoded (decoding would have failed on the garbage instead)."""
+    header = encode(np.zeros((4096, 4096), dtype=np.uint8))
+    idat = header.index(b"IDAT")
+    garbage = header[: idat + 4] + b"\x00" * 64  # truncated, undecodable pixel data
+    with pytest.raises(InvalidInput, match="is 4096x4096, the model expects 28x28"):
+        decode_images(np.array([garbage], dtype=object), (1, 28, 28), 1 << 20, 1 << 30, "x")
+
+
+def test_decoding_a_batch_of_images_stops_at_the_decode_budget() -> None:
+    import time
+
+    from gateway.errors import PayloadTooLarge
+    from gateway.protocol.budget import budget
+
+    items = np.array([encode(np.zeros((28, 28), dtype=np.uint8))] * 4, dtype=object)
+    with budget(time.monotonic() - 1, 5), pytest.raises(PayloadTooLarge, match="decode budget"):
+        decode_images(items, (1, 28, 28), 1 << 20, 1 << 20, "x")
