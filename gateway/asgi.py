@@ -101,9 +101,9 @@ class Gateway:
         body = {**exc.body(), "error": clip(exc.message)}
         return exc.status, [(b"content-type", _JSON)], orjson.dumps(body)
 
-    async def _infer(self, match: re.Match[str], scope: Scope, receive: Receive) -> tuple[
-        int, Headers, bytes
-    ]:
+    async def _infer(
+        self, match: re.Match[str], scope: Scope, receive: Receive
+    ) -> tuple[int, Headers, bytes]:
         plane: DataPlane = self.state.dataplane
         model, version = match.group(1), parse_version(match.group(2))
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
@@ -133,8 +133,7 @@ class Gateway:
                 )
             if _CLIENT_ID.fullmatch(client_id) is None:
                 raise InvalidInput(
-                    f"header {settings.client_id_header} may hold only letters, digits and "
-                    "._:@/+=-"
+                    f"header {settings.client_id_header} may hold only letters, digits and ._:@/+=-"
                 )
         elif scope.get("client"):
             client_id = str(scope["client"][0])
@@ -145,9 +144,9 @@ class Gateway:
         return Caller(client_id, scopes)
 
 
-def _http_decoder(body: bytes, headers: dict[str, str]) -> Callable[
-    [RawInput | None, Limits], InferRequest
-]:
+def _http_decoder(
+    body: bytes, headers: dict[str, str]
+) -> Callable[[RawInput | None, Limits], InferRequest]:
     """The HTTP body's parser, for the data plane to run in the decode pool."""
     header_length = headers.get("inference-header-content-length")
     encoding = headers.get("content-encoding")

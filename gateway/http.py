@@ -99,8 +99,13 @@ async def model_metadata(request: Request, model: str, version: str | None = Non
     return json_response(plane(request).model_metadata(model, parse_version(version)))
 
 
-@router.get("/v2/models/{model}/ready", responses=MODEL_ERRORS)
-@router.get("/v2/models/{model}/versions/{version}/ready", responses=MODEL_ERRORS)
+_READY = {200: {"description": "Ready"}, **MODEL_ERRORS}
+
+
+@router.get("/v2/models/{model}/ready", response_class=Response, responses=_READY)
+@router.get(
+    "/v2/models/{model}/versions/{version}/ready", response_class=Response, responses=_READY
+)
 async def model_ready(request: Request, model: str, version: str | None = None) -> Response:
     plane(request).registry.get(model, parse_version(version))
     return Response(status_code=200)

@@ -71,9 +71,7 @@ def _infer_operation(versioned: bool) -> dict[str, Any]:
                 "required": True,
                 "content": {
                     "application/json": {"schema": _ref("InferenceRequest")},
-                    "application/octet-stream": {
-                        "schema": {"type": "string", "format": "binary"}
-                    },
+                    "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
                 },
             },
             "responses": {
@@ -125,7 +123,29 @@ def build(app: FastAPI, include_admin: bool) -> dict[str, Any]:
     models.append((InferenceResponse, "serialization"))
     _, defs = models_json_schema(models, ref_template=_REF)
     doc.setdefault("components", {}).setdefault("schemas", {}).update(defs["$defs"])
+    _prune_schemas(doc)
     return doc
+
+
+def _prune_schemas(doc: dict[str, Any]) -> None:
+    """Drops component schemas no remaining operation reaches (the admin bodies, in public)."""
+    schemas = doc["components"]["schemas"]
+    reached: set[str] = set()
+    pending = [doc["paths"]]
+    while pending:
+        node = pending.pop()
+        if isinstance(node, dict):
+            ref = node.get("$ref")
+            if isinstance(ref, str) and ref.startswith("#/components/schemas/"):
+                name = ref.rsplit("/", 1)[1]
+                if name not in reached and name in schemas:
+                    reached.add(name)
+                    pending.append(schemas[name])
+            pending.extend(node.values())
+        elif isinstance(node, list):
+            pending.extend(node)
+    for name in set(schemas) - reached:
+        del schemas[name]
 
 
 def install(app: FastAPI) -> None:
