@@ -23,6 +23,16 @@ from dataclasses import dataclass, field
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 MAX_BODY_BYTES = 64 << 20  # the gateway's default max_body_bytes
+
+
+def model_limits(model: str = "digits") -> tuple[int, int]:
+    """(body bytes, encoded image bytes) the gateway allows for a bundled model by default."""
+    from gateway.limits import model_limits as limits_of
+    from gateway.repository import ModelRepository
+    from gateway.settings import DEFAULT_REPOSITORY, Settings
+
+    limits = limits_of(ModelRepository(DEFAULT_REPOSITORY).config(model), Settings())
+    return limits.codec.max_body_bytes, limits.images.max_bytes
 _U32 = struct.Struct("<I")
 
 
@@ -99,9 +109,8 @@ def gzip_bomb(inflated_bytes: int) -> tuple[bytes, dict[str, str]]:
 
 
 def json_strings(json_bytes: int = 16 << 20) -> tuple[bytes, dict[str, str]]:
-    """A JSON body just under the 16 MiB JSON limit: one BYTES input of shape [1] whose data
-    is about 5.6 M empty strings. It passes every check made before parsing, and parsing alone
-    builds millions of Python objects."""
+    """A JSON body of ``json_bytes``: one BYTES input of shape [1] whose data is about
+    ``json_bytes / 3`` empty strings. Parsing it alone builds that many Python objects."""
     prefix = b'{"inputs":[{"name":"images","datatype":"BYTES","shape":[1],"data":['
     suffix = b"]}]}"
     count = (json_bytes - len(prefix) - len(suffix) + 1) // 3

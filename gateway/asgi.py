@@ -22,11 +22,12 @@ from typing import Any
 
 import orjson
 from fastapi import FastAPI
+from starlette.exceptions import HTTPException
 from starlette.types import Message, Receive, Scope, Send
 
 from gateway.dataplane import SCREENING_REPORT_SCOPE, DataPlane
 from gateway.errors import BastionError, InvalidInput, PayloadTooLarge, Unavailable
-from gateway.http import clip, token_matches
+from gateway.http import HEALTH_PATHS, clip, token_matches
 from gateway.protocol.codec import Limits, RawInput, compress, decode_infer_body, encode_response
 from gateway.protocol.types import Caller, InferRequest
 from gateway.repository import parse_version
@@ -35,7 +36,6 @@ log = logging.getLogger(__name__)
 _JSON = b"application/json"
 _BINARY = b"application/octet-stream"
 MAX_CONTROL_BODY_BYTES = 64 << 10
-_HEALTH = frozenset({"/v2/health/live", "/v2/health/ready"})
 _CLIENT_ID = re.compile(r"[A-Za-z0-9._:@/+=-]+")
 Headers = list[tuple[bytes, bytes]]
 
@@ -51,7 +51,7 @@ class Gateway:
         self._in_flight = 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in _HEALTH:
+        if scope["type"] != "http" or scope["path"] in HEALTH_PATHS:
             await self.app(scope, receive, send)
             return
         settings = self.state.settings
@@ -108,8 +108,9 @@ class Gateway:
         model, version = match.group(1), parse_version(match.group(2))
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
         caller = self._caller(plane, headers, scope)
-        plane.registry.get(model, version)  # 404/503 before reading a body for nothing
-        body = await _receive_body(receive, headers, plane.settings.max_body_bytes)
+        # 404/503, or 413 past what this model could take, before reading a body for nothing
+        limits = plane.limits(plane.registry.get(model, version)).codec
+        body = await _receive_body(receive, headers, limits.max_body_bytes)
         response = await plane.infer(model, version, _http_decoder(body, headers), caller)
         payload, json_size = encode_response(response)
         out = [(b"content-type", _JSON if json_size is None else _BINARY)]
@@ -157,24 +158,33 @@ def _http_decoder(
     return decode
 
 
-async def _receive_body(receive: Receive, headers: dict[str, str], limit: int) -> bytes:
-    """Reads an ASGI body without ever holding more than ``limit`` bytes."""
-    length = headers.get("content-length")
-    if length is not None and _declared_length(length.encode()) > limit:
-        raise PayloadTooLarge(f"request body of {length} bytes exceeds the limit of {limit}")
-    chunks: list[bytes] = []
+async def _receive_body(receive: Receive, headers: dict[str, str], limit: int) -> bytearray:
+    """Reads an ASGI body without ever holding more than ``limit`` bytes.
+
+    Each chunk is copied into one buffer as it arrives (sized from Content-Length when there is
+    one): joining a 64 MiB list at the end would be one long copy holding the GIL, on the loop.
+    """
+    declared = _declared_length(headers.get("content-length", "").encode())
+    if declared > limit:
+        raise PayloadTooLarge(f"request body of {declared} bytes exceeds the limit of {limit}")
+    body = bytearray(declared) if declared > 0 else bytearray()
     size = 0
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
             raise InvalidInput("client disconnected before sending the whole body")
         chunk = message.get("body", b"")
-        size += len(chunk)
-        if size > limit:
+        end = size + len(chunk)
+        if end > limit:
             raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes")
-        chunks.append(chunk)
+        if end <= len(body):
+            body[size:end] = chunk
+        else:
+            body[size:] = chunk  # no (or a wrong) Content-Length: grow
+        size = end
         if not message.get("more_body", False):
-            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+            del body[size:]
+            return body
 
 
 def _declared_length(value: bytes) -> int:
@@ -191,7 +201,11 @@ def _capped(receive: Receive, limit: int) -> Callable[[], Any]:
         message = await receive()
         seen += len(message.get("body", b""))
         if seen > limit:
-            raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes for this route")
+            # an HTTPException: FastAPI turns any other error raised while it reads a body
+            # into a 400 "error parsing the body"
+            raise HTTPException(
+                413, f"request body exceeds the limit of {limit} bytes for this route"
+            )
         return message
 
     return capped

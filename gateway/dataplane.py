@@ -7,7 +7,6 @@ never on the event loop. Everything a request means happens here.
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable
 from functools import partial
@@ -18,8 +17,9 @@ import numpy as np
 from gateway import __version__
 from gateway.decode_pool import DecodePool
 from gateway.errors import BastionError, Forbidden, InvalidInput
-from gateway.inputs import ImageLimits, prepare_inputs
-from gateway.protocol.codec import InputBound, Limits, RawInput
+from gateway.inputs import prepare_inputs
+from gateway.limits import ModelLimits, model_limits
+from gateway.protocol.codec import Limits, RawInput
 from gateway.protocol.types import (
     Caller,
     InferRequest,
@@ -70,7 +70,6 @@ class DataPlane:
         self.settings = settings
         self.screening = screening
         self.decoder = decoder
-        self._images = ImageLimits(settings.max_image_bytes, settings.max_image_pixels)
 
     def server_metadata(self) -> dict[str, Any]:
         return {"name": "bastion", "version": __version__, "extensions": EXTENSIONS}
@@ -118,11 +117,11 @@ class DataPlane:
             }
         return {"enabled": True, **model.drift.snapshot()}
 
-    def limits(self, model: LoadedModel) -> Limits:
-        """The codec limits for one model version: the global ones and what each input takes."""
-        if model.codec_limits is None:
-            model.codec_limits = _model_limits(model.config, self.settings)
-        return model.codec_limits
+    def limits(self, model: LoadedModel) -> ModelLimits:
+        """What one model version can take (computed once per loaded version)."""
+        if model.limits is None:
+            model.limits = model_limits(model.config, self.settings)
+        return model.limits
 
     async def infer(
         self, name: str, version: int | None, decode: Decoder, caller: Caller
@@ -156,7 +155,8 @@ class DataPlane:
         if len(config.inputs) == 1:
             spec = config.inputs[0]
             raw = RawInput(spec.name, spec.datatype, spec.dims)
-        request = decode(raw, self.limits(model))
+        limits = self.limits(model)
+        request = decode(raw, limits.codec)
         request.client_id = caller.client_id
         if (
             request.parameters.get(REPORT_PARAMETER) is not None
@@ -167,7 +167,7 @@ class DataPlane:
                 f"request parameter {REPORT_PARAMETER!r} needs the admin token "
                 "('Authorization: Bearer <admin token>')"
             )
-        arrays, rows = prepare_inputs(config, request, self._images)
+        arrays, rows = prepare_inputs(config, request, limits.images)
         return request, arrays, rows
 
     async def _screen(
@@ -204,22 +204,6 @@ def _attach_screening(response: InferResponse, screened: Screened, request: Infe
         binary = request.binary_output
         report_outputs(screened, response.outputs, binary)
         response.parameters["screening_scores_columns"] = ",".join(screened.columns)
-
-
-def _model_limits(config: ModelConfig, settings: Settings) -> Limits:
-    bounds = {}
-    for spec in config.inputs:
-        row = math.prod(spec.dims) if all(d > 0 for d in spec.dims) else 0
-        bounds[spec.name] = InputBound(
-            spec.datatype, config.max_batch_size, config.max_batch_size * row
-        )
-    return Limits(
-        settings.max_body_bytes,
-        settings.max_json_bytes,
-        settings.max_elements,
-        settings.max_request_id_chars,
-        bounds,
-    )
 
 
 def _tensor_metadata(spec: TensorSpec, config: ModelConfig) -> dict[str, Any]:

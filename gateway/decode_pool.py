@@ -17,9 +17,9 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TypeVar
 
-from gateway.errors import PayloadTooLarge, Unavailable
+from gateway.errors import Unavailable
 from gateway.monitoring.metrics import Metrics
-from gateway.protocol.budget import run_within
+from gateway.protocol.budget import DecodeBudgetExceeded, run_within
 
 T = TypeVar("T")
 
@@ -60,7 +60,7 @@ class DecodePool:
         job.add_done_callback(self._release)
         try:
             return await asyncio.wrap_future(job)
-        except PayloadTooLarge:
+        except DecodeBudgetExceeded:
             self._metrics.rejected.labels("decode_budget").inc()
             raise
 

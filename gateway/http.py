@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 router = APIRouter(responses=FRONT_DOOR)
 _JSON = "application/json"
 MAX_MESSAGE_CHARS = 1024
+HEALTH_PATHS = frozenset({"/v2/health/live", "/v2/health/ready"})
 MODEL_ERRORS: dict[int | str, dict[str, Any]] = {
     400: error("A malformed model version or parameter."),
     404: error("No such model or version."),

@@ -41,7 +41,7 @@ class LoadedModel:
     observer: ModelObserver
     screening_action: str = "allow"  # what an adversarial verdict does; admins may tighten it
     drift: DriftMonitor | None = None
-    codec_limits: Any = None  # the data plane's cached ``Limits`` for this version's inputs
+    limits: Any = None  # the data plane's cached ``ModelLimits`` of this version
 
     @property
     def stats(self) -> ModelStats:

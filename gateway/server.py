@@ -10,8 +10,8 @@ path stays as it is (benchmarks/RESULTS.md). Each limit is a setting:
   parser, so an oversized header never costs more than the limit to receive: 431;
 - head read time from its first byte, and body read time from the end of the head: 408;
 - idle time of a connection, a new one that sends nothing included: closed;
-- open connections: past the limit a connection's request is answered 503, and past twice the
-  limit (or the file-descriptor reserve) it is closed at once.
+- open connections: past the limit a connection's request is answered 503 (a health check is
+  still served) and the connection closed, and past twice the limit it is closed at once.
 
 Every refusal is a v2 error body (``{"error": ...}``) with ``Connection: close``, and is counted
 in ``bastion_http_rejected_total{reason}``. RFC 9110 §15.5.9 (408), RFC 6585 §5 (431).
@@ -29,6 +29,7 @@ import httptools
 import orjson
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
+from gateway.http import HEALTH_PATHS
 from gateway.monitoring.metrics import Metrics
 from gateway.settings import Settings
 
@@ -177,10 +178,12 @@ def protocol_class(limits: FrontDoorLimits, metrics: Metrics) -> type[HttpToolsP
             super().on_headers_complete()
 
         def _start_asgi_task(self, cycle: Any, app: Any) -> None:
-            if self._over_limit:  # answered, not served, and the connection is not kept
+            # a liveness probe on a new connection is served while a flood holds the others
+            if self._over_limit:  # the connection is not kept; only a health check is served
                 cycle.keep_alive = False
-                metrics.rejected.labels("connections").inc()
-                app = _too_many_connections
+                if cycle.scope.get("path") not in HEALTH_PATHS:
+                    metrics.rejected.labels("connections").inc()
+                    app = _too_many_connections
             super()._start_asgi_task(cycle, app)
 
         def on_message_complete(self) -> None:

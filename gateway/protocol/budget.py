@@ -20,11 +20,15 @@ T = TypeVar("T")
 _local = threading.local()
 
 
+class DecodeBudgetExceeded(PayloadTooLarge):
+    """A request that costs more than its decode budget (413, like a body over a size limit)."""
+
+
 def checkpoint() -> None:
-    """Raises ``PayloadTooLarge`` when this thread's decode job is past its budget."""
+    """Raises ``DecodeBudgetExceeded`` when this thread's decode job is past its budget."""
     deadline = getattr(_local, "deadline", None)
     if deadline is not None and time.monotonic() > deadline:
-        raise PayloadTooLarge(
+        raise DecodeBudgetExceeded(
             f"request took more than its decode budget of {_local.budget_ms} ms to decode"
         )
 

@@ -202,12 +202,6 @@ def test_a_1_mib_body_to_an_admin_route_is_refused_413(
     assert_live(probes)
 
 
-@pytest.mark.xfail(
-    reason="gateway bug: gateway/asgi.py _capped raises PayloadTooLarge inside FastAPI's body "
-    "parsing, which turns any exception but HTTPException into 400 'There was an error "
-    "parsing the body'",
-    strict=True,
-)
 def test_a_chunked_1_mib_body_to_an_admin_route_is_refused_413(server: ServerProcess) -> None:
     chunk = b"x" * (64 << 10)
     chunks = b"".join(b"%x\r\n%s\r\n" % (len(chunk), chunk) for _ in range(16)) + b"0\r\n\r\n"
