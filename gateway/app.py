@@ -70,7 +70,11 @@ def create_app(settings: Settings | None = None) -> Gateway:
                 await retention
             store.close()
 
-    app = FastAPI(title="Bastion", version=__version__, lifespan=lifespan)
+    # no /docs or /redoc: FastAPI's pages load their scripts from a CDN, which a security
+    # gateway should not serve and an air-gapped host cannot reach; /openapi.json stays
+    app = FastAPI(
+        title="Bastion", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None
+    )
     app.state.settings = settings
     app.state.metrics = metrics
     app.include_router(router)

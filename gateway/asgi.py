@@ -8,9 +8,8 @@ resolution halves the gateway's own CPU per request (benchmarks/RESULTS.md). Her
 2. every other request counts against ``max_requests_in_flight`` (past it: 503 at once);
 3. ``POST .../infer`` reads its body (at most ``max_body_bytes``) on the event loop — only
    bytes — and hands the data plane a decoder that runs in the decode pool;
-4. anything else goes to FastAPI with its body capped at ``MAX_CONTROL_BODY_BYTES``: admin and
-   control bodies are small, and FastAPI parses a JSON body on the event loop before a route's
-   own checks (the admin token included) run.
+4. anything else goes to FastAPI with its body capped at ``max_control_body_bytes``: admin and
+   control bodies are small, and FastAPI parses a JSON body on the event loop.
 """
 
 from __future__ import annotations
@@ -35,8 +34,7 @@ from gateway.repository import parse_version
 log = logging.getLogger(__name__)
 _JSON = b"application/json"
 _BINARY = b"application/octet-stream"
-MAX_CONTROL_BODY_BYTES = 64 << 10
-_CLIENT_ID = re.compile(r"[A-Za-z0-9._:@/+=-]+")
+_CLIENT_ID = re.compile(r"[A-Za-z0-9._~:@/+=-]+")
 Headers = list[tuple[bytes, bytes]]
 
 
@@ -80,15 +78,16 @@ class Gateway:
             self.state.metrics.in_flight.set(self._in_flight)
 
     async def _control(self, scope: Scope, receive: Receive, send: Send) -> None:
+        limit = self.state.settings.max_control_body_bytes
         for name, value in scope["headers"]:
-            if name == b"content-length" and _declared_length(value) > MAX_CONTROL_BODY_BYTES:
+            if name == b"content-length" and _declared_length(value) > limit:
+                self.state.metrics.rejected.labels("control_body").inc()
                 too_large = PayloadTooLarge(
-                    f"request body exceeds the limit of {MAX_CONTROL_BODY_BYTES} bytes "
-                    "for this route"
+                    f"request body exceeds the limit of {limit} bytes for this route"
                 )
                 await self._answer(send, *self._error(too_large))
                 return
-        await self.app(scope, _capped(receive, MAX_CONTROL_BODY_BYTES), send)
+        await self.app(scope, _capped(receive, limit), send)
 
     @staticmethod
     async def _answer(send: Send, status: int, headers: Headers, payload: bytes) -> None:
@@ -107,10 +106,14 @@ class Gateway:
         plane: DataPlane = self.state.dataplane
         model, version = match.group(1), parse_version(match.group(2))
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
-        caller = self._caller(plane, headers, scope)
         # 404/503, or 413 past what this model could take, before reading a body for nothing
         limits = plane.limits(plane.registry.get(model, version)).codec
-        body = await _receive_body(receive, headers, limits.max_body_bytes)
+        caller = self._caller(plane, headers, scope)
+        try:
+            body = await _receive_body(receive, headers, limits.max_body_bytes)
+        except PayloadTooLarge:
+            self.state.metrics.rejected.labels("body_bytes").inc()
+            raise
         response = await plane.infer(model, version, _http_decoder(body, headers), caller)
         payload, json_size = encode_response(response)
         out = [(b"content-type", _JSON if json_size is None else _BINARY)]
@@ -121,21 +124,21 @@ class Gateway:
             out.append((b"content-encoding", encoding.encode()))
         return 200, out, payload
 
-    @staticmethod
-    def _caller(plane: DataPlane, headers: dict[str, str], scope: Scope) -> Caller:
+    def _caller(self, plane: DataPlane, headers: dict[str, str], scope: Scope) -> Caller:
         """The client id header (validated), else the peer address; the admin token's scope."""
         settings = plane.settings
         client_id = headers.get(settings.client_id_header)
         if client_id is not None:
-            if len(client_id) > settings.max_client_id_chars:
-                raise InvalidInput(
-                    f"header {settings.client_id_header} is over "
-                    f"{settings.max_client_id_chars} characters"
-                )
-            if _CLIENT_ID.fullmatch(client_id) is None:
-                raise InvalidInput(
-                    f"header {settings.client_id_header} may hold only letters, digits and ._:@/+=-"
-                )
+            problem = None
+            if not client_id:
+                problem = "is empty"
+            elif len(client_id) > settings.max_client_id_chars:
+                problem = f"is over {settings.max_client_id_chars} characters"
+            elif _CLIENT_ID.fullmatch(client_id) is None:
+                problem = "may hold only letters, digits and ._~:@/+=-"
+            if problem:
+                self.state.metrics.rejected.labels("client_id").inc()
+                raise InvalidInput(f"header {settings.client_id_header} {problem}")
         elif scope.get("client"):
             client_id = str(scope["client"][0])
         scopes: frozenset[str] = frozenset()
@@ -166,7 +169,10 @@ async def _receive_body(receive: Receive, headers: dict[str, str], limit: int) -
     """
     declared = _declared_length(headers.get("content-length", "").encode())
     if declared > limit:
-        raise PayloadTooLarge(f"request body of {declared} bytes exceeds the limit of {limit}")
+        raise PayloadTooLarge(
+            f"request body of {declared} bytes exceeds the limit of {limit} for this model (its "
+            "config parameter max_request_bytes raises it, up to BASTION_MAX_BODY_BYTES)"
+        )
     body = bytearray(declared) if declared > 0 else bytearray()
     size = 0
     while True:

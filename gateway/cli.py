@@ -127,8 +127,10 @@ def serve(
     """Serve the model repository over KServe v2 HTTP."""
     import os
 
+    from pydantic import ValidationError
+
     from gateway.server import serve as run_server
-    from gateway.settings import Settings
+    from gateway.settings import Settings, unknown_environment
 
     if config is not None:
         os.environ["BASTION_CONFIG_FILE"] = str(config)
@@ -138,10 +140,16 @@ def serve(
         "model_repository": model_repository,
         "device": device,
     }
-    settings = Settings(**{k: v for k, v in flags.items() if v is not None})
+    try:
+        settings = Settings(**{k: v for k, v in flags.items() if v is not None})
+    except ValidationError as exc:
+        typer.echo(f"error: invalid settings:\n{exc}", err=True)
+        raise typer.Exit(2) from None
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    for name in unknown_environment():
+        logging.getLogger("gateway").warning("%s is not a Bastion setting: ignored", name)
     run_server(settings)
 
 

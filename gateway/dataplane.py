@@ -159,7 +159,7 @@ class DataPlane:
         request = decode(raw, limits.codec)
         request.client_id = caller.client_id
         if (
-            request.parameters.get(REPORT_PARAMETER) is not None
+            request.parameters.get(REPORT_PARAMETER) is True
             and SCREENING_REPORT_SCOPE not in caller.scopes
         ):
             # per-detector scores are a gradient-free oracle for an adaptive attacker

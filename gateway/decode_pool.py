@@ -3,9 +3,9 @@
 Decompression, JSON parsing, BYTES splitting and image decoding run here, never on the event
 loop, so one expensive request cannot delay health checks or other clients' responses. The pool
 is bounded: a request that finds ``max_pending`` jobs ahead of it is refused with 503 at once
-rather than queued without limit. Each job has a time budget (``gateway.protocol.budget``) that
-the decoders check between elements: a request past it is refused with 413; one that waited its
-whole budget in the queue, with 503.
+rather than queued without limit. Each job has a time budget from the moment a thread takes it
+(``gateway.protocol.budget``) that the decoders check between elements: a request past it is
+refused with 413; one that waited a whole budget for a thread, with 503 (overload, retryable).
 """
 
 from __future__ import annotations
@@ -49,9 +49,8 @@ class DecodePool:
                 )
             self._pending += 1
         self._metrics.decode_pending.set(self._pending)
-        deadline = time.monotonic() + self._budget_ms / 1000
         try:
-            job = self._executor.submit(run_within, deadline, self._budget_ms, fn)
+            job = self._executor.submit(run_within, time.monotonic(), self._budget_ms, fn)
         except RuntimeError:  # shut down
             self._release(None)
             raise Unavailable("the server is shutting down") from None

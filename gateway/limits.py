@@ -7,7 +7,9 @@ version gets bounds of its own: the most elements per input (its max batch size 
 the most bytes an encoded image of its input size can need, and the most bytes a whole request
 can need in its largest encoding (JSON text, or base64 images in JSON). A body, an inflated body
 or a JSON part past the version's bound is refused (413) before it is read, inflated or parsed.
-Models with a variable dimension or a BYTES input keep the global limits.
+Models with a variable dimension or a BYTES input keep the global limits. A model's config can
+set its own bounds (parameters ``max_request_bytes``, ``max_image_bytes``; bytes), which replace
+the derived ones but never exceed the global settings.
 """
 
 from __future__ import annotations
@@ -17,10 +19,10 @@ from dataclasses import dataclass
 
 from gateway.inputs import ImageLimits
 from gateway.protocol.codec import InputBound, Limits
-from gateway.repository import ModelConfig
+from gateway.repository import ConfigError, ModelConfig
 from gateway.settings import Settings
 
-JSON_CHARS_PER_ELEMENT = 24  # "-1.2345678901234567e-308," is 25 with its comma; ints are less
+JSON_CHARS_PER_ELEMENT = 32  # "-1.2345678901234567e-308, " is 26; the rest for indentation
 IMAGE_SLACK_BYTES = 16 << 10  # headers and metadata chunks of a PNG/JPEG beyond its pixels
 REQUEST_SLACK_BYTES = 64 << 10  # the JSON around the tensors: names, shapes, parameters, id
 
@@ -32,6 +34,7 @@ class ModelLimits:
 
 
 def model_limits(config: ModelConfig, settings: Settings) -> ModelLimits:
+    """Raises ``ConfigError`` for a bound parameter that is not a positive integer."""
     image_model = config.parameters.get("input_range") == "0,1"
     bounds: dict[str, InputBound] = {}
     request_bytes: int | None = 0
@@ -47,12 +50,24 @@ def model_limits(config: ModelConfig, settings: Settings) -> ModelLimits:
         if image_model and len(spec.dims) == 3:
             # an uncompressed PNG is about its pixel bytes; twice that, plus metadata, is ample
             image_bytes = min(image_bytes, IMAGE_SLACK_BYTES + 2 * row)
+            image_bytes = min(
+                settings.max_image_bytes, _parameter(config, "max_image_bytes", image_bytes)
+            )
             need = max(need, rows * (4 * math.ceil(image_bytes / 3) + 8))  # base64 + prefix
         request_bytes += need
     body = settings.max_body_bytes
-    json_bytes = settings.max_json_bytes
     if request_bytes is not None:
         body = min(body, request_bytes + REQUEST_SLACK_BYTES)
-        json_bytes = min(json_bytes, body)
+    body = min(settings.max_body_bytes, _parameter(config, "max_request_bytes", body))
+    json_bytes = min(settings.max_json_bytes, body)
     codec = Limits(body, json_bytes, settings.max_elements, settings.max_request_id_chars, bounds)
     return ModelLimits(codec, ImageLimits(image_bytes, settings.max_image_pixels))
+
+
+def _parameter(config: ModelConfig, name: str, default: int) -> int:
+    text = config.parameters.get(name)
+    if text is None:
+        return default
+    if not text.isascii() or not text.isdigit() or int(text) < 1:
+        raise ConfigError(f"model {config.name!r}: parameter {name} must be a positive integer")
+    return int(text)

@@ -49,6 +49,35 @@ def _infer_operation(versioned: bool) -> dict[str, Any]:
             "description": "Bytes of JSON before the binary tensors (Triton's binary extension).",
             "schema": {"type": "integer", "minimum": 0},
         },
+        {
+            "name": "Content-Encoding",
+            "in": "header",
+            "required": False,
+            "description": "gzip or deflate to send a compressed body.",
+            "schema": {"type": "string", "enum": ["gzip", "deflate", "identity"]},
+        },
+        {
+            "name": "Accept-Encoding",
+            "in": "header",
+            "required": False,
+            "description": "gzip or deflate for a compressed response.",
+            "schema": {"type": "string"},
+        },
+        {
+            "name": "X-Client-ID",
+            "in": "header",
+            "required": False,
+            "description": "Who the client is (quarantine records, quotas); else the peer "
+            "address. Letters, digits and ._~:@/+=-, at most 128 characters (400 otherwise).",
+            "schema": {"type": "string", "pattern": "^[A-Za-z0-9._~:@/+=-]{1,128}$"},
+        },
+        {
+            "name": "Authorization",
+            "in": "header",
+            "required": False,
+            "description": "'Bearer <admin token>' grants the screening_report parameter.",
+            "schema": {"type": "string"},
+        },
     ]
     if versioned:
         parameters.insert(
@@ -114,9 +143,18 @@ def build(app: FastAPI, include_admin: bool) -> dict[str, Any]:
                 del doc["paths"][path]
     for operations in doc["paths"].values():
         for op in operations.values():
+            responses = op.get("responses", {})
             # request validation answers 400 here (Triton's status), never FastAPI's 422
-            if op.get("responses", {}).pop("422", None) is not None:
-                op["responses"].setdefault("400", _error("A malformed parameter or body."))
+            if responses.pop("422", None) is not None:
+                responses.setdefault("400", _error("A malformed parameter or body."))
+            for code, response in responses.items():
+                if code[0] in "45":  # every error is a JSON body, whatever the route's type
+                    schema = (
+                        response.get("content", {})
+                        .get("application/json", {})
+                        .get("schema", _ref("ErrorBody"))
+                    )
+                    response["content"] = {"application/json": {"schema": schema}}
     doc["paths"]["/v2/models/{model}/infer"] = _infer_operation(False)
     doc["paths"]["/v2/models/{model}/versions/{version}/infer"] = _infer_operation(True)
     models = [(m, "validation") for m in (InferenceRequest, ErrorBody, WithheldBody)]

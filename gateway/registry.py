@@ -19,6 +19,7 @@ import numpy as np
 from gateway.backends import Backend, load_backend
 from gateway.batcher import Arrays, DeviceSlots, DynamicBatcher
 from gateway.errors import BastionError, NotFound, Unavailable
+from gateway.limits import ModelLimits, model_limits
 from gateway.monitoring.drift_monitor import DriftMonitor
 from gateway.monitoring.metrics import Metrics, ModelObserver
 from gateway.monitoring.reference import ReferenceProfile
@@ -41,7 +42,7 @@ class LoadedModel:
     observer: ModelObserver
     screening_action: str = "allow"  # what an adversarial verdict does; admins may tighten it
     drift: DriftMonitor | None = None
-    limits: Any = None  # the data plane's cached ``ModelLimits`` of this version
+    limits: ModelLimits | None = None  # what this version can take (gateway.limits)
 
     @property
     def stats(self) -> ModelStats:
@@ -136,11 +137,13 @@ class ModelRegistry:
                 config = self.repository.config(name)
                 if config.max_batch_size < 1:
                     raise ConfigError(f"model {name!r}: max_batch_size must be at least 1")
+                limits = model_limits(config, self.settings)
                 current = self._models.get(name, {})
                 fresh = {}
                 for version in config.versions:
                     old = current.get(version)
                     fresh[version] = old if old else await self._load_version(config, version)
+                    fresh[version].limits = limits
                 if not fresh:
                     raise ConfigError(f"model {name!r} has no version folder to serve")
             except (ConfigError, OSError, RuntimeError, ValueError) as exc:

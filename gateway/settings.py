@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -18,6 +19,17 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 import models
 
 DEFAULT_REPOSITORY = Path(models.__file__).parent / "repository"
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9a-z-]+")  # RFC 9110 §5.6.2 token, lower case
+# read by the CLI, the scripts and the benchmarks, not by Settings
+OTHER_VARIABLES = frozenset(
+    {
+        "BASTION_CONFIG_FILE",
+        "BASTION_URL",
+        "BASTION_VENV",
+        "BASTION_PEERS_DIR",
+        "BASTION_TEST_ARTIFACTS",
+    }
+)
 
 
 class Settings(BaseSettings):
@@ -115,6 +127,9 @@ class Settings(BaseSettings):
         description="Open connections; a new one past it gets 503 and is closed "
         "(capped below the process's file-descriptor limit).",
     )
+    max_control_body_bytes: int = Field(
+        128 << 10, ge=1024, description="Largest body of a route other than inference: 413."
+    )
     max_requests_in_flight: int = Field(
         1024, ge=1, description="Requests being handled at once (health checks excepted): 503."
     )
@@ -160,6 +175,14 @@ class Settings(BaseSettings):
     max_note_chars: int = Field(1024, ge=1, description="Longest admin note on a record.")
     log_level: str = Field("info", description="Python logging level.")
     access_log: bool = Field(False, description="uvicorn's access log (costs throughput).")
+
+    @model_validator(mode="after")
+    def _header_name(self) -> Settings:
+        """HTTP header names are case-insensitive and arrive lower-cased (RFC 9110 §5.1)."""
+        self.client_id_header = self.client_id_header.lower()
+        if not _TOKEN.fullmatch(self.client_id_header):
+            raise ValueError(f"client_id_header {self.client_id_header!r} is not a header name")
+        return self
 
     @model_validator(mode="after")
     def _drift_can_alarm(self) -> Settings:
@@ -208,3 +231,14 @@ def load_config_file(path: Path) -> dict[str, Any]:
     text = path.read_text()
     data = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
     return dict(data.get("bastion", data))
+
+
+def unknown_environment(environ: dict[str, str] | None = None) -> list[str]:
+    """``BASTION_*`` variables no setting reads: most likely misspelt, and silently ignored."""
+    names = {f"BASTION_{name.upper()}" for name in Settings.model_fields}
+    environ = dict(os.environ) if environ is None else environ
+    return sorted(
+        key
+        for key in environ
+        if key.startswith("BASTION_") and key not in names and key not in OTHER_VARIABLES
+    )

@@ -53,7 +53,10 @@ def decode_image(
     """
     data = _unwrap_base64(data)
     if len(data) > max_bytes:
-        raise InvalidInput(f"image {what} has {len(data)} bytes, over the limit of {max_bytes}")
+        raise InvalidInput(
+            f"image {what} has {len(data)} bytes, over the limit of {max_bytes} for this model "
+            "(its config parameter max_image_bytes raises it, up to BASTION_MAX_IMAGE_BYTES)"
+        )
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -79,7 +82,8 @@ def decode_image(
         Image.DecompressionBombError,
         Image.DecompressionBombWarning,
     ) as exc:
-        raise InvalidInput(f"image {what} is not a readable PNG or JPEG: {exc}") from None
+        reason = "unrecognised format" if isinstance(exc, UnidentifiedImageError) else exc
+        raise InvalidInput(f"image {what} is not a readable PNG or JPEG: {reason}") from None
 
 
 def _unwrap_base64(data: bytes) -> bytes:
@@ -87,7 +91,10 @@ def _unwrap_base64(data: bytes) -> bytes:
     if data[:8] in (b"\x89PNG\r\n\x1a\n",) or data[:3] == b"\xff\xd8\xff":
         return data
     text = data.split(b",", 1)[1] if data.startswith(b"data:") else data
-    try:
-        return base64.b64decode(text, validate=True)
-    except (binascii.Error, ValueError):
-        return data
+    text = b"".join(text.split())  # MIME base64 wraps lines
+    for alphabet in (b"+/", b"-_"):  # the standard alphabet, then the URL-safe one (RFC 4648)
+        try:
+            return base64.b64decode(text, altchars=alphabet, validate=True)
+        except (binascii.Error, ValueError):
+            continue
+    return data

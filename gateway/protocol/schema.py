@@ -95,9 +95,12 @@ class ErrorBody(_Open):
 
 
 class WithheldBody(ErrorBody):
+    """A 403: screening withheld images (the fields below), or a capability needs a token
+    (``error`` alone)."""
+
     request_id: str | None = None
-    withheld: list[int] = Field(description="Indices of the images screening withheld.")
-    reason: str
+    withheld: list[int] = Field([], description="Indices of the images screening withheld.")
+    reason: str | None = None
     quarantine_ids: list[str] = []
     quarantine_dropped: int = Field(
         0, description="Withheld images whose quarantine record a quota dropped."

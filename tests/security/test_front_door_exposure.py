@@ -198,7 +198,7 @@ def test_a_1_mib_body_to_an_admin_route_is_refused_413(
         server, lambda: hostile.exchange(HOST, server.port, request), min_s=0.2
     )
     for reply in replies:
-        assert "exceeds the limit of 65536 bytes" in reply_error(reply, 413)
+        assert "exceeds the limit of 131072 bytes" in reply_error(reply, 413)
     assert_live(probes)
 
 

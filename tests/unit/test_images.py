@@ -81,3 +81,20 @@ def test_decoding_a_batch_of_images_stops_at_the_decode_budget() -> None:
     items = np.array([encode(np.zeros((28, 28), dtype=np.uint8))] * 4, dtype=object)
     with budget(time.monotonic() - 1, 5), pytest.raises(PayloadTooLarge, match="decode budget"):
         decode_images(items, (1, 28, 28), 1 << 20, 1 << 20, "x")
+
+
+def test_mime_wrapped_and_url_safe_base64_images_decode() -> None:
+    pixels = np.random.default_rng(1).integers(0, 256, (28, 28), dtype=np.uint8)
+    raw = encode(pixels)
+    items = np.array(
+        [base64.encodebytes(raw), base64.urlsafe_b64encode(raw)], dtype=object
+    )
+    batch = decode_images(items, (1, 28, 28), 1 << 20, 1 << 20, "images")
+    for image in batch:
+        np.testing.assert_array_equal(image[0], pixels)
+
+
+def test_an_unreadable_image_error_does_not_leak_internals() -> None:
+    with pytest.raises(InvalidInput) as err:
+        decode_image(b"not an image at all", "L", 1 << 20, 1 << 20, "x[0]")
+    assert "BytesIO" not in str(err.value) and "unrecognised format" in str(err.value)

@@ -58,3 +58,18 @@ def test_drift_settings_under_which_no_alarm_could_fire_are_refused(
     with pytest.raises(ValidationError, match=message):
         Settings(**knobs)
     Settings(drift_mmd_permutations=200, drift_mmd_alpha=0.01)  # 1/201 <= 0.01: fine
+
+
+def test_the_client_id_header_is_matched_in_lower_case() -> None:
+    from gateway.settings import Settings
+
+    assert Settings(client_id_header="X-Tenant").client_id_header == "x-tenant"
+    with pytest.raises(ValueError, match="not a header name"):
+        Settings(client_id_header="tenant 1")
+
+
+def test_a_misspelt_bastion_variable_is_reported() -> None:
+    from gateway.settings import unknown_environment
+
+    environ = {"BASTION_MAX_BODY_BYTE": "5", "BASTION_MAX_BODY_BYTES": "5", "BASTION_URL": "x"}
+    assert unknown_environment(environ) == ["BASTION_MAX_BODY_BYTE"]
