@@ -73,7 +73,12 @@ def create_app(settings: Settings | None = None) -> Gateway:
     # no /docs or /redoc: FastAPI's pages load their scripts from a CDN, which a security
     # gateway should not serve and an air-gapped host cannot reach; /openapi.json stays
     app = FastAPI(
-        title="Bastion", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None
+        title="Bastion",
+        version=__version__,
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,  # served by gateway.openapi, serialised once
     )
     app.state.settings = settings
     app.state.metrics = metrics

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import orjson
@@ -33,6 +34,7 @@ from gateway.repository import parse_version
 
 log = logging.getLogger(__name__)
 _JSON = b"application/json"
+_PREALLOCATE = 64 << 10
 _BINARY = b"application/octet-stream"
 _CLIENT_ID = re.compile(r"[A-Za-z0-9._~:@/+=-]+")
 Headers = list[tuple[bytes, bytes]]
@@ -52,27 +54,35 @@ class Gateway:
         if scope["type"] != "http" or scope["path"] in HEALTH_PATHS:
             await self.app(scope, receive, send)
             return
-        settings = self.state.settings
-        if self._in_flight >= settings.max_requests_in_flight:
-            self.state.metrics.rejected.labels("in_flight").inc()
-            message = f"{settings.max_requests_in_flight} requests in flight; retry later"
-            await self._answer(send, *self._error(Unavailable(message)))
+        match = self.INFER.match(scope["path"])
+        if match is None or scope["method"] != "POST":
+            try:
+                with self._in_flight_slot():
+                    await self._control(scope, receive, send)
+            except Unavailable as exc:
+                await self._answer(send, *self._error(exc))
             return
+        try:
+            reply = await self._infer(match, scope, receive)
+        except BastionError as exc:
+            reply = self._error(exc)
+        except Exception as exc:
+            log.exception("unhandled error on %s", scope["path"])
+            reply = self._error(BastionError(f"internal error: {type(exc).__name__}"))
+        await self._answer(send, *reply)
+
+    @contextmanager
+    def _in_flight_slot(self) -> Iterator[None]:
+        """One of ``max_requests_in_flight``; an inference takes it once its body is in, so a
+        client that sends heads and then nothing holds connections (bounded, timed) only."""
+        limit = self.state.settings.max_requests_in_flight
+        if self._in_flight >= limit:
+            self.state.metrics.rejected.labels("in_flight").inc()
+            raise Unavailable(f"{limit} requests in flight; retry later")
         self._in_flight += 1
         self.state.metrics.in_flight.set(self._in_flight)
         try:
-            match = self.INFER.match(scope["path"])
-            if match is None or scope["method"] != "POST":
-                await self._control(scope, receive, send)
-                return
-            try:
-                reply = await self._infer(match, scope, receive)
-            except BastionError as exc:
-                reply = self._error(exc)
-            except Exception as exc:
-                log.exception("unhandled error on %s", scope["path"])
-                reply = self._error(BastionError(f"internal error: {type(exc).__name__}"))
-            await self._answer(send, *reply)
+            yield
         finally:
             self._in_flight -= 1
             self.state.metrics.in_flight.set(self._in_flight)
@@ -114,7 +124,8 @@ class Gateway:
         except PayloadTooLarge:
             self.state.metrics.rejected.labels("body_bytes").inc()
             raise
-        response = await plane.infer(model, version, _http_decoder(body, headers), caller)
+        with self._in_flight_slot():
+            response = await plane.infer(model, version, _http_decoder(body, headers), caller)
         payload, json_size = encode_response(response)
         out = [(b"content-type", _JSON if json_size is None else _BINARY)]
         if json_size is not None:
@@ -173,7 +184,9 @@ async def _receive_body(receive: Receive, headers: dict[str, str], limit: int) -
             f"request body of {declared} bytes exceeds the limit of {limit} for this model (its "
             "config parameter max_request_bytes raises it, up to BASTION_MAX_BODY_BYTES)"
         )
-    body = bytearray(declared) if declared > 0 else bytearray()
+    # room for what has been declared, up to 64 KiB: memory follows the bytes that arrive, not
+    # a number in a header
+    body = bytearray(min(max(declared, 0), _PREALLOCATE))
     size = 0
     while True:
         message = await receive()

@@ -56,6 +56,7 @@ the limits that hold for it, returns the request or raises a ``BastionError``. R
 thread."""
 
 SCREENING_REPORT_SCOPE = "screening_report"
+_PRIVATE_PARAMETERS = ("screening", "squeeze")
 
 
 class DataPlane:
@@ -91,7 +92,13 @@ class DataPlane:
         }
 
     def model_config(self, name: str, version: int | None) -> dict[str, Any]:
-        return self.registry.get(name, version).config.raw
+        """Triton's config, without the screening policy (admin-only, like the thresholds)."""
+        raw = self.registry.get(name, version).config.raw
+        parameters = raw.get("parameters")
+        if not parameters:
+            return raw
+        public = {k: v for k, v in parameters.items() if not k.startswith(_PRIVATE_PARAMETERS)}
+        return {**raw, "parameters": public}
 
     def statistics(self, name: str | None, version: int | None) -> dict[str, Any]:
         if name is None:

@@ -5,7 +5,7 @@ loop, so one expensive request cannot delay health checks or other clients' resp
 is bounded: a request that finds ``max_pending`` jobs ahead of it is refused with 503 at once
 rather than queued without limit. Each job has a time budget from the moment a thread takes it
 (``gateway.protocol.budget``) that the decoders check between elements: a request past it is
-refused with 413; one that waited a whole budget for a thread, with 503 (overload, retryable).
+refused with 413; one that waited too long for a thread, with 503 (overload, retryable).
 """
 
 from __future__ import annotations
@@ -27,10 +27,19 @@ T = TypeVar("T")
 class DecodePool:
     """Runs decode jobs on ``workers`` threads with at most ``max_pending`` jobs at a time."""
 
-    def __init__(self, workers: int, max_pending: int, budget_ms: int, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        workers: int,
+        max_pending: int,
+        budget_ms: int,
+        metrics: Metrics,
+        max_wait_ms: int | None = None,
+    ) -> None:
+        """``max_wait_ms``: the longest wait for a thread (default: the budget, at least 1 s)."""
         self._executor = ThreadPoolExecutor(workers, thread_name_prefix="bastion-decode")
         self._max_pending = max_pending
         self._budget_ms = budget_ms
+        self._max_wait_ms = max_wait_ms if max_wait_ms is not None else max(budget_ms, 1000)
         self._metrics = metrics
         self._pending = 0
         self._lock = threading.Lock()
@@ -50,7 +59,9 @@ class DecodePool:
             self._pending += 1
         self._metrics.decode_pending.set(self._pending)
         try:
-            job = self._executor.submit(run_within, time.monotonic(), self._budget_ms, fn)
+            job = self._executor.submit(
+                run_within, time.monotonic(), self._max_wait_ms, self._budget_ms, fn
+            )
         except RuntimeError:  # shut down
             self._release(None)
             raise Unavailable("the server is shutting down") from None

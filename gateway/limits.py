@@ -25,6 +25,7 @@ from gateway.settings import Settings
 JSON_CHARS_PER_ELEMENT = 32  # "-1.2345678901234567e-308, " is 26; the rest for indentation
 IMAGE_SLACK_BYTES = 16 << 10  # headers and metadata chunks of a PNG/JPEG beyond its pixels
 REQUEST_SLACK_BYTES = 64 << 10  # the JSON around the tensors: names, shapes, parameters, id
+JSON_TOKEN_SLACK = 16_384  # commas and brackets of that JSON around the tensors
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,7 +61,14 @@ def model_limits(config: ModelConfig, settings: Settings) -> ModelLimits:
         body = min(body, request_bytes + REQUEST_SLACK_BYTES)
     body = min(settings.max_body_bytes, _parameter(config, "max_request_bytes", body))
     json_bytes = min(settings.max_json_bytes, body)
-    codec = Limits(body, json_bytes, settings.max_elements, settings.max_request_id_chars, bounds)
+    # commas and brackets a legitimate JSON request needs: one per element (flat or nested
+    # data, a data: URI's comma), plus the JSON around the tensors
+    tokens = 0
+    if request_bytes is not None:
+        tokens = 2 * sum(b.max_elements for b in bounds.values()) + JSON_TOKEN_SLACK
+    codec = Limits(
+        body, json_bytes, settings.max_elements, settings.max_request_id_chars, bounds, tokens
+    )
     return ModelLimits(codec, ImageLimits(image_bytes, settings.max_image_pixels))
 
 

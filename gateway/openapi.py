@@ -9,15 +9,15 @@ serves everything, for the operator's tools and for fuzzing with the token.
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
+import orjson
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.openapi.utils import get_openapi
 from pydantic.json_schema import models_json_schema
 from starlette.responses import Response
 
-from gateway.http import ADMIN_ERRORS, json_response, require_admin
+from gateway.http import ADMIN_ERRORS, require_admin
 from gateway.protocol.schema import (
     FRONT_DOOR,
     ErrorBody,
@@ -187,21 +187,28 @@ def _prune_schemas(doc: dict[str, Any]) -> None:
 
 
 def install(app: FastAPI) -> None:
-    """Serves the public document at ``/openapi.json`` (built once) and adds the admin one."""
-    cache: dict[bool, dict[str, Any]] = {}
+    """Serves the public document at ``/openapi.json`` and the admin one, each built and
+    serialised once (a public route that re-encoded a 60 KB document per request would be a
+    cheap way to keep the event loop busy)."""
+    cache: dict[bool, bytes] = {}
 
-    def document(include_admin: bool) -> dict[str, Any]:
+    def document(include_admin: bool) -> bytes:
         if include_admin not in cache:
-            cache[include_admin] = build(app, include_admin)
-        return copy.deepcopy(cache[include_admin])
+            cache[include_admin] = orjson.dumps(build(app, include_admin))
+        return cache[include_admin]
 
-    app.openapi = lambda: document(False)  # type: ignore[method-assign]
+    app.openapi = lambda: orjson.loads(document(False))  # type: ignore[method-assign]
     app.state.openapi_document = document
     app.include_router(router)
+
+
+@router.get("/openapi.json", include_in_schema=False)
+async def public_openapi(request: Request) -> Response:
+    return Response(request.app.state.openapi_document(False), media_type="application/json")
 
 
 @router.get("/v2/admin/openapi.json", tags=[ADMIN_TAG], responses=ADMIN_ERRORS)
 async def admin_openapi(request: Request) -> Response:
     """The whole API, admin routes included."""
     require_admin(request)
-    return json_response(request.app.state.openapi_document(True))
+    return Response(request.app.state.openapi_document(True), media_type="application/json")

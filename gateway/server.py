@@ -10,6 +10,8 @@ path stays as it is (benchmarks/RESULTS.md). Each limit is a setting:
   parser, so an oversized header never costs more than the limit to receive: 431;
 - head read time from its first byte, and body read time from the end of the head: 408;
 - idle time of a connection, a new one that sends nothing included: closed;
+- time a response may wait for a client that does not read it: the connection is dropped;
+- bytes of chunk framing and trailers after the head: 431, like the head;
 - open connections: past the limit a connection's request is answered 503 (a health check is
   still served) and the connection closed, and past twice the limit it is closed at once.
 
@@ -45,6 +47,7 @@ class FrontDoorLimits:
     header_timeout_s: float
     body_timeout_s: float
     keepalive_timeout_s: float
+    write_timeout_s: float
     max_connections: int
 
     @classmethod
@@ -60,6 +63,7 @@ class FrontDoorLimits:
             header_timeout_s=settings.http_header_timeout_s,
             body_timeout_s=settings.http_body_timeout_s,
             keepalive_timeout_s=settings.http_keepalive_timeout_s,
+            write_timeout_s=settings.http_write_timeout_s,
             max_connections=connections,
         )
 
@@ -105,7 +109,12 @@ def protocol_class(limits: FrontDoorLimits, metrics: Metrics) -> type[HttpToolsP
             self._head_tail = b""
             self._header_count = 0
             self._deadline: asyncio.TimerHandle | None = None
+            self._write_deadline: asyncio.TimerHandle | None = None
             self._over_limit = False
+            self._parsed_head = 0  # request line and header bytes, as the parser reports them
+            self._after_head = 0  # bytes received since the head ended
+            self._body_seen = 0
+            self._chunks = 0
 
         # -- connections ---------------------------------------------------------------------
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -124,6 +133,9 @@ def protocol_class(limits: FrontDoorLimits, metrics: Metrics) -> type[HttpToolsP
 
         def connection_lost(self, exc: Exception | None) -> None:
             self._clear_deadline()
+            if self._write_deadline is not None:
+                self._write_deadline.cancel()
+                self._write_deadline = None
             super().connection_lost(exc)
             metrics.connections.set(len(self.connections))
 
@@ -131,6 +143,8 @@ def protocol_class(limits: FrontDoorLimits, metrics: Metrics) -> type[HttpToolsP
         def data_received(self, data: bytes) -> None:
             if self._in_head and not self._admit_head_bytes(data):
                 return
+            if not self._in_head:
+                self._after_head += len(data)
             self._unset_keepalive_if_required()
             try:
                 self.parser.feed_data(data)
@@ -143,6 +157,19 @@ def protocol_class(limits: FrontDoorLimits, metrics: Metrics) -> type[HttpToolsP
                 self._refuse(_Refused(400, "malformed", "protocol upgrades are not supported"))
             except httptools.HttpParserError:
                 self._refuse(_Refused(400, "malformed", "invalid HTTP request"))
+            else:
+                self._check_framing()
+
+        def _check_framing(self) -> None:
+            """Bytes after the head that are not body (chunk sizes, trailers) get the head's
+            allowance: the parser builds a trailer value by concatenation, so an endless one
+            would cost quadratic time on the event loop."""
+            if self._in_head or self.transport.is_closing():
+                return
+            framing = self._after_head - self._body_seen
+            if framing > limits.max_header_bytes + 16 * self._chunks:
+                message = f"chunk framing and trailers exceed {limits.max_header_bytes} bytes"
+                self._refuse(_Refused(431, "trailer_bytes", message))
 
         def _admit_head_bytes(self, data: bytes) -> bool:
             """Counts head bytes before parsing; refuses (431) a head that cannot end in time."""
@@ -164,18 +191,39 @@ def protocol_class(limits: FrontDoorLimits, metrics: Metrics) -> type[HttpToolsP
             self._head_tail = (self._head_tail + data[-3:])[-3:]
             return True
 
+        def on_url(self, url: bytes) -> None:
+            self._count_parsed(len(url))
+            super().on_url(url)
+
         def on_header(self, name: bytes, value: bytes) -> None:
             self._header_count += 1
             if self._header_count > limits.max_headers:
                 raise _Refused(
                     431, "header_count", f"request has more than {limits.max_headers} headers"
                 )
+            self._count_parsed(len(name) + len(value) + 4)
             super().on_header(name, value)
+
+        def _count_parsed(self, size: int) -> None:
+            """The head as parsed: also catches a head that arrived in the same read as the
+            end of the request before it (pipelining), which the read-level count cannot."""
+            self._parsed_head += size
+            if self._parsed_head > limits.max_header_bytes:
+                message = f"request head exceeds {limits.max_header_bytes} bytes"
+                raise _Refused(431, "header_bytes", message)
 
         def on_headers_complete(self) -> None:
             self._in_head = False
+            self._after_head = self._body_seen = self._chunks = 0
             self._arm(limits.body_timeout_s, self._body_timed_out)
             super().on_headers_complete()
+
+        def on_body(self, body: bytes) -> None:
+            self._body_seen += len(body)
+            super().on_body(body)
+
+        def on_chunk_header(self) -> None:
+            self._chunks += 1
 
         def _start_asgi_task(self, cycle: Any, app: Any) -> None:
             # a liveness probe on a new connection is served while a flood holds the others
@@ -190,7 +238,7 @@ def protocol_class(limits: FrontDoorLimits, metrics: Metrics) -> type[HttpToolsP
             self._clear_deadline()
             super().on_message_complete()
             self._in_head = True
-            self._head_bytes = 0
+            self._head_bytes = self._parsed_head = 0
             self._head_tail = b""
             self._header_count = 0
 
@@ -219,6 +267,30 @@ def protocol_class(limits: FrontDoorLimits, metrics: Metrics) -> type[HttpToolsP
                 return
             message = f"request body not received within {limits.body_timeout_s:g} s"
             self._refuse(_Refused(408, "body_timeout", message))
+
+        # -- a client that does not read its responses -----------------------------------------
+        def pause_writing(self) -> None:
+            super().pause_writing()
+            if self._write_deadline is None:
+                self._write_deadline = self.loop.call_later(
+                    limits.write_timeout_s, self._write_timed_out
+                )
+
+        def resume_writing(self) -> None:
+            super().resume_writing()
+            if self._write_deadline is not None:
+                self._write_deadline.cancel()
+                self._write_deadline = None
+
+        def _write_timed_out(self) -> None:
+            """The response has not drained for ``write_timeout_s``: drop the connection (close
+            would wait for the buffer to drain), which frees the request and its slot."""
+            self._write_deadline = None
+            metrics.rejected.labels("write_timeout").inc()
+            if self.cycle is not None:
+                self.cycle.disconnected = True
+                self.cycle.message_event.set()
+            self.transport.abort()
 
         # -- refusals --------------------------------------------------------------------------
         def _refuse(self, refusal: _Refused) -> None:

@@ -121,6 +121,9 @@ class Settings(BaseSettings):
     http_keepalive_timeout_s: float = Field(
         5.0, gt=0, description="An idle connection (also a new one that sends nothing) is closed."
     )
+    http_write_timeout_s: float = Field(
+        30.0, gt=0, description="A response the client does not read for this long: dropped."
+    )
     http_max_connections: int = Field(
         2048,
         ge=1,

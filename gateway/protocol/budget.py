@@ -43,12 +43,12 @@ def budget(deadline: float, budget_ms: int) -> Iterator[None]:
         _local.deadline = None
 
 
-def run_within(queued_at: float, budget_ms: int, fn: Callable[[], T]) -> T:
-    """``fn()`` with ``budget_ms`` from the moment it starts. A job that already waited a whole
-    budget for a thread (``queued_at``, ``time.monotonic()``) is refused with 503 instead: the
-    server is overloaded and the request is not at fault, so the client may retry."""
+def run_within(queued_at: float, max_wait_ms: int, budget_ms: int, fn: Callable[[], T]) -> T:
+    """``fn()`` with ``budget_ms`` from the moment it starts. A job that already waited more
+    than ``max_wait_ms`` for a thread (since ``queued_at``, ``time.monotonic()``) is refused
+    with 503 instead: the server is overloaded, the request is not at fault, it may retry."""
     started = time.monotonic()
-    if started - queued_at > budget_ms / 1000:
+    if started - queued_at > max_wait_ms / 1000:
         raise Unavailable("requests are waiting too long to be decoded; retry later")
     with budget(started + budget_ms / 1000, budget_ms):
         return fn()

@@ -53,6 +53,7 @@ class Limits:
     max_elements: int = 1 << 26
     max_request_id_chars: int = 256
     inputs: Mapping[str, InputBound] = field(default_factory=dict)
+    max_json_tokens: int = 0  # commas and brackets in the JSON part; 0: not checked
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,7 +136,14 @@ def decode_request(
     json_size = _json_size(header_length, len(body), limits)
     if json_size == 0:
         return _raw_request(body, raw, limits)
-    header = parse_json_object(body[:json_size])
+    json_part = body[:json_size]
+    if limits.max_json_tokens and _tokens(json_part) > limits.max_json_tokens:
+        # orjson would build every value the client wrote, GIL held, before any check
+        raise InvalidInput(
+            "request JSON holds more values than the model's inputs can take "
+            f"(at most {limits.max_json_tokens} commas and brackets)"
+        )
+    header = parse_json_object(json_part)
     binary = memoryview(body)[json_size:]
     inputs, used = _decode_inputs(header.get("inputs"), binary, limits)
     if used != len(binary):
@@ -258,8 +266,13 @@ def _binary_tensor(
 
 def _split_bytes(chunk: memoryview, count: int, name: str) -> np.ndarray:
     """Splits Triton's BYTES serialisation: each element a 4-byte LE length, then bytes."""
-    items = np.empty(count, dtype=object)
     pos, end = 0, len(chunk)
+    if 4 * count > end:  # before allocating: every element needs its 4-byte length
+        raise InvalidInput(
+            f"input {name!r}: {count} BYTES elements need at least {4 * count} bytes, "
+            f"{end} were given"
+        )
+    items = np.empty(count, dtype=object)
     for i in range(count):
         if i % _CHECK_EVERY == 0:
             checkpoint()
@@ -290,6 +303,11 @@ def _json_tensor(data: Any, dtype: DType, shape: tuple[int, ...], name: str) -> 
         out = np.empty(count, dtype=object)
         out[:] = items
         return out.reshape(shape)
+    if not isinstance(data, list) or len(data) not in (count, shape[0] if shape else 1):
+        # before np.asarray, which would build whatever the client nested, GIL held
+        raise InvalidInput(
+            f"input {name!r}: 'data' must be a list of {count} values or nested to {list(shape)}"
+        )
     try:
         arr = np.asarray(data)
     except (ValueError, TypeError):
@@ -372,7 +390,8 @@ def _named(item: Any, kind: str, seen: set[str]) -> tuple[dict[str, Any], str]:
 def _dtype(value: Any, name: str) -> DType:
     dtype = BY_V2.get(value) if isinstance(value, str) else None
     if dtype is None:
-        raise InvalidInput(f"input {name!r}: unknown datatype {value!r}; known: {sorted(BY_V2)}")
+        shown = repr(value)[:40] if isinstance(value, str) else type(value).__name__
+        raise InvalidInput(f"input {name!r}: unknown datatype {shown}; known: {sorted(BY_V2)}")
     return dtype
 
 
@@ -396,7 +415,11 @@ def _shape(value: Any, name: str, limits: Limits) -> tuple[int, ...]:
 def _check_bound(name: str, dtype: DType, shape: tuple[int, ...], limits: Limits) -> None:
     """Refuses a tensor larger than the model could take, before its data is touched."""
     bound = limits.inputs.get(name)
-    if bound is None:  # not an input of the model: validation names it later
+    if bound is None:
+        if limits.inputs:  # refused before a byte of its data is touched
+            raise InvalidInput(
+                f"the model has no input {name!r}; its inputs are {sorted(limits.inputs)}"
+            )
         return
     if shape and shape[0] > bound.max_rows:
         raise InvalidInput(f"input {name!r}: batch size {shape[0]} is outside 1..{bound.max_rows}")
@@ -407,6 +430,10 @@ def _check_bound(name: str, dtype: DType, shape: tuple[int, ...], limits: Limits
             f"input {name!r}: shape {list(shape)} has {count} elements; the model takes at "
             f"most {cap} per request ({bound.max_rows} rows)"
         )
+
+
+def _tokens(json_part: bytes | bytearray) -> int:
+    return json_part.count(b",") + json_part.count(b"[") + json_part.count(b"{")
 
 
 def _dict(value: Any, what: str) -> dict[str, Any]:

@@ -14,12 +14,16 @@ import io
 import warnings
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, PngImagePlugin, UnidentifiedImageError
 
 from gateway.errors import InvalidInput
 from gateway.protocol.budget import checkpoint
 
 _MODES = {1: "L", 3: "RGB"}
+# Pillow inflates PNG text chunks (zTXt, iTXt) while opening, up to 1 MiB each and 64 MiB in all
+# by default: an image within the byte limit could cost seconds. Bastion reads no text chunk.
+PngImagePlugin.MAX_TEXT_CHUNK = 4096
+PngImagePlugin.MAX_TEXT_MEMORY = 16384
 _FORMATS = ("PNG", "JPEG")
 
 
@@ -90,7 +94,7 @@ def _unwrap_base64(data: bytes) -> bytes:
     """JSON requests carry images as base64 text (optionally a data: URI); binary ones raw."""
     if data[:8] in (b"\x89PNG\r\n\x1a\n",) or data[:3] == b"\xff\xd8\xff":
         return data
-    text = data.split(b",", 1)[1] if data.startswith(b"data:") else data
+    text = data.partition(b",")[2] if data.startswith(b"data:") else data
     text = b"".join(text.split())  # MIME base64 wraps lines
     for alphabet in (b"+/", b"-_"):  # the standard alphabet, then the URL-safe one (RFC 4648)
         try:

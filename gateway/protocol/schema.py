@@ -102,9 +102,6 @@ class WithheldBody(ErrorBody):
     withheld: list[int] = Field([], description="Indices of the images screening withheld.")
     reason: str | None = None
     quarantine_ids: list[str] = []
-    quarantine_dropped: int = Field(
-        0, description="Withheld images whose quarantine record a quota dropped."
-    )
 
 
 def error(description: str, model: type[BaseModel] = ErrorBody) -> dict[str, Any]:

@@ -156,8 +156,6 @@ def refuse_if_withheld(screened: Screened, request: InferRequest) -> None:
     )
     if ids:
         message += f"; quarantine ids {ids}"
-    if screened.quarantine_dropped:
-        message += f"; {screened.quarantine_dropped} not stored (quarantine quota)"
     raise Blocked(
         message,
         {
@@ -165,7 +163,6 @@ def refuse_if_withheld(screened: Screened, request: InferRequest) -> None:
             "withheld": decision.withheld,
             "reason": "adversarial",
             "quarantine_ids": ids,
-            "quarantine_dropped": screened.quarantine_dropped,
         },
     )
 

@@ -68,7 +68,8 @@ def paths(draw: st.DrawFn) -> str:
             draw(MODELS) if part == "{m}" else draw(VERSIONS) if part == "{v}" else part
             for part in template.strip("/").split("/")
         ]
-    return "/" + "/".join(urllib.parse.quote(s, safe="") for s in segments)
+    # a leading "//" would be read as a network location by the client, not sent as a path
+    return "/" + "/".join(urllib.parse.quote(s, safe="") for s in segments).lstrip("/")
 
 
 FIELDS = ["id", "inputs", "outputs", "parameters", "name", "shape", "datatype", "data",

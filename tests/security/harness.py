@@ -27,6 +27,7 @@ from tests.conftest import ServerProcess
 
 T = TypeVar("T")
 HOST = "127.0.0.1"
+STALL_MS = 500.0
 LIVE_MS = 50.0
 ADMIN_TOKEN = "s3cret"
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
@@ -89,15 +90,18 @@ def under_attack(
 
 
 def assert_live(probes: list[Probe], limit_ms: float = LIVE_MS) -> None:
-    """Health answered 200 to every probe, and the median probe within ``limit_ms``."""
+    """Health answered 200 to every probe, the median probe within ``limit_ms`` and none
+    stalled (``STALL_MS``): a median alone would miss a loop blocked for seconds now and then,
+    a strict maximum would fail on this shared 2-core machine's scheduling noise."""
     assert len(probes) >= 3, f"only {len(probes)} health probes ran during the attack"
     failed = [p for p in probes if p.status != 200]
     assert not failed, f"/v2/health/live failed during the attack: {failed[:5]}"
     median = statistics.median(p.ms for p in probes)
     slowest = max(p.ms for p in probes)
-    assert median <= limit_ms, (
+    assert median <= limit_ms and slowest <= STALL_MS, (
         f"/v2/health/live took {median:.1f} ms (median of {len(probes)} probes, slowest "
-        f"{slowest:.0f} ms) during the attack; the limit is {limit_ms:g} ms"
+        f"{slowest:.0f} ms) during the attack; the limits are {limit_ms:g} ms (median) and "
+        f"{STALL_MS:g} ms (slowest)"
     )
 
 

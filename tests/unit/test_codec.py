@@ -161,7 +161,7 @@ HOSTILE = {
         js(one_input(shape=[2**31, 2**31, 2**31], data=[1])), "over the limit"
     ),
     "non-integer dims": (js(one_input(shape=[1, "2"], data=[1, 2])), "non-integer"),
-    "data length differs from shape": (js(one_input(data=[1, 2, 3])), "needs 2"),
+    "data length differs from shape": (js(one_input(data=[1, 2, 3])), "a list of 2 values"),
     "ragged data": (js(one_input(data=[[1], [2, 3]])), "regular array"),
     "strings for numbers": (js(one_input(data=["1", "2"])), "not FP32"),
     "unknown datatype": (js(one_input(datatype="FP128", data=[1, 2])), "unknown datatype"),
@@ -200,7 +200,7 @@ HOSTILE = {
                          "parameters": {"binary_data_size": 7}}]},
             struct.pack("<I", 1) + b"a" + b"\0\0",
         ),
-        "missing its length prefix",
+        "2 BYTES elements need at least 8 bytes",
     ),
     "negative timeout": (js({**one_input(data=[1, 2]), "parameters": {"timeout": -5}}), "timeout"),
     "id not a string": (js({**one_input(data=[1, 2]), "id": 5}), "'id' must be a string"),

@@ -103,7 +103,7 @@ def test_a_job_past_its_budget_is_refused_with_413(metrics: Metrics) -> None:
 def test_a_job_that_waited_its_whole_budget_in_the_queue_is_refused_with_503(
     metrics: Metrics, gate: threading.Event
 ) -> None:
-    pool = DecodePool(1, 4, 20, metrics)
+    pool = DecodePool(1, 4, 20, metrics, max_wait_ms=20)
     ran, started = threading.Event(), threading.Event()
 
     def blocker_job() -> None:
