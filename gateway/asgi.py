@@ -28,7 +28,9 @@ from starlette.types import Message, Receive, Scope, Send
 from gateway.dataplane import SCREENING_REPORT_SCOPE, DataPlane
 from gateway.errors import BastionError, InvalidInput, PayloadTooLarge, Unavailable
 from gateway.http import HEALTH_PATHS, clip, token_matches
-from gateway.protocol.codec import Limits, RawInput, compress, decode_infer_body, encode_response
+from gateway.protocol.bounds import Limits, RawInput
+from gateway.protocol.codec import decode_infer_body, encode_response
+from gateway.protocol.content_encoding import compress
 from gateway.protocol.types import Caller, InferRequest
 from gateway.repository import parse_version
 

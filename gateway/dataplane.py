@@ -19,7 +19,7 @@ from gateway.decode_pool import DecodePool
 from gateway.errors import BastionError, Forbidden, InvalidInput
 from gateway.inputs import prepare_inputs
 from gateway.limits import ModelLimits, model_limits
-from gateway.protocol.codec import Limits, RawInput
+from gateway.protocol.bounds import Limits, RawInput
 from gateway.protocol.types import (
     Caller,
     InferRequest,

@@ -18,7 +18,7 @@ import math
 from dataclasses import dataclass
 
 from gateway.inputs import ImageLimits
-from gateway.protocol.codec import InputBound, Limits
+from gateway.protocol.bounds import InputBound, Limits
 from gateway.repository import ConfigError, ModelConfig
 from gateway.settings import Settings
 

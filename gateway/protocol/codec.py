@@ -9,16 +9,15 @@ from __future__ import annotations
 
 import math
 import struct
-import zlib
-from collections.abc import Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import orjson
 
 from gateway.errors import InvalidInput, PayloadTooLarge
+from gateway.protocol.bounds import Limits, RawInput, check_bound
 from gateway.protocol.budget import checkpoint
+from gateway.protocol.content_encoding import decompress
 from gateway.protocol.dtypes import BY_V2, DType
 from gateway.protocol.types import InferRequest, InferResponse, InputTensor, RequestedOutput
 
@@ -27,93 +26,6 @@ _U32 = struct.Struct("<I")
 
 
 _CHECK_EVERY = 4096  # elements between two decode-budget checkpoints
-
-
-@dataclass(frozen=True, slots=True)
-class InputBound:
-    """What a model takes for one input, so a tensor too big for it is refused before its
-    data is parsed: ``max_rows`` is the model's max_batch_size, ``max_elements`` the rows times
-    the elements of one row (0 when a dimension is variable; then only the global limit holds).
-    Encoded images (BYTES given to a non-BYTES input) are one element a row."""
-
-    datatype: str
-    max_rows: int
-    max_elements: int
-
-    def cap(self, datatype: str) -> int:
-        if datatype == "BYTES" and self.datatype != "BYTES":
-            return self.max_rows
-        return self.max_elements
-
-
-@dataclass(frozen=True, slots=True)
-class Limits:
-    max_body_bytes: int = 64 << 20
-    max_json_bytes: int = 16 << 20
-    max_elements: int = 1 << 26
-    max_request_id_chars: int = 256
-    inputs: Mapping[str, InputBound] = field(default_factory=dict)
-    max_json_tokens: int = 0  # commas and brackets in the JSON part; 0: not checked
-
-
-@dataclass(frozen=True, slots=True)
-class RawInput:
-    """What a header-less body (``Inference-Header-Content-Length: 0``) means for a model."""
-
-    name: str
-    datatype: str
-    dims: tuple[int, ...]
-
-
-_INFLATE_STEP = 1 << 20
-
-
-def decompress(body: bytes | bytearray, encoding: str | None, limit: int) -> bytes | bytearray:
-    """Undoes ``Content-Encoding`` gzip/deflate without ever holding more than ``limit`` bytes.
-
-    Inflates in 1 MiB steps with a budget checkpoint between them: one call for the whole body
-    would build the result while holding the GIL (tens of milliseconds for a 64 MiB bomb, during
-    which the event loop cannot run) and could not be cut off by the decode budget.
-    """
-    if not encoding or encoding.strip().lower() == "identity":
-        return body
-    wbits = {"gzip": 31, "deflate": 15}.get(encoding.strip().lower())
-    if wbits is None:
-        raise InvalidInput(f"unsupported Content-Encoding {encoding!r}; use gzip or deflate")
-    inflater = zlib.decompressobj(wbits)
-    out = bytearray()
-    pending: bytes | bytearray | memoryview = body
-    try:
-        while True:
-            checkpoint()
-            step = inflater.decompress(pending, _INFLATE_STEP)
-            out += step
-            if len(out) > limit:
-                raise PayloadTooLarge(
-                    f"decompressed body is larger than the limit of {limit} bytes"
-                )
-            pending = inflater.unconsumed_tail
-            # a full step may leave output inside zlib even with no input left: go round again
-            if inflater.eof or (not pending and len(step) < _INFLATE_STEP):
-                break
-    except zlib.error as exc:
-        raise InvalidInput(f"body is not valid {encoding} data: {exc}") from None
-    if not inflater.eof:
-        raise InvalidInput(f"{encoding} body is truncated")
-    return out
-
-
-def compress(body: bytes, accept_encoding: str | None) -> tuple[bytes, str | None]:
-    """Compresses a response when the client asked for it (tritonclient's Accept-Encoding)."""
-    if not accept_encoding:
-        return body, None
-    accepted = {part.split(";")[0].strip().lower() for part in accept_encoding.split(",")}
-    if "gzip" in accepted:
-        deflater = zlib.compressobj(wbits=31)
-        return deflater.compress(body) + deflater.flush(), "gzip"
-    if "deflate" in accepted:
-        return zlib.compress(body), "deflate"
-    return body, None
 
 
 def decode_infer_body(
@@ -218,7 +130,7 @@ def _decode_inputs(specs: Any, binary: memoryview, limits: Limits) -> tuple[list
         spec, name = _named(item, "input", seen)
         dtype = _dtype(spec.get("datatype"), name)
         shape = _shape(spec.get("shape"), name, limits)
-        _check_bound(name, dtype, shape, limits)
+        check_bound(name, dtype.v2, shape, limits)
         params = _dict(spec.get("parameters", {}), f"parameters of input {name!r}")
         if "binary_data_size" in params:
             if "data" in spec:
@@ -410,26 +322,6 @@ def _shape(value: Any, name: str, limits: Limits) -> tuple[int, ...]:
             f"{limits.max_elements}"
         )
     return tuple(value)
-
-
-def _check_bound(name: str, dtype: DType, shape: tuple[int, ...], limits: Limits) -> None:
-    """Refuses a tensor larger than the model could take, before its data is touched."""
-    bound = limits.inputs.get(name)
-    if bound is None:
-        if limits.inputs:  # refused before a byte of its data is touched
-            raise InvalidInput(
-                f"the model has no input {name!r}; its inputs are {sorted(limits.inputs)}"
-            )
-        return
-    if shape and shape[0] > bound.max_rows:
-        raise InvalidInput(f"input {name!r}: batch size {shape[0]} is outside 1..{bound.max_rows}")
-    cap = bound.cap(dtype.v2)
-    count = math.prod(shape)
-    if cap and count > cap:
-        raise InvalidInput(
-            f"input {name!r}: shape {list(shape)} has {count} elements; the model takes at "
-            f"most {cap} per request ({bound.max_rows} rows)"
-        )
 
 
 def _tokens(json_part: bytes | bytearray) -> int:

@@ -15,16 +15,9 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from gateway.errors import InvalidInput, PayloadTooLarge
-from gateway.protocol.codec import (
-    InputBound,
-    Limits,
-    RawInput,
-    compress,
-    decode_infer_body,
-    decode_request,
-    decompress,
-    encode_response,
-)
+from gateway.protocol.bounds import InputBound, Limits, RawInput
+from gateway.protocol.codec import decode_infer_body, decode_request, encode_response
+from gateway.protocol.content_encoding import compress, decompress
 from gateway.protocol.dtypes import from_numpy
 from gateway.protocol.types import InferResponse, OutputTensor
 
