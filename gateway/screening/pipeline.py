@@ -1,8 +1,9 @@
 """The fused screening job: classifier and every detector as one device job per batch.
 
-The squeezed copies are rows of the same forward batch as the originals, the margin comes from
-the same softmax, the input gradient from one backward pass over that batch, and the detectors'
-percentiles are computed on the device: the host sees only the final outputs and scores.
+The originals go forward with autograd for the input gradient (one backward pass over their
+rows only); the squeezed copies go forward without it, in one batch; the margin comes from the
+originals' softmax, and the detectors' percentiles are computed on the device: the host sees
+only the final outputs and scores.
 """
 
 from __future__ import annotations
@@ -57,23 +58,35 @@ class ScreenedClassifier:
         with torch.no_grad():
             copies = squeeze(x, self.squeeze_spec).flatten(0, 1) if self._squeeze else None
         t1 = time.perf_counter_ns()
-        with torch.enable_grad():
-            original = x.detach().requires_grad_(self._gradient)
-            rows = original if copies is None else torch.cat([original, copies])
-            logits_all, probs_all, embedding_all = self.module.forward_embedded(rows)
-            t2 = time.perf_counter_ns()
-            gradient = None
-            if self._gradient:
-                loss = F.cross_entropy(logits_all[:n], logits_all[:n].argmax(1), reduction="sum")
+        gradient = None
+        if self._gradient:
+            # autograd over the originals only: the squeezed rows need no input gradient, and a
+            # graph through the whole fused batch would make the backward (1 + S) times dearer
+            with torch.enable_grad():
+                original = x.detach().requires_grad_(True)
+                # the module sees a view, not the leaf: module-level autograd hooks (the FLOP
+                # counter's, profilers') cannot take a leaf passed to autograd.grad
+                logits, probs, embedding = self.module.forward_embedded(original.view_as(x))
+                loss = F.cross_entropy(logits, logits.argmax(1), reduction="sum")
                 (gradient,) = torch.autograd.grad(loss, original)
+            with torch.no_grad():
+                logits, probs = logits.detach(), probs.detach()
+                embedding = None if embedding is None else embedding.detach()
+                squeezed_all = None if copies is None else self.module.forward_embedded(copies)[1]
+        else:
+            with torch.no_grad():
+                rows = x if copies is None else torch.cat([x, copies])
+                logits_all, probs_all, embedding_all = self.module.forward_embedded(rows)
+                logits, probs = logits_all[:n], probs_all[:n]
+                embedding = None if embedding_all is None else embedding_all[:n]
+                squeezed_all = None if copies is None else probs_all[n:]
+        t2 = time.perf_counter_ns()
         with torch.no_grad():
-            logits, probs = logits_all[:n].detach(), probs_all[:n].detach()
-            squeezed = probs_all[n:].detach().view(-1, *probs.shape) if copies is not None else None
+            squeezed = None if squeezed_all is None else squeezed_all.view(-1, *probs.shape)
             scores = registry.run(self.detectors, ScreenInputs(probs, squeezed, gradient))
             if self._reference is None:
                 combined = torch.full((n,), -1.0, device=x.device)
             else:
                 combined = combined_score(scores, self._reference)
-            embedding = None if embedding_all is None else embedding_all[:n].detach()
         screen_ns = t1 - t0 + time.perf_counter_ns() - t2
         return ScreenResult(logits, probs, scores, combined, screen_ns, embedding)

@@ -1,5 +1,5 @@
-"""The fused screening job: one forward over originals and squeezed copies, one backward, and
-the same scores as each detector computed on its own."""
+"""The fused screening job: originals with autograd, squeezed copies in one batch without it,
+one backward, and the same scores as each detector computed on its own."""
 
 from __future__ import annotations
 
@@ -52,12 +52,18 @@ def test_fused_batch_gives_the_scores_of_each_detector_run_alone() -> None:
     assert (result.combined == -1).all()  # uncalibrated
 
 
-def test_classifier_and_squeezed_copies_run_as_one_forward_batch() -> None:
+def test_squeezed_copies_run_as_one_batch_beside_the_originals_that_need_a_gradient() -> None:
     module = ServedClassifier(load_digits()).eval()
-    calls: list[int] = []
-    module.register_forward_hook(lambda _m, args, _out: calls.append(args[0].shape[0]))
+    calls: list[tuple[int, bool]] = []
+    module.register_forward_hook(
+        lambda _m, args, _out: calls.append((args[0].shape[0], torch.is_grad_enabled()))
+    )
     ScreenedClassifier(module, NAMES, SPEC, None, torch.device("cpu"))(digits(5))
-    assert calls == [5 * (1 + SPEC.count)]
+    assert calls == [(5, True), (5 * SPEC.count, False)]  # autograd for the originals only
+    calls.clear()
+    no_gradient = ("feature_squeezing", "confidence_margin")
+    ScreenedClassifier(module, no_gradient, SPEC, None, torch.device("cpu"))(digits(5))
+    assert calls == [(5 * (1 + SPEC.count), False)]  # one fused batch
 
 
 def test_scores_of_an_image_do_not_depend_on_its_batch() -> None:
@@ -80,3 +86,18 @@ def test_combined_score_uses_the_calibrated_clean_percentiles() -> None:
     assert flagged <= 0.1 + 1e-6
     noise = job(torch.rand(4, 1, 28, 28, generator=torch.Generator().manual_seed(0)))
     assert (noise.combined > calibration.combined_threshold).all()
+
+
+def test_the_gradient_over_the_originals_alone_equals_the_one_through_the_fused_batch() -> None:
+    """The job differentiates only the original rows; the former job built its graph through
+    the whole fused batch (originals and squeezed copies) and sliced: same gradient, cheaper."""
+    module = ServedClassifier(load_digits())
+    x = digits(16)
+    job = ScreenedClassifier(module, ("gradient_norm",), SPEC, None, torch.device("cpu"))
+    ours = job(x).scores[:, 0]
+    original = x.clone().requires_grad_(True)
+    copies = squeeze_reference(x, SPEC).flatten(0, 1)
+    logits = module(torch.cat([original, copies]))[0][: len(x)]
+    loss = F.cross_entropy(logits, logits.argmax(1), reduction="sum")
+    (fused,) = torch.autograd.grad(loss, original)
+    torch.testing.assert_close(ours, fused.flatten(1).norm(dim=1), rtol=1e-4, atol=1e-6)
