@@ -26,9 +26,11 @@ from gateway.errors import InvalidInput, NotFound
 from gateway.http import json_response, plane, require_admin
 from gateway.protocol.dtypes import from_numpy
 from gateway.protocol.schema import error
-from gateway.quarantine.store import QUARANTINED, RELEASED, QuarantineRecord, Stats
+from gateway.quarantine.store import QUARANTINED, RELEASED, REVIEW, QuarantineRecord, Stats
+from gateway.registry import LoadedModel
 from gateway.repository import parse_version
-from gateway.screening.policy import ACTIONS
+from gateway.screening.calibration import Calibration, threshold
+from gateway.screening.policy import ACTIONS, ADVERSARIAL, SUSPICIOUS
 
 ID_CHARS = 64  # ids are 32 hex digits; some slack for a future id scheme
 MAX_IDS = 1000
@@ -37,7 +39,7 @@ MAX_OFFSET = 2**53  # exact as a JSON number in every client; far below SQLite's
 NAME_CHARS = 256
 TOP_CLIENTS = 10
 
-Status = Literal[QUARANTINED, RELEASED]  # type: ignore[valid-type]
+Status = Literal[QUARANTINED, RELEASED, REVIEW]  # type: ignore[valid-type]
 Action = Literal[ACTIONS]  # type: ignore[valid-type]
 RecordId = Annotated[str, StringConstraints(min_length=1, max_length=ID_CHARS)]
 ItemPath = Annotated[str, Path(min_length=1, max_length=ID_CHARS)]
@@ -125,20 +127,40 @@ async def screening(request: Request, model: ModelPath, version: str | None = No
         "version": str(loaded.version),
         "enabled": True,
         "action": loaded.screening_action,
+        "review_action": loaded.screening_review,
         "detectors": [d.name for d in job.detectors],
         "squeeze": {"bits": list(job.squeeze_spec.bits), "medians": list(job.squeeze_spec.medians)},
+        "mahalanobis_layer": job.gaussian.layer if job.gaussian is not None else None,
         "calibrated": calibration is not None,
     }
-    if calibration is not None:
+    if calibration is not None and job.targets is not None:
         body |= {
-            "thresholds": calibration.thresholds,
-            "combined_threshold": calibration.combined_threshold,
-            "target_fpr": calibration.target_fpr,
-            "calibration_fpr": calibration.calibration_fpr,
+            "combiner": calibration.rule,
+            "tiers": tiers(calibration, job.targets, loaded),
+            "smallest_fpr": calibration.smallest_fpr,
             "calibration_samples": calibration.samples,
             "calibration_meta": calibration.meta,
         }
     return json_response(body)
+
+
+def tiers(
+    calibration: Calibration, targets: dict[str, float], loaded: LoadedModel
+) -> dict[str, dict[str, Any]]:
+    """Per verdict tier: its target FPR, threshold on the combined score, what it does, and the
+    FPR realised on the calibration split and (when calibrate had one) the held-out test split."""
+    actions = {ADVERSARIAL: loaded.screening_action, SUSPICIOUS: loaded.screening_review}
+    out = {}
+    for tier, target in targets.items():
+        key = repr(target)
+        out[tier] = {
+            "target_fpr": target,
+            "threshold": threshold(target),
+            "action": actions[tier],
+            "calibration_fpr": calibration.calibration_fpr.get(key),
+            "test": calibration.test.get(key),
+        }
+    return out
 
 
 @router.post("/v2/models/{model}/screening/action", responses=errors(400, 403, 404))

@@ -39,7 +39,7 @@ def create_app(settings: Settings | None = None) -> Gateway:
             torch.set_num_threads(settings.torch_threads)
         registry = ModelRegistry(ModelRepository(settings.model_repository), settings, metrics)
         store = open_store(settings)
-        screening = ScreeningService(store, metrics)
+        screening = ScreeningService(store, metrics, settings.review_backlog)
         registry.on_screening = screening.publish_calibration
         decoder = DecodePool(
             settings.decode_workers, settings.decode_queue_size, settings.decode_budget_ms, metrics
@@ -65,6 +65,7 @@ def create_app(settings: Settings | None = None) -> Gateway:
                 await sampling
             await registry.close()
             decoder.close()
+            await asyncio.to_thread(screening.close)
             retention.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await retention

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -158,27 +159,68 @@ def calibrate(
     model: ModelName,
     model_repository: RepositoryOption = None,
     version: VersionOption = None,
-    fpr: Annotated[float, typer.Option(help="Target false-positive rate on clean data.")] = 0.05,
+    block_fpr: Annotated[
+        float | None, typer.Option(help="Block tier's clean FPR (default: the config's).")
+    ] = None,
+    review_fpr: Annotated[
+        float | None, typer.Option(help="Review tier's clean FPR (default: the config's).")
+    ] = None,
     data: CleanData = None,
+    train_data: Annotated[
+        Path | None, typer.Option(help="Labelled training .npz (images, labels).")
+    ] = None,
+    test_data: Annotated[
+        Path | None, typer.Option(help="Held-out clean .npz the tiers are measured on.")
+    ] = None,
     device: DeviceOption = "auto",
 ) -> None:
-    """Set screening thresholds on clean data; write calibration.json and the drift reference
-    profile beside the weights."""
+    """Fit the screening on clean data (class Gaussian on train, tails and tiers on calibration),
+    report each tier's FPR on the held-out test split, and write the files beside the weights."""
     from gateway.screening.calibrate import calibrate_model
+    from gateway.screening.policy import ADVERSARIAL, SUSPICIOUS
+    from gateway.screening.tail import UnsupportedTarget
     from gateway.settings import DEFAULT_REPOSITORY
 
-    calibration, paths = calibrate_model(
-        model_repository or DEFAULT_REPOSITORY, model, version, fpr, data, device
-    )
+    targets = None
+    if block_fpr is not None or review_fpr is not None:
+        targets = (block_fpr or 0.005, review_fpr or 0.05)
+    try:
+        calibration, paths = calibrate_model(
+            model_repository or DEFAULT_REPOSITORY,
+            model,
+            version,
+            data,
+            device,
+            train_data,
+            test_data,
+            targets,
+        )
+    except UnsupportedTarget as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
     for path in paths:
         typer.echo(f"wrote {path}")
-    typer.echo(f"{'detector':<20} threshold (flag when above)")
-    for name, value in calibration.thresholds.items():
-        typer.echo(f"{name:<20} {value:.6g}")
     typer.echo(
-        f"{'combined':<20} {calibration.combined_threshold:.6g}  "
-        f"(calibration FPR {calibration.calibration_fpr:.3f}, n={calibration.samples})"
+        f"{calibration.samples} calibration images, combiner {calibration.rule}; smallest "
+        f"supported FPR {calibration.smallest_fpr:.2g}"
     )
+    typer.echo(
+        f"{'tier':<12} {'target':>7} {'threshold':>9} {'calib FPR':>9} "
+        f"{'test FPR':>9} {'flagged/n':>10} {'95% upper':>9}"
+    )
+    names = {0: ADVERSARIAL, 1: SUSPICIOUS}
+    for i, (key, realised) in enumerate(calibration.calibration_fpr.items()):
+        target = float(key)
+        test = calibration.test.get(key)
+        line = (
+            f"{names.get(i, key):<12} {target:>7.2%} {-math.log10(target):>9.3f} {realised:>9.2%}"
+        )
+        if test:
+            line += (
+                f" {test['fpr']:>9.2%} {test['flagged']:>4}/{test['samples']:<5} "
+                f"{test['upper95']:>9.2%}"
+            )
+        typer.echo(line)
 
 
 @app.command()

@@ -188,9 +188,15 @@ class DataPlane:
         job = model.backend.screening
         if job is None:
             return None
-        policy = model.screening_action
         screened = await self.screening.apply(
-            job, policy, model.config.name, str(model.version), request, arrays, results
+            job,
+            model.screening_action,
+            model.config.name,
+            str(model.version),
+            request,
+            arrays,
+            results,
+            model.screening_review,
         )
         refuse_if_withheld(screened, request)
         return screened

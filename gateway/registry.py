@@ -41,6 +41,7 @@ class LoadedModel:
     batcher: DynamicBatcher
     observer: ModelObserver
     screening_action: str = "allow"  # what an adversarial verdict does; admins may tighten it
+    screening_review: str = "review"  # what a suspicious verdict does: review or allow
     drift: DriftMonitor | None = None
     limits: ModelLimits | None = None  # what this version can take (gateway.limits)
 
@@ -227,6 +228,7 @@ class ModelRegistry:
         policy = from_config(config)
         if policy is not None and backend.screening is not None:
             loaded.screening_action = policy.action
+            loaded.screening_review = policy.review_action
             self.on_screening(config.name, str(version), backend.screening)
         return loaded
 

@@ -175,6 +175,13 @@ class Settings(BaseSettings):
     quarantine_retention_interval_s: float = Field(
         600.0, gt=0, description="How often the retention sweep runs."
     )
+    review_backlog: int = Field(
+        1024,
+        ge=1,
+        le=1_000_000,
+        description="Review copies of suspicious inputs waiting to be written; past it new "
+        "copies are dropped (counted in bastion_screening_reviews_total), never the response.",
+    )
     max_note_chars: int = Field(1024, ge=1, description="Longest admin note on a record.")
     log_level: str = Field("info", description="Python logging level.")
     access_log: bool = Field(False, description="uvicorn's access log (costs throughput).")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -24,6 +25,18 @@ def repository(tmp_path: Path) -> Path:
     target = tmp_path / "repository"
     shutil.copytree(DEFAULT_REPOSITORY, target)
     return target
+
+
+def flag_every_image(repository: Path, model: str = "digits", version: str = "1") -> Path:
+    """Rewrites a copied version's calibration so every image is adversarial: the combined
+    score's clean tail starts below any statistic with a vanishing scale, so every score gets
+    the maximum surprise. The detectors still run; only the verdict is forced."""
+    path = repository / model / version / "calibration.json"
+    data = json.loads(path.read_text())
+    n = len(data["combined"]["reference"])
+    data["combined"] |= {"reference": [-1e9] * n, "start": -1e9, "scale": 1e-9, "shape": 0.0}
+    path.write_text(json.dumps(data))
+    return repository
 
 
 def free_port() -> int:

@@ -4,13 +4,14 @@ Feature squeezing and confidence-based detectors fall to attacks that know them 
 WOOT 2017; Carlini & Wagner, AISec 2017; Tramèr et al., NeurIPS 2020). The attack ascends
 ``CE(f(x), y) - lambda * [f(x) != y] * (sum_d relu(s_d(x) / tau_d - kappa) + agreement)`` by L-inf
 PGD with a random start (Madry et al., ICLR 2018): ``s_d`` are the gateway's own detector
-functions evaluated differentiably, ``tau_d`` the score at which detector d pushes the combined
-percentile over its threshold, and ``agreement`` pulls the squeezed copies to the input's
+functions evaluated differentiably (the Mahalanobis detector through the tapped layer), ``tau_d``
+the raw score at which detector d alone pushes the combined score over the block tier, and
+``agreement`` pulls the squeezed copies to the input's
 predicted class. Gradients: bit depth passes the identity (BPDA, Athalye et al., ICML 2018); the
 median is differentiable through kthvalue; the gradient-norm detector is differentiated by double
 backpropagation. Each sample tries lambda = 0, 1, 10 in turn; every ``check_every`` steps the real
 screening job judges the discretised iterate, and a sample succeeds the first time it is
-misclassified and passed by the combined decision.
+misclassified and not withheld by the block tier.
 """
 
 from __future__ import annotations
@@ -25,9 +26,10 @@ from torch import Tensor
 
 from benchmarks.adversarial.attacks import discretise, distortion
 from gateway.screening import detectors as registry
-from gateway.screening.calibration import Calibration
+from gateway.screening.calibration import Calibration, Combiner
 from gateway.screening.detectors import ScreenInputs
 from gateway.screening.pipeline import ScreenedClassifier
+from gateway.screening.policy import ADVERSARIAL
 from kernels.squeeze import bit_depth, median_smooth
 from models.data import to_float
 
@@ -62,17 +64,28 @@ class BudgetResult:
     runtime_s: float
 
 
-def passing_scores(calibration: Calibration) -> Tensor:
-    """Per detector, the lowest score whose clean percentile exceeds the combined threshold.
+def passing_scores(calibration: Calibration, block: float) -> Tensor:
+    """Per detector, the raw score at which it alone lifts the combined score over ``block``.
 
-    The combined score is ``max_d #{ref_d <= s_d} / N``, so an input passes exactly when every
-    ``s_d`` lies below ``ref_d[floor(threshold * N)]``.
+    Found by bisection on the combined score of a row whose other detectors sit at their
+    clean minimum (the combined score is monotone in each detector's score).
     """
-    reference = calibration.reference_tensor(torch.device("cpu"))
-    index = min(
-        int(np.floor(calibration.combined_threshold * reference.shape[1])), reference.shape[1] - 1
-    )
-    return reference[:, index].clamp_min(1e-12)
+    combiner = Combiner.on(calibration, torch.device("cpu"))
+    lows = torch.tensor([min(calibration.tails[d].reference) for d in calibration.detectors])
+    taus = []
+    for i, name in enumerate(calibration.detectors):
+        model = calibration.tails[name]
+        low, high = model.start, model.bound or max(model.reference) * 1e6
+        for _ in range(80):
+            mid = (low + high) / 2
+            row = lows.clone().unsqueeze(0)
+            row[0, i] = mid
+            if combiner(row.float())[0] > block:
+                high = mid
+            else:
+                low = mid
+        taus.append(max(high, 1e-12))
+    return torch.tensor(taus)
 
 
 def straight_through(squeezed: Tensor, x: Tensor) -> Tensor:
@@ -92,14 +105,16 @@ def surrogate(job: ScreenedClassifier, x: Tensor) -> Surrogate:
     n, spec = x.shape[0], job.squeeze_spec
     copies = [straight_through(bit_depth(x, b), x) for b in spec.bits]
     copies += [median_smooth(x, w) for w in spec.medians]
-    logits_all, probs_all = job.module(torch.cat([x, *copies]))
+    logits_all, probs_all, _, features = job.forward_features(torch.cat([x, *copies]))
     logits = logits_all[:n]
+    features = None if features is None else features[:n]
     gradient = None
     if any(d.needs_gradient for d in job.detectors):
         loss = F.cross_entropy(logits, logits.argmax(1), reduction="sum")
         (gradient,) = torch.autograd.grad(loss, x, create_graph=True)
     squeezed = probs_all[n:].view(len(copies), n, -1) if copies else None
-    scores = registry.run(job.detectors, ScreenInputs(probs_all[:n], squeezed, gradient))
+    inputs = ScreenInputs(probs_all[:n], squeezed, gradient, features, job.gaussian)
+    scores = registry.run(job.detectors, inputs)
     squeezed_logits = logits_all[n:].view(len(copies), n, -1) if copies else None
     return Surrogate(logits, squeezed_logits, scores)
 
@@ -151,7 +166,7 @@ def within_budget(x: Tensor, clean: np.ndarray, eps: float) -> np.ndarray:
 def judge(job: ScreenedClassifier, pixels: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, ...]:
     """(misclassified, evaded) for 8-bit images, by the real screening job."""
     result = job(torch.from_numpy(to_float(pixels)))
-    threshold = job.calibration.combined_threshold if job.calibration else np.inf
+    threshold = job.thresholds[ADVERSARIAL] if job.thresholds else np.inf
     wrong = result.logits.argmax(1).numpy() != y
     return wrong, wrong & (result.combined.numpy() <= threshold)
 
@@ -167,7 +182,9 @@ def pgd(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One PGD run from uint8 seeds; returns (ever misclassified, ever evaded, first evading
     uint8 images)."""
-    tau, target = passing_scores(job.calibration), torch.from_numpy(y)
+    assert job.calibration is not None and job.thresholds is not None
+    tau = passing_scores(job.calibration, job.thresholds[ADVERSARIAL])
+    target = torch.from_numpy(y)
     start = torch.from_numpy(to_float(clean))
     noise = torch.rand(start.shape, generator=generator) * 2 - 1
     x = (start + eps * noise).clamp(0, 1)

@@ -112,24 +112,32 @@ def adaptive_records(
     return rows, evaders
 
 
+BLOCK_TARGET, REVIEW_TARGET = 0.95, 0.99  # pooled detection the tiers are held to
+
+
 def summary(
     records: dict[str, dict],
     scores: dict[str, Scores],
     clean: Scores,
     names: tuple[str, ...],
-    cuts: dict[str, float],
+    cuts: dict[str, dict[str, float]],
 ) -> dict[str, Any]:
-    """Pooled detection over all non-adaptive successes: each attack weighted by its count."""
+    """Pooled detection over all non-adaptive successes (each attack weighted by its count), at
+    the block tier (withheld) and the review tier (withheld or reviewed)."""
     pooled = scoring.pool(list(scores.values()))
-    metrics = scoring.metrics(clean, pooled, names, cuts)
+    by_tier = {tier: scoring.metrics(clean, pooled, names, c) for tier, c in cuts.items()}
+    block, review = by_tier["block"][COMBINED], by_tier["review"][COMBINED]
     return {
         report.POOLED: {
             "successes": sum(r["successes"] for r in records.values()),
-            "metrics": metrics,
+            "metrics": by_tier["block"],
+            "review_metrics": by_tier["review"],
         },
-        "combined_tpr": metrics[COMBINED]["tpr"],
-        "combined_fpr": metrics[COMBINED]["fpr"],
-        "target_95": metrics[COMBINED]["tpr"] >= 0.95,
+        "combined_tpr": block["tpr"],
+        "combined_fpr": block["fpr"],
+        "review_tpr": review["tpr"],
+        "review_fpr": review["fpr"],
+        "target_95": block["tpr"] >= BLOCK_TARGET and review["tpr"] >= REVIEW_TARGET,
     }
 
 
@@ -196,7 +204,9 @@ def run(
     torch.manual_seed(seed)
     specs = zoo.select(attacks)
     job, calibration = scoring.build_job()
-    names, cuts = calibration.detectors, scoring.thresholds(calibration)
+    names = calibration.detectors
+    tiers = {tier: scoring.thresholds(job, tier) for tier in scoring.TIERS}
+    cuts = tiers["block"]
     images, labels = load_split("test")
     clean = scoring.score(job, images)
     seeds = zoo.select_seeds(load_digits(), images, labels, n_seeds, seed)
@@ -205,6 +215,9 @@ def run(
         name: attack_record(r, scores[name], scoring.metrics(clean, scores[name], names, cuts))
         for name, r in results.items()
     }
+    for name, record in records.items():
+        review = scoring.metrics(clean, scores[name], names, tiers["review"])
+        record["review_metrics"] = review
     plots = {name: curves(clean, s, names, cuts) for name, s in scores.items() if len(s.combined)}
     plots[report.POOLED] = curves(clean, scoring.pool(list(scores.values())), names, cuts)
     rows, evaders = (
@@ -216,14 +229,19 @@ def run(
         ),
         "detectors": list(names),
         "calibration": {
-            k: getattr(calibration, k)
-            for k in ("target_fpr", "thresholds", "combined_threshold", "samples")
+            "samples": calibration.samples,
+            "combiner": calibration.rule,
+            "tiers": {tier: 10.0 ** -c[COMBINED] for tier, c in tiers.items()},
+            "thresholds": {tier: c[COMBINED] for tier, c in tiers.items()},
+            "mahalanobis_layer": job.gaussian.layer if job.gaussian is not None else None,
         },
-        "combined_threshold": calibration.combined_threshold,
         "clean": {"n": len(labels), "accuracy": float((clean.predictions == labels).mean())},
         "test_fpr": {n: scoring.flagged_rate(clean.column(n, names), cuts[n]) for n in cuts},
+        "review_test_fpr": {
+            n: scoring.flagged_rate(clean.column(n, names), tiers["review"][n]) for n in cuts
+        },
         "attacks": records,
-        "summary": summary(records, scores, clean, names, cuts),
+        "summary": summary(records, scores, clean, names, tiers),
         "adaptive": rows,
     }
     result["runtime_s"] = time.perf_counter() - start

@@ -59,6 +59,26 @@ def detection_table(result: dict[str, Any]) -> list[str]:
     return lines
 
 
+def tier_table(result: dict[str, Any]) -> list[str]:
+    """The combined decision per attack at both tiers: withheld, and withheld or reviewed."""
+    t = result["calibration"]["tiers"]
+    lines = [
+        f"| attack | n | withheld % (block, {100 * t['block']:.1f} % FPR) "
+        f"| withheld or reviewed % (review, {100 * t['review']:.0f} % FPR) |",
+        "|---|---:|---:|---:|",
+    ]
+    rows = {**result["attacks"], f"**{POOLED}**": result["summary"][POOLED]}
+    for name, a in rows.items():
+        block = a["metrics"][COMBINED]["tpr"]
+        review = a["review_metrics"][COMBINED]["tpr"]
+        lines.append(f"| {name} | {a['successes']} | {_pct(block)} | {_pct(review)} |")
+    lines.append(
+        f"| clean test (FPR %) | {result['clean']['n']} | {_pct(result['test_fpr'][COMBINED])} "
+        f"| {_pct(result['review_test_fpr'][COMBINED])} |"
+    )
+    return lines
+
+
 def adaptive_table(result: dict[str, Any]) -> list[str]:
     """Adaptive attack success against the budget, screened beside unscreened."""
     lines = [
@@ -80,15 +100,18 @@ NOTES = (
     "Distortions are measured on the 8-bit images, so L∞ may exceed ε by half a pixel level "
     "(0.002). 'served graph agrees' counts successes whose label from the gateway's "
     "channels-last served graph equals the attacked network's.",
-    "TPR is the share of successful adversarial examples flagged at the calibrated threshold "
-    "(score > threshold); the clean test row gives the false-positive rate of each decision on "
+    "TPR is the share of successful adversarial examples flagged at the block tier's threshold "
+    "(score > threshold; every column is a clean surprise -log10 p, the detectors' under their "
+    "own clean tails); the clean test row gives the false-positive rate of each decision on "
     "the clean test split.",
     "Adaptive attack: L∞ PGD, random start, step ε/40, ascending CE(f(x), y) - λ·[f(x) ≠ y]·"
-    "(Σ_d relu(s_d/τ_d - κ) + CE of the squeezed copies against f's label), with BPDA (identity) "
+    "(Σ_d relu(s_d/τ_d - κ) + CE of the squeezed copies against f's label), τ_d the score at "
+    "which detector d alone crosses the block tier, with BPDA (identity) "
     "through bit depth, the median differentiated through kthvalue, and the gradient-norm "
     "detector by double backpropagation; λ = 0, 1, 10 tried in turn per seed. Success: the real "
     "screening job, on the 8-bit image kept inside the ε-ball, finds it misclassified and not "
-    "flagged by the combined decision. Unscreened success: plain PGD (λ = 0) misclassifies.",
+    "withheld by the block tier (the review tier serves it). Unscreened success: plain PGD "
+    "(λ = 0) misclassifies.",
 )
 
 
@@ -96,25 +119,34 @@ def markdown(result: dict[str, Any]) -> str:
     """The whole report: attacks, detection, adaptive attack."""
     c = result["calibration"]
     pooled = result["summary"][POOLED]["metrics"][COMBINED]
+    review = result["summary"][POOLED]["review_metrics"][COMBINED]
     parts = [
         "# Adversarial evaluation of the digits model's screening",
         "",
         f"Seeds: {result['config']['seeds']} correctly classified test digits (seed "
         f"{result['config']['seed']}); successes counted after rounding to 8-bit pixels. "
         f"Negatives: the {result['clean']['n']} clean test digits. Thresholds: the committed "
-        f"calibration ({c['samples']} calibration digits, target FPR {_pct(c['target_fpr'])} %, "
-        f"combined threshold {c['combined_threshold']:.4g}).",
+        f"calibration ({c['samples']} calibration digits, combiner {c['combiner']}, "
+        f"Mahalanobis layer {c['mahalanobis_layer']}); block tier at "
+        f"{100 * c['tiers']['block']:.1f} % target FPR (combined score > "
+        f"{c['thresholds']['block']:.3f}), review tier at {100 * c['tiers']['review']:.0f} % "
+        f"(> {c['thresholds']['review']:.3f}).",
         "",
-        f"**Pooled over the non-adaptive attacks: combined decision detects "
-        f"{_pct(pooled['tpr'])} % of {result['summary'][POOLED]['successes']} successful "
-        f"adversarial examples at {_pct(result['test_fpr'][COMBINED])} % clean test FPR "
-        f"(ROC-AUC {_auc(pooled['auc'])}).**",
+        f"**Pooled over the non-adaptive attacks: the block tier withholds {_pct(pooled['tpr'])} "
+        f"% of {result['summary'][POOLED]['successes']} successful adversarial examples at "
+        f"{_pct(result['test_fpr'][COMBINED])} % clean test FPR; the review tier catches "
+        f"{_pct(review['tpr'])} % (withheld or reviewed) at "
+        f"{_pct(result['review_test_fpr'][COMBINED])} % (ROC-AUC {_auc(pooled['auc'])}).**",
         "",
         "## Attacks",
         "",
         *attack_table(result),
         "",
-        "## Detection",
+        "## Tiers",
+        "",
+        *tier_table(result),
+        "",
+        "## Detection by detector (block tier)",
         "",
         *detection_table(result),
     ]

@@ -4,7 +4,9 @@ The job is built the way the torch backend builds it (served graph, channels-las
 policy and its committed calibration), so the numbers describe what the gateway decides. Metrics
 follow Xu et al. (NDSS 2018): negatives are the clean test split, positives the successful
 adversarial examples; ROC-AUC with higher score = adversarial, and the true- and false-positive
-rates at the thresholds calibrated on the separate calibration split.
+rates at each tier's threshold calibrated on the separate calibration split. Every column is a
+clean surprise (``-log10 p``: per detector under its own tail, and the combined score), so one
+tier's threshold applies to each: a detector's rate is what it would flag on its own.
 """
 
 from __future__ import annotations
@@ -17,20 +19,23 @@ import torch
 from sklearn.metrics import roc_auc_score, roc_curve
 
 from gateway.repository import ModelRepository
+from gateway.screening import tail
 from gateway.screening.calibration import Calibration
+from gateway.screening.mahalanobis import ClassGaussian
 from gateway.screening.pipeline import ScreenedClassifier
-from gateway.screening.policy import from_config
+from gateway.screening.policy import ADVERSARIAL, SUSPICIOUS, from_config
 from gateway.settings import DEFAULT_REPOSITORY
 from models.data import to_float
 from models.weights import load_digits
 from models.zoo import ServedClassifier
 
 COMBINED = "combined"
+TIERS = {"block": ADVERSARIAL, "review": SUSPICIOUS}
 
 
 @dataclass(frozen=True)
 class Scores:
-    """Per-sample detector scores (n, D), the combined percentile (n,) and predictions (n,)."""
+    """Per-sample detector surprises (n, D), the combined score (n,) and predictions (n,)."""
 
     detectors: np.ndarray
     combined: np.ndarray
@@ -48,21 +53,28 @@ def build_job(
     policy = from_config(config)
     if policy is None:
         raise ValueError(f"model {model!r} does not screen its inputs")
-    calibration = Calibration.load(config.version_path(version))
+    folder = config.version_path(version)
+    calibration = Calibration.load(folder)
     if calibration is None:
         raise ValueError(f"model {model!r} version {version} has no calibration")
+    gaussian = ClassGaussian.load(folder) if "mahalanobis" in policy.detectors else None
     module = ServedClassifier(load_digits(repository, version), channels_last=True).eval()
     device = torch.device("cpu")
-    job = ScreenedClassifier(module, policy.detectors, policy.squeeze, calibration, device)
+    job = ScreenedClassifier(
+        module, policy.detectors, policy.squeeze, calibration, device, gaussian
+    )
+    job.targets, job.thresholds = policy.targets, policy.thresholds
     return job, calibration
 
 
 def score(job: ScreenedClassifier, pixels: np.ndarray, batch_size: int = 250) -> Scores:
     """Runs uint8 images through the screening job in batches."""
+    assert job.combiner is not None, "scoring needs a calibrated job"
     parts = []
     for i in range(0, len(pixels), batch_size):
         result = job(torch.from_numpy(to_float(pixels[i : i + batch_size])))
-        parts.append((result.scores.numpy(), result.combined.numpy(), result.logits.argmax(1)))
+        surprise = tail.surprise(result.scores, job.combiner.detectors)
+        parts.append((surprise.numpy(), result.combined.numpy(), result.logits.argmax(1)))
     if not parts:
         width = len(job.detectors)
         return Scores(np.zeros((0, width)), np.zeros(0), np.zeros(0, dtype=np.int64))
@@ -72,9 +84,11 @@ def score(job: ScreenedClassifier, pixels: np.ndarray, batch_size: int = 250) ->
     )
 
 
-def thresholds(calibration: Calibration) -> dict[str, float]:
-    """Every decision's threshold: per detector on its own, and the combined one."""
-    return {**calibration.thresholds, COMBINED: calibration.combined_threshold}
+def thresholds(job: ScreenedClassifier, tier: str) -> dict[str, float]:
+    """One tier's threshold ("block" or "review") for every column: each is a clean surprise."""
+    assert job.thresholds is not None
+    cut = job.thresholds[TIERS[tier]]
+    return {**{d.name: cut for d in job.detectors}, COMBINED: cut}
 
 
 def _finite(values: np.ndarray) -> np.ndarray:

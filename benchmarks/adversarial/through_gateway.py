@@ -108,7 +108,7 @@ def offline_scores(
     sets: dict[str, np.ndarray], batch: int, repository: Path
 ) -> tuple[dict[str, np.ndarray], float]:
     """Scores from the gateway's own screening job, in process, ``batch`` rows a time: per set
-    (n, D + 1), one column per detector, then the combined percentile."""
+    (n, D + 1), one column per detector, then the combined score."""
     import torch
 
     from gateway.backends import COMBINED, SCORES, load_backend
@@ -124,7 +124,9 @@ def offline_scores(
             out = run_batch(backend, [{"images": images[i : i + batch]}])[0]
             parts.append(np.column_stack([out[SCORES], out[COMBINED]]))
         scores[name] = np.concatenate(parts)
-    return scores, float(backend.screening.calibration.combined_threshold)
+    from gateway.screening.policy import ADVERSARIAL
+
+    return scores, float(backend.screening.thresholds[ADVERSARIAL])
 
 
 def _tensor(image: np.ndarray, datatype: str) -> Any:
@@ -168,9 +170,11 @@ def gateway_rule(combined: np.ndarray, threshold: float) -> np.ndarray:
     """The gateway's own decision (``gateway.screening.policy.decide``), applied offline: it
     compares in the scores' float32 precision, so a score equal to the threshold passes, as it
     does in numpy (it refused such ties before 2026-11-25, 4 of the 1,000 clean test digits)."""
-    from gateway.screening.policy import decide
+    from gateway.screening.policy import ADVERSARIAL, SUSPICIOUS, decide
 
-    verdicts = decide(combined.astype(np.float32), threshold, "block").verdicts
+    # the review threshold only splits the served images; a withheld one is above the block
+    cuts = {ADVERSARIAL: threshold, SUSPICIOUS: threshold}
+    verdicts = decide(combined.astype(np.float32), cuts, "block").verdicts
     return np.array([verdict == "adversarial" for verdict in verdicts], dtype=bool)
 
 
@@ -267,7 +271,7 @@ def offline_reference(path: Path) -> dict[str, Any] | None:
     if not path.is_file():
         return None
     data = json.loads(path.read_text())
-    keep = ("threshold", "combined_threshold", "calibration", "test_fpr", "attacks", "summary")
+    keep = ("threshold", "calibration", "test_fpr", "attacks", "summary")
     return {k: data[k] for k in keep if k in data} or {"keys": sorted(data)[:20]}
 
 
@@ -275,7 +279,8 @@ def markdown(result: dict[str, Any]) -> str:
     lines = [
         "# Offline screening vs the running gateway",
         "",
-        f"Examples: {result['source']}. Threshold (combined percentile) {result['threshold']!r}; "
+        f"Examples: {result['source']}. Block threshold (combined surprise) "
+        f"{result['threshold']!r}; "
         "one image per request, sequential; rates are the share of images refused (clean: the "
         f"false block rate). Run took {result['elapsed_s']:.0f} s.",
         "",
@@ -332,16 +337,16 @@ def explain(result: dict[str, Any]) -> str:
     ties = result["calibration"]
     return (
         f"Causes: {causes['tie']} ties at the threshold refused by the gateway (a combined "
-        "score equal to the threshold percentile; the gateway compares in float32 and passes "
+        "score equal to the threshold; the gateway compares in float32 and passes "
         f"them; on the calibration split {ties['at_threshold']} of {ties['n']} images tie, and "
         f"the gateway's rule realises {ties['fpr_gateway_rule']:.1%} there, numpy's "
         f"{ties['fpr_numpy_float32_rule']:.1%}), "
         f"{causes['batch']} from batch composition (scored in a batch of {OFFLINE_BATCH} and "
         f"alone, on other sides of the threshold), {causes['uint8']} from the pixel path (UINT8 "
         f"is scaled as k * (1/255), one ulp off k / 255 for {pixel_paths_differ()} of 256 values), "
-        f"{causes['other']} unexplained. The combined score is a percentile among "
-        "1,000 clean calibration scores, so a tiny change in a detector score moves it by a whole "
-        "1/1000 step only when it crosses a reference score."
+        f"{causes['other']} unexplained. In the body of the clean distribution a detector's "
+        "surprise is a conformal rank among 1,000 clean calibration scores, so a tiny change in a "
+        "detector score moves it by a whole step only when it crosses a reference score."
     )
 
 

@@ -17,8 +17,9 @@ from gateway.backends import COMBINED, SCORES, weights_file
 from gateway.monitoring.drift_monitor import DriftMonitor
 from gateway.repository import ConfigError, ModelConfig
 from gateway.screening.calibration import Calibration
+from gateway.screening.mahalanobis import ClassGaussian
 from gateway.screening.pipeline import ScreenedClassifier, ScreenResult
-from gateway.screening.policy import ScreeningPolicy
+from gateway.screening.policy import ADVERSARIAL, ScreeningPolicy
 from models.zoo import ServedClassifier, build
 
 
@@ -104,7 +105,7 @@ class TorchBackend:
         calibration = self.screening.calibration if self.screening else None
         if calibration is None:
             return None
-        return result.combined > calibration.combined_threshold
+        return result.combined > self.screening.thresholds[ADVERSARIAL]
 
     def to_host(self, outputs: tuple[torch.Tensor, ...] | ScreenResult) -> dict[str, np.ndarray]:
         if isinstance(outputs, ScreenResult):
@@ -132,22 +133,45 @@ def _screened(
     """The fused screening job, refusing a model whose calibration is missing or stale."""
     if policy is None:
         return None
-    calibration = Calibration.load(folder)
+    where = f"model {config.name!r} version {folder.name}"
+    again = f"run `bastion calibrate {config.name}` again"
+    try:
+        calibration = Calibration.load(folder)
+        gaussian = ClassGaussian.load(folder) if "mahalanobis" in policy.detectors else None
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(f"{where}: unreadable calibration ({exc}); {again}") from None
     if calibration is None and not policy.allow_uncalibrated:
         raise ConfigError(
-            f"model {config.name!r} version {folder.name} screens its inputs but has no "
-            f"calibration; run `bastion calibrate {config.name}` or set parameter "
-            "screening_uncalibrated to allow"
+            f"{where} screens its inputs but has no calibration; run `bastion calibrate "
+            f"{config.name}` or set parameter screening_uncalibrated to allow"
         )
-    wanted = (policy.detectors, policy.squeeze.bits, policy.squeeze.medians)
-    if calibration is not None and wanted != (
-        calibration.detectors,
-        calibration.bits,
-        calibration.medians,
+    if calibration is not None:
+        wanted = (policy.detectors, policy.squeeze.bits, policy.squeeze.medians, policy.combiner)
+        made = (calibration.detectors, calibration.bits, calibration.medians, calibration.rule)
+        if wanted != made:
+            raise ConfigError(
+                f"{where}: calibration was made for detectors, bits, medians, combiner {made}; "
+                f"the config asks for {wanted}; {again}"
+            )
+        if policy.block_fpr < calibration.smallest_fpr:
+            raise ConfigError(
+                f"{where}: screening_block_fpr {policy.block_fpr:g} is below the smallest rate "
+                f"its {calibration.samples} calibration images support "
+                f"({calibration.smallest_fpr:.2g}); calibrate with more clean data"
+            )
+    if "mahalanobis" in policy.detectors and (
+        gaussian is None or gaussian.layer != policy.mahalanobis_layer
     ):
         raise ConfigError(
-            f"model {config.name!r} version {folder.name}: calibration was made for detectors "
-            f"{calibration.detectors}, bits {calibration.bits}, medians {calibration.medians}; "
-            f"run `bastion calibrate {config.name}` again"
+            f"{where}: the mahalanobis detector needs its class Gaussian for layer "
+            f"{policy.mahalanobis_layer!r} (mahalanobis.safetensors); {again}"
         )
-    return ScreenedClassifier(module, policy.detectors, policy.squeeze, calibration, device)
+    try:
+        job = ScreenedClassifier(
+            module, policy.detectors, policy.squeeze, calibration, device, gaussian
+        )
+    except ValueError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+    if calibration is not None:
+        job.targets, job.thresholds = policy.targets, policy.thresholds
+    return job

@@ -192,8 +192,19 @@ class Metrics:
         )
         self.screening_target_fpr = Gauge(
             "bastion_screening_target_fpr",
-            "Clean flag rate the screening was calibrated for (the flagged-rate baseline)",
-            labels,
+            "Clean rate each tier flags by design (the flagged-rate baseline), by verdict tier",
+            [*labels, "tier"],
+            registry=self.registry,
+        )
+        self.screening_reviews = Counter(
+            "bastion_screening_reviews",
+            "Review copies of served suspicious inputs: written, or dropped and why",
+            [*labels, "outcome"],
+            registry=self.registry,
+        )
+        self.screening_review_backlog = Gauge(
+            "bastion_screening_review_backlog",
+            "Review copies waiting for the writer thread",
             registry=self.registry,
         )
         self._drift_metrics(labels)

@@ -34,7 +34,7 @@ def profile_model(
     folder = config.version_path(version)
     target = torch.device(pick_device(device))
     module = TorchBackend(config, folder, str(target), policy=None).module
-    images, source = clean_images(data, config.inputs[0].dims)
+    images, _, source = clean_images(data, config.inputs[0].dims)
     probs, embeddings = [], []
     with torch.inference_mode():
         for i in range(0, len(images), batch_size):
@@ -42,12 +42,13 @@ def profile_model(
             _, p, e = module.forward_embedded(batch)
             probs.append(p.cpu())
             embeddings.append(None if e is None else e.cpu())
-    calibration = Calibration.load(folder) if from_config(config) else None
+    policy = from_config(config)
+    calibrated = policy is not None and Calibration.load(folder) is not None
     profile = build_profile(
         torch.from_numpy(images),
         torch.cat(probs),
         None if any(e is None for e in embeddings) else torch.cat(embeddings),
-        flag_rate=calibration.target_fpr if calibration else None,
+        flag_rate=policy.block_fpr if policy is not None and calibrated else None,
         meta={"model": name, "version": version, "data": source},
     )
     return profile.save(folder)

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+_COLUMNS_V2 = (
+    "seq, id, created_at, model, version, client_id, request_id, image_index, scores, "
+    "thresholds, verdict, status, released_at, note, input_bytes, input"
+)
 _COLUMNS_V1 = (
     "seq, id, created_at, model, version, client_id, request_id, image_index, scores, "
     "thresholds, verdict, status, released_at, note"
@@ -72,6 +76,42 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         )""",
         "INSERT INTO quarantine_totals SELECT 1, COUNT(*), COALESCE(SUM(input_bytes), 0)"
         " FROM quarantine",
+        """CREATE TRIGGER quarantine_totals_insert AFTER INSERT ON quarantine BEGIN
+            UPDATE quarantine_totals SET records = records + 1, bytes = bytes + NEW.input_bytes;
+        END""",
+        """CREATE TRIGGER quarantine_totals_delete AFTER DELETE ON quarantine BEGIN
+            UPDATE quarantine_totals SET records = records - 1, bytes = bytes - OLD.input_bytes;
+        END""",
+    ),
+    (
+        # Review records (served suspicious inputs, kept as evidence): a third status. SQLite
+        # cannot alter a CHECK constraint, so the table is rebuilt again; dropping the old
+        # table drops its triggers, which are recreated on the new one.
+        """CREATE TABLE quarantine_v3 (
+            seq INTEGER PRIMARY KEY,
+            id TEXT NOT NULL UNIQUE,
+            created_at REAL NOT NULL,
+            model TEXT NOT NULL,
+            version TEXT NOT NULL,
+            client_id TEXT,
+            request_id TEXT,
+            image_index INTEGER NOT NULL,
+            scores TEXT NOT NULL,
+            thresholds TEXT NOT NULL,
+            verdict TEXT NOT NULL,
+            status TEXT NOT NULL CHECK (status IN ('quarantined', 'released', 'review')),
+            released_at REAL,
+            note TEXT,
+            input_bytes INTEGER NOT NULL,
+            input BLOB NOT NULL
+        )""",
+        f"INSERT INTO quarantine_v3 ({_COLUMNS_V2}) SELECT {_COLUMNS_V2} FROM quarantine",
+        "DROP TABLE quarantine",
+        "ALTER TABLE quarantine_v3 RENAME TO quarantine",
+        "CREATE INDEX quarantine_model_created ON quarantine (model, created_at)",
+        "CREATE INDEX quarantine_status_created ON quarantine (status, created_at)",
+        "CREATE INDEX quarantine_created ON quarantine (created_at)",
+        "CREATE INDEX quarantine_client ON quarantine (client_id)",
         """CREATE TRIGGER quarantine_totals_insert AFTER INSERT ON quarantine BEGIN
             UPDATE quarantine_totals SET records = records + 1, bytes = bytes + NEW.input_bytes;
         END""",

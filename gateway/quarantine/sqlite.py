@@ -26,6 +26,8 @@ from gateway.quarantine.store import (
     QUARANTINED,
     RECORDS_QUOTA,
     RELEASED,
+    REVIEW,
+    STATUSES,
     Caps,
     NewItem,
     QuarantineRecord,
@@ -48,10 +50,10 @@ _NEWEST_FIRST = "ORDER BY created_at DESC, seq DESC"
 _INSERT = (
     "INSERT INTO quarantine (id, created_at, model, version, client_id, request_id, image_index,"
     " scores, thresholds, verdict, status, input_bytes, input)"
-    f" VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, '{QUARANTINED}', ?, ?)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 _CLIENT = 4  # position of client_id in an insert row
-_SIZE = 10  # position of input_bytes
+_SIZE = 11  # position of input_bytes
 
 
 def encode_array(array: np.ndarray) -> bytes:
@@ -220,6 +222,7 @@ class SQLiteQuarantineStore:
             _floats(item.scores, caps.name_chars),
             _floats(item.thresholds, caps.name_chars),
             cap(str(item.verdict), caps.name_chars),
+            item.status if item.status in (QUARANTINED, REVIEW) else QUARANTINED,
             len(data),
             data,
         )
@@ -306,7 +309,7 @@ class SQLiteQuarantineStore:
             return Stats(
                 usage=self._usage(records, size),
                 quota=self.quota,
-                by_status={QUARANTINED: 0, RELEASED: 0, **dict(by_status.fetchall())},
+                by_status={s: 0 for s in sorted(STATUSES)} | dict(by_status.fetchall()),
                 by_model=dict(by_model.fetchall()),
                 oldest=oldest,
                 newest=newest,

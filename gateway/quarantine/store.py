@@ -19,7 +19,9 @@ import numpy as np
 
 QUARANTINED: Final = "quarantined"
 RELEASED: Final = "released"
-STATUSES: Final = frozenset({QUARANTINED, RELEASED})
+REVIEW: Final = "review"
+"""A served input the screening found suspicious, kept as evidence (never released)."""
+STATUSES: Final = frozenset({QUARANTINED, RELEASED, REVIEW})
 
 RECORDS_QUOTA: Final = "records_quota"
 BYTES_QUOTA: Final = "bytes_quota"
@@ -100,6 +102,7 @@ class NewItem:
     scores: dict[str, float]
     thresholds: dict[str, float]
     verdict: str
+    status: str = QUARANTINED  # or REVIEW for a served suspicious input
 
 
 @dataclass(frozen=True, eq=False)

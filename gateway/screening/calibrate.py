@@ -1,12 +1,19 @@
-"""``bastion calibrate``: score clean calibration images; write ``calibration.json`` and the
-drift reference profile (``reference.safetensors``) beside the weights.
+"""``bastion calibrate``: fit the screening on clean data and write it beside the weights.
 
-The images come from the project's documented split for the digits model, or from an ``.npz``
-file (array ``images``: uint8 pixels or floats in [0, 1], shaped like the model's input).
+Three clean sets, kept apart (``models.data`` for the bundled digits model, ``.npz`` files for
+any other): the *training* split fits the Mahalanobis detector's class Gaussian (when the policy
+uses it); the *calibration* split fits the clean tails and the tiers; the held-out *test* split
+only measures: the realised false-positive rate of each tier, with its Clopper-Pearson 95 %
+upper bound. Writes ``calibration.json``, ``mahalanobis.safetensors`` and the drift reference
+profile (``reference.safetensors``).
+
+An ``.npz`` file holds ``images`` (uint8 pixels, or floats in [0, 1], shaped like the model's
+input) and, for the training set, ``labels`` (int, one per image).
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -16,40 +23,105 @@ from gateway.backends.torch_backend import TorchBackend
 from gateway.monitoring.reference import build_profile
 from gateway.registry import pick_device
 from gateway.repository import ConfigError, ModelRepository
-from gateway.screening.calibration import Calibration, fit
-from gateway.screening.pipeline import ScreenedClassifier
+from gateway.screening import mahalanobis
+from gateway.screening.calibration import Calibration, fit, held_out
+from gateway.screening.mahalanobis import PENULTIMATE, ClassGaussian, LayerTap
+from gateway.screening.pipeline import ScreenedClassifier, ScreenResult
 from gateway.screening.policy import from_config
+from gateway.screening.tail import UnsupportedTarget, check_target
+
+SPLIT_NAMES = {"train": "3,000", "calibration": "1,000", "test": "1,000"}
 
 
-def clean_images(data: Path | None, dims: tuple[int, ...]) -> tuple[np.ndarray, str]:
-    """Clean float32 images in [0, 1] and a description of where they came from."""
+def clean_images(
+    data: Path | None, dims: tuple[int, ...], split: str = "calibration"
+) -> tuple[np.ndarray, np.ndarray | None, str]:
+    """Float32 images in [0, 1], their labels when known, and where they came from."""
+    labels = None
     if data is not None:
         with np.load(data, allow_pickle=False) as archive:
             images = archive["images"]
+            labels = archive["labels"] if "labels" in archive.files else None
         source = str(data)
     elif dims == (1, 28, 28):
         from models.data import load_split
 
-        images, _ = load_split("calibration")
-        source = "models.data calibration split (1,000 MNIST digits, seed 0)"
+        images, labels = load_split(split)  # type: ignore[arg-type]
+        source = f"models.data {split} split ({SPLIT_NAMES[split]} MNIST digits, seed 0)"
     else:
-        raise ConfigError("this model has no bundled calibration split; pass --data FILE.npz")
+        raise ConfigError(f"this model has no bundled {split} split; pass an .npz file")
     if images.dtype == np.uint8:
         images = images.astype(np.float32) / 255.0
     if tuple(images.shape[1:]) != dims:
-        raise ConfigError(f"calibration images are {images.shape[1:]}, the model takes {dims}")
-    return np.ascontiguousarray(images, dtype=np.float32), source
+        raise ConfigError(f"{split} images are {images.shape[1:]}, the model takes {dims}")
+    return np.ascontiguousarray(images, dtype=np.float32), labels, source
+
+
+def layer_features(
+    module: torch.nn.Module, images: np.ndarray, layer: str, device: torch.device
+) -> torch.Tensor:
+    """(n, E) pooled features of ``layer`` (or the penultimate embedding) for float images."""
+    tap = None if layer == PENULTIMATE else LayerTap(module, layer)
+    parts = []
+    with torch.no_grad():
+        for i in range(0, len(images), 250):
+            batch = torch.from_numpy(images[i : i + 250]).to(device)
+            if tap is None:
+                parts.append(module.forward_embedded(batch)[2])
+            else:
+                with tap.capture():
+                    module(batch)
+                parts.append(tap.value)
+    if any(p is None for p in parts):
+        raise ConfigError("the model exposes no penultimate layer (no final Linear)")
+    return torch.cat(parts).cpu()
+
+
+def fit_gaussian(
+    module: torch.nn.Module,
+    layer: str,
+    train: Path | None,
+    dims: tuple[int, ...],
+    classes: int,
+    device: torch.device,
+) -> tuple[ClassGaussian, str]:
+    """The class Gaussian of ``layer``, fitted on the labelled training images."""
+    images, labels, source = clean_images(train, dims, "train")
+    if labels is None:
+        raise ConfigError("the mahalanobis detector needs training labels (array 'labels')")
+    features = layer_features(module, images, layer, device)
+    try:
+        classes_of = torch.from_numpy(labels.astype(np.int64))
+        gaussian = mahalanobis.fit(features, classes_of, classes, layer)
+    except (ValueError, RuntimeError) as exc:
+        raise ConfigError(f"fitting the class Gaussian on {source}: {exc}") from None
+    return gaussian, source
+
+
+def run_job(
+    job: ScreenedClassifier, images: np.ndarray, device: torch.device
+) -> list[ScreenResult]:
+    return [
+        job(torch.from_numpy(images[i : i + 250]).to(device)) for i in range(0, len(images), 250)
+    ]
 
 
 def calibrate_model(
     repository: Path,
     name: str,
     version: int | None = None,
-    fpr: float = 0.05,
     data: Path | None = None,
     device: str = "auto",
-    batch_size: int = 250,
+    train: Path | None = None,
+    test: Path | None = None,
+    targets: tuple[float, float] | None = None,
 ) -> tuple[Calibration, list[Path]]:
+    """Fits and writes a version's screening; returns the calibration and the files written.
+
+    ``targets`` (block, review) default to the policy's tiers. Raises ``ConfigError`` for a
+    model that does not screen or data that does not fit it, and ``UnsupportedTarget`` when a
+    tier's FPR needs more clean calibration images than given.
+    """
     config = ModelRepository(repository).config(name)
     policy = from_config(config)
     if policy is None or config.backend != "pytorch":
@@ -58,27 +130,54 @@ def calibrate_model(
     folder = config.version_path(version)
     target = torch.device(pick_device(device))
     backend = TorchBackend(config, folder, str(target), policy=None)
-    job = ScreenedClassifier(backend.module, policy.detectors, policy.squeeze, None, target)
-    images, source = clean_images(data, config.inputs[0].dims)
-    results = [
-        job(torch.from_numpy(images[i : i + batch_size]).to(target))
-        for i in range(0, len(images), batch_size)
-    ]
-    scores = [r.scores.cpu().numpy() for r in results]
+    dims = config.inputs[0].dims
+    block, review = targets or (policy.block_fpr, policy.review_fpr)
+    images, _, source = clean_images(data, dims, "calibration")
+    for fpr in (block, review):
+        try:
+            check_target(fpr, len(images), "tier")
+        except UnsupportedTarget as exc:
+            raise UnsupportedTarget(f"{exc} (from {source})") from None
+    gaussian, train_source = None, None
+    if "mahalanobis" in policy.detectors:
+        classes = config.outputs[0].dims[-1]
+        gaussian, train_source = fit_gaussian(
+            backend.module, policy.mahalanobis_layer, train, dims, classes, target
+        )
+    job = ScreenedClassifier(
+        backend.module, policy.detectors, policy.squeeze, None, target, gaussian
+    )
+    results = run_job(job, images, target)
+    scores = np.concatenate([r.scores.cpu().numpy() for r in results]).astype(np.float64)
+    meta = {"model": name, "version": version, "data": source, "device": str(target)}
+    if train_source:
+        meta["train"] = train_source
     calibration = fit(
-        np.concatenate(scores),
+        scores,
         policy.detectors,
         policy.squeeze.bits,
         policy.squeeze.medians,
-        fpr,
-        meta={"model": name, "version": version, "data": source, "device": str(target)},
+        (block, review),
+        rule=policy.combiner,
+        meta=meta,
     )
+    if test is not None or dims == (1, 28, 28):  # a held-out split to measure the tiers on
+        test_images, _, test_source = clean_images(test, dims, "test")
+        test_scores = np.concatenate(
+            [r.scores.cpu().numpy() for r in run_job(job, test_images, target)]
+        ).astype(np.float64)
+        report = held_out(calibration, test_scores, (block, review))
+        meta = {**calibration.meta, "test": test_source}
+        calibration = replace(calibration, test=report, meta=meta)
     embeddings = [r.embedding for r in results]
     profile = build_profile(
         torch.from_numpy(images),
         torch.cat([r.probs for r in results]).cpu(),
         torch.cat(embeddings).cpu() if all(e is not None for e in embeddings) else None,
-        flag_rate=calibration.target_fpr,
+        flag_rate=block,
         meta={"model": name, "version": version, "data": source},
     )
-    return calibration, [calibration.save(folder), profile.save(folder)]
+    paths = [calibration.save(folder), profile.save(folder)]
+    if gaussian is not None:
+        paths.append(gaussian.save(folder))
+    return calibration, paths

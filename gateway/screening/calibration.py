@@ -1,11 +1,17 @@
-"""Thresholds from clean data at a target false-positive rate, stored with the model version.
+"""Clean-data calibration of the combined screening score, stored with the model version.
 
-Per detector, the threshold is the clean score at index ``ceil(n (1 - fpr)) - 1`` of the sorted
-calibration scores, and a sample is flagged when its score is *above* it (EvadeML-Zoo's
-``feature_squeezing.py::train``). The combined decision maps every score to its empirical
-percentile among the clean calibration scores of its detector, takes the maximum, and thresholds
-that the same way: it needs no adversarial data, and the realised false-positive rate on the
-calibration split is at most the target.
+Two stages, both fitted on clean calibration images only (no adversarial data):
+
+1. each detector's score becomes its clean surprise ``-log10 p`` (``tail.py``: conformal body,
+   generalized Pareto tail), so scores on different scales become comparable;
+2. a combining rule turns the D surprises into one statistic, ``max`` (a Bonferroni-like
+   union: the most surprised detector decides) or ``fisher`` (their sum, Fisher 1925: two
+   moderately raised detectors add up), and that statistic gets its own clean tail model.
+
+The combined score is the surprise of the statistic, so a tier at false-positive rate ``a``
+flags scores above ``-log10 a`` and a policy can move its tiers without recalibrating (within
+``smallest_fpr``). ``calibration.json`` also keeps the realised FPR of each tier on the
+calibration split and, when ``bastion calibrate`` had one, on the held-out clean test split.
 """
 
 from __future__ import annotations
@@ -20,7 +26,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from gateway.screening import tail
+from gateway.screening.detectors import DETECTORS
+from gateway.screening.tail import TailModel, TailTensors
+
 FILENAME = "calibration.json"
+FORMAT = 2
+RULES = ("max", "fisher")
 
 
 @dataclass(frozen=True)
@@ -28,13 +40,18 @@ class Calibration:
     detectors: tuple[str, ...]
     bits: tuple[int, ...]
     medians: tuple[int, ...]
-    target_fpr: float
-    thresholds: dict[str, float]  # per detector, at target_fpr on its own
-    combined_threshold: float  # on the max-percentile score
-    reference: dict[str, list[float]]  # sorted clean scores per detector
-    calibration_fpr: float  # realised on the calibration split by the combined decision
+    rule: str
+    tails: dict[str, TailModel]  # per detector, on its raw score
+    combined: TailModel  # on the combining rule's statistic
     samples: int
+    calibration_fpr: dict[str, float]  # realised per target FPR (key: the target, as text)
+    test: dict[str, dict[str, float]] = field(default_factory=dict)  # held-out, per target
+    format: int = FORMAT
     meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def smallest_fpr(self) -> float:
+        return tail.smallest_fpr(self.samples)
 
     def save(self, folder: Path) -> Path:
         path = folder / FILENAME
@@ -43,36 +60,63 @@ class Calibration:
 
     @classmethod
     def load(cls, folder: Path) -> Calibration | None:
+        """The version's calibration, or None when it has none. Raises ``ValueError`` for a
+        file written by an older format (it must be recalibrated, not guessed at)."""
         path = folder / FILENAME
         if not path.is_file():
             return None
         data = json.loads(path.read_text())
+        if data.get("format") != FORMAT:
+            raise ValueError(f"{path} has calibration format {data.get('format', 1)}, not {FORMAT}")
         for key in ("detectors", "bits", "medians"):
             data[key] = tuple(data[key])
+        data["tails"] = {name: TailModel(**t) for name, t in data["tails"].items()}
+        data["combined"] = TailModel(**data["combined"])
         return cls(**data)
 
-    def reference_tensor(self, device: torch.device) -> torch.Tensor:
-        """(D, N) sorted clean scores, for percentiles on the device."""
-        rows = [self.reference[name] for name in self.detectors]
-        return torch.tensor(rows, dtype=torch.float32, device=device)
+
+def threshold(fpr: float) -> float:
+    """The combined score a clean input exceeds with probability ``fpr``."""
+    return -math.log10(fpr)
 
 
-def threshold_at(scores: np.ndarray, fpr: float) -> float:
-    """The clean score a fraction ``fpr`` of the calibration samples lies above."""
-    ordered = np.sort(np.asarray(scores, dtype=np.float64))
-    index = max(0, math.ceil(len(ordered) * (1.0 - fpr)) - 1)
-    return float(ordered[index])
+def statistic(surprises: torch.Tensor, rule: str) -> torch.Tensor:
+    """(n, D) per-detector surprise -> (n,) combining statistic."""
+    return surprises.amax(dim=1) if rule == "max" else surprises.sum(dim=1)
 
 
-def percentiles(scores: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
-    """Fraction of clean calibration scores at or below each score: (n, D) in [0, 1]."""
-    ranks = torch.searchsorted(reference, scores.T.contiguous(), right=True)
-    return (ranks.T.to(scores.dtype)) / reference.shape[1]
+@dataclass(frozen=True)
+class Combiner:
+    """A calibration's tail models on one device: raw detector scores -> combined score."""
+
+    detectors: TailTensors
+    combined: TailTensors
+    rule: str
+
+    @classmethod
+    def on(cls, calibration: Calibration, device: torch.device) -> Combiner:
+        models = [calibration.tails[name] for name in calibration.detectors]
+        return cls(
+            TailTensors.stack(models, device),
+            TailTensors.stack([calibration.combined], device),
+            calibration.rule,
+        )
+
+    def __call__(self, scores: torch.Tensor) -> torch.Tensor:
+        """(n, D) raw scores -> (n,) combined surprise, on the scores' device."""
+        t = statistic(tail.surprise(scores, self.detectors), self.rule)
+        return tail.surprise(t.unsqueeze(1), self.combined)[:, 0]
 
 
-def combined_score(scores: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
-    """The max over detectors of each score's clean percentile: one number per sample."""
-    return percentiles(scores, reference).amax(dim=1)
+def combined_numpy(scores: np.ndarray, calibration: Calibration) -> np.ndarray:
+    """The combined score in float64 numpy, for offline reports and checks."""
+    columns = [
+        tail.surprise_numpy(scores[:, i], calibration.tails[name])
+        for i, name in enumerate(calibration.detectors)
+    ]
+    surprises = np.column_stack(columns)
+    t = surprises.max(axis=1) if calibration.rule == "max" else surprises.sum(axis=1)
+    return tail.surprise_numpy(t, calibration.combined)
 
 
 def fit(
@@ -80,29 +124,77 @@ def fit(
     detectors: tuple[str, ...],
     bits: tuple[int, ...],
     medians: tuple[int, ...],
-    target_fpr: float,
+    targets: tuple[float, ...],
+    rule: str = "max",
     meta: dict[str, Any] | None = None,
 ) -> Calibration:
-    """Calibrates from clean scores (n, D), one column per detector."""
-    if not 0.0 < target_fpr < 1.0:
-        raise ValueError("target false-positive rate must lie in (0, 1)")
-    if scores.ndim != 2 or scores.shape[1] != len(detectors) or len(scores) < 20:
-        raise ValueError("need an (n >= 20, detectors) matrix of clean scores")
+    """Calibrates from clean scores (n, D), one column per detector.
+
+    Raises ``tail.UnsupportedTarget`` when a target FPR needs more clean images than given, and
+    ``ValueError`` for a malformed score matrix or an unknown rule.
+    """
+    if rule not in RULES:
+        raise ValueError(f"combining rule must be one of {RULES}, got {rule!r}")
+    if scores.ndim != 2 or scores.shape[1] != len(detectors):
+        raise ValueError("need an (n, detectors) matrix of clean scores")
     if not np.isfinite(scores).all():
         raise ValueError("clean calibration scores must be finite")
-    reference = {name: np.sort(scores[:, i]).tolist() for i, name in enumerate(detectors)}
-    ref = torch.tensor([reference[n] for n in detectors], dtype=torch.float64)
-    combined = combined_score(torch.from_numpy(scores.astype(np.float64)), ref).numpy()
-    combined_threshold = threshold_at(combined, target_fpr)
+    for target in targets:
+        tail.check_target(target, len(scores))
+    tails = {name: _fit_detector(scores[:, i], name) for i, name in enumerate(detectors)}
+    surprises = np.column_stack(
+        [tail.surprise_numpy(scores[:, i], tails[name]) for i, name in enumerate(detectors)]
+    )
+    t = surprises.max(axis=1) if rule == "max" else surprises.sum(axis=1)
+    combined_tail = tail.fit(t)
+    combined = tail.surprise_numpy(t, combined_tail)
     return Calibration(
         detectors=detectors,
         bits=bits,
         medians=medians,
-        target_fpr=target_fpr,
-        thresholds={n: threshold_at(scores[:, i], target_fpr) for i, n in enumerate(detectors)},
-        combined_threshold=combined_threshold,
-        reference=reference,
-        calibration_fpr=float((combined > combined_threshold).mean()),
+        rule=rule,
+        tails=tails,
+        combined=combined_tail,
         samples=len(scores),
+        calibration_fpr={repr(a): float((combined > threshold(a)).mean()) for a in targets},
         meta={"created_at": time.time(), **(meta or {})},
     )
+
+
+def _fit_detector(scores: np.ndarray, name: str) -> TailModel:
+    """A registered detector's tail is fitted on its range's re-expression; an unregistered
+    name (tests, offline studies) on the raw score."""
+    detector = DETECTORS.get(name)
+    if detector is None:
+        return tail.fit(scores)
+    return tail.fit(scores, detector.bound, detector.log_tail)
+
+
+def clopper_pearson_upper(successes: int, trials: int, confidence: float = 0.95) -> float:
+    """One-sided upper confidence bound of a binomial proportion (Clopper & Pearson 1934):
+    the ``p`` at which seeing ``successes`` or fewer has probability ``1 - confidence``."""
+    if trials <= 0:
+        return 1.0
+    if successes >= trials:
+        return 1.0
+    from scipy.stats import beta
+
+    return float(beta.ppf(confidence, successes + 1, trials - successes))
+
+
+def held_out(
+    calibration: Calibration, clean_scores: np.ndarray, targets: tuple[float, ...]
+) -> dict[str, dict[str, float]]:
+    """Realised FPR of each target on held-out clean scores (n, D), with its 95 % upper bound."""
+    combined = combined_numpy(clean_scores, calibration)
+    out = {}
+    for target in targets:
+        flagged = int((combined > threshold(target)).sum())
+        out[repr(target)] = {
+            "target": target,
+            "flagged": flagged,
+            "samples": len(combined),
+            "fpr": flagged / max(len(combined), 1),
+            "upper95": clopper_pearson_upper(flagged, len(combined)),
+        }
+    return out

@@ -13,6 +13,9 @@ from dataclasses import dataclass
 
 import torch
 
+from gateway.screening import mahalanobis
+from gateway.screening.mahalanobis import ClassGaussian
+
 
 @dataclass(frozen=True, slots=True)
 class ScreenInputs:
@@ -21,6 +24,8 @@ class ScreenInputs:
     probs: torch.Tensor  # (n, K) softmax of the original inputs
     squeezed_probs: torch.Tensor | None = None  # (S, n, K) softmax of each squeezed copy
     gradient: torch.Tensor | None = None  # (n, ...) d CE(f(x), argmax f(x)) / dx
+    features: torch.Tensor | None = None  # (n, E) pooled features of the Gaussian's layer
+    gaussian: ClassGaussian | None = None  # fitted on the training split, on the device
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,7 +34,10 @@ class Detector:
     score: Callable[[ScreenInputs], torch.Tensor]
     needs_squeeze: bool = False
     needs_gradient: bool = False
+    needs_features: bool = False
     summary: str = ""
+    bound: float | None = None  # the score's maximum, when it has one (shapes its tail fit)
+    log_tail: bool = False  # a positive unbounded score: its tail is fitted on log s
 
 
 def feature_squeezing(inputs: ScreenInputs) -> torch.Tensor:
@@ -60,6 +68,13 @@ def gradient_norm(inputs: ScreenInputs) -> torch.Tensor:
     return inputs.gradient.flatten(1).norm(dim=1)
 
 
+def mahalanobis_distance(inputs: ScreenInputs) -> torch.Tensor:
+    """Smallest squared Mahalanobis distance of a layer's pooled features to a class mean, under
+    class means and a tied covariance fitted on the training split (Lee et al., NeurIPS 2018)."""
+    assert inputs.features is not None and inputs.gaussian is not None
+    return mahalanobis.score(inputs.features, inputs.gaussian)
+
+
 DETECTORS: dict[str, Detector] = {
     d.name: d
     for d in (
@@ -68,13 +83,27 @@ DETECTORS: dict[str, Detector] = {
             feature_squeezing,
             needs_squeeze=True,
             summary="L1 distance of softmax outputs under bit-depth and median squeezing",
+            bound=2.0,
         ),
-        Detector("confidence_margin", confidence_margin, summary="1 - (top-1 - top-2 probability)"),
+        Detector(
+            "confidence_margin",
+            confidence_margin,
+            summary="1 - (top-1 - top-2 probability)",
+            bound=1.0,
+        ),
         Detector(
             "gradient_norm",
             gradient_norm,
             needs_gradient=True,
             summary="||d CE(f(x), y_hat) / dx||_2",
+            log_tail=True,
+        ),
+        Detector(
+            "mahalanobis",
+            mahalanobis_distance,
+            needs_features=True,
+            summary="min over classes of the Mahalanobis distance of a layer's pooled features",
+            log_tail=True,
         ),
     )
 }

@@ -16,8 +16,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from gateway.screening import detectors as registry
-from gateway.screening.calibration import Calibration, combined_score
+from gateway.screening.calibration import Calibration, Combiner
 from gateway.screening.detectors import Detector, ScreenInputs
+from gateway.screening.mahalanobis import PENULTIMATE, ClassGaussian, LayerTap
 from kernels.squeeze import SqueezeSpec, squeeze
 
 
@@ -26,7 +27,7 @@ class ScreenResult:
     logits: torch.Tensor  # (n, K)
     probs: torch.Tensor  # (n, K)
     scores: torch.Tensor  # (n, D), one column per detector
-    combined: torch.Tensor  # (n,) max clean percentile; -1 when uncalibrated
+    combined: torch.Tensor  # (n,) clean surprise -log10 p; -1 when uncalibrated
     screen_ns: int  # host time spent on squeezing, backward and scoring
     embedding: torch.Tensor | None = None  # (n, E) penultimate layer, for drift monitoring
 
@@ -41,6 +42,7 @@ class ScreenedClassifier:
         squeeze_spec: SqueezeSpec,
         calibration: Calibration | None,
         device: torch.device,
+        gaussian: ClassGaussian | None = None,
     ) -> None:
         self.module = module
         for parameter in module.parameters():
@@ -49,8 +51,30 @@ class ScreenedClassifier:
         self.squeeze_spec = squeeze_spec
         self._squeeze = any(d.needs_squeeze for d in self.detectors)
         self._gradient = any(d.needs_gradient for d in self.detectors)
+        self.gaussian = None
+        self._tap: LayerTap | None = None
+        if any(d.needs_features for d in self.detectors):
+            if gaussian is None:
+                raise ValueError("the mahalanobis detector needs its class Gaussian")
+            self.gaussian = gaussian.to(device)
+            if gaussian.layer != PENULTIMATE:
+                self._tap = LayerTap(module, gaussian.layer)
         self.calibration = calibration
-        self._reference = calibration.reference_tensor(device) if calibration else None
+        # per verdict tier, set by the policy: target clean FPR and its combined-score threshold
+        self.targets: dict[str, float] | None = None
+        self.thresholds: dict[str, float] | None = None
+        self.combiner = Combiner.on(calibration, device) if calibration else None
+
+    def forward_features(
+        self, rows: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """Logits, probabilities, penultimate embedding and the Gaussian's layer features."""
+        if self._tap is None:
+            logits, probs, embedding = self.module.forward_embedded(rows)
+            return logits, probs, embedding, embedding
+        with self._tap.capture() as tap:
+            logits, probs, embedding = self.module.forward_embedded(rows)
+        return logits, probs, embedding, tap.value
 
     def __call__(self, x: torch.Tensor) -> ScreenResult:
         n = x.shape[0]
@@ -66,27 +90,30 @@ class ScreenedClassifier:
                 original = x.detach().requires_grad_(True)
                 # the module sees a view, not the leaf: module-level autograd hooks (the FLOP
                 # counter's, profilers') cannot take a leaf passed to autograd.grad
-                logits, probs, embedding = self.module.forward_embedded(original.view_as(x))
+                logits, probs, embedding, features = self.forward_features(original.view_as(x))
                 loss = F.cross_entropy(logits, logits.argmax(1), reduction="sum")
                 (gradient,) = torch.autograd.grad(loss, original)
             with torch.no_grad():
                 logits, probs = logits.detach(), probs.detach()
                 embedding = None if embedding is None else embedding.detach()
+                features = None if features is None else features.detach()
                 squeezed_all = None if copies is None else self.module.forward_embedded(copies)[1]
         else:
             with torch.no_grad():
                 rows = x if copies is None else torch.cat([x, copies])
-                logits_all, probs_all, embedding_all = self.module.forward_embedded(rows)
+                logits_all, probs_all, embedding_all, features_all = self.forward_features(rows)
                 logits, probs = logits_all[:n], probs_all[:n]
                 embedding = None if embedding_all is None else embedding_all[:n]
+                features = None if features_all is None else features_all[:n]
                 squeezed_all = None if copies is None else probs_all[n:]
         t2 = time.perf_counter_ns()
         with torch.no_grad():
             squeezed = None if squeezed_all is None else squeezed_all.view(-1, *probs.shape)
-            scores = registry.run(self.detectors, ScreenInputs(probs, squeezed, gradient))
-            if self._reference is None:
+            inputs = ScreenInputs(probs, squeezed, gradient, features, self.gaussian)
+            scores = registry.run(self.detectors, inputs)
+            if self.combiner is None:
                 combined = torch.full((n,), -1.0, device=x.device)
             else:
-                combined = combined_score(scores, self._reference)
+                combined = self.combiner(scores)
         screen_ns = t1 - t0 + time.perf_counter_ns() - t2
         return ScreenResult(logits, probs, scores, combined, screen_ns, embedding)

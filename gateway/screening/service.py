@@ -2,7 +2,9 @@
 
 Records verdict and score metrics, stores quarantined inputs durably (the response that names a
 quarantine id is built only after its record is committed; an image whose record a store quota
-drops is withheld all the same, and counted), and shapes what the client sees:
+drops is withheld all the same, and counted), hands review copies of suspicious images to the
+background writer (``review.py``; the response never waits for them), and shapes what the
+client sees:
 by default a request with any withheld image is refused whole with 403; a client that sets the
 request parameter ``screening_report`` gets per-image verdicts and scores as extra outputs, with
 NaN in place of every withheld image's prediction.
@@ -20,10 +22,10 @@ from gateway.errors import Blocked
 from gateway.monitoring.metrics import Metrics
 from gateway.protocol.types import InferRequest, OutputTensor
 from gateway.quarantine.retention import UsageMetrics
-from gateway.quarantine.store import NewItem, QuarantineStore, Usage
-from gateway.screening.calibration import Calibration
+from gateway.quarantine.store import QUARANTINED, REVIEW, NewItem, QuarantineStore, Usage
 from gateway.screening.pipeline import ScreenedClassifier
 from gateway.screening.policy import Decision, decide
+from gateway.screening.review import ReviewWriter
 
 REPORT_PARAMETER = "screening_report"
 VERDICT_OUTPUT = "screening_verdict"
@@ -40,18 +42,26 @@ class Screened:
 
 
 class ScreeningService:
-    def __init__(self, store: QuarantineStore, metrics: Metrics) -> None:
+    def __init__(
+        self, store: QuarantineStore, metrics: Metrics, review_backlog: int = 1024
+    ) -> None:
         self.store = store
         self.metrics = metrics
         self.publish_usage = UsageMetrics(metrics)
+        self.reviews = ReviewWriter(store, metrics, review_backlog, on_usage=self.publish_usage)
+
+    def close(self) -> None:
+        """Writes the queued review copies, then stops the writer (before the store closes)."""
+        self.reviews.close()
 
     def publish_calibration(self, model: str, version: str, job: ScreenedClassifier) -> None:
-        """Publishes the calibrated clean flag rate (the alert baseline), never a threshold:
-        thresholds are admin-only, since knowing them is a head start for an adaptive attacker."""
-        calibration = job.calibration
-        if calibration is None:
+        """Publishes each tier's clean flag rate (the alert baseline), never a threshold:
+        thresholds are admin-only, since knowing them is a head start for an adaptive attacker.
+        (A tier's rate is public anyway: it is what clean traffic sees.)"""
+        if job.targets is None:
             return
-        self.metrics.screening_target_fpr.labels(model, version).set(calibration.target_fpr)
+        for tier, fpr in job.targets.items():
+            self.metrics.screening_target_fpr.labels(model, version, tier).set(fpr)
 
     async def apply(
         self,
@@ -62,31 +72,19 @@ class ScreeningService:
         request: InferRequest,
         inputs: dict[str, np.ndarray],
         results: dict[str, np.ndarray],
+        review_action: str = "review",
     ) -> Screened:
-        calibration = job.calibration
         scores, combined = results[SCORES], results[COMBINED]
-        threshold = calibration.combined_threshold if calibration else None
-        decision = decide(combined, threshold, action)
+        decision = decide(combined, job.thresholds, action, review_action)
         columns = (*(d.name for d in job.detectors), "combined")
         self._observe(model, version, columns, scores, decision)
+        evidence = Evidence(model, version, request, inputs, columns, scores, combined, job)
+        if decision.reviewed:
+            self.reviews.submit([evidence.item(i, decision, REVIEW) for i in decision.reviewed])
         ids: dict[int, str] = {}
         dropped = 0
         if decision.quarantined:
-            items = [
-                _item(
-                    model,
-                    version,
-                    request,
-                    i,
-                    inputs,
-                    columns,
-                    scores,
-                    combined,
-                    calibration,
-                    decision.verdicts[i],
-                )
-                for i in decision.quarantined
-            ]
+            items = [evidence.item(i, decision, QUARANTINED) for i in decision.quarantined]
             stored, usage = await asyncio.to_thread(self._store, items)
             pairs = zip(decision.quarantined, stored, strict=True)
             ids = {i: id_ for i, id_ in pairs if id_ is not None}
@@ -114,34 +112,34 @@ class ScreeningService:
             self.metrics.screening_verdicts.labels(model, version, verdict, action).inc()
 
 
-def _item(
-    model: str,
-    version: str,
-    request: InferRequest,
-    index: int,
-    inputs: dict[str, np.ndarray],
-    columns: tuple[str, ...],
-    scores: np.ndarray,
-    combined: np.ndarray,
-    calibration: Calibration | None,
-    verdict: str,
-) -> NewItem:
-    row = dict(zip(columns, [*scores[index].tolist(), float(combined[index])], strict=True))
-    thresholds = dict(calibration.thresholds) if calibration else {}
-    if calibration:
-        thresholds["combined"] = calibration.combined_threshold
-    (name,) = inputs if len(inputs) == 1 else (next(iter(inputs)),)
-    return NewItem(
-        model=model,
-        version=version,
-        client_id=request.client_id,
-        request_id=request.id,
-        image_index=index,
-        input=inputs[name][index].copy(),
-        scores=row,
-        thresholds=thresholds,
-        verdict=verdict,
-    )
+@dataclass(frozen=True)
+class Evidence:
+    """One request's screening results, from which stored records are cut per image."""
+
+    model: str
+    version: str
+    request: InferRequest
+    inputs: dict[str, np.ndarray]
+    columns: tuple[str, ...]
+    scores: np.ndarray
+    combined: np.ndarray
+    job: ScreenedClassifier
+
+    def item(self, index: int, decision: Decision, status: str) -> NewItem:
+        values = [*self.scores[index].tolist(), float(self.combined[index])]
+        name = next(iter(self.inputs))
+        return NewItem(
+            model=self.model,
+            version=self.version,
+            client_id=self.request.client_id,
+            request_id=self.request.id,
+            image_index=index,
+            input=self.inputs[name][index].copy(),
+            scores=dict(zip(self.columns, values, strict=True)),
+            thresholds=dict(self.job.thresholds or {}),
+            verdict=decision.verdicts[index],
+            status=status,
+        )
 
 
 def refuse_if_withheld(screened: Screened, request: InferRequest) -> None:

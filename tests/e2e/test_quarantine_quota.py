@@ -17,7 +17,7 @@ import tritonclient.http as th
 from tritonclient.utils import InferenceServerException
 
 from models.data import load_split, to_float
-from tests.conftest import ServerProcess, start_server
+from tests.conftest import ServerProcess, flag_every_image, start_server
 
 pytestmark = pytest.mark.e2e
 TOKEN = "s3cret"
@@ -26,10 +26,7 @@ ADMIN = {"Authorization": f"Bearer {TOKEN}"}
 
 def quarantine_everything(repository: Path) -> Path:
     """Every image adversarial (a calibration threshold below any score), every verdict kept."""
-    calibration = repository / "digits" / "1" / "calibration.json"
-    data = json.loads(calibration.read_text())
-    data["combined_threshold"] = -1.0
-    calibration.write_text(json.dumps(data))
+    flag_every_image(repository)
     config = repository / "digits" / "config.pbtxt"
     text = config.read_text()
     config.write_text(text.replace('string_value: "block"', 'string_value: "quarantine"'))

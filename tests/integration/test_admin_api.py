@@ -3,7 +3,6 @@ quarantine stats route, quotas seen from a client, and the OpenAPI description o
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -16,6 +15,7 @@ from fastapi.testclient import TestClient
 from gateway.app import create_app
 from gateway.settings import Settings
 from models.data import load_split, to_float
+from tests.conftest import flag_every_image
 
 ADMIN = {"Authorization": "Bearer tok"}
 INFER = "/v2/models/digits/infer"
@@ -24,22 +24,13 @@ ID = "0" * 32
 MakeClient = Callable[..., TestClient]
 
 
-def flag_everything(repository: Path) -> Path:
-    """A calibration under which every image is adversarial: any request feeds the quarantine."""
-    path = repository / "digits" / "1" / "calibration.json"
-    calibration = json.loads(path.read_text())
-    calibration["combined_threshold"] = -1.0
-    path.write_text(json.dumps(calibration))
-    return repository
-
-
 @pytest.fixture
 def make_client(repository: Path, tmp_path: Path) -> Iterator[MakeClient]:
     clients: list[TestClient] = []
 
     def make(**overrides: Any) -> TestClient:
         settings = Settings(
-            model_repository=flag_everything(repository),
+            model_repository=flag_every_image(repository),
             admin_token="tok",
             torch_threads=1,
             quarantine_path=tmp_path / f"quarantine-{len(clients)}.db",
@@ -180,7 +171,7 @@ def test_stats_route_is_not_taken_for_a_record_id(client: TestClient) -> None:
     assert response.status_code == 200, response.text
     stats = response.json()
     assert stats["records"] == 3 and stats["bytes"] > 3 * 28 * 28 * 4
-    assert stats["by_status"] == {"quarantined": 3, "released": 0}
+    assert stats["by_status"] == {"quarantined": 3, "released": 0, "review": 0}
     assert stats["by_model"] == {"digits": 3}
     assert stats["top_clients"] == [{"client_id": "mallory", "records": 2},
                                     {"client_id": "alice", "records": 1}]

@@ -149,7 +149,7 @@ def test_repository_control_needs_the_admin_token(client: TestClient, repository
     assert client.post("/v2/repository/models/digits/unload", headers=admin).status_code == 200
     assert client.get("/v2/models/digits/ready").status_code == 404
     (repository / "digits" / "2").mkdir()
-    for name in ("model.safetensors", "calibration.json"):
+    for name in ("model.safetensors", "calibration.json", "mahalanobis.safetensors"):
         source = repository / "digits" / "1" / name
         (repository / "digits" / "2" / name).write_bytes(source.read_bytes())
     assert client.post("/v2/repository/models/digits/load", headers=admin).status_code == 200

@@ -41,21 +41,24 @@ GUARD_ATTACKS = (
         },
     ),
 )
-# Measured (torch 2.14.1, CPU). SEED 0: FGSM 36/60 successes, combined AUC 0.991, TPR 0.972;
-# PGD 60/60, AUC 0.990, TPR 0.967; clean FPR 0.070 on 200 digits. Over seeds 0-4 the lowest
-# were AUC 0.980 and TPR 0.883, clean FPR 0.050-0.070. Random weights: AUC ~0.50, clean FPR 1.0;
-# shuffled combined scores: AUC 0.44-0.52, TPR 0.28-0.33.
+# Measured (torch 2.14.1, CPU; four detectors, Fisher's rule, tiers at 0.5 % and 5 %). SEED 0:
+# FGSM and PGD both withheld 100 % at the block tier and caught 100 % at the review tier,
+# combined AUC 1.000; clean FPR 0.5 % (block) and 5.0 % (review) on 200 digits. The floors
+# leave room for seeds and CPUs, and still fail a model with random weights (AUC ~0.5) or a
+# combiner that flags nothing (TPR 0) or everything (FPR 100 %).
 MIN_SUCCESSES = {"fgsm-0.2": 20, "pgd-0.3": 50}
 MIN_AUC = 0.95
-MIN_COMBINED_TPR = 0.85
-MAX_CLEAN_FPR = 0.10
+MIN_BLOCK_TPR = 0.85
+MIN_REVIEW_TPR = 0.95
+MAX_BLOCK_FPR = 0.02
+MAX_REVIEW_FPR = 0.10
 
 
 @pytest.fixture(scope="module")
 def evaluation() -> dict[str, object]:
     images, labels = load_split("test")
     job, calibration = scoring.build_job()
-    cuts = scoring.thresholds(calibration)
+    cuts = {tier: scoring.thresholds(job, tier) for tier in scoring.TIERS}
     clean_index = np.random.default_rng(SEED).permutation(len(labels))[:CLEAN]
     clean = scoring.score(job, images[clean_index])
     net = load_digits()
@@ -72,16 +75,25 @@ def test_screening_detects_white_box_attacks(evaluation: dict, attack: str) -> N
     result, adversarial = evaluation[attack]
     assert result.successes >= MIN_SUCCESSES[attack], "the attack itself stopped working"
     assert (adversarial.predictions == result.predictions).all(), "served graph disagrees"
-    metrics = scoring.metrics(
-        evaluation["clean"], adversarial, evaluation["names"], evaluation["cuts"]
-    )
-    combined = metrics[scoring.COMBINED]
-    assert combined["auc"] >= MIN_AUC, metrics
-    assert combined["tpr"] >= MIN_COMBINED_TPR, metrics
-    assert metrics["feature_squeezing"]["auc"] >= MIN_AUC, metrics
+    clean, names = evaluation["clean"], evaluation["names"]
+    block = scoring.metrics(clean, adversarial, names, evaluation["cuts"]["block"])
+    review = scoring.metrics(clean, adversarial, names, evaluation["cuts"]["review"])
+    combined = block[scoring.COMBINED]
+    print(attack, {"block": combined, "review": review[scoring.COMBINED]})
+    assert combined["auc"] >= MIN_AUC, block
+    assert combined["tpr"] >= MIN_BLOCK_TPR, block
+    assert review[scoring.COMBINED]["tpr"] >= MIN_REVIEW_TPR, review
+    assert block["feature_squeezing"]["auc"] >= MIN_AUC, block
+    assert block["mahalanobis"]["auc"] >= MIN_AUC, block
 
 
-def test_clean_false_positive_rate_stays_near_the_calibrated_target(evaluation: dict) -> None:
+@pytest.mark.parametrize(
+    ("tier", "ceiling"), [("block", MAX_BLOCK_FPR), ("review", MAX_REVIEW_FPR)]
+)
+def test_clean_false_positive_rate_stays_near_each_tier_target(
+    evaluation: dict, tier: str, ceiling: float
+) -> None:
     clean = evaluation["clean"]
-    fpr = scoring.flagged_rate(clean.combined, evaluation["cuts"][scoring.COMBINED])
-    assert fpr <= MAX_CLEAN_FPR
+    fpr = scoring.flagged_rate(clean.combined, evaluation["cuts"][tier][scoring.COMBINED])
+    print(tier, fpr)
+    assert fpr <= ceiling

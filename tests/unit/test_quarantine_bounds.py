@@ -17,6 +17,7 @@ from gateway.quarantine import (
     QUARANTINED,
     RECORDS_QUOTA,
     RELEASED,
+    REVIEW,
     Caps,
     NewItem,
     Quota,
@@ -194,10 +195,12 @@ def test_stats_sum_up_status_model_clients_age_quota_and_drops(store_path: Path)
         released = store.add_many([vit])[0]
         assert released is not None
         store.release(released)
+        review = NewItem("vit", "2", "bob", None, 0, np.zeros(4, np.uint8), {}, {}, "s", REVIEW)
+        store.add_many([review])
         stats = store.stats(top_clients=2)
-    assert stats.usage.records == 6
-    assert stats.by_status == {QUARANTINED: 5, RELEASED: 1}
-    assert stats.by_model == {"resnet": 5, "vit": 1}
+    assert stats.usage.records == 7
+    assert stats.by_status == {QUARANTINED: 5, RELEASED: 1, REVIEW: 1}
+    assert stats.by_model == {"resnet": 5, "vit": 2}
     assert stats.top_clients == [("mallory", 3), ("alice", 2)]
     assert stats.oldest is not None and stats.newest is not None
     assert stats.oldest < stats.newest
@@ -208,7 +211,7 @@ def test_stats_sum_up_status_model_clients_age_quota_and_drops(store_path: Path)
 def test_stats_of_an_empty_store(store: SQLiteQuarantineStore) -> None:
     stats = store.stats()
     assert stats.usage.records == 0 and stats.usage.bytes == 0
-    assert stats.by_status == {QUARANTINED: 0, RELEASED: 0} and stats.by_model == {}
+    assert stats.by_status == {QUARANTINED: 0, RELEASED: 0, REVIEW: 0} and stats.by_model == {}
     assert stats.oldest is None and stats.newest is None and stats.top_clients == []
 
 
@@ -233,6 +236,9 @@ def test_a_version_1_database_is_migrated_with_its_totals(tmp_path: Path) -> Non
         record = store.get("a1")
         assert record is not None and record.input is not None
         assert record.input.tolist() == [0, 1, 2, 3, 4]
+        # the rebuilt tables keep the totals triggers: a new record still counts
+        store.add_many([from_client("after")])
+        assert store.usage().records == 2
 
 
 def test_quota_and_caps_refuse_nonsense_limits() -> None:

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,7 @@ import pytest
 from gateway.quarantine import (
     QUARANTINED,
     RELEASED,
+    REVIEW,
     NewItem,
     QuarantineStore,
     SQLiteQuarantineStore,
@@ -161,6 +163,17 @@ def test_release_keeps_input_and_is_idempotent(store: SQLiteQuarantineStore) -> 
     stored = store.get(id_)
     assert stored is not None and stored.input is not None
     assert stored.input.tobytes() == sent.tobytes()
+
+
+def test_review_records_keep_their_status_and_are_never_released(
+    store: SQLiteQuarantineStore,
+) -> None:
+    suspicious = replace(item(), verdict="suspicious", status=REVIEW)
+    review_id, _ = store.add_many([suspicious, item()])
+    assert [r.id for r in store.list(status=REVIEW)] == [review_id]
+    assert store.count(status=QUARANTINED) == 1
+    unchanged = store.release(review_id, note="nothing to release")
+    assert (unchanged.status, unchanged.released_at, unchanged.note) == (REVIEW, None, None)
 
 
 def test_unknown_ids_are_none_on_get_and_key_error_on_release(

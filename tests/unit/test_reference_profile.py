@@ -32,7 +32,7 @@ def test_profile_of_an_unscreened_model_matches_calibrations_but_has_no_flag_rat
     torch.testing.assert_close(made.edges, committed.edges, atol=1e-5, rtol=0)
     torch.testing.assert_close(made.classes, committed.classes)
     torch.testing.assert_close(made.embeddings, committed.embeddings, atol=1e-3, rtol=1e-3)
-    assert made.flag_rate is None and committed.flag_rate == 0.05
+    assert made.flag_rate is None and committed.flag_rate == 0.005
 
 
 def test_profile_refuses_a_model_without_the_torch_backend(repository: Path) -> None:

@@ -1,0 +1,99 @@
+"""The two tiers end to end, with ``tritonclient``: a clean batch of 16 is answered, a
+suspicious digit is served and recorded for review, an adversarial one is withheld."""
+
+from __future__ import annotations
+
+import time
+from functools import cache
+
+import httpx
+import numpy as np
+import pytest
+import tritonclient.http as th
+from tritonclient.utils import InferenceServerException
+
+from gateway.backends import COMBINED, load_backend
+from gateway.registry import run_batch
+from gateway.repository import ModelRepository
+from gateway.screening.policy import ADVERSARIAL, SUSPICIOUS
+from gateway.settings import DEFAULT_REPOSITORY
+from models.data import load_split, to_float
+from tests.conftest import ServerProcess
+from tests.e2e.test_screening import ADMIN, adversarial_digits, infer
+
+pytestmark = pytest.mark.e2e
+MARGIN = 0.1  # keep clear of a tier's edge: batch composition moves a score by a few ulps
+
+
+@cache
+def offline() -> tuple[np.ndarray, dict[str, float]]:
+    """The committed screening's combined score of every clean test digit, and the tiers."""
+    backend = load_backend(ModelRepository(DEFAULT_REPOSITORY).config("digits"), 1, "cpu", 1)
+    outputs, _ = run_batch(backend, [{"images": to_float(load_split("test")[0])}])
+    return outputs[COMBINED], dict(backend.screening.thresholds)
+
+
+def test_a_clean_batch_of_16_is_answered(server: ServerProcess) -> None:
+    combined, cuts = offline()
+    starts = [
+        i
+        for i in range(0, 1000 - 16, 16)
+        if (combined[i : i + 16] < cuts[ADVERSARIAL] - MARGIN).all()
+    ]
+    images = to_float(load_split("test")[0])[starts[0] : starts[0] + 16]
+    result = infer(th.InferenceServerClient(server.url), images, request_id="clean-16")
+    assert result.as_numpy("probabilities").shape == (16, 10)
+    assert np.isfinite(result.as_numpy("probabilities")).all()
+
+
+def test_a_suspicious_digit_is_served_and_recorded_for_review(server: ServerProcess) -> None:
+    combined, cuts = offline()
+    between = (combined > cuts[SUSPICIOUS] + MARGIN) & (combined < cuts[ADVERSARIAL] - MARGIN)
+    index = int(np.flatnonzero(between)[0])
+    image = to_float(load_split("test")[0][index : index + 1])
+    client = th.InferenceServerClient(server.url)
+    result = infer(client, image, request_id="suspicious-1", headers={"X-Client-ID": "carol"})
+    assert result.as_numpy("probabilities").shape == (1, 10)  # served like any other
+    assert "screening" not in str(result.get_response())  # nothing tells the client
+    url = f"http://{server.url}"
+    deadline, found = time.monotonic() + 10, []
+    while not found and time.monotonic() < deadline:  # written off the response path
+        listing = httpx.get(
+            f"{url}/v2/quarantine", params={"status": "review"}, headers=ADMIN, timeout=10
+        ).json()
+        found = [r for r in listing["items"] if r["request_id"] == "suspicious-1"]
+        time.sleep(0.1)
+    (record,) = found
+    assert (record["client_id"], record["verdict"], record["status"]) == (
+        "carol",
+        "suspicious",
+        "review",
+    )
+    score = record["scores"]["combined"]
+    assert cuts[SUSPICIOUS] < score <= cuts[ADVERSARIAL]
+    assert set(record["scores"]) == {
+        "feature_squeezing",
+        "confidence_margin",
+        "gradient_norm",
+        "mahalanobis",
+        "combined",
+    }
+    stored = httpx.get(f"{url}/v2/quarantine/{record['id']}", headers=ADMIN, timeout=10).json()
+    data = np.asarray(stored["input"]["data"], np.float32).reshape(stored["input"]["shape"])
+    np.testing.assert_array_equal(data, image[0])
+    metrics = httpx.get(f"{url}/metrics", timeout=10).text
+    assert 'action="review",model="digits",verdict="suspicious",version="1"' in metrics
+    assert (
+        'bastion_screening_reviews_total{model="digits",outcome="written",version="1"}' in metrics
+    )
+    assert (
+        'bastion_screening_target_fpr{model="digits",tier="adversarial",version="1"} 0.005'
+        in metrics
+    )
+
+
+def test_an_adversarial_digit_is_withheld(server: ServerProcess) -> None:
+    client = th.InferenceServerClient(server.url)
+    with pytest.raises(InferenceServerException) as err:
+        infer(client, adversarial_digits()[:1], request_id="adv-tier")
+    assert err.value.status() == "403" and "withheld" in err.value.message()
