@@ -46,6 +46,9 @@ def histogram_quantile(q: float, bounds: list[float], cumulative: list[float]) -
     return lower_bound
 
 
+REVIEW_DROPPED = "review copy dropped"
+
+
 @dataclass
 class Totals:
     """Cumulative values read at one instant."""
@@ -76,6 +79,10 @@ def read_totals(now: float, metrics: Metrics, stats: Iterable[ModelStats]) -> To
         for sample in family.samples:
             if sample.name.endswith("_total"):
                 verdicts[sample.labels["verdict"]] += sample.value
+    for family in metrics.screening_reviews.collect():  # lost evidence, beside the verdicts
+        for sample in family.samples:
+            if sample.name.endswith("_total") and sample.labels["outcome"].startswith("dropped"):
+                verdicts[REVIEW_DROPPED] += sample.value
     totals.verdicts = dict(verdicts)
     return totals
 

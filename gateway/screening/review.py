@@ -14,12 +14,11 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-from collections import Counter as Tally
 from collections.abc import Callable
 from typing import Final
 
 from gateway.monitoring.metrics import Metrics
-from gateway.quarantine.store import NewItem, QuarantineStore, Usage
+from gateway.quarantine.store import REVIEW, NewItem, QuarantineStore, Usage
 
 log = logging.getLogger(__name__)
 
@@ -127,14 +126,8 @@ class ReviewWriter:
         quota = getattr(self.store, "quota", None)
         if quota is None:
             return self.batch
-        used = self.store.usage().records
+        used = self.store.count(status=REVIEW)  # an index range count, once per batch
         return max(0, int(self.share * quota.max_records) - used)
 
     def _count(self, item: NewItem, outcome: str) -> None:
         self.metrics.screening_reviews.labels(item.model, item.version, outcome).inc()
-
-
-def tally(outcomes: list[str]) -> dict[str, int]:
-    """Outcome counts with every outcome present, for reports and tests."""
-    counts = Tally(outcomes)
-    return {outcome: counts.get(outcome, 0) for outcome in OUTCOMES}

@@ -17,6 +17,7 @@ from gateway.registry import run_batch
 from gateway.repository import ModelRepository
 from gateway.screening.policy import ADVERSARIAL, SUSPICIOUS
 from gateway.settings import DEFAULT_REPOSITORY
+from models import samples
 from models.data import load_split, to_float
 from tests.conftest import ServerProcess
 from tests.e2e.test_screening import ADMIN, adversarial_digits, infer
@@ -97,3 +98,18 @@ def test_an_adversarial_digit_is_withheld(server: ServerProcess) -> None:
     with pytest.raises(InferenceServerException) as err:
         infer(client, adversarial_digits()[:1], request_id="adv-tier")
     assert err.value.status() == "403" and "withheld" in err.value.message()
+
+
+def test_the_readme_samples_get_one_answer_per_tier(server: ServerProcess) -> None:
+    """The README's example digits (``models/samples``): clean and suspicious are served on
+    every run, adversarial is refused."""
+    client = th.InferenceServerClient(server.url)
+    for kind in ("clean", "suspicious"):
+        x, labels = samples.load(kind)
+        predicted = infer(client, x).as_numpy("probabilities").argmax(1)
+        if kind == "clean":
+            assert (predicted == labels).all()
+    x, _ = samples.load("adversarial")
+    with pytest.raises(InferenceServerException) as err:
+        infer(client, x)
+    assert err.value.status() == "403" and "images [0, 1] withheld" in err.value.message()
