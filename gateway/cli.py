@@ -48,10 +48,12 @@ def quarantine_list(
     url: Url = "127.0.0.1:8000",
     token: Token = "",
     model: str | None = None,
-    status: str | None = None,
+    status: Annotated[
+        str | None, typer.Option(help="quarantined | released | review (served suspicious copies)")
+    ] = None,
     limit: int = 50,
 ) -> None:
-    """Quarantined records, newest first."""
+    """Records of the store (withheld inputs and review copies), newest first."""
     page = _admin(
         url,
         token,
@@ -159,11 +161,9 @@ def calibrate(
     model: ModelName,
     model_repository: RepositoryOption = None,
     version: VersionOption = None,
-    block_fpr: Annotated[
-        float | None, typer.Option(help="Block tier's clean FPR (default: the config's).")
-    ] = None,
-    review_fpr: Annotated[
-        float | None, typer.Option(help="Review tier's clean FPR (default: the config's).")
+    report_fpr: Annotated[
+        list[float] | None,
+        typer.Option(help="Also measure this clean FPR (repeatable); tiers come from config."),
     ] = None,
     data: CleanData = None,
     train_data: Annotated[
@@ -174,53 +174,54 @@ def calibrate(
     ] = None,
     device: DeviceOption = "auto",
 ) -> None:
-    """Fit the screening on clean data (class Gaussian on train, tails and tiers on calibration),
-    report each tier's FPR on the held-out test split, and write the files beside the weights."""
+    """Fit the screening on clean data (class Gaussian on train, tails on calibration), report
+    the tiers of config.pbtxt (and other rates) on the held-out test split, write the files."""
+    from gateway.repository import ModelRepository
     from gateway.screening.calibrate import calibrate_model
-    from gateway.screening.policy import ADVERSARIAL, SUSPICIOUS
+    from gateway.screening.policy import from_config
     from gateway.screening.tail import UnsupportedTarget
     from gateway.settings import DEFAULT_REPOSITORY
 
-    targets = None
-    if block_fpr is not None or review_fpr is not None:
-        targets = (block_fpr or 0.005, review_fpr or 0.05)
+    repository = model_repository or DEFAULT_REPOSITORY
     try:
         calibration, paths = calibrate_model(
-            model_repository or DEFAULT_REPOSITORY,
+            repository,
             model,
             version,
             data,
             device,
             train_data,
             test_data,
-            targets,
+            tuple(report_fpr or ()),
         )
     except UnsupportedTarget as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
+    policy = from_config(ModelRepository(repository).config(model))
+    tiers = {policy.block_fpr: "block", policy.review_fpr: "review"} if policy else {}
     for path in paths:
         typer.echo(f"wrote {path}")
     typer.echo(
         f"{calibration.samples} calibration images, combiner {calibration.rule}; smallest "
-        f"supported FPR {calibration.smallest_fpr:.2g}"
+        f"supported FPR {calibration.smallest_fpr:.2g}. A tier flags a combined score above "
+        "-log10(its FPR); move one in config.pbtxt (no recalibration needed)."
     )
     typer.echo(
-        f"{'tier':<12} {'target':>7} {'threshold':>9} {'calib FPR':>9} "
+        f"{'tier':<8} {'FPR':>7} {'threshold':>9} {'calib FPR':>9} "
         f"{'test FPR':>9} {'flagged/n':>10} {'95% upper':>9}"
     )
-    names = {0: ADVERSARIAL, 1: SUSPICIOUS}
-    for i, (key, realised) in enumerate(calibration.calibration_fpr.items()):
+    for key, realised in calibration.calibration_fpr.items():
         target = float(key)
         test = calibration.test.get(key)
-        line = (
-            f"{names.get(i, key):<12} {target:>7.2%} {-math.log10(target):>9.3f} {realised:>9.2%}"
-        )
+        cut = -math.log10(target)
+        line = f"{tiers.get(target, ''):<8} {target:>7.2%} {cut:>9.3f} {realised:>9.2%}"
         if test:
             line += (
                 f" {test['fpr']:>9.2%} {test['flagged']:>4}/{test['samples']:<5} "
                 f"{test['upper95']:>9.2%}"
             )
         typer.echo(line)
+    typer.echo("(the test FPR is the one to trust: the calibration split fitted the tails)")
 
 
 @app.command()

@@ -15,7 +15,7 @@ from fastapi import APIRouter, Request
 from starlette.responses import HTMLResponse, Response
 
 from gateway.errors import NotFound
-from gateway.http import json_response, plane
+from gateway.http import json_response, plane, token_matches
 from gateway.protocol.schema import error
 
 router = APIRouter()
@@ -71,5 +71,12 @@ async def summary(request: Request) -> Response:
     unmonitored = [
         {"model": m.config.name, "version": str(m.version)} for m in loaded if m.drift is None
     ]
-    body = {"series": request.app.state.sampler.series(), "models": snapshots + unmonitored}
+    settings = plane(request).settings
+    authorization = request.headers.get("authorization", "")
+    private = any(  # the tiers are an oracle for a prober: only for the operators' tokens
+        token and token_matches(authorization, token)
+        for token in (settings.metrics_token, settings.admin_token)
+    )
+    series = request.app.state.sampler.series(private=private)
+    body = {"series": series, "models": snapshots + unmonitored}
     return json_response(body)

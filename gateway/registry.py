@@ -8,6 +8,7 @@ redeploy.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -27,7 +28,7 @@ from gateway.monitoring.stats import BatchTimes, ModelStats
 from gateway.monitoring.window import DriftConfig
 from gateway.protocol.dtypes import BY_V2
 from gateway.repository import ConfigError, ModelConfig, ModelRepository
-from gateway.screening.policy import from_config
+from gateway.screening.policy import ADVERSARIAL, from_config
 from gateway.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -128,34 +129,37 @@ class ModelRegistry:
         for name in self.repository.names():
             try:
                 await self.load(name)
-            except BastionError as exc:
-                log.error("model %s failed to load: %s", name, exc.message)
+            except BastionError:  # logged by load; the server stays up, not ready (503)
+                continue
 
     async def load(self, name: str) -> None:
-        """(Re)loads a model: new versions start, versions no longer available are unloaded."""
+        """(Re)loads a model, as Triton's load does: every served version is built afresh from
+        the repository as it is now (config, weights, calibration), swapped in only once all
+        loaded, and the old instances are then drained and closed. A config or calibration
+        that no longer loads leaves the old versions serving and raises ``Unavailable``."""
         async with self._lock:
+            fresh: dict[int, LoadedModel] = {}
             try:
                 config = self.repository.config(name)
                 if config.max_batch_size < 1:
                     raise ConfigError(f"model {name!r}: max_batch_size must be at least 1")
                 limits = model_limits(config, self.settings)
                 current = self._models.get(name, {})
-                fresh = {}
                 for version in config.versions:
-                    old = current.get(version)
-                    fresh[version] = old if old else await self._load_version(config, version)
+                    fresh[version] = await self._load_version(config, version)
                     fresh[version].limits = limits
                 if not fresh:
                     raise ConfigError(f"model {name!r} has no version folder to serve")
-            except (ConfigError, OSError, RuntimeError, ValueError) as exc:
+            except Exception as exc:  # one broken model must never take the server down
+                for built in fresh.values():  # the versions built before one failed
+                    await self._close(built)
                 log.error("model %s failed to load: %s", name, exc)
                 self._errors[name] = str(exc)
                 raise Unavailable(f"failed to load model {name!r}: {exc}") from exc
             self._models[name] = fresh
             self._errors.pop(name, None)
-            for version, loaded in current.items():
-                if version not in fresh:
-                    await self._close(loaded)
+            for loaded in current.values():
+                await self._close(loaded)
             self._update_ready()
             log.info("model %s ready, versions %s", name, sorted(fresh))
 
@@ -250,6 +254,12 @@ class ModelRegistry:
             return None
         import torch
 
+        screening = getattr(backend, "screening", None)
+        targets = getattr(screening, "targets", None)
+        if profile.flag_rate is not None and targets:
+            # the flag-rate test follows the block tier in force, which the config can move
+            # without recalibrating (the profile holds the rate at calibration time)
+            profile = dataclasses.replace(profile, flag_rate=targets[ADVERSARIAL])
         monitor = DriftMonitor(
             config.name,
             str(version),

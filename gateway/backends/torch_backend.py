@@ -138,7 +138,7 @@ def _screened(
     try:
         calibration = Calibration.load(folder)
         gaussian = ClassGaussian.load(folder) if "mahalanobis" in policy.detectors else None
-    except (ValueError, KeyError, TypeError) as exc:
+    except Exception as exc:  # any unreadable file (JSON, safetensors, shapes) is a config error
         raise ConfigError(f"{where}: unreadable calibration ({exc}); {again}") from None
     if calibration is None and not policy.allow_uncalibrated:
         raise ConfigError(

@@ -184,28 +184,38 @@ class Metrics:
             buckets=_SCORE_BUCKETS,
             registry=self.private_registry,
         )
+        # public: what a client can see anyway (withheld or served); a served image counts as
+        # clean whatever its tier, since a public count of the review tier would tell a prober,
+        # one query at a time, when it sits between the tiers
         self.screening_verdicts = Counter(
             "bastion_screening_verdicts",
-            "Screened images by verdict and the action taken",
+            "Screened images by block decision (clean: served) and the action taken",
             ["model", "version", "verdict", "action"],
             registry=self.registry,
+        )
+        # private (behind BASTION_METRICS_TOKEN): the tiers, the review path, the tiers' rates
+        self.screening_tiers = Counter(
+            "bastion_screening_tiers",
+            "Screened images by tier verdict (clean, suspicious, adversarial) and action",
+            ["model", "version", "verdict", "action"],
+            registry=self.private_registry,
         )
         self.screening_target_fpr = Gauge(
             "bastion_screening_target_fpr",
             "Clean rate each tier flags by design (the flagged-rate baseline), by verdict tier",
             [*labels, "tier"],
-            registry=self.registry,
+            registry=self.private_registry,
         )
         self.screening_reviews = Counter(
             "bastion_screening_reviews",
             "Review copies of served suspicious inputs: written, or dropped and why",
             [*labels, "outcome"],
-            registry=self.registry,
+            registry=self.private_registry,
         )
         self.screening_review_backlog = Gauge(
             "bastion_screening_review_backlog",
             "Review copies waiting for the writer thread",
-            registry=self.registry,
+            registry=self.private_registry,
         )
         self._drift_metrics(labels)
         self._front_door_metrics()
@@ -281,24 +291,27 @@ class Metrics:
             "Requests waiting for or in a decode thread",
             registry=self.registry,
         )
+        # the store's usage moves with every review copy and every dropped record: private
         self.quarantine_dropped = Counter(
             "bastion_quarantine_dropped",
             "Withheld inputs whose quarantine record was dropped (still withheld), by reason",
             ["reason"],
-            registry=self.registry,
+            registry=self.private_registry,
         )
         self.quarantine_records = Gauge(
-            "bastion_quarantine_records", "Records in the quarantine store", registry=self.registry
+            "bastion_quarantine_records",
+            "Records in the quarantine store",
+            registry=self.private_registry,
         )
         self.quarantine_bytes = Gauge(
             "bastion_quarantine_bytes",
             "Stored input bytes in the quarantine store",
-            registry=self.registry,
+            registry=self.private_registry,
         )
         self.quarantine_over_quota = Gauge(
             "bastion_quarantine_over_quota",
             "1 while the store refuses new records for a global quota (records or bytes)",
-            registry=self.registry,
+            registry=self.private_registry,
         )
 
     def render(self, stats: Iterable[ModelStats], private: bool = False) -> bytes:

@@ -59,7 +59,8 @@ class Totals:
     batch_rows: float = 0.0
     batches: float = 0.0
     latency: dict[float, float] = field(default_factory=dict)  # le → cumulative count
-    verdicts: dict[str, float] = field(default_factory=dict)
+    verdicts: dict[str, float] = field(default_factory=dict)  # public: withheld or served
+    tiers: dict[str, float] = field(default_factory=dict)  # private: by tier, review drops
 
 
 def read_totals(now: float, metrics: Metrics, stats: Iterable[ModelStats]) -> Totals:
@@ -74,17 +75,23 @@ def read_totals(now: float, metrics: Metrics, stats: Iterable[ModelStats]) -> To
             if sample.name.endswith("_bucket"):
                 latency[float(sample.labels["le"])] += sample.value
     totals.latency = dict(sorted(latency.items()))
-    verdicts: dict[str, float] = defaultdict(float)
-    for family in metrics.screening_verdicts.collect():
-        for sample in family.samples:
-            if sample.name.endswith("_total"):
-                verdicts[sample.labels["verdict"]] += sample.value
-    for family in metrics.screening_reviews.collect():  # lost evidence, beside the verdicts
+    totals.verdicts = _by_verdict(metrics.screening_verdicts.collect())
+    tiers = _by_verdict(metrics.screening_tiers.collect())
+    for family in metrics.screening_reviews.collect():  # lost evidence, beside the tiers
         for sample in family.samples:
             if sample.name.endswith("_total") and sample.labels["outcome"].startswith("dropped"):
-                verdicts[REVIEW_DROPPED] += sample.value
-    totals.verdicts = dict(verdicts)
+                tiers[REVIEW_DROPPED] = tiers.get(REVIEW_DROPPED, 0.0) + sample.value
+    totals.tiers = tiers
     return totals
+
+
+def _by_verdict(families: Iterable[Metric]) -> dict[str, float]:
+    counts: dict[str, float] = defaultdict(float)
+    for family in families:
+        for sample in family.samples:
+            if sample.name.endswith("_total"):
+                counts[sample.labels["verdict"]] += sample.value
+    return dict(counts)
 
 
 def _sum(families: Iterable[Metric], name: str) -> float:
@@ -111,11 +118,13 @@ def interval_point(before: Totals, after: Totals) -> dict[str, Any]:
         "p50_ms": histogram_quantile(0.5, bounds, deltas) * 1000,
         "p99_ms": histogram_quantile(0.99, bounds, deltas) * 1000,
         "batch_size": rows / batches if batches else math.nan,
-        "verdicts_per_s": {
-            verdict: increase(before.verdicts.get(verdict, 0.0), count) / seconds
-            for verdict, count in after.verdicts.items()
-        },
+        "verdicts_per_s": _rates(before.verdicts, after.verdicts, seconds),
+        "tiers_per_s": _rates(before.tiers, after.tiers, seconds),
     }
+
+
+def _rates(before: dict[str, float], after: dict[str, float], seconds: float) -> dict[str, float]:
+    return {key: increase(before.get(key, 0.0), count) / seconds for key, count in after.items()}
 
 
 class Sampler:
@@ -146,16 +155,18 @@ class Sampler:
                 log.exception("dashboard sampler failed")
             await asyncio.sleep(self.interval_s)
 
-    def series(self) -> dict[str, Any]:
-        """Column-wise, as charts take it; NaN (no traffic) becomes null."""
+    def series(self, private: bool = False) -> dict[str, Any]:
+        """Column-wise, as charts take it; NaN (no traffic) becomes null. ``verdicts_per_s`` is
+        by tier (and review copies dropped) for a ``private`` reader, else by block decision."""
         points = list(self.points)
-        verdicts = sorted({v for p in points for v in p["verdicts_per_s"]})
+        source = "tiers_per_s" if private else "verdicts_per_s"
+        verdicts = sorted({v for p in points for v in p[source]})
         columns: dict[str, Any] = {
             key: [_finite(p[key]) for p in points]
             for key in ("t", "rps", "errors_per_s", "p50_ms", "p99_ms", "batch_size")
         }
         columns["verdicts_per_s"] = {
-            v: [_finite(p["verdicts_per_s"].get(v, 0.0)) for p in points] for v in verdicts
+            v: [_finite(p[source].get(v, 0.0)) for p in points] for v in verdicts
         }
         return columns
 

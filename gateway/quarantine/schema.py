@@ -111,7 +111,11 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "CREATE INDEX quarantine_model_created ON quarantine (model, created_at)",
         "CREATE INDEX quarantine_status_created ON quarantine (status, created_at)",
         "CREATE INDEX quarantine_created ON quarantine (created_at)",
-        "CREATE INDEX quarantine_client ON quarantine (client_id)",
+        # per-client quotas count review copies and withheld records apart (a client's honest
+        # traffic must not use up the room its attacks' evidence needs): one covering index
+        "CREATE INDEX quarantine_client_status ON quarantine (client_id, status)",
+        # the review writer's share check sums review bytes from the index alone
+        "CREATE INDEX quarantine_status_bytes ON quarantine (status, input_bytes)",
         """CREATE TRIGGER quarantine_totals_insert AFTER INSERT ON quarantine BEGIN
             UPDATE quarantine_totals SET records = records + 1, bytes = bytes + NEW.input_bytes;
         END""",

@@ -53,7 +53,13 @@ _INSERT = (
     " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 _CLIENT = 4  # position of client_id in an insert row
+_STATUS = 10  # position of status
 _SIZE = 11  # position of input_bytes
+_CLIENT_REVIEWS = f"SELECT COUNT(*) FROM quarantine WHERE client_id IS ? AND status = '{REVIEW}'"
+_CLIENT_WITHHELD = (
+    f"SELECT COUNT(*) FROM quarantine WHERE client_id IS ? AND status IN ('{QUARANTINED}', "
+    f"'{RELEASED}')"
+)
 
 
 def encode_array(array: np.ndarray) -> bytes:
@@ -185,26 +191,31 @@ class SQLiteQuarantineStore:
 
     def _admit(self, conn: sqlite3.Connection, rows: Sequence[tuple[Any, ...]]) -> list[str | None]:
         """The drop reason of each row (``None``: kept), from the totals as they stand inside
-        the caller's write transaction, counting the rows of this batch kept before it."""
+        the caller's write transaction, counting the rows of this batch kept before it.
+
+        The per-client quota counts a client's review copies and its withheld records apart,
+        so honest traffic that is merely suspicious never uses up the room its withheld inputs'
+        evidence needs."""
         quota = self.quota
         records, size = conn.execute("SELECT records, bytes FROM quarantine_totals").fetchone()
-        per_client: dict[str | None, int] = {}
+        per_client: dict[tuple[str | None, bool], int] = {}
         reasons: list[str | None] = []
         for row in rows:
-            client = row[_CLIENT]
-            if client not in per_client:
-                sql = "SELECT COUNT(*) FROM quarantine WHERE client_id IS ?"
-                per_client[client] = conn.execute(sql, (client,)).fetchone()[0]
+            key = (row[_CLIENT], row[_STATUS] == REVIEW)
+            if key not in per_client:
+                per_client[key] = conn.execute(
+                    _CLIENT_REVIEWS if key[1] else _CLIENT_WITHHELD, (key[0],)
+                ).fetchone()[0]
             if records >= quota.max_records:
                 reasons.append(RECORDS_QUOTA)
             elif size + row[_SIZE] > quota.max_bytes:
                 reasons.append(BYTES_QUOTA)
-            elif per_client[client] >= quota.max_records_per_client:
+            elif per_client[key] >= quota.max_records_per_client:
                 reasons.append(CLIENT_QUOTA)
             else:
                 reasons.append(None)
                 records, size = records + 1, size + row[_SIZE]
-                per_client[client] += 1
+                per_client[key] += 1
         return reasons
 
     def _row(self, item: NewItem, now: float) -> tuple[Any, ...]:
@@ -233,6 +244,13 @@ class SQLiteQuarantineStore:
                 f"SELECT {_FULL} FROM quarantine WHERE id = ?", (id,)
             ).fetchone()
         return None if row is None else _record(row)
+
+    def status_usage(self, status: str) -> tuple[int, int]:
+        check_status(status)
+        sql = "SELECT COUNT(*), COALESCE(SUM(input_bytes), 0) FROM quarantine WHERE status = ?"
+        with self._lock:
+            records, size = self._conn.execute(sql, (status,)).fetchone()
+        return int(records), int(size)
 
     def count(self, model: str | None = None, status: str | None = None) -> int:
         where, params = _where(model=model, status=status)

@@ -199,6 +199,10 @@ class QuarantineStore(Protocol):
 
     def count(self, model: str | None = None, status: str | None = None) -> int: ...
 
+    def status_usage(self, status: str) -> tuple[int, int]:
+        """(records, input bytes) of one status, read from an index."""
+        ...
+
     def release(self, id: str, note: str | None = None) -> QuarantineRecord: ...
 
     def purge(

@@ -28,8 +28,10 @@ from gateway.screening.calibration import Calibration, fit, held_out
 from gateway.screening.mahalanobis import PENULTIMATE, ClassGaussian, LayerTap
 from gateway.screening.pipeline import ScreenedClassifier, ScreenResult
 from gateway.screening.policy import from_config
-from gateway.screening.tail import UnsupportedTarget, check_target
+from gateway.screening.tail import UnsupportedTarget, check_target, samples_needed, smallest_fpr
 
+GRID = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1)
+"""Rates always measured beside the tiers, so a tier moved in the config has a measured rate."""
 SPLIT_NAMES = {"train": "3,000", "calibration": "1,000", "test": "1,000"}
 
 
@@ -114,13 +116,15 @@ def calibrate_model(
     device: str = "auto",
     train: Path | None = None,
     test: Path | None = None,
-    targets: tuple[float, float] | None = None,
+    extra: tuple[float, ...] = (),
 ) -> tuple[Calibration, list[Path]]:
     """Fits and writes a version's screening; returns the calibration and the files written.
 
-    ``targets`` (block, review) default to the policy's tiers. Raises ``ConfigError`` for a
-    model that does not screen or data that does not fit it, and ``UnsupportedTarget`` when a
-    tier's FPR needs more clean calibration images than given.
+    The served tiers are the policy's (``config.pbtxt``); their realised FPRs are measured, and
+    so are the ``extra`` rates and every rate of ``GRID`` the data supports, so a tier moved in
+    the config later still has a measured rate. Raises ``ConfigError`` for a model that does not
+    screen or data that does not fit it, and ``UnsupportedTarget`` when a tier or an extra rate
+    needs more clean calibration images than given.
     """
     config = ModelRepository(repository).config(name)
     policy = from_config(config)
@@ -131,13 +135,19 @@ def calibrate_model(
     target = torch.device(pick_device(device))
     backend = TorchBackend(config, folder, str(target), policy=None)
     dims = config.inputs[0].dims
-    block, review = targets or (policy.block_fpr, policy.review_fpr)
+    block = policy.block_fpr
     images, _, source = clean_images(data, dims, "calibration")
-    for fpr in (block, review):
+    asked = {policy.block_fpr: "screening_block_fpr", policy.review_fpr: "screening_review_fpr"}
+    asked |= {fpr: "--report-fpr" for fpr in extra if fpr not in asked}
+    for fpr, what in asked.items():
         try:
-            check_target(fpr, len(images), "tier")
+            check_target(fpr, len(images), what)
         except UnsupportedTarget as exc:
-            raise UnsupportedTarget(f"{exc} (from {source})") from None
+            raise UnsupportedTarget(
+                f"{exc} (from {source}); pass more with --data FILE.npz, or ask for a rate of "
+                f"at least {smallest_fpr(len(images)):.2g}"
+            ) from None
+    rates = sorted(set(asked) | {a for a in GRID if samples_needed(a) <= len(images)})
     gaussian, train_source = None, None
     if "mahalanobis" in policy.detectors:
         classes = config.outputs[0].dims[-1]
@@ -157,7 +167,7 @@ def calibrate_model(
         policy.detectors,
         policy.squeeze.bits,
         policy.squeeze.medians,
-        (block, review),
+        tuple(rates),
         rule=policy.combiner,
         meta=meta,
     )
@@ -166,7 +176,7 @@ def calibrate_model(
         test_scores = np.concatenate(
             [r.scores.cpu().numpy() for r in run_job(job, test_images, target)]
         ).astype(np.float64)
-        report = held_out(calibration, test_scores, (block, review))
+        report = held_out(calibration, test_scores, tuple(rates))
         meta = {**calibration.meta, "test": test_source}
         calibration = replace(calibration, test=report, meta=meta)
     embeddings = [r.embedding for r in results]

@@ -66,13 +66,30 @@ class Calibration:
         if not path.is_file():
             return None
         data = json.loads(path.read_text())
-        if data.get("format") != FORMAT:
-            raise ValueError(f"{path} has calibration format {data.get('format', 1)}, not {FORMAT}")
-        for key in ("detectors", "bits", "medians"):
-            data[key] = tuple(data[key])
-        data["tails"] = {name: TailModel(**t) for name, t in data["tails"].items()}
-        data["combined"] = TailModel(**data["combined"])
-        return cls(**data)
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
+            found = data.get("format", 1) if isinstance(data, dict) else type(data).__name__
+            raise ValueError(f"{path} has calibration format {found}, not {FORMAT}")
+        try:
+            for key in ("detectors", "bits", "medians"):
+                data[key] = tuple(data[key])
+            data["tails"] = {name: TailModel(**t) for name, t in data["tails"].items()}
+            data["combined"] = TailModel(**data["combined"])
+            calibration = cls(**data)
+        except (KeyError, TypeError, AttributeError) as exc:
+            raise ValueError(f"{path} is not a calibration: {exc!r}") from None
+        calibration.validate()
+        return calibration
+
+    def validate(self) -> None:
+        """Raises ``ValueError`` unless every number can be trusted: a wrong file must fail
+        closed at load (a negative scale would pass every input)."""
+        if self.rule not in RULES or not isinstance(self.samples, int) or self.samples < 1:
+            raise ValueError(f"calibration rule {self.rule!r} or samples {self.samples!r} invalid")
+        missing = [d for d in self.detectors if d not in self.tails]
+        if not self.detectors or missing:
+            raise ValueError(f"calibration has no tail for detectors {missing or 'at all'}")
+        for name, model in [*self.tails.items(), ("combined", self.combined)]:
+            tail.validate(model, self.samples, name)
 
 
 def threshold(fpr: float) -> float:

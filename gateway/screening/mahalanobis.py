@@ -71,6 +71,10 @@ class ClassGaussian:
         means, whitening = tensors["means"].float(), tensors["whitening"].float()
         if means.ndim != 2 or whitening.shape != (means.shape[1], means.shape[1]):
             raise ValueError(f"{path}: means {tuple(means.shape)}, whitening {whitening.shape}")
+        if not (torch.isfinite(means).all() and torch.isfinite(whitening).all()):
+            raise ValueError(f"{path}: non-finite class means or whitening")
+        if not layer:
+            raise ValueError(f"{path}: no layer name")
         return cls(means, whitening, layer)
 
 
@@ -124,15 +128,19 @@ class LayerTap:
 
     def __init__(self, module: nn.Module, layer: str) -> None:
         try:
-            target = module.get_submodule(layer)
+            target = module.get_submodule(layer) if layer else None
         except AttributeError:
-            raise ValueError(f"the model has no layer {layer!r}") from None
+            target = None
+        if target is None or target is module:
+            raise ValueError(f"the model has no layer {layer!r}")
         self.layer = layer
         self._local = threading.local()
         target.register_forward_hook(self._hook)
 
-    def _hook(self, _module: nn.Module, _args: object, output: torch.Tensor) -> None:
+    def _hook(self, _module: nn.Module, _args: object, output: object) -> None:
         if getattr(self._local, "on", False):
+            if not isinstance(output, torch.Tensor):
+                raise ValueError(f"layer {self.layer!r} does not output one tensor")
             self._local.value = pool(output)
 
     @contextmanager

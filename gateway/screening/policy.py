@@ -78,10 +78,13 @@ def from_config(config: ModelConfig) -> ScreeningPolicy | None:
             bits=_ints(params.get("squeeze_bits", "1")),
             medians=_ints(params.get("squeeze_medians", "2")),
         )
-        block_fpr = float(params.get("screening_block_fpr", "0.005"))
-        review_fpr = float(params.get("screening_review_fpr", "0.05"))
+        block_fpr = _rate(params, "screening_block_fpr", "0.005")
+        review_fpr = _rate(params, "screening_review_fpr", "0.05")
         if not 0.0 < block_fpr < review_fpr < 1.0:
-            raise ValueError("need 0 < screening_block_fpr < screening_review_fpr < 1")
+            raise ValueError(
+                f"need 0 < screening_block_fpr < screening_review_fpr < 1, got block "
+                f"{block_fpr:g} and review {review_fpr:g} (fractions: 0.005 is 0.5 %)"
+            )
     except ValueError as exc:
         raise ConfigError(f"model {config.name!r}: screening parameters: {exc}") from None
     action = params.get("screening_action", "block")
@@ -109,6 +112,14 @@ def from_config(config: ModelConfig) -> ScreeningPolicy | None:
         combiner=combiner,
         mahalanobis_layer=params.get("screening_mahalanobis_layer", PENULTIMATE),
     )
+
+
+def _rate(params: dict[str, str], key: str, default: str) -> float:
+    text = params.get(key, default)
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError(f"{key} must be a fraction such as 0.005, got {text!r}") from None
 
 
 def _ints(text: str) -> tuple[int, ...]:

@@ -4,9 +4,9 @@ A suspicious image is served; its copy is evidence for whoever investigates a ca
 precondition of the answer. So the response never waits for it: copies go into a bounded
 backlog that one writer thread drains in batches (one store transaction per batch). Under
 overload a copy is dropped and counted, never the response delayed; withheld inputs do not come
-here (the quarantine path writes them before their 403). Review records may fill at most
-``share`` of the store's record quota, so a flood of suspicious traffic cannot crowd out the
-records of withheld inputs.
+here (the quarantine path writes them before their 403). The backlog is bounded in copies and
+in bytes, and review records may fill at most ``share`` of the store's record and byte quotas,
+so a flood of suspicious traffic cannot crowd out the records of withheld inputs.
 """
 
 from __future__ import annotations
@@ -46,14 +46,18 @@ class ReviewWriter:
         batch: int = 64,
         share: float = 0.5,
         on_usage: Callable[[Usage], None] | None = None,
+        backlog_bytes: int = 64 << 20,
     ) -> None:
-        if backlog < 1 or batch < 1 or not 0.0 < share <= 1.0:
-            raise ValueError("need backlog >= 1, batch >= 1 and 0 < share <= 1")
+        if backlog < 1 or batch < 1 or backlog_bytes < 1 or not 0.0 < share <= 1.0:
+            raise ValueError("need backlog >= 1, batch >= 1, backlog_bytes >= 1, 0 < share <= 1")
         self.store = store
         self.metrics = metrics
         self.batch = batch
         self.share = share
         self._on_usage = on_usage
+        self.backlog_bytes = backlog_bytes
+        self._queued_bytes = 0
+        self._bytes_lock = threading.Lock()
         self._queue: queue.Queue[object] = queue.Queue(maxsize=backlog)
         self._thread = threading.Thread(target=self._run, name="bastion-review", daemon=True)
         self._thread.start()
@@ -65,9 +69,19 @@ class ReviewWriter:
     def submit(self, items: list[NewItem]) -> int:
         dropped = 0
         for item in items:
+            size = item.input.nbytes
+            with self._bytes_lock:
+                fits = self._queued_bytes + size <= self.backlog_bytes
+                if fits:
+                    self._queued_bytes += size
             try:
+                if not fits:
+                    raise queue.Full
                 self._queue.put_nowait(item)
             except queue.Full:
+                if fits:
+                    with self._bytes_lock:
+                        self._queued_bytes -= size
                 dropped += 1
                 self._count(item, DROPPED_BACKLOG)
         self.metrics.screening_review_backlog.set(self._queue.qsize())
@@ -100,6 +114,8 @@ class ReviewWriter:
                     stop = True
                     break
                 items.append(more)
+            with self._bytes_lock:
+                self._queued_bytes -= sum(item.input.nbytes for item in items)  # type: ignore[attr-defined]
             self._write(items)  # type: ignore[arg-type]
             self.metrics.screening_review_backlog.set(self._queue.qsize())
             if stop:
@@ -107,7 +123,7 @@ class ReviewWriter:
 
     def _write(self, items: list[NewItem]) -> None:
         try:
-            room = self._room()
+            room = self._room(items)
             kept, over = items[:room], items[room:]
             for item in over:
                 self._count(item, DROPPED_SHARE)
@@ -121,13 +137,21 @@ class ReviewWriter:
             for item in items:
                 self._count(item, DROPPED_ERROR)
 
-    def _room(self) -> int:
-        """Records the review share still allows (the store's global quotas apply as well)."""
+    def _room(self, items: list[NewItem]) -> int:
+        """How many of ``items`` the review share still allows, in records and in stored bytes
+        (the store's own quotas apply as well); one index read per batch."""
         quota = getattr(self.store, "quota", None)
         if quota is None:
-            return self.batch
-        used = self.store.count(status=REVIEW)  # an index range count, once per batch
-        return max(0, int(self.share * quota.max_records) - used)
+            return len(items)
+        records, size = self.store.status_usage(REVIEW)
+        max_records, max_bytes = self.share * quota.max_records, self.share * quota.max_bytes
+        room = 0
+        for item in items:
+            records, size = records + 1, size + item.input.nbytes
+            if records > max_records or size > max_bytes:
+                break
+            room += 1
+        return room
 
     def _count(self, item: NewItem, outcome: str) -> None:
         self.metrics.screening_reviews.labels(item.model, item.version, outcome).inc()

@@ -24,7 +24,7 @@ from gateway.protocol.types import InferRequest, OutputTensor
 from gateway.quarantine.retention import UsageMetrics
 from gateway.quarantine.store import QUARANTINED, REVIEW, NewItem, QuarantineStore, Usage
 from gateway.screening.pipeline import ScreenedClassifier
-from gateway.screening.policy import Decision, decide
+from gateway.screening.policy import CLEAN, SUSPICIOUS, Decision, decide
 from gateway.screening.review import ReviewWriter
 
 REPORT_PARAMETER = "screening_report"
@@ -109,6 +109,9 @@ class ScreeningService:
             for value in scores[:, column].tolist():
                 histogram.observe(value)
         for verdict, action in zip(decision.verdicts, decision.actions, strict=True):
+            self.metrics.screening_tiers.labels(model, version, verdict, action).inc()
+            if verdict == SUSPICIOUS:  # served: publicly indistinguishable from clean
+                verdict, action = CLEAN, "allow"
             self.metrics.screening_verdicts.labels(model, version, verdict, action).inc()
 
 

@@ -91,6 +91,27 @@ def check_target(fpr: float, samples: int, what: str = "target") -> None:
         )
 
 
+def validate(model: TailModel, samples: int, name: str) -> None:
+    """Raises ``ValueError`` for a tail model whose numbers cannot be what ``fit`` made."""
+    reference = np.asarray(model.reference, dtype=np.float64)
+    checks = {
+        "reference is not the calibration samples": reference.shape != (samples,),
+        "reference is not finite and sorted": not (
+            np.isfinite(reference).all() and (np.diff(reference) >= 0).all()
+        ),
+        "start, scale or shape is not finite": not np.isfinite(
+            [model.start, model.scale, model.shape]
+        ).all(),
+        "scale is not positive": not model.scale > 0,
+        "exceedances out of range": not 1 <= model.exceedances < samples,
+        "bound is not a positive number": model.bound is not None
+        and not (math.isfinite(model.bound) and model.bound > 0),
+    }
+    failed = [what for what, bad in checks.items() if bad]
+    if failed:
+        raise ValueError(f"tail of {name}: {'; '.join(failed)}")
+
+
 def reexpress(scores: np.ndarray, bound: float | None, log: bool) -> np.ndarray:
     """The monotone re-expression the tail is fitted on (float64 numpy)."""
     s = np.asarray(scores, dtype=np.float64)

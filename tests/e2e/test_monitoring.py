@@ -125,6 +125,8 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
             "BASTION_DRIFT_MIN_IMAGES": "200",
             "BASTION_DRIFT_MMD_PERMUTATIONS": "200",
             "BASTION_DRIFT_MMD_ALPHA": "0.01",
+            # as a team should run it: the tiers and the store's usage are behind the token
+            "BASTION_METRICS_TOKEN": "scrape-token",
         },
     )
     port = free_port()
@@ -134,6 +136,7 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
         f"rule_files: [{json.dumps(str(OPS / 'prometheus' / 'alerts.yml'))}]\n"
         "scrape_configs:\n"
         f"  - job_name: bastion\n    static_configs: [{{targets: ['{server.url}']}}]\n"
+        "    authorization: {credentials: scrape-token}\n"
     )
     with (folder / "prometheus.log").open("wb") as log:
         process = subprocess.Popen(
@@ -186,7 +189,8 @@ def test_noise_raises_a_drift_alarm_in_the_api_metrics_and_log(live: Live) -> No
     assert raised and all(e["threshold"] > 0 and e["window_images"] >= 200 for e in raised)
     assert min(e["at_image"] for e in raised if e["statistic"] == "psi_pixel_mean") > CLEAN_IMAGES
     assert state["reference"]["samples"] == 1000
-    metrics = httpx.get(f"http://{live.server.url}/metrics", timeout=10).text
+    scrape = {"Authorization": "Bearer scrape-token"}
+    metrics = httpx.get(f"http://{live.server.url}/metrics", headers=scrape, timeout=10).text
     assert 'bastion_drift_alarm{model="digits",version="1"} 1.0' in metrics
     assert re.search(r'bastion_drift_score\{model="digits",statistic="psi_pixel_mean"', metrics)
     assert "drift alarm raised: model digits" in live.server.log.read_text()

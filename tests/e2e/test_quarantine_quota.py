@@ -39,6 +39,7 @@ def bounded_server(repository: Path, tmp_path: Path) -> Iterator[ServerProcess]:
         "BASTION_ADMIN_TOKEN": TOKEN,
         "BASTION_QUARANTINE_MAX_RECORDS_PER_CLIENT": "2",
         "BASTION_QUARANTINE_MAX_RECORDS": "3",
+        "BASTION_METRICS_TOKEN": "mtok",
     }
     proc = start_server(tmp_path, "--model-repository", str(quarantine_everything(repository)),
                         env=env)
@@ -79,7 +80,9 @@ def test_quotas_drop_records_but_never_serve_the_input_and_stats_show_it(
     assert err.value.status() == "403" and "quota" not in err.value.message()
     body = refused(bounded_server, 1, "bob")
     assert body["withheld"] == [0] and body["quarantine_ids"] == []
-    metrics = httpx.get(f"{url}/metrics", timeout=10).text
+    assert "bastion_quarantine" not in httpx.get(f"{url}/metrics", timeout=10).text  # 403
+    scrape = {"Authorization": "Bearer mtok"}
+    metrics = httpx.get(f"{url}/metrics", headers=scrape, timeout=10).text
     assert "bastion_quarantine_over_quota 1.0" in metrics
     assert "bastion_quarantine_records 3.0" in metrics
     assert 'bastion_quarantine_dropped_total{reason="client_quota"} 1.0' in metrics

@@ -4,6 +4,7 @@ suspicious digit is served and recorded for review, an adversarial one is withhe
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from functools import cache
 
 import httpx
@@ -19,10 +20,12 @@ from gateway.screening.policy import ADVERSARIAL, SUSPICIOUS
 from gateway.settings import DEFAULT_REPOSITORY
 from models import samples
 from models.data import load_split, to_float
-from tests.conftest import ServerProcess
+from tests.conftest import ServerProcess, start_server
 from tests.e2e.test_screening import ADMIN, adversarial_digits, infer
 
 pytestmark = pytest.mark.e2e
+SCRAPE_TOKEN = "scrape"
+SCRAPE = {"Authorization": f"Bearer {SCRAPE_TOKEN}"}
 MARGIN = 0.1  # keep clear of a tier's edge: batch composition moves a score by a few ulps
 
 
@@ -47,7 +50,19 @@ def test_a_clean_batch_of_16_is_answered(server: ServerProcess) -> None:
     assert np.isfinite(result.as_numpy("probabilities")).all()
 
 
-def test_a_suspicious_digit_is_served_and_recorded_for_review(server: ServerProcess) -> None:
+@pytest.fixture(scope="module")
+def operated(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """A gateway run as a team should: admin and metrics tokens set."""
+    proc = start_server(
+        tmp_path_factory.mktemp("tiers"),
+        env={"BASTION_ADMIN_TOKEN": "s3cret", "BASTION_METRICS_TOKEN": SCRAPE_TOKEN},
+    )
+    yield proc
+    proc.stop()
+
+
+def test_a_suspicious_digit_is_served_and_recorded_for_review(operated: ServerProcess) -> None:
+    server = operated
     combined, cuts = offline()
     between = (combined > cuts[SUSPICIOUS] + MARGIN) & (combined < cuts[ADVERSARIAL] - MARGIN)
     index = int(np.flatnonzero(between)[0])
@@ -82,7 +97,7 @@ def test_a_suspicious_digit_is_served_and_recorded_for_review(server: ServerProc
     stored = httpx.get(f"{url}/v2/quarantine/{record['id']}", headers=ADMIN, timeout=10).json()
     data = np.asarray(stored["input"]["data"], np.float32).reshape(stored["input"]["shape"])
     np.testing.assert_array_equal(data, image[0])
-    metrics = httpx.get(f"{url}/metrics", timeout=10).text
+    metrics = httpx.get(f"{url}/metrics", headers=SCRAPE, timeout=10).text
     assert 'action="review",model="digits",verdict="suspicious",version="1"' in metrics
     assert (
         'bastion_screening_reviews_total{model="digits",outcome="written",version="1"}' in metrics
@@ -113,3 +128,27 @@ def test_the_readme_samples_get_one_answer_per_tier(server: ServerProcess) -> No
     with pytest.raises(InferenceServerException) as err:
         infer(client, x)
     assert err.value.status() == "403" and "images [0, 1] withheld" in err.value.message()
+
+
+def test_nothing_public_tells_a_suspicious_image_from_a_clean_one(server: ServerProcess) -> None:
+    """A public count of the review tier would be an oracle: a prober could learn, one query at
+    a time, when it sits between the tiers. /metrics (no token set here) and the dashboard's
+    data count a served suspicious image as clean; the review path and the store are private."""
+    url = f"http://{server.url}"
+    x, _ = samples.load("suspicious")
+    infer(th.InferenceServerClient(server.url), x)
+    metrics = httpx.get(f"{url}/metrics", timeout=10).text
+    assert 'verdict="clean"' in metrics
+    for private in (
+        "suspicious",
+        "bastion_screening_reviews",
+        "bastion_quarantine_records",
+        "bastion_screening_target_fpr",
+        "bastion_screening_tiers",
+    ):
+        assert private not in metrics, private
+    time.sleep(2.5)  # a dashboard sample
+    public = httpx.get(f"{url}/dashboard/api/summary", timeout=10).json()
+    assert "suspicious" not in public["series"]["verdicts_per_s"]
+    operator = httpx.get(f"{url}/dashboard/api/summary", headers=ADMIN, timeout=10).json()
+    assert "suspicious" in operator["series"]["verdicts_per_s"]

@@ -73,8 +73,8 @@ def test_predictions_equal_the_model_called_directly(client: th.InferenceServerC
         got.append(result.as_numpy("probabilities"))
         verdicts += [v.decode() for v in result.as_numpy("screening_verdict")]
     probs = np.concatenate(got)
-    served = np.array([v.startswith("clean") for v in verdicts])
-    assert served.mean() >= 0.9  # clean test digits; about 5% false positives by calibration
+    served = np.array([not v.startswith("adversarial") for v in verdicts])  # clean, suspicious
+    assert served.mean() >= 0.97  # clean test digits; about 0.5 % withheld by calibration
     np.testing.assert_allclose(probs[served], expected[served], atol=1e-5)
     assert np.isnan(probs[~served]).all()  # withheld images get no prediction
     assert (probs[served].argmax(1) == labels[:100][served]).mean() >= 0.97

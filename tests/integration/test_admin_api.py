@@ -18,6 +18,7 @@ from models.data import load_split, to_float
 from tests.conftest import flag_every_image
 
 ADMIN = {"Authorization": "Bearer tok"}
+METRICS = {"Authorization": "Bearer mtok"}  # the store's usage is behind the metrics token
 INFER = "/v2/models/digits/infer"
 ID = "0" * 32
 
@@ -186,7 +187,7 @@ def test_stats_route_is_not_taken_for_a_record_id(client: TestClient) -> None:
 def test_a_request_over_its_client_quota_is_still_refused_and_the_drop_is_counted(
     make_client: MakeClient,
 ) -> None:
-    client = make_client(quarantine_max_records_per_client=2)
+    client = make_client(quarantine_max_records_per_client=2, metrics_token="mtok")
     body = quarantine(client, 3, who="mallory", request_id="flood")
     assert body["withheld"] == [0, 1, 2] and body["reason"] == "adversarial"
     assert len(body["quarantine_ids"]) == 2 and body["request_id"] == "flood"
@@ -195,7 +196,7 @@ def test_a_request_over_its_client_quota_is_still_refused_and_the_drop_is_counte
     again = quarantine(client, 1, who="mallory")
     assert again["withheld"] == [0] and again["quarantine_ids"] == []
     assert len(quarantine(client, 1, who="alice")["quarantine_ids"]) == 1
-    metrics = client.get("/metrics").text
+    metrics = client.get("/metrics", headers=METRICS).text
     assert 'bastion_quarantine_dropped_total{reason="client_quota"} 2.0' in metrics
     assert "bastion_quarantine_records 3.0" in metrics
     assert "bastion_quarantine_over_quota 0.0" in metrics
@@ -204,18 +205,18 @@ def test_a_request_over_its_client_quota_is_still_refused_and_the_drop_is_counte
 
 
 def test_a_full_store_drops_new_records_and_raises_the_alarm(make_client: MakeClient) -> None:
-    client = make_client(quarantine_max_records=2)
+    client = make_client(quarantine_max_records=2, metrics_token="mtok")
     first = quarantine(client, 2, who="a")
     body = quarantine(client, 2, who="b")
     assert body["withheld"] == [0, 1] and body["quarantine_ids"] == []
-    metrics = client.get("/metrics").text
+    metrics = client.get("/metrics", headers=METRICS).text
     assert 'bastion_quarantine_dropped_total{reason="records_quota"} 2.0' in metrics
     assert "bastion_quarantine_over_quota 1.0" in metrics
     listed = client.get("/v2/quarantine", headers=ADMIN).json()
     assert {r["id"] for r in listed["items"]} == set(first["quarantine_ids"])  # nothing evicted
     client.post("/v2/quarantine/purge", json={"ids": first["quarantine_ids"]}, headers=ADMIN)
     assert client.get("/v2/quarantine/stats", headers=ADMIN).json()["over_quota"] is False
-    assert "bastion_quarantine_over_quota 0.0" in client.get("/metrics").text
+    assert "bastion_quarantine_over_quota 0.0" in client.get("/metrics", headers=METRICS).text
 
 
 def test_admin_routes_are_tagged_and_document_their_errors(client: TestClient) -> None:

@@ -157,3 +157,31 @@ def test_calibration_file_round_trips_and_refuses_the_old_format(tmp_path: Path)
     (tmp_path / "calibration.json").write_text(json.dumps({"detectors": ["a"]}))
     with pytest.raises(ValueError, match="format 1"):
         Calibration.load(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("edit", "why"),
+    [
+        (lambda d: d["combined"].update(scale=-1.0), "scale is not positive"),
+        (lambda d: d["tails"]["a"].update(reference=d["tails"]["a"]["reference"][::-1]), "sorted"),
+        (lambda d: d.update(samples=10**9), "not the calibration samples"),
+        (lambda d: d["tails"].pop("b"), "no tail for detectors"),
+        (lambda d: d["combined"].update(shape=float("nan")), "not finite"),
+    ],
+    ids=["negative-scale", "unsorted", "samples", "missing-tail", "nan-shape"],
+)
+def test_a_tampered_calibration_file_is_refused_not_trusted(
+    tmp_path: Path, edit: object, why: str
+) -> None:
+    """A wrong number must fail closed at load: a negative scale would pass every input."""
+    rng = np.random.default_rng(6)
+    fit(rng.gamma(2.0, size=(1000, 2)), ("a", "b"), (1,), (2,), (0.005,)).save(tmp_path)
+    path = tmp_path / "calibration.json"
+    data = json.loads(path.read_text())
+    edit(data)  # type: ignore[operator]
+    path.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=why):
+        Calibration.load(tmp_path)
+    path.write_text("[]")
+    with pytest.raises(ValueError, match="format"):
+        Calibration.load(tmp_path)

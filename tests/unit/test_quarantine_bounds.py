@@ -6,6 +6,7 @@ from __future__ import annotations
 import sqlite3
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +25,12 @@ from gateway.quarantine import (
     SQLiteQuarantineStore,
 )
 from gateway.quarantine.schema import MIGRATIONS
-from gateway.quarantine.sqlite import SCHEMA_VERSION, encode_array
+from gateway.quarantine.sqlite import (
+    _CLIENT_REVIEWS,
+    _CLIENT_WITHHELD,
+    SCHEMA_VERSION,
+    encode_array,
+)
 from gateway.quarantine.store import TRUNCATED
 from tests.unit.quarantine_helpers import Clock
 
@@ -167,15 +173,25 @@ def test_concurrent_writers_never_overshoot_a_quota(
             s.close()
 
 
-def test_the_per_client_count_reads_only_the_client_index() -> None:
+@pytest.mark.parametrize("query", [_CLIENT_REVIEWS, _CLIENT_WITHHELD], ids=["review", "withheld"])
+def test_the_per_client_counts_read_only_the_client_index(query: str) -> None:
     conn = sqlite3.connect(":memory:")
     for statement in [s for step in MIGRATIONS for s in step]:
         conn.execute(statement)
-    plan = conn.execute(
-        "EXPLAIN QUERY PLAN SELECT COUNT(*) FROM quarantine WHERE client_id IS ?", ("m",)
-    ).fetchall()
-    assert "COVERING INDEX quarantine_client" in plan[0][3]
+    plan = conn.execute(f"EXPLAIN QUERY PLAN {query}", ("m",)).fetchall()
+    assert "COVERING INDEX quarantine_client_status" in plan[0][3]
     conn.close()
+
+
+def test_review_copies_never_use_up_a_clients_room_for_withheld_records(
+    store_path: Path,
+) -> None:
+    with bounded(store_path, max_records_per_client=2) as store:
+        review = [replace(from_client("orders", i), status=REVIEW) for i in range(3)]
+        assert [id_ is not None for id_ in store.add_many(review)] == [True, True, False]
+        withheld = store.add_many([from_client("orders", 9), from_client("orders", 10)])
+        assert all(withheld)  # the client's two withheld records still fit
+        assert store.usage().dropped[CLIENT_QUOTA] == 1
 
 
 def test_expire_deletes_the_oldest_rows_in_bounded_chunks(store: SQLiteQuarantineStore) -> None:

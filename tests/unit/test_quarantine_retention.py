@@ -184,7 +184,7 @@ def test_cancelling_waits_for_the_chunk_in_progress_and_starts_no_other() -> Non
 def test_usage_metrics_mirror_gauges_and_count_each_drop_once() -> None:
     metrics = Metrics()
     publish = UsageMetrics(metrics)
-    sample = metrics.registry.get_sample_value
+    sample = metrics.private_registry.get_sample_value  # behind the metrics token
     publish(Usage(5, 640, False, {RECORDS_QUOTA: 0, BYTES_QUOTA: 0, CLIENT_QUOTA: 2}))
     publish(Usage(7, 900, True, {RECORDS_QUOTA: 3, BYTES_QUOTA: 0, CLIENT_QUOTA: 2}))
     publish(Usage(7, 900, True, {RECORDS_QUOTA: 3, BYTES_QUOTA: 0, CLIENT_QUOTA: 2}))

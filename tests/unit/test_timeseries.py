@@ -39,7 +39,9 @@ def test_sampler_turns_counters_into_rates_and_interval_quantiles() -> None:
     metrics.batch_size.labels("digits", "1").observe(16)
     metrics.errors.labels("503").inc(4)
     metrics.screening_verdicts.labels("digits", "1", "adversarial", "block").inc(2)
-    metrics.screening_verdicts.labels("digits", "1", "suspicious", "review").inc(6)
+    metrics.screening_tiers.labels("digits", "1", "adversarial", "block").inc(2)
+    metrics.screening_verdicts.labels("digits", "1", "clean", "allow").inc(6)
+    metrics.screening_tiers.labels("digits", "1", "suspicious", "review").inc(6)
     metrics.screening_reviews.labels("digits", "1", "written").inc(5)
     metrics.screening_reviews.labels("digits", "1", "dropped_backlog").inc(1)
     sampler.sample()
@@ -51,7 +53,9 @@ def test_sampler_turns_counters_into_rates_and_interval_quantiles() -> None:
     assert series["batch_size"] == [10.0, None]  # no batch ran: no mean, not zero
     # all in the (2 ms, 3 ms] bucket: the median is interpolated half way
     assert series["p50_ms"][0] == pytest.approx(2.5) and series["p50_ms"][1] is None
-    assert series["verdicts_per_s"] == {
+    # the public view: withheld or served; the tiers only for a reader with the token
+    assert series["verdicts_per_s"] == {"adversarial": [1.0, 0.0], "clean": [3.0, 0.0]}
+    assert sampler.series(private=True)["verdicts_per_s"] == {
         "adversarial": [1.0, 0.0],
         "review copy dropped": [0.5, 0.0],
         "suspicious": [3.0, 0.0],

@@ -2,6 +2,15 @@
 // Each chart records how many finite points it drew in data-points (the browser test reads it).
 "use strict";
 
+// The screening tiers (suspicious, review copies dropped) are shown only to an operator: open
+// the page as /dashboard#token=<metrics or admin token>. The fragment never leaves the browser;
+// the token goes only in the Authorization header of the page's own data requests.
+function authHeaders() {
+  const match = /(?:^|[#&])token=([^&]+)/.exec(window.location.hash);
+  return match ? { Authorization: "Bearer " + decodeURIComponent(match[1]) } : {};
+}
+
+
 const POLL_MS = 2000;
 const WIDTH = 560, HEIGHT = 240;
 const COLORS = ["#2563eb", "#dc2626", "#16a34a", "#9333ea", "#ea580c", "#0891b2", "#ca8a04", "#db2777"];
@@ -115,7 +124,7 @@ function clearDrift() {
 
 async function poll() {
   try {
-    const response = await fetch("/dashboard/api/summary", { cache: "no-store" });
+    const response = await fetch("/dashboard/api/summary", { cache: "no-store", headers: authHeaders() });
     if (!response.ok) throw new Error(`HTTP ${response.status}`);
     render(await response.json());
     document.body.dataset.ready = "true";
