@@ -150,6 +150,8 @@ class ModelRegistry:
                     fresh[version].limits = limits
                 if not fresh:
                     raise ConfigError(f"model {name!r} has no version folder to serve")
+            except NotFound:  # not in the repository: the client's mistake, 404
+                raise
             except Exception as exc:  # one broken model must never take the server down
                 for built in fresh.values():  # the versions built before one failed
                     await self._close(built)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.errors import Unavailable
+from gateway.errors import NotFound, Unavailable
 from gateway.monitoring.metrics import Metrics
 from gateway.registry import ModelRegistry
 from gateway.repository import ModelRepository
@@ -73,6 +73,8 @@ def test_a_reload_applies_config_edits_and_a_bad_edit_keeps_the_old_version_serv
             with pytest.raises(Unavailable, match="screening_review_fpr"):
                 await registry.load("digits")
             assert targets()["suspicious"] == 0.1  # the previous build still serves
+            with pytest.raises(NotFound):  # a name the repository lacks is the caller's 404
+                await registry.load("no_such_model")
         finally:
             await registry.close()
 
