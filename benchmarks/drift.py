@@ -261,6 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     env = {
         "BASTION_TORCH_THREADS": "1",
         "BASTION_QUARANTINE_PATH": str(workdir / "q.db"),
+        "BASTION_KEYS_PATH": str(workdir / "keys.db"),
         "OMP_NUM_THREADS": "1",
     }
     server = procs.start("bastion", command, env, f"http://{url}", workdir / "server.log")

@@ -83,6 +83,7 @@ def launch_bastion(
     command = [_sibling("bastion"), "serve", "--host", "127.0.0.1", "--port", str(port)]
     command += ["--model-repository", str(repository)]
     env = {"BASTION_TORCH_THREADS": "1", "BASTION_QUARANTINE_PATH": str(workdir / "q.db")}
+    env["BASTION_KEYS_PATH"] = str(workdir / "keys.db")  # never the machine's own keys
     env["BASTION_DRIFT"] = "true" if drift else "false"
     return Launch(command, env, f"http://127.0.0.1:{port}/metrics", "checkout")
 

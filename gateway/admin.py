@@ -46,21 +46,21 @@ ItemPath = Annotated[str, Path(min_length=1, max_length=ID_CHARS)]
 ModelPath = Annotated[str, Path(min_length=1, max_length=NAME_CHARS)]
 
 
-class _Body(BaseModel):
+class StrictBody(BaseModel):
     """JSON bodies: no coercion (``"5"`` is not a number, ``1`` is not a string)."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
 
-class ActionBody(_Body):
+class ActionBody(StrictBody):
     action: Action
 
 
-class ReleaseBody(_Body):
+class ReleaseBody(StrictBody):
     note: str | None = Field(None, description="At most max_note_chars (default 1024).")
 
 
-class PurgeBody(_Body):
+class PurgeBody(StrictBody):
     status: Status | None = None
     older_than_s: float | None = Field(None, ge=0, allow_inf_nan=False)
     ids: list[RecordId] | None = Field(None, max_length=MAX_IDS)

@@ -16,6 +16,8 @@ from gateway.asgi import Gateway
 from gateway.dataplane import DataPlane
 from gateway.decode_pool import DecodePool
 from gateway.http import install_error_handlers, router
+from gateway.identity import routes as key_routes
+from gateway.identity.keys import KeyRing, SQLiteKeyStore
 from gateway.monitoring.metrics import Metrics
 from gateway.monitoring.timeseries import Sampler, read_totals
 from gateway.quarantine.factory import open_store, retention_sweep
@@ -39,6 +41,7 @@ def create_app(settings: Settings | None = None) -> Gateway:
             torch.set_num_threads(settings.torch_threads)
         registry = ModelRegistry(ModelRepository(settings.model_repository), settings, metrics)
         store = open_store(settings)
+        app.state.keys = KeyRing(SQLiteKeyStore(settings.keys_path), settings.keys_refresh_s)
         screening = ScreeningService(store, metrics, settings.review_backlog)
         registry.on_screening = screening.publish_calibration
         decoder = DecodePool(
@@ -70,6 +73,7 @@ def create_app(settings: Settings | None = None) -> Gateway:
             with contextlib.suppress(asyncio.CancelledError):
                 await retention
             store.close()
+            app.state.keys.store.close()
 
     # no /docs or /redoc: FastAPI's pages load their scripts from a CDN, which a security
     # gateway should not serve and an air-gapped host cannot reach; /openapi.json stays
@@ -83,8 +87,10 @@ def create_app(settings: Settings | None = None) -> Gateway:
     )
     app.state.settings = settings
     app.state.metrics = metrics
+    app.state.keys = None  # the key ring, opened with the rest in the lifespan
     app.include_router(router)
     app.include_router(admin.router)
+    app.include_router(key_routes.router)
     app.include_router(dashboard.router)
     openapi.install(app)
     install_error_handlers(app, metrics)

@@ -26,8 +26,9 @@ from starlette.exceptions import HTTPException
 from starlette.types import Message, Receive, Scope, Send
 
 from gateway.dataplane import SCREENING_REPORT_SCOPE, DataPlane
-from gateway.errors import BastionError, InvalidInput, PayloadTooLarge, Unavailable
+from gateway.errors import BastionError, InvalidInput, PayloadTooLarge, Unauthorized, Unavailable
 from gateway.http import HEALTH_PATHS, clip, token_matches
+from gateway.identity.keys import KeyRing
 from gateway.protocol.bounds import Limits, RawInput
 from gateway.protocol.codec import decode_infer_body, encode_response
 from gateway.protocol.content_encoding import compress
@@ -39,6 +40,8 @@ _JSON = b"application/json"
 _PREALLOCATE = 64 << 10
 _BINARY = b"application/octet-stream"
 _CLIENT_ID = re.compile(r"[A-Za-z0-9._~:@/+=-]+")
+ADMIN_CLIENT = "admin"
+"""The client the admin token stands for where client keys are required."""
 Headers = list[tuple[bytes, bytes]]
 
 
@@ -110,7 +113,9 @@ class Gateway:
     def _error(self, exc: BastionError) -> tuple[int, Headers, bytes]:
         self.state.metrics.errors.labels(str(exc.status)).inc()
         body = {**exc.body(), "error": clip(exc.message)}
-        return exc.status, [(b"content-type", _JSON)], orjson.dumps(body)
+        headers = [(b"content-type", _JSON)]
+        headers += [(k.lower().encode(), v.encode()) for k, v in exc.headers.items()]
+        return exc.status, headers, orjson.dumps(body)
 
     async def _infer(
         self, match: re.Match[str], scope: Scope, receive: Receive
@@ -138,8 +143,19 @@ class Gateway:
         return 200, out, payload
 
     def _caller(self, plane: DataPlane, headers: dict[str, str], scope: Scope) -> Caller:
-        """The client id header (validated), else the peer address; the admin token's scope."""
+        """Who sent the request. With client keys configured, the key's client (a request
+        without a valid key gets 401; the admin token stands for the client ``admin``), or the
+        client id header when ``trust_client_header`` (a proxy authenticated the client).
+        Without keys, the client id header, else the peer address. The admin token adds the
+        ``screening_report`` scope."""
         settings = plane.settings
+        authorization = headers.get("authorization")
+        scopes: frozenset[str] = frozenset()
+        if authorization and token_matches(authorization, settings.admin_token):
+            scopes = frozenset({SCREENING_REPORT_SCOPE})
+        keys = self.state.keys
+        if keys is not None and keys.enabled and not settings.trust_client_header:
+            return Caller(self._key_client(keys, authorization, scopes), scopes)
         client_id = headers.get(settings.client_id_header)
         if client_id is not None:
             problem = None
@@ -152,13 +168,22 @@ class Gateway:
             if problem:
                 self.state.metrics.rejected.labels("client_id").inc()
                 raise InvalidInput(f"header {settings.client_id_header} {problem}")
+        elif keys is not None and keys.enabled:  # a trusted proxy must name the client
+            self.state.metrics.rejected.labels("client_key").inc()
+            raise Unauthorized(f"header {settings.client_id_header} is required")
         elif scope.get("client"):
             client_id = str(scope["client"][0])
-        scopes: frozenset[str] = frozenset()
-        authorization = headers.get("authorization")
-        if authorization and token_matches(authorization, settings.admin_token):
-            scopes = frozenset({SCREENING_REPORT_SCOPE})
         return Caller(client_id, scopes)
+
+    def _key_client(self, keys: KeyRing, authorization: str | None, scopes: frozenset[str]) -> str:
+        if scopes:
+            return ADMIN_CLIENT
+        scheme, _, key = (authorization or "").partition(" ")
+        client = keys.client_of(key) if scheme.lower() == "bearer" else None
+        if client is None:
+            self.state.metrics.rejected.labels("client_key").inc()
+            raise Unauthorized("a valid client key is required: 'Authorization: Bearer <key>'")
+        return client
 
 
 def _http_decoder(

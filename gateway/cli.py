@@ -14,6 +14,8 @@ app = typer.Typer(help="Bastion: a Triton-compatible inference gateway.", no_arg
 
 quarantine = typer.Typer(help="List, inspect, release and purge quarantined inputs.")
 app.add_typer(quarantine, name="quarantine")
+keys = typer.Typer(help="Create, list and revoke client API keys (stored hashed).")
+app.add_typer(keys, name="keys")
 
 Url = Annotated[str, typer.Option(envvar="BASTION_URL", help="Gateway address.")]
 Token = Annotated[str, typer.Option(envvar="BASTION_ADMIN_TOKEN", help="Admin token.")]
@@ -113,6 +115,37 @@ def quarantine_stats(
 
     stats = _admin(url, token, "GET", "/v2/quarantine/stats")
     typer.echo(json.dumps(stats, indent=1) if as_json else "\n".join(describe_stats(stats)))
+
+
+@keys.command("create")
+def keys_create(
+    client: Annotated[str, typer.Option(help="The client the key identifies.")],
+    note: Annotated[str | None, typer.Option(help="Who or what holds it.")] = None,
+    url: Url = "127.0.0.1:8000",
+    token: Token = "",
+) -> None:
+    """A new key; it is printed once and never stored (only its SHA-256 is)."""
+    made = _admin(url, token, "POST", "/v2/admin/keys", body={"client": client, "note": note})
+    typer.echo(f"id      {made['id']}\nclient  {made['client']}\nkey     {made['key']}")
+    typer.echo("(shown once: the gateway keeps only its hash)", err=True)
+
+
+@keys.command("list")
+def keys_list(url: Url = "127.0.0.1:8000", token: Token = "") -> None:
+    """Every key's id, client, note, creation time and state (never the key)."""
+    import time
+
+    for k in _admin(url, token, "GET", "/v2/admin/keys")["keys"]:
+        made = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(k["created_at"]))
+        state = "active" if k["active"] else "revoked"
+        typer.echo(f"{k['id']}  {k['client']:<24} {state:<8} {made}Z  {k['note'] or ''}")
+
+
+@keys.command("revoke")
+def keys_revoke(key_id: str, url: Url = "127.0.0.1:8000", token: Token = "") -> None:
+    """Revokes a key: refused at once by this gateway, by others within keys_refresh_s."""
+    record = _admin(url, token, "POST", f"/v2/admin/keys/{key_id}/revoke")
+    typer.echo(f"revoked {record['id']} ({record['client']})")
 
 
 @app.command()

@@ -11,6 +11,7 @@ from typing import Any
 class BastionError(Exception):
     status: int = 500
     reason: str = "OTHER"
+    headers: dict[str, str] = {}  # noqa: RUF012 (read-only: extra response headers)
 
     def __init__(self, message: str, details: dict[str, Any] | None = None) -> None:
         super().__init__(message)
@@ -30,6 +31,14 @@ class InvalidInput(BastionError):
 class NotFound(BastionError):
     status = 404
     reason = "REJECTED"
+
+
+class Unauthorized(BastionError):
+    """No valid client key where keys are required (RFC 6750 section 3: a Bearer challenge)."""
+
+    status = 401
+    reason = "REJECTED"
+    headers = {"WWW-Authenticate": 'Bearer realm="bastion"'}  # noqa: RUF012
 
 
 class Forbidden(BastionError):

@@ -187,7 +187,9 @@ def install_error_handlers(app: FastAPI, metrics: Metrics) -> None:
     async def on_bastion(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, BastionError)
         metrics.errors.labels(str(exc.status)).inc()
-        return json_response({**exc.body(), "error": clip(exc.message)}, exc.status)
+        response = json_response({**exc.body(), "error": clip(exc.message)}, exc.status)
+        response.headers.update(exc.headers)
+        return response
 
     async def on_http(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, StarletteHTTPException)

@@ -114,6 +114,10 @@ def _infer_operation(versioned: bool) -> dict[str, Any]:
                     },
                 },
                 "400": _error("The request does not fit the protocol or the model."),
+                "401": _error(
+                    "Client keys are configured and the request carries no valid one "
+                    "('Authorization: Bearer <key>'; WWW-Authenticate: Bearer)."
+                ),
                 "403": _error(
                     "Screening withheld an image, or a capability (screening_report) "
                     "needs the admin token.",

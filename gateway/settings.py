@@ -175,6 +175,19 @@ class Settings(BaseSettings):
     quarantine_retention_interval_s: float = Field(
         600.0, gt=0, description="How often the retention sweep runs."
     )
+    keys_path: Path = Field(
+        Path.home() / ".local" / "share" / "bastion" / "keys.db",
+        description="SQLite file of client API keys (hashed). Once it holds an active key, "
+        "every inference request needs 'Authorization: Bearer <key>' (else 401).",
+    )
+    keys_refresh_s: float = Field(
+        1.0, gt=0, le=60, description="How often a gateway re-reads the keys (revocations)."
+    )
+    trust_client_header: bool = Field(
+        False,
+        description="With keys configured, believe the client id header instead (behind a proxy "
+        "that authenticates clients and sets it); a request without the header gets 401.",
+    )
     review_backlog: int = Field(
         1024,
         ge=1,

@@ -27,6 +27,19 @@ def repository(tmp_path: Path) -> Path:
     return target
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _private_key_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """No test reads the machine's own client keys (a developer's keys would turn every
+    unkeyed request into a 401): an empty key file unless a test names its own."""
+    previous = os.environ.get("BASTION_KEYS_PATH")
+    os.environ["BASTION_KEYS_PATH"] = str(tmp_path_factory.mktemp("keys") / "keys.db")
+    yield
+    if previous is None:
+        os.environ.pop("BASTION_KEYS_PATH", None)
+    else:
+        os.environ["BASTION_KEYS_PATH"] = previous
+
+
 def flag_every_image(repository: Path, model: str = "digits", version: str = "1") -> Path:
     """Rewrites a copied version's calibration so every image is adversarial: the combined
     score's clean tail starts below any statistic with a vanishing scale, so every score gets
@@ -73,6 +86,7 @@ def start_server(log_dir: Path, *args: str, env: dict[str, str] | None = None) -
         **os.environ,
         "BASTION_TORCH_THREADS": "1",
         "BASTION_QUARANTINE_PATH": str(log_dir / f"quarantine-{port}.db"),
+        "BASTION_KEYS_PATH": str(log_dir / f"keys-{port}.db"),
         **(env or {}),
     }
     with log.open("wb") as sink:

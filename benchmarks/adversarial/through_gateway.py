@@ -44,6 +44,7 @@ def running_gateway(repository: Path, workdir: Path, name: str = "bastion") -> I
     command = [sys.executable, "-m", "gateway", "serve", "--host", "127.0.0.1", "--port", str(port)]
     command += ["--model-repository", str(repository)]
     env = {"BASTION_TORCH_THREADS": "1", "BASTION_QUARANTINE_PATH": str(workdir / "q.db")}
+    env["BASTION_KEYS_PATH"] = str(workdir / "keys.db")  # never the machine's own keys
     url = f"http://127.0.0.1:{port}"
     server = procs.start(name, command, env, url, workdir / f"{name}.log")
     try:
