@@ -1,0 +1,1 @@
+"""Stateful defence against query-based attacks: fingerprints, the probe index, containment."""

@@ -1,0 +1,106 @@
+"""Query fingerprints (Blacklight) against the Python-integer reference, and the probe index."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from gateway.defence.fingerprint import (
+    EMPTY,
+    FingerprintSpec,
+    fingerprint_reference,
+    fingerprints,
+)
+from gateway.defence.probe_index import ProbeIndex
+from models import samples
+from models.data import load_split, to_float
+
+SPEC = FingerprintSpec(salt=20261130)
+
+
+def digits(n: int = 16) -> np.ndarray:
+    return to_float(load_split("test")[0][:: 1000 // n][:n])
+
+
+def test_batched_fingerprints_equal_the_python_integer_reference() -> None:
+    x = digits(6)
+    batched = fingerprints(torch.from_numpy(x), SPEC).numpy()
+    for i in range(len(x)):
+        assert batched[i].tolist() == fingerprint_reference(x[i], SPEC)
+    assert (batched != EMPTY).sum(axis=1).min() == SPEC.top
+
+
+def test_a_blank_image_has_one_distinct_window_and_is_padded() -> None:
+    blank = np.zeros((1, 1, 28, 28), np.float32)
+    row = fingerprints(torch.from_numpy(blank), SPEC)[0].tolist()
+    assert row[0] != EMPTY and set(row[1:]) == {int(EMPTY)}
+    assert row == fingerprint_reference(blank[0], SPEC)
+
+
+def test_the_salt_changes_every_hash() -> None:
+    x = torch.from_numpy(digits(1))
+    a = set(fingerprints(x, SPEC)[0].tolist())
+    b = set(fingerprints(x, FingerprintSpec(salt=7))[0].tolist())
+    assert not a & b
+
+
+def shared(a: np.ndarray, b: np.ndarray) -> int:
+    return len((set(a.tolist()) & set(b.tolist())) - {int(EMPTY)})
+
+
+def test_attack_steps_match_and_distinct_digits_do_not() -> None:
+    """A decision-based attack's next query is its last one plus a small step on a few pixels:
+    most windows keep their quantised values. Different digits share almost nothing."""
+    x = digits(16)
+    rng = np.random.default_rng(0)
+    step = x.copy()
+    flip = rng.random(x.shape) < 0.02  # a sparse step: 2 % of the pixels move a lot
+    step[flip] = np.clip(step[flip] + rng.choice([-0.4, 0.4], size=flip.sum()), 0, 1)
+    fp = fingerprints(torch.from_numpy(np.concatenate([x, step])), SPEC).numpy()
+    near = [shared(fp[i], fp[16 + i]) for i in range(16)]
+    others = [shared(fp[i], fp[j]) for i in range(16) for j in range(16) if i != j]
+    assert min(near) >= SPEC.threshold, near
+    assert max(others) < SPEC.threshold, max(others)
+
+
+def test_the_index_finds_the_closest_remembered_query_across_clients() -> None:
+    clock = [0.0]
+    index = ProbeIndex(
+        capacity=64, top=SPEC.top, threshold=SPEC.threshold, ttl_s=60, clock=lambda: clock[0]
+    )
+    x = digits(16)
+    fp = fingerprints(torch.from_numpy(x), SPEC).numpy()
+    for i in range(16):
+        assert index.match(fp[i]) is None  # nothing like it yet
+        index.add(fp[i], f"client-{i}")
+    found = index.match(fp[5])
+    # hashes common to several digits point at their latest holder, so fewer than all 50 count
+    assert found is not None and found.client == "client-5"
+    assert SPEC.threshold <= found.shared <= SPEC.top
+    clock[0] = 61.0
+    assert index.match(fp[5]) is None  # expired
+
+
+def test_a_reused_slot_forgets_its_old_query_and_memory_is_fixed() -> None:
+    index = ProbeIndex(capacity=4, top=SPEC.top, threshold=SPEC.threshold)
+    before = index.memory_bytes()
+    fp = fingerprints(torch.from_numpy(digits(16)), SPEC).numpy()
+    for row in fp:  # 16 queries through 4 slots
+        index.add(row, None)
+    assert len(index) == 4 and index.memory_bytes() == before
+    assert index.match(fp[0]) is None  # overwritten
+    assert index.match(fp[15]) is not None
+    occupied = int((index._keys != EMPTY).sum())
+    assert occupied == len(set(fp[12:].ravel().tolist()) - {int(EMPTY)})  # no stale keys
+
+
+def test_a_large_index_stays_within_two_kilobytes_per_query() -> None:
+    index = ProbeIndex(capacity=100_000)
+    assert index.memory_bytes() / 100_000 <= 2048
+
+
+@pytest.mark.parametrize("kind", ["clean", "suspicious", "adversarial"])
+def test_fingerprints_run_on_the_readme_samples(kind: str) -> None:
+    x, _ = samples.load(kind)
+    assert fingerprints(torch.from_numpy(x), SPEC).shape == (len(x), SPEC.top)
