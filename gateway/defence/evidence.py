@@ -1,0 +1,176 @@
+"""Evidence against a client or a campaign, tested sequentially, and the containment ladder.
+
+Every screened image of a client is one Bernoulli observation per evidence stream: was it
+flagged (a ``suspicious`` or ``adversarial`` verdict; honest rate: the review tier's clean FPR),
+and was it a probe (a near-duplicate of a remembered query that is not the client's own exact
+retry; honest rate: ``probe_rate``). Page's CUSUM (Page, Biometrika 1954) accumulates the
+log-likelihood ratio of an attack rate against the honest rate and never goes below zero:
+
+    S <- max(0, S + x log(p1 / p0) + (1 - x) log((1 - p1) / (1 - p0)))
+
+For an honest client the statistic drifts down and sits at zero; an attack's flagged probes push
+it up by ``log(p1 / p0)`` each (about 6.2 for a probe at p0 = 0.1 %, p1 = 50 %). A rung is
+reached when S crosses its threshold ``h``. For CUSUM the average number of honest observations
+before a false crossing is at least ``exp(h)`` (Lorden 1971), so a threshold ``h`` contains an
+honest client with probability at most ``n exp(-h)`` over ``n`` of its images: the defaults
+(``h`` = ln 1e9 for throttling) bound it by 1e-4 over 100,000 images.
+
+Clients whose probes match each other's queries are linked into one campaign (union-find); a
+campaign's statistic is the sum of its members' evidence, and its rung applies to every member,
+so rotating identities gains nothing once the fingerprints link them.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+OBSERVE, THROTTLE, STRICT, REFUSE = "observe", "throttle", "strict", "refuse"
+RUNGS = (OBSERVE, THROTTLE, STRICT, REFUSE)
+
+
+@dataclass(frozen=True)
+class LadderSpec:
+    """Rates and thresholds (natural log units) of the sequential test and the ladder."""
+
+    flag_rate: float = 0.05  # honest rate of suspicious-or-worse verdicts: the review tier's FPR
+    flag_attack_rate: float = 0.5
+    probe_rate: float = 0.001  # honest rate of near-duplicates that are not exact retries
+    probe_attack_rate: float = 0.5
+    throttle_at: float = math.log(1e9)
+    strict_at: float = math.log(1e12)
+    refuse_at: float = math.log(1e15)
+
+    def __post_init__(self) -> None:
+        for p0, p1 in (
+            (self.flag_rate, self.flag_attack_rate),
+            (self.probe_rate, self.probe_attack_rate),
+        ):
+            if not 0 < p0 < p1 < 1:
+                raise ValueError(f"need 0 < honest rate < attack rate < 1, got {p0}, {p1}")
+        if not 0 < self.throttle_at <= self.strict_at <= self.refuse_at:
+            raise ValueError("need 0 < throttle_at <= strict_at <= refuse_at")
+
+    def increment(self, flagged: bool, probe: bool) -> float:
+        """One image's log-likelihood ratio, both streams together."""
+        return _llr(flagged, self.flag_rate, self.flag_attack_rate) + _llr(
+            probe, self.probe_rate, self.probe_attack_rate
+        )
+
+    def rung(self, statistic: float) -> str:
+        if statistic >= self.refuse_at:
+            return REFUSE
+        if statistic >= self.strict_at:
+            return STRICT
+        return THROTTLE if statistic >= self.throttle_at else OBSERVE
+
+    def false_containment_bound(self, images: int) -> float:
+        """Upper bound on the chance an honest client reaches throttling within ``images``."""
+        return min(1.0, images * math.exp(-self.throttle_at))
+
+
+def _llr(event: bool, p0: float, p1: float) -> float:
+    return math.log(p1 / p0) if event else math.log((1 - p1) / (1 - p0))
+
+
+@dataclass
+class Account:
+    """A client's evidence: its own CUSUM statistic and counts, for the audit."""
+
+    statistic: float = 0.0
+    images: int = 0
+    flagged: int = 0
+    probes: int = 0
+    last_seen: float = 0.0
+    released_at: float | None = None
+
+
+@dataclass
+class Ladder:
+    """Per-client CUSUM, campaigns by union-find, the rung in force; bounded LRU of clients.
+
+    Not thread-safe: one owner calls it (the screening path, after each batch).
+    """
+
+    spec: LadderSpec = field(default_factory=LadderSpec)
+    max_clients: int = 100_000
+    clock: Callable[[], float] = time.time
+    _accounts: OrderedDict[str, Account] = field(default_factory=OrderedDict)
+    _parent: dict[str, str] = field(default_factory=dict)  # linked clients only
+    _members: dict[str, set[str]] = field(default_factory=dict)  # root -> its campaign
+
+    def observe(self, client: str, flagged: bool, probe: bool, linked: str | None = None) -> str:
+        """Adds one image's evidence; ``linked`` is the client whose remembered query this one
+        matched (same campaign). Returns the rung now in force for the client."""
+        account = self._account(client)
+        account.images += 1
+        account.flagged += flagged
+        account.probes += probe
+        account.last_seen = self.clock()
+        account.statistic = max(0.0, account.statistic + self.spec.increment(flagged, probe))
+        if linked is not None and linked != client:
+            self._union(client, linked)
+        return self.rung(client)
+
+    def rung(self, client: str) -> str:
+        """The client's rung: the higher of its own and its campaign's."""
+        if client not in self._accounts:
+            return OBSERVE
+        return self.spec.rung(
+            max(self._accounts[client].statistic, self.campaign_statistic(client))
+        )
+
+    def campaign(self, client: str) -> list[str]:
+        """The clients linked with ``client`` (itself included), sorted."""
+        return sorted(self._members.get(self._find(client), {client}))
+
+    def campaign_statistic(self, client: str) -> float:
+        """The sum of the campaign members' statistics (0 for a client linked to nobody)."""
+        members = self._members.get(self._find(client))
+        if not members:
+            return 0.0
+        return sum(self._accounts[c].statistic for c in members if c in self._accounts)
+
+    def release(self, client: str) -> None:
+        """An admin lifts containment: the client and its campaign start from zero evidence."""
+        members = self.campaign(client)
+        self._members.pop(self._find(client), None)
+        for member in members:
+            account = self._accounts.get(member)
+            if account is not None:
+                account.statistic = 0.0
+                account.released_at = self.clock()
+            self._parent.pop(member, None)
+
+    def account(self, client: str) -> Account | None:
+        return self._accounts.get(client)
+
+    def _account(self, client: str) -> Account:
+        account = self._accounts.get(client)
+        if account is None:
+            account = self._accounts[client] = Account()
+            if len(self._accounts) > self.max_clients:  # forget the least recently seen
+                forgotten, _ = self._accounts.popitem(last=False)
+                self._members.get(self._find(forgotten), set()).discard(forgotten)
+        self._accounts.move_to_end(client)
+        return account
+
+    def _find(self, client: str) -> str:
+        root = client
+        while self._parent.get(root, root) != root:
+            root = self._parent[root]
+        while self._parent.get(client, client) != root:  # path compression
+            self._parent[client], client = root, self._parent[client]
+        return root
+
+    def _union(self, a: str, b: str) -> None:
+        ra, rb = self._find(a), self._find(b)
+        if ra == rb:
+            return
+        merged = self._members.pop(ra, {ra}) | self._members.pop(rb, {rb})
+        self._parent[ra] = rb
+        self._parent.setdefault(rb, rb)
+        self._members[rb] = merged
