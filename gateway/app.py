@@ -15,6 +15,7 @@ from gateway import __version__, admin, dashboard, openapi
 from gateway.asgi import Gateway
 from gateway.dataplane import DataPlane
 from gateway.decode_pool import DecodePool
+from gateway.defence.service import DefenceService
 from gateway.http import install_error_handlers, router
 from gateway.identity import routes as key_routes
 from gateway.identity.keys import KeyRing, SQLiteKeyStore
@@ -47,7 +48,9 @@ def create_app(settings: Settings | None = None) -> Gateway:
         decoder = DecodePool(
             settings.decode_workers, settings.decode_queue_size, settings.decode_budget_ms, metrics
         )
-        app.state.dataplane = DataPlane(registry, settings, screening, decoder)
+        defence = DefenceService(settings, metrics) if settings.defence else None
+        registry.fingerprint_spec = defence.fingerprint_spec if defence else None
+        app.state.dataplane = DataPlane(registry, settings, screening, decoder, defence)
         app.state.sampler = Sampler(
             lambda: read_totals(time.time(), metrics, [m.stats for m in registry.loaded()]),
             settings.dashboard_interval_s,

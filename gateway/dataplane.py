@@ -15,7 +15,10 @@ from typing import Any
 import numpy as np
 
 from gateway import __version__
+from gateway.backends import FINGERPRINTS
 from gateway.decode_pool import DecodePool
+from gateway.defence.evidence import REFUSE, STRICT
+from gateway.defence.service import DefenceService
 from gateway.errors import BastionError, Forbidden, InvalidInput
 from gateway.inputs import prepare_inputs
 from gateway.limits import ModelLimits, model_limits
@@ -35,6 +38,7 @@ from gateway.screening.service import (
     ScreeningService,
     refuse_if_withheld,
     report_outputs,
+    tighten,
 )
 from gateway.settings import Settings
 
@@ -66,11 +70,13 @@ class DataPlane:
         settings: Settings,
         screening: ScreeningService,
         decoder: DecodePool,
+        defence: DefenceService | None = None,
     ) -> None:
         self.registry = registry
         self.settings = settings
         self.screening = screening
         self.decoder = decoder
+        self.defence = defence
 
     def server_metadata(self) -> dict[str, Any]:
         return {"name": "bastion", "version": __version__, "extensions": EXTENSIONS}
@@ -136,6 +142,8 @@ class DataPlane:
         """Decodes (in the pool), validates, batches, screens and answers one request."""
         start = time.perf_counter_ns()
         model = self.registry.get(name, version)
+        if self.defence is not None and model.backend.screening is not None:
+            self.defence.admit(caller.client_id)  # 429 / 403 before any work for a contained one
         try:
             job = partial(self._decode_and_prepare, model, decode, caller)
             request, arrays, rows = await self.decoder.run(job)
@@ -198,6 +206,16 @@ class DataPlane:
             results,
             model.screening_review,
         )
+        prints = results.get(FINGERPRINTS)
+        if self.defence is not None and prints is not None:
+            rows = next(iter(arrays.values()))
+            observed = self.defence.observe(
+                request.client_id, prints, screened.decision.verdicts, rows
+            )
+            if observed.rung == REFUSE:  # e.g. a new identity its probes link to a campaign
+                self.defence.refuse()
+            if observed.rung in (STRICT, REFUSE):  # a contained client: suspicious is withheld
+                tighten(screened)
         refuse_if_withheld(screened, request)
         return screened
 

@@ -63,6 +63,17 @@ class Unsupported(BastionError):
     reason = "REJECTED"
 
 
+class TooManyRequests(BastionError):
+    """A throttled client (RFC 6585 section 4); ``Retry-After`` says when to come back."""
+
+    status = 429
+    reason = "REJECTED"
+
+    def __init__(self, message: str, retry_after_s: int, details: dict | None = None) -> None:
+        super().__init__(message, details)
+        self.headers = {"Retry-After": str(max(1, retry_after_s))}
+
+
 class Unavailable(BastionError):
     """Overload or a model that is not ready: the client may retry."""
 

@@ -124,6 +124,7 @@ class ModelRegistry:
         self._slots: dict[str, DeviceSlots] = {}
         self._lock = asyncio.Lock()
         self.on_screening: Callable[[str, str, Any], None] = lambda *_: None
+        self.fingerprint_spec: Any = None  # set by the app when the stateful defence is on
 
     async def load_all(self) -> None:
         for name in self.repository.names():
@@ -232,6 +233,8 @@ class ModelRegistry:
         loaded = LoadedModel(config, version, backend, batcher, observer)
         loaded.drift = drift
         policy = from_config(config)
+        if backend.screening is not None:  # the defence's fingerprints, in the same batch
+            backend.screening.fingerprint_spec = self.fingerprint_spec
         if policy is not None and backend.screening is not None:
             loaded.screening_action = policy.action
             loaded.screening_review = policy.review_action

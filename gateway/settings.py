@@ -188,6 +188,29 @@ class Settings(BaseSettings):
         description="With keys configured, believe the client id header instead (behind a proxy "
         "that authenticates clients and sets it); a request without the header gets 401.",
     )
+    # -- the stateful defence against query-based attacks (gateway/defence) -------------------
+    defence: bool = Field(
+        False,
+        description="Fingerprint every screened query, link near-duplicates across clients, "
+        "and contain clients and campaigns whose evidence passes the ladder's thresholds "
+        "(being built: off by default until its incident benchmark is in).",
+    )
+    fingerprint_salt: int | None = Field(
+        None,
+        ge=0,
+        description="Secret salt of the query fingerprints; unset: random per process. "
+        "Replicas that share evidence must share it.",
+    )
+    probe_capacity: int = Field(
+        100_000, ge=1, le=10_000_000, description="Recent queries remembered (~1.7 KB each)."
+    )
+    probe_ttl_s: float = Field(3600.0, gt=0, description="How long a query is remembered.")
+    throttle_interval_s: float = Field(
+        1.0, gt=0, le=3600, description="A throttled client gets one request per interval."
+    )
+    max_tracked_clients: int = Field(
+        100_000, ge=1, description="Clients whose evidence is kept (least recently seen go)."
+    )
     review_backlog: int = Field(
         1024,
         ge=1,

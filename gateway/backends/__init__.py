@@ -16,6 +16,7 @@ from gateway.repository import ConfigError, ModelConfig
 
 SCORES = "bastion.screening.scores"  # (n, D) detector scores, beside the model's outputs
 COMBINED = "bastion.screening.combined"  # (n,) combined score; -1 when uncalibrated
+FINGERPRINTS = "bastion.defence.fingerprints"  # (n, S) int64 query fingerprints (Blacklight)
 
 
 class Backend(Protocol):

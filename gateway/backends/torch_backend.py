@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from gateway.backends import COMBINED, SCORES, weights_file
+from gateway.backends import COMBINED, FINGERPRINTS, SCORES, weights_file
 from gateway.monitoring.drift_monitor import DriftMonitor
 from gateway.repository import ConfigError, ModelConfig
 from gateway.screening.calibration import Calibration
@@ -110,6 +110,8 @@ class TorchBackend:
     def to_host(self, outputs: tuple[torch.Tensor, ...] | ScreenResult) -> dict[str, np.ndarray]:
         if isinstance(outputs, ScreenResult):
             host = {SCORES: outputs.scores.cpu().numpy(), COMBINED: outputs.combined.cpu().numpy()}
+            if outputs.fingerprints is not None:
+                host[FINGERPRINTS] = outputs.fingerprints.cpu().numpy()
             outputs = (outputs.logits, outputs.probs)
         else:
             host = {}

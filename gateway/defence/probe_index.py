@@ -32,6 +32,7 @@ class Match:
     shared: int  # hashes in common
     client: str | None
     age_s: float
+    content: int  # the remembered query's raw-content hash: equal for an exact resend
 
 
 class ProbeIndex:
@@ -52,6 +53,7 @@ class ProbeIndex:
         self._hashes = np.full((capacity, top), EMPTY, dtype=np.int64)
         self._times = np.full(capacity, -np.inf)
         self._clients: list[str | None] = [None] * capacity
+        self._contents = np.zeros(capacity, dtype=np.int64)  # a hash of the raw input bytes
         self._next = 0
         # load factor at most 3/4: linear probing stays short (Knuth: ~2.5 probes per hit)
         size = 1 << max(4, (4 * capacity * top // 3 - 1).bit_length())
@@ -77,10 +79,12 @@ class ProbeIndex:
                 return None
             age = now - float(self._times[slot])
             if age <= self.ttl_s:
-                return Match(slot, shared, self._clients[slot], age)
+                return Match(
+                    slot, shared, self._clients[slot], age, int(self._contents[slot])
+                )
         return None
 
-    def add(self, fingerprint: np.ndarray, client: str | None) -> int:
+    def add(self, fingerprint: np.ndarray, client: str | None, content: int = 0) -> int:
         """Remembers a query; returns its slot (the oldest slot is reused when the ring is full,
         and its hashes leave the table unless a later query holds them)."""
         slot = self._next
@@ -93,10 +97,15 @@ class ProbeIndex:
         self._hashes[slot] = fingerprint
         self._times[slot] = self._clock()
         self._clients[slot] = client
+        self._contents[slot] = content
         for value in fingerprint.tolist():
             if value != EMPTY:
                 self._insert(value, slot)
         return slot
+
+    def remembered(self, slot: int) -> np.ndarray:
+        """The fingerprint a slot holds (a view: do not write to it)."""
+        return self._hashes[slot]
 
     def _find(self, key: int) -> int:
         position = key & self._mask

@@ -194,6 +194,18 @@ class Metrics:
             registry=self.registry,
         )
         # private (behind BASTION_METRICS_TOKEN): the tiers, the review path, the tiers' rates
+        # the stateful defence: refusals are what a client sees anyway (public); probes private
+        self.defence_refused = Counter(
+            "bastion_defence_refused",
+            "Requests refused by the containment ladder, by rung (throttle: 429, refuse: 403)",
+            ["rung"],
+            registry=self.registry,
+        )
+        self.defence_probes = Counter(
+            "bastion_defence_probes",
+            "Images that nearly duplicate a remembered query of another request",
+            registry=self.private_registry,
+        )
         self.screening_tiers = Counter(
             "bastion_screening_tiers",
             "Screened images by tier verdict (clean, suspicious, adversarial) and action",

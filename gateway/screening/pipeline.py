@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gateway.defence.fingerprint import FingerprintSpec, fingerprints
 from gateway.screening import detectors as registry
 from gateway.screening.calibration import Calibration, Combiner
 from gateway.screening.detectors import Detector, ScreenInputs
@@ -30,6 +31,7 @@ class ScreenResult:
     combined: torch.Tensor  # (n,) clean surprise -log10 p; -1 when uncalibrated
     screen_ns: int  # host time spent on squeezing, backward and scoring
     embedding: torch.Tensor | None = None  # (n, E) penultimate layer, for drift monitoring
+    fingerprints: torch.Tensor | None = None  # (n, S) int64 query fingerprints (defence)
 
 
 class ScreenedClassifier:
@@ -63,6 +65,7 @@ class ScreenedClassifier:
         # per verdict tier, set by the policy: target clean FPR and its combined-score threshold
         self.targets: dict[str, float] | None = None
         self.thresholds: dict[str, float] | None = None
+        self.fingerprint_spec: FingerprintSpec | None = None  # set when the defence is on
         self.combiner = Combiner.on(calibration, device) if calibration else None
 
     def forward_features(
@@ -115,5 +118,7 @@ class ScreenedClassifier:
                 combined = torch.full((n,), -1.0, device=x.device)
             else:
                 combined = self.combiner(scores)
+            spec = self.fingerprint_spec
+            prints = None if spec is None else fingerprints(x, spec)
         screen_ns = t1 - t0 + time.perf_counter_ns() - t2
-        return ScreenResult(logits, probs, scores, combined, screen_ns, embedding)
+        return ScreenResult(logits, probs, scores, combined, screen_ns, embedding, prints)

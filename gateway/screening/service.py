@@ -145,6 +145,14 @@ class Evidence:
         )
 
 
+def tighten(screened: Screened) -> None:
+    """The ``strict`` rung: a contained client's suspicious images are withheld as well."""
+    decision = screened.decision
+    for i in decision.reviewed:
+        decision.actions[i] = "block"
+    decision.withheld = sorted({*decision.withheld, *decision.reviewed})
+
+
 def refuse_if_withheld(screened: Screened, request: InferRequest) -> None:
     """The default: a request with any withheld image gets 403 and no prediction at all."""
     decision = screened.decision

@@ -23,7 +23,7 @@ def test_a_key_is_stored_only_as_its_hash(tmp_path: Path) -> None:
     store.close()
     assert key.startswith(f"bst_{record.id}_") and len(key) == 4 + 12 + 1 + 43
     raw = b"".join(p.read_bytes() for p in tmp_path.iterdir())
-    secret = key.rsplit("_", 1)[1]
+    secret = key[len(f"bst_{record.id}_") :]  # the secret itself may hold "_"
     assert secret.encode() not in raw and key.encode() not in raw
     assert digest(key) in raw  # what is kept instead
 

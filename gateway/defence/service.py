@@ -1,0 +1,122 @@
+"""The stateful defence on the request path: admit or refuse by rung, then weigh each image.
+
+Before a request is decoded, ``admit`` looks up the client's rung: ``throttle`` lets one request
+through per ``throttle_interval_s`` (the others get 429 with ``Retry-After``), ``refuse`` answers
+403 with reason ``contained``. After the batch ran, ``observe`` takes each image's fingerprint
+(computed on the device in the batch), finds the remembered query it nearly duplicates, records
+the evidence (verdict flagged, probe, the client it links to) and remembers the query. An exact
+resend of the client's own query (same fingerprint, same client) is a retry, not a probe; an
+honest re-encode of a picture matches once, and the sequential test lets that pass. The rung
+returned is what the data plane enforces on this response (``strict``: suspicious images are
+withheld too).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import secrets
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import numpy as np
+
+from gateway.defence.evidence import OBSERVE, REFUSE, THROTTLE, Ladder, LadderSpec
+from gateway.defence.fingerprint import FingerprintSpec
+from gateway.defence.probe_index import ProbeIndex
+from gateway.errors import Forbidden, TooManyRequests
+from gateway.monitoring.metrics import Metrics
+from gateway.settings import Settings
+
+FLAGGED = frozenset({"suspicious", "adversarial"})
+
+
+def content_hash(image: np.ndarray) -> int:
+    """A 64-bit hash of an input row's raw bytes (BLAKE2b), as a signed int64."""
+    digest = hashlib.blake2b(np.ascontiguousarray(image).tobytes(), digest_size=8).digest()
+    return int.from_bytes(digest, "little", signed=True)
+
+
+class Contained(Forbidden):
+    """The client, or the campaign it belongs to, is refused."""
+
+
+@dataclass(frozen=True)
+class Observation:
+    rung: str
+    probes: int  # images of the request that nearly duplicate a remembered query
+
+
+class DefenceService:
+    def __init__(self, settings: Settings, metrics: Metrics, spec: LadderSpec | None = None):
+        salt = settings.fingerprint_salt
+        self.fingerprint_spec = FingerprintSpec(salt=secrets.randbits(62) if salt is None else salt)
+        self.index = ProbeIndex(
+            settings.probe_capacity,
+            self.fingerprint_spec.top,
+            self.fingerprint_spec.threshold,
+            settings.probe_ttl_s,
+        )
+        self.ladder = Ladder(spec or LadderSpec(), max_clients=settings.max_tracked_clients)
+        self.metrics = metrics
+        self.throttle_interval_s = settings.throttle_interval_s
+        self._last_admitted: OrderedDict[str, float] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def refuse(self) -> None:
+        """Withholds a computed answer from a client that its own queries just contained."""
+        self.metrics.defence_refused.labels(REFUSE).inc()
+        raise Contained(
+            "this client is contained: its queries probe the model", {"reason": "contained"}
+        )
+
+    def admit(self, client: str | None) -> None:
+        """Raises ``Contained`` (403) or ``TooManyRequests`` (429) for a contained client."""
+        if client is None:
+            return
+        with self._lock:
+            rung = self.ladder.rung(client)
+            if rung == REFUSE:
+                self.refuse()
+            if rung == OBSERVE:
+                return
+            now = time.monotonic()
+            last = self._last_admitted.get(client)
+            if rung == THROTTLE or last is not None:
+                wait = 0.0 if last is None else last + self.throttle_interval_s - now
+                if wait > 0:
+                    self.metrics.defence_refused.labels(THROTTLE).inc()
+                    raise TooManyRequests(
+                        "this client is throttled: its queries probe the model",
+                        math.ceil(wait),
+                        {"reason": "throttled"},
+                    )
+            self._last_admitted[client] = now
+            self._last_admitted.move_to_end(client)
+            if len(self._last_admitted) > self.ladder.max_clients:
+                self._last_admitted.popitem(last=False)
+
+    def observe(
+        self, client: str | None, prints: np.ndarray, verdicts: list[str], inputs: np.ndarray
+    ) -> Observation:
+        """Weighs one request's images: ``prints`` (n, S) int64, one verdict per image, and the
+        input rows (n, ...) whose raw bytes tell an exact resend (a retry, by anyone: the same
+        picture sent again) from an attack's next step (a near-duplicate with new pixels)."""
+        key = client or "(anonymous)"
+        rung, probes = OBSERVE, 0
+        with self._lock:
+            for row, verdict, image in zip(prints, verdicts, inputs, strict=True):
+                content = content_hash(image)
+                match = self.index.match(row)
+                retry = match is not None and match.content == content
+                probe = match is not None and not retry
+                probes += probe
+                linked = match.client if probe and match is not None else None
+                rung = self.ladder.observe(key, verdict in FLAGGED, probe, linked)
+                if not retry:
+                    self.index.add(row, key, content)
+        if probes:
+            self.metrics.defence_probes.inc(probes)
+        return Observation(rung, probes)

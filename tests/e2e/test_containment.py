@@ -1,0 +1,78 @@
+"""A probing campaign is contained across rotating identities while an honest client is served."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+import tritonclient.http as th
+from tritonclient.utils import InferenceServerException
+
+from models.data import load_split, to_float
+from tests.conftest import ServerProcess, start_server
+
+pytestmark = pytest.mark.e2e
+
+
+def send(client: th.InferenceServerClient, image: np.ndarray, who: str) -> str:
+    tensor = th.InferInput("images", [1, *image.shape], "FP32")
+    tensor.set_data_from_numpy(image[None].astype(np.float32))
+    try:
+        client.infer("digits", [tensor], headers={"X-Client-ID": who})
+    except InferenceServerException as exc:
+        if "contained" in exc.message():
+            return "contained"
+        if "throttled" in exc.message():
+            return "throttled"
+        assert exc.status() == "403" and "withheld" in exc.message(), exc.message()
+        return "withheld"
+    return "served"
+
+
+@pytest.fixture(scope="module")
+def defended(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    proc = start_server(tmp_path_factory.mktemp("defended"), env={"BASTION_DEFENCE": "true"})
+    yield proc
+    proc.stop()
+
+
+def test_a_probing_campaign_is_contained_across_identities_and_honest_traffic_flows(
+    defended: ServerProcess,
+) -> None:
+    server = defended
+    images = to_float(load_split("test")[0])
+    client = th.InferenceServerClient(server.url)
+    rng = np.random.default_rng(0)
+    probe = images[7].copy()
+    answers: list[str] = []
+    honest: list[str] = []
+    for i in range(60):  # a decision-based walk: tiny sparse steps, a new identity every 3
+        step = rng.random(probe.shape) < 0.005
+        probe = np.where(step, np.clip(probe + rng.choice([-0.1, 0.1], probe.shape), 0, 1), probe)
+        answers.append(send(client, probe, f"sybil-{i // 3}"))
+        honest.append(send(client, images[100 + i], "honest-lab"))
+    contained = {"contained", "throttled"}
+    first = next(i for i, status in enumerate(answers) if status in contained)
+    assert first <= 20, answers
+    assert answers.count("withheld") <= 3, answers  # the walk stays clean: caught as probes
+    after = answers[first + 3 :]  # from the first refusal, past one throttled interval
+    # a new identity's first query is answered with 403 too: it is what links it to the campaign
+    assert sum(status in contained for status in after) / len(after) >= 0.95, answers
+    assert not contained & set(honest), honest
+    assert honest.count("served") >= 58, honest
+
+
+def test_an_honest_client_resending_the_same_digits_is_never_contained(
+    defended: ServerProcess,
+) -> None:
+    """Retries are exact resends: the same bytes are no probe, whoever sends them."""
+    images = to_float(load_split("test")[0])[300:310]
+    client = th.InferenceServerClient(defended.url)
+    statuses = [
+        send(client, image, who)
+        for _ in range(5)
+        for image in images
+        for who in ("retrying-app", "other-app")
+    ]
+    assert "contained" not in statuses and "throttled" not in statuses, statuses

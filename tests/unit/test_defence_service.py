@@ -1,0 +1,56 @@
+"""The defence on the request path: retries are not probes, the rungs answer 429 and 403."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from prometheus_client import CollectorRegistry
+
+from gateway.defence.evidence import OBSERVE, REFUSE
+from gateway.defence.fingerprint import fingerprints
+from gateway.defence.service import Contained, DefenceService
+from gateway.errors import TooManyRequests
+from gateway.monitoring.metrics import Metrics
+from gateway.settings import Settings
+from models.data import load_split, to_float
+
+
+def service() -> DefenceService:
+    return DefenceService(
+        Settings(fingerprint_salt=1, throttle_interval_s=30), Metrics(CollectorRegistry())
+    )
+
+
+def test_an_exact_resend_is_a_retry_and_a_step_is_a_probe() -> None:
+    defence = service()
+    image = to_float(load_split("test")[0][:1])
+    prints = fingerprints(torch.from_numpy(image), defence.fingerprint_spec).numpy()
+    assert defence.observe("a", prints, ["clean"], image).probes == 0
+    assert defence.observe("b", prints, ["clean"], image.copy()).probes == 0  # same bytes
+    step = image.copy()
+    step[0, 0, 14, 10:14] += 0.01  # new bytes, same quantised picture: an attack's next step
+    step_prints = fingerprints(torch.from_numpy(step), defence.fingerprint_spec).numpy()
+    assert defence.observe("c", step_prints, ["clean"], step).probes == 1
+
+
+def test_the_rungs_answer_429_with_retry_after_then_403() -> None:
+    defence = service()
+    image = to_float(load_split("test")[0][:1])
+    rungs = []
+    for i in range(12):
+        step = image.copy()
+        step.flat[i] = 0.002 * (i + 1)  # every query a new step of the same walk
+        prints = fingerprints(torch.from_numpy(step), defence.fingerprint_spec).numpy()
+        rungs.append(defence.observe("walker", prints, ["clean"], step).rung)
+        try:
+            defence.admit("walker")
+        except TooManyRequests as exc:
+            assert int(exc.headers["Retry-After"]) >= 1 and exc.status == 429
+        except Contained as exc:
+            assert exc.status == 403 and exc.details["reason"] == "contained"
+    assert rungs[0] == OBSERVE and rungs[-1] == REFUSE
+    with pytest.raises(Contained):
+        defence.admit("walker")
+    defence.admit("somebody-else")  # untouched
+    assert np.isfinite(defence.ladder.account("walker").statistic)
