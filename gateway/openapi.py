@@ -124,6 +124,9 @@ def _infer_operation(versioned: bool) -> dict[str, Any]:
                     "WithheldBody",
                 ),
                 "404": _error("No such model or version."),
+                "429": _error(
+                    "The client is throttled by the stateful defence (Retry-After says when)."
+                ),
                 "501": _error("An unsupported feature was asked for."),
                 "504": _error("The request's deadline passed before it ran."),
                 **front,
