@@ -15,6 +15,7 @@ from gateway import __version__, admin, dashboard, openapi
 from gateway.asgi import Gateway
 from gateway.dataplane import DataPlane
 from gateway.decode_pool import DecodePool
+from gateway.defence import routes as defence_routes
 from gateway.defence.service import DefenceService
 from gateway.http import install_error_handlers, router
 from gateway.identity import routes as key_routes
@@ -94,6 +95,7 @@ def create_app(settings: Settings | None = None) -> Gateway:
     app.include_router(router)
     app.include_router(admin.router)
     app.include_router(key_routes.router)
+    app.include_router(defence_routes.router)
     app.include_router(dashboard.router)
     openapi.install(app)
     install_error_handlers(app, metrics)

@@ -16,6 +16,8 @@ quarantine = typer.Typer(help="List, inspect, release and purge quarantined inpu
 app.add_typer(quarantine, name="quarantine")
 keys = typer.Typer(help="Create, list and revoke client API keys (stored hashed).")
 app.add_typer(keys, name="keys")
+clients = typer.Typer(help="Clients the stateful defence tracks: rungs, evidence, release.")
+app.add_typer(clients, name="clients")
 
 Url = Annotated[str, typer.Option(envvar="BASTION_URL", help="Gateway address.")]
 Token = Annotated[str, typer.Option(envvar="BASTION_ADMIN_TOKEN", help="Admin token.")]
@@ -146,6 +148,38 @@ def keys_revoke(key_id: str, url: Url = "127.0.0.1:8000", token: Token = "") -> 
     """Revokes a key: refused at once by this gateway, by others within keys_refresh_s."""
     record = _admin(url, token, "POST", f"/v2/admin/keys/{key_id}/revoke")
     typer.echo(f"revoked {record['id']} ({record['client']})")
+
+
+@clients.command("list")
+def clients_list(
+    url: Url = "127.0.0.1:8000",
+    token: Token = "",
+    rung: Annotated[str | None, typer.Option(help="observe | throttle | strict | refuse")] = None,
+    limit: int = 50,
+) -> None:
+    """Tracked clients, most recently seen first, with their rung and evidence."""
+    query = {"rung": rung, "limit": limit}
+    for c in _admin(url, token, "GET", "/v2/admin/clients", query=query)["clients"]:
+        typer.echo(
+            f"{c['client']:<32} {c['rung']:<8} S={c['statistic']:6.1f} "
+            f"campaign={c['campaign_size']:<4} images={c['images']} flagged={c['flagged']} "
+            f"probes={c['probes']}"
+        )
+
+
+@clients.command("show")
+def clients_show(client: str, url: Url = "127.0.0.1:8000", token: Token = "") -> None:
+    """One client's evidence and its campaign."""
+    import json
+
+    typer.echo(json.dumps(_admin(url, token, "GET", f"/v2/admin/clients/{client}"), indent=1))
+
+
+@clients.command("release")
+def clients_release(client: str, url: Url = "127.0.0.1:8000", token: Token = "") -> None:
+    """Lifts containment from a client and every client of its campaign."""
+    released = _admin(url, token, "POST", f"/v2/admin/clients/{client}/release")["released"]
+    typer.echo(f"released {len(released)}: {', '.join(released)}")
 
 
 @app.command()

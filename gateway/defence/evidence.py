@@ -148,6 +148,10 @@ class Ladder:
     def account(self, client: str) -> Account | None:
         return self._accounts.get(client)
 
+    def clients(self) -> list[str]:
+        """Tracked clients, most recently seen first."""
+        return list(reversed(self._accounts))
+
     def _account(self, client: str) -> Account:
         account = self._accounts.get(client)
         if account is None:

@@ -79,9 +79,7 @@ class ProbeIndex:
                 return None
             age = now - float(self._times[slot])
             if age <= self.ttl_s:
-                return Match(
-                    slot, shared, self._clients[slot], age, int(self._contents[slot])
-                )
+                return Match(slot, shared, self._clients[slot], age, int(self._contents[slot]))
         return None
 
     def add(self, fingerprint: np.ndarray, client: str | None, content: int = 0) -> int:

@@ -14,6 +14,7 @@ withheld too).
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 import secrets
 import threading
@@ -31,6 +32,7 @@ from gateway.monitoring.metrics import Metrics
 from gateway.settings import Settings
 
 FLAGGED = frozenset({"suspicious", "adversarial"})
+log = logging.getLogger(__name__)
 
 
 def content_hash(image: np.ndarray) -> int:
@@ -63,7 +65,8 @@ class DefenceService:
         self.metrics = metrics
         self.throttle_interval_s = settings.throttle_interval_s
         self._last_admitted: OrderedDict[str, float] = OrderedDict()
-        self._lock = threading.Lock()
+        self.lock = threading.Lock()  # the admin routes hold it too, to read a consistent view
+        self._rungs: dict[str, str] = {}  # the last rung logged per client (transitions only)
 
     def refuse(self) -> None:
         """Withholds a computed answer from a client that its own queries just contained."""
@@ -72,11 +75,45 @@ class DefenceService:
             "this client is contained: its queries probe the model", {"reason": "contained"}
         )
 
+    def release(self, client: str) -> list[str]:
+        """Lifts containment from a client and its campaign; returns who was released. The
+        caller holds ``lock``."""
+        members = self.ladder.campaign(client)
+        self.ladder.release(client)
+        for member in members:
+            self._rungs.pop(member, None)
+            self._last_admitted.pop(member, None)
+        log.warning("containment lifted by an admin: %s", ", ".join(members[:20]))
+        return members
+
+    def _log_transition(self, client: str, rung: str) -> None:
+        """Every change of rung is logged with its evidence and counted (caller holds lock)."""
+        if self._rungs.get(client, OBSERVE) == rung:
+            return
+        self._rungs[client] = rung
+        if len(self._rungs) > self.ladder.max_clients:
+            self._rungs.pop(next(iter(self._rungs)))
+        account = self.ladder.account(client)
+        campaign = self.ladder.campaign(client)
+        self.metrics.defence_transitions.labels(rung).inc()
+        log.warning(
+            "client %s now %s: statistic %.1f (campaign %.1f over %d clients), %d images, "
+            "%d flagged, %d probes",
+            client,
+            rung,
+            account.statistic if account else 0.0,
+            self.ladder.campaign_statistic(client),
+            len(campaign),
+            account.images if account else 0,
+            account.flagged if account else 0,
+            account.probes if account else 0,
+        )
+
     def admit(self, client: str | None) -> None:
         """Raises ``Contained`` (403) or ``TooManyRequests`` (429) for a contained client."""
         if client is None:
             return
-        with self._lock:
+        with self.lock:
             rung = self.ladder.rung(client)
             if rung == REFUSE:
                 self.refuse()
@@ -106,7 +143,7 @@ class DefenceService:
         picture sent again) from an attack's next step (a near-duplicate with new pixels)."""
         key = client or "(anonymous)"
         rung, probes = OBSERVE, 0
-        with self._lock:
+        with self.lock:
             for row, verdict, image in zip(prints, verdicts, inputs, strict=True):
                 content = content_hash(image)
                 match = self.index.match(row)
@@ -117,6 +154,7 @@ class DefenceService:
                 rung = self.ladder.observe(key, verdict in FLAGGED, probe, linked)
                 if not retry:
                     self.index.add(row, key, content)
+            self._log_transition(key, rung)
         if probes:
             self.metrics.defence_probes.inc(probes)
         return Observation(rung, probes)

@@ -201,6 +201,12 @@ class Metrics:
             ["rung"],
             registry=self.registry,
         )
+        self.defence_transitions = Counter(
+            "bastion_defence_transitions",
+            "Clients moved to a rung of the containment ladder (observe: released or cleared)",
+            ["rung"],
+            registry=self.private_registry,
+        )
         self.defence_probes = Counter(
             "bastion_defence_probes",
             "Images that nearly duplicate a remembered query of another request",

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
 
+import httpx
 import numpy as np
 import pytest
 import tritonclient.http as th
@@ -13,6 +18,7 @@ from models.data import load_split, to_float
 from tests.conftest import ServerProcess, start_server
 
 pytestmark = pytest.mark.e2e
+TOKEN = "s3cret"
 
 
 def send(client: th.InferenceServerClient, image: np.ndarray, who: str) -> str:
@@ -32,7 +38,8 @@ def send(client: th.InferenceServerClient, image: np.ndarray, who: str) -> str:
 
 @pytest.fixture(scope="module")
 def defended(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    proc = start_server(tmp_path_factory.mktemp("defended"), env={"BASTION_DEFENCE": "true"})
+    env = {"BASTION_DEFENCE": "true", "BASTION_ADMIN_TOKEN": TOKEN}
+    proc = start_server(tmp_path_factory.mktemp("defended"), env=env)
     yield proc
     proc.stop()
 
@@ -76,3 +83,27 @@ def test_an_honest_client_resending_the_same_digits_is_never_contained(
         for who in ("retrying-app", "other-app")
     ]
     assert "contained" not in statuses and "throttled" not in statuses, statuses
+
+
+def test_an_admin_sees_the_campaign_and_lifts_it(defended: ServerProcess) -> None:
+    """After the campaign above: the CLI lists it on the refuse rung, shows its evidence, and
+    a release lets its clients in again (the token gates all of it)."""
+    env = {**os.environ, "BASTION_URL": defended.url, "BASTION_ADMIN_TOKEN": TOKEN}
+    cli = [sys.executable, "-m", "gateway", "clients"]
+
+    def run(*args: str) -> str:
+        done = subprocess.run([*cli, *args], env=env, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    listed = run("list", "--rung", "refuse")
+    assert "sybil-" in listed and "honest-lab" not in listed
+    shown = json.loads(run("show", "sybil-0"))
+    assert shown["rung"] == "refuse" and shown["campaign_size"] >= 5 and shown["probes"] >= 1
+    assert "released" in run("release", "sybil-0")
+    image = to_float(load_split("test")[0])[7]
+    client = th.InferenceServerClient(defended.url)
+    assert send(client, image, "sybil-19") == "served"
+    assert "now refuse" in defended.log.read_text()  # every transition logged with evidence
+    anonymous = httpx.get(f"http://{defended.url}/v2/admin/clients", timeout=10)
+    assert anonymous.status_code == 403

@@ -1,0 +1,79 @@
+"""Admin routes over the containment ladder: who is contained, with what evidence; lift it."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Path, Query, Request
+from starlette.responses import Response
+
+from gateway.admin import AdminRoute, errors
+from gateway.defence.evidence import RUNGS
+from gateway.defence.service import DefenceService
+from gateway.errors import NotFound
+from gateway.http import json_response, plane
+
+router = APIRouter(route_class=AdminRoute, tags=["admin"])
+ClientPath = Annotated[str, Path(min_length=1, max_length=128)]
+MAX_LIST = 1000
+MAX_MEMBERS = 100
+
+
+def _defence(request: Request) -> DefenceService:
+    defence = plane(request).defence
+    if defence is None:
+        raise NotFound("the stateful defence is off (BASTION_DEFENCE)")
+    return defence
+
+
+def describe(defence: DefenceService, client: str) -> dict[str, Any]:
+    ladder = defence.ladder
+    account = ladder.account(client)
+    if account is None:
+        raise NotFound(f"no evidence about client {client!r}")
+    campaign = ladder.campaign(client)
+    return {
+        "client": client,
+        "rung": ladder.rung(client),
+        "statistic": account.statistic,
+        "campaign_statistic": ladder.campaign_statistic(client),
+        "images": account.images,
+        "flagged": account.flagged,
+        "probes": account.probes,
+        "last_seen": account.last_seen,
+        "released_at": account.released_at,
+        "campaign_size": len(campaign),
+        "campaign": campaign[:MAX_MEMBERS],
+    }
+
+
+@router.get("/v2/admin/clients", responses=errors(400, 403, 404))
+async def list_clients(
+    request: Request,
+    rung: Annotated[str | None, Query(pattern="^(" + "|".join(RUNGS) + ")$")] = None,
+    limit: Annotated[int, Query(ge=0, le=MAX_LIST)] = 100,
+) -> Response:
+    """Tracked clients, most recently seen first; ``rung`` keeps those on one rung."""
+    defence = _defence(request)
+    with defence.lock:
+        rows = [describe(defence, c) for c in defence.ladder.clients()]
+    if rung is not None:
+        rows = [r for r in rows if r["rung"] == rung]
+    return json_response({"clients": [{**r, "campaign": None} for r in rows[:limit]]})
+
+
+@router.get("/v2/admin/clients/{client}", responses=errors(400, 403, 404))
+async def show_client(request: Request, client: ClientPath) -> Response:
+    defence = _defence(request)
+    with defence.lock:
+        return json_response(describe(defence, client))
+
+
+@router.post("/v2/admin/clients/{client}/release", responses=errors(400, 403, 404))
+async def release_client(request: Request, client: ClientPath) -> Response:
+    """Lifts containment from the client and every client of its campaign (logged)."""
+    defence = _defence(request)
+    with defence.lock:
+        describe(defence, client)  # 404 for a client with no evidence
+        released = defence.release(client)
+        return json_response({"released": released})
