@@ -209,9 +209,11 @@ class DataPlane:
         prints = results.get(FINGERPRINTS)
         if self.defence is not None and prints is not None:
             rows = next(iter(arrays.values()))
+            answers, answer_key = _answers(model, results)
             observed = self.defence.observe(
-                request.client_id, prints, screened.decision.verdicts, rows
+                request.client_id, prints, screened.decision.verdicts, rows, answers, answer_key
             )
+            _repeat(model, results, observed.repeats)
             if observed.rung == REFUSE:  # e.g. a new identity its probes link to a campaign
                 self.defence.refuse()
             if observed.rung in (STRICT, REFUSE):  # a contained client: suspicious is withheld
@@ -225,6 +227,29 @@ class DataPlane:
         if request.timeout_us and policy.allow_timeout_override:
             timeout_us = request.timeout_us
         return start_ns + timeout_us * 1000 if timeout_us else None
+
+
+def _answers(model: LoadedModel, results: dict[str, np.ndarray]) -> tuple[np.ndarray, int]:
+    """The served outputs as one float32 row per image, and a key for model, version and
+    output shapes (a remembered answer is repeated only to the same model's queries)."""
+    names = [spec.name for spec in model.config.outputs]
+    parts = [results[name].reshape(len(results[name]), -1).astype(np.float32) for name in names]
+    shape = tuple((name, part.shape[1]) for name, part in zip(names, parts, strict=True))
+    key = hash((model.config.name, model.version, shape)) or 1
+    return np.concatenate(parts, axis=1), key
+
+
+def _repeat(model: LoadedModel, results: dict[str, np.ndarray], repeats: dict) -> None:
+    """Replaces a probe's outputs with the remembered answer (the ``repeat`` response)."""
+    if not repeats:
+        return
+    start = 0
+    for spec in model.config.outputs:
+        values = results[spec.name] = results[spec.name].copy()
+        width = int(np.prod(values.shape[1:]))
+        for i, answer in repeats.items():
+            values[i] = answer[start : start + width].reshape(values.shape[1:])
+        start += width
 
 
 def _attach_screening(response: InferResponse, screened: Screened, request: InferRequest) -> None:

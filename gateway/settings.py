@@ -205,6 +205,12 @@ class Settings(BaseSettings):
         100_000, ge=1, le=10_000_000, description="Recent queries remembered (~1.7 KB each)."
     )
     probe_ttl_s: float = Field(3600.0, gt=0, description="How long a query is remembered.")
+    probe_response: Literal["evidence", "repeat"] = Field(
+        "evidence",
+        description="What a probe (a near-duplicate of a remembered query) is answered with: "
+        "its own prediction (evidence only), or the remembered query's earlier answer "
+        "(repeat: a prober learns nothing new, an honest resend gets the answer it got before).",
+    )
     throttle_interval_s: float = Field(
         1.0, gt=0, le=3600, description="A throttled client gets one request per interval."
     )

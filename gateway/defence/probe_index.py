@@ -8,7 +8,8 @@ remembered query sharing the most. Keeping only the latest holder suits the atta
 attack's queries form a chain of small steps, so each query shares most hashes with the one
 before. Memory is fixed at construction: the ring plus a table of at least 4/3 ``capacity * top``
 entries (a power of two), 16 bytes each: 1.7 KB per remembered query at the default 100,000
-queries and Blacklight's ``top`` of 50. When a
+queries and Blacklight's ``top`` of 50, plus 136 bytes for the answer a query got (the "repeat"
+response; 32 floats: a classifier's logits and probabilities). When a
 slot is reused its hashes leave the table; a slot older than ``ttl_s`` no longer matches.
 """
 
@@ -45,6 +46,7 @@ class ProbeIndex:
         threshold: int = 25,
         ttl_s: float = 3600.0,
         clock: Callable[[], float] = time.monotonic,
+        answer_floats: int = 32,
     ) -> None:
         if capacity < 1 or not 1 <= threshold <= top or ttl_s <= 0:
             raise ValueError("need capacity >= 1, 1 <= threshold <= top, ttl_s > 0")
@@ -54,6 +56,10 @@ class ProbeIndex:
         self._times = np.full(capacity, -np.inf)
         self._clients: list[str | None] = [None] * capacity
         self._contents = np.zeros(capacity, dtype=np.int64)  # a hash of the raw input bytes
+        # the answer each query got, for the "repeat" response: small outputs only (a
+        # classifier's logits and probabilities); 0 in _answer_keys means none kept
+        self._answers = np.zeros((capacity, answer_floats), dtype=np.float32)
+        self._answer_keys = np.zeros(capacity, dtype=np.int64)
         self._next = 0
         # load factor at most 3/4: linear probing stays short (Knuth: ~2.5 probes per hit)
         size = 1 << max(4, (4 * capacity * top // 3 - 1).bit_length())
@@ -82,6 +88,22 @@ class ProbeIndex:
                 return Match(slot, shared, self._clients[slot], age, int(self._contents[slot]))
         return None
 
+    def keep_answer(self, slot: int, key: int, answer: np.ndarray) -> bool:
+        """Keeps the answer a slot's query got (``key`` names model, version and outputs);
+        False when it does not fit ``answer_floats``."""
+        if answer.size > self._answers.shape[1]:
+            self._answer_keys[slot] = 0
+            return False
+        self._answers[slot, : answer.size] = answer.ravel()
+        self._answer_keys[slot] = key
+        return True
+
+    def answer(self, slot: int, key: int, size: int) -> np.ndarray | None:
+        """The answer kept for a slot under ``key``, else None."""
+        if key == 0 or self._answer_keys[slot] != key or size > self._answers.shape[1]:
+            return None
+        return self._answers[slot, :size].copy()
+
     def add(self, fingerprint: np.ndarray, client: str | None, content: int = 0) -> int:
         """Remembers a query; returns its slot (the oldest slot is reused when the ring is full,
         and its hashes leave the table unless a later query holds them)."""
@@ -96,6 +118,7 @@ class ProbeIndex:
         self._times[slot] = self._clock()
         self._clients[slot] = client
         self._contents[slot] = content
+        self._answer_keys[slot] = 0
         for value in fingerprint.tolist():
             if value != EMPTY:
                 self._insert(value, slot)
@@ -143,5 +166,6 @@ class ProbeIndex:
 
     def memory_bytes(self) -> int:
         """What the index holds: fixed at construction."""
-        arrays = (self._hashes, self._times, self._keys, self._slots)
+        arrays = (self._hashes, self._times, self._keys, self._slots, self._answers)
+        arrays += (self._answer_keys, self._contents)
         return sum(a.nbytes for a in arrays) + 8 * self.capacity

@@ -49,6 +49,7 @@ class Contained(Forbidden):
 class Observation:
     rung: str
     probes: int  # images of the request that nearly duplicate a remembered query
+    repeats: dict[int, np.ndarray]  # image index -> the remembered answer to give instead
 
 
 class DefenceService:
@@ -64,6 +65,7 @@ class DefenceService:
         self.ladder = Ladder(spec or LadderSpec(), max_clients=settings.max_tracked_clients)
         self.metrics = metrics
         self.throttle_interval_s = settings.throttle_interval_s
+        self.repeat = settings.probe_response == "repeat"
         self._last_admitted: OrderedDict[str, float] = OrderedDict()
         self.lock = threading.Lock()  # the admin routes hold it too, to read a consistent view
         self._rungs: dict[str, str] = {}  # the last rung logged per client (transitions only)
@@ -136,15 +138,23 @@ class DefenceService:
                 self._last_admitted.popitem(last=False)
 
     def observe(
-        self, client: str | None, prints: np.ndarray, verdicts: list[str], inputs: np.ndarray
+        self,
+        client: str | None,
+        prints: np.ndarray,
+        verdicts: list[str],
+        inputs: np.ndarray,
+        answers: np.ndarray | None = None,
+        answer_key: int = 0,
     ) -> Observation:
         """Weighs one request's images: ``prints`` (n, S) int64, one verdict per image, and the
         input rows (n, ...) whose raw bytes tell an exact resend (a retry, by anyone: the same
-        picture sent again) from an attack's next step (a near-duplicate with new pixels)."""
+        picture sent again) from an attack's next step (a near-duplicate with new pixels).
+        ``answers`` (n, A) float32 are the predictions about to be served, kept for the
+        ``repeat`` response under ``answer_key`` (model, version, outputs)."""
         key = client or "(anonymous)"
-        rung, probes = OBSERVE, 0
+        rung, probes, repeats = OBSERVE, 0, {}
         with self.lock:
-            for row, verdict, image in zip(prints, verdicts, inputs, strict=True):
+            for i, (row, verdict, image) in enumerate(zip(prints, verdicts, inputs, strict=True)):
                 content = content_hash(image)
                 match = self.index.match(row)
                 retry = match is not None and match.content == content
@@ -152,9 +162,18 @@ class DefenceService:
                 probes += probe
                 linked = match.client if probe and match is not None else None
                 rung = self.ladder.observe(key, verdict in FLAGGED, probe, linked)
+                given = None
+                if self.repeat and probe and match is not None and answers is not None:
+                    given = self.index.answer(match.slot, answer_key, answers.shape[1])
+                    if given is not None:
+                        repeats[i] = given
                 if not retry:
-                    self.index.add(row, key, content)
+                    slot = self.index.add(row, key, content)
+                    if answers is not None:  # what this query is answered: the repeat, if any
+                        self.index.keep_answer(
+                            slot, answer_key, answers[i] if given is None else given
+                        )
             self._log_transition(key, rung)
         if probes:
             self.metrics.defence_probes.inc(probes)
-        return Observation(rung, probes)
+        return Observation(rung, probes, repeats)

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -107,3 +108,26 @@ def test_an_admin_sees_the_campaign_and_lifts_it(defended: ServerProcess) -> Non
     assert "now refuse" in defended.log.read_text()  # every transition logged with evidence
     anonymous = httpx.get(f"http://{defended.url}/v2/admin/clients", timeout=10)
     assert anonymous.status_code == 403
+
+
+def test_with_repeat_a_probe_gets_the_remembered_answer(tmp_path: Path) -> None:
+    env = {"BASTION_DEFENCE": "true", "BASTION_PROBE_RESPONSE": "repeat"}
+    proc = start_server(tmp_path, env=env)
+    try:
+        client = th.InferenceServerClient(proc.url)
+        image = to_float(load_split("test")[0])[42]
+
+        def probabilities(x: np.ndarray, who: str) -> np.ndarray:
+            tensor = th.InferInput("images", [1, *x.shape], "FP32")
+            tensor.set_data_from_numpy(x[None].astype(np.float32))
+            result = client.infer("digits", [tensor], headers={"X-Client-ID": who})
+            return result.as_numpy("probabilities")[0]
+
+        first = probabilities(image, "a")
+        step = image.copy()
+        step[0, 14, 10:14] += 0.02  # an attacker's next query: new bytes, same picture
+        assert np.array_equal(probabilities(step, "b"), first)  # nothing new to learn
+        other = to_float(load_split("test")[0])[43]
+        assert not np.array_equal(probabilities(other, "b"), first)  # a new picture: its own
+    finally:
+        proc.stop()

@@ -54,3 +54,21 @@ def test_the_rungs_answer_429_with_retry_after_then_403() -> None:
         defence.admit("walker")
     defence.admit("somebody-else")  # untouched
     assert np.isfinite(defence.ladder.account("walker").statistic)
+
+
+def test_repeat_answers_a_probe_with_the_remembered_answer() -> None:
+    settings = Settings(fingerprint_salt=1, probe_response="repeat")
+    defence = DefenceService(settings, Metrics(CollectorRegistry()))
+    image = to_float(load_split("test")[0][:1])
+    spec = defence.fingerprint_spec
+    first = np.arange(20, dtype=np.float32)[None]
+    prints = fingerprints(torch.from_numpy(image), spec).numpy()
+    assert defence.observe("a", prints, ["clean"], image, first, 7).repeats == {}
+    step = image.copy()
+    step[0, 0, 14, 10:14] += 0.01
+    prints = fingerprints(torch.from_numpy(step), spec).numpy()
+    fresh = np.full((1, 20), -1.0, np.float32)
+    repeated = defence.observe("b", prints, ["clean"], step, fresh, 7).repeats
+    np.testing.assert_array_equal(repeated[0], first[0])  # the prober learns nothing new
+    other_model = defence.observe("b", prints, ["clean"], step + 0.001, fresh, 8).repeats
+    assert other_model == {}  # an answer is repeated only to queries of the same model
