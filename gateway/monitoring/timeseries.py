@@ -47,6 +47,7 @@ def histogram_quantile(q: float, bounds: list[float], cumulative: list[float]) -
 
 
 REVIEW_DROPPED = "review copy dropped"
+CONTAINMENT_RUNGS = ("throttle", "refuse")
 
 
 @dataclass
@@ -61,6 +62,7 @@ class Totals:
     latency: dict[float, float] = field(default_factory=dict)  # le → cumulative count
     verdicts: dict[str, float] = field(default_factory=dict)  # public: withheld or served
     tiers: dict[str, float] = field(default_factory=dict)  # private: by tier, review drops
+    contained: dict[str, float] = field(default_factory=dict)  # refusals by the defence, by rung
 
 
 def read_totals(now: float, metrics: Metrics, stats: Iterable[ModelStats]) -> Totals:
@@ -82,6 +84,12 @@ def read_totals(now: float, metrics: Metrics, stats: Iterable[ModelStats]) -> To
             if sample.name.endswith("_total") and sample.labels["outcome"].startswith("dropped"):
                 tiers[REVIEW_DROPPED] = tiers.get(REVIEW_DROPPED, 0.0) + sample.value
     totals.tiers = tiers
+    contained = {rung: 0.0 for rung in CONTAINMENT_RUNGS}  # both series, zero or not
+    for family in metrics.defence_refused.collect():
+        for sample in family.samples:
+            if sample.name.endswith("_total"):
+                contained[sample.labels["rung"]] = sample.value
+    totals.contained = contained
     return totals
 
 
@@ -120,6 +128,7 @@ def interval_point(before: Totals, after: Totals) -> dict[str, Any]:
         "batch_size": rows / batches if batches else math.nan,
         "verdicts_per_s": _rates(before.verdicts, after.verdicts, seconds),
         "tiers_per_s": _rates(before.tiers, after.tiers, seconds),
+        "contained_per_s": _rates(before.contained, after.contained, seconds),
     }
 
 
@@ -167,6 +176,10 @@ class Sampler:
         }
         columns["verdicts_per_s"] = {
             v: [_finite(p[source].get(v, 0.0)) for p in points] for v in verdicts
+        }
+        columns["contained_per_s"] = {
+            rung: [_finite(p["contained_per_s"].get(rung, 0.0)) for p in points]
+            for rung in CONTAINMENT_RUNGS
         }
         return columns
 

@@ -268,7 +268,8 @@ def test_dashboard_draws_live_charts_in_headless_chromium(live: Live, tmp_path: 
     ).stdout
     assert 'data-ready="true"' in dom, dom[-2000:]
     charts = dict(re.findall(r'id="(chart-[a-z]+)"[^>]*data-points="(\d+)"', dom))
-    expected = {"rps", "latency", "errors", "batch", "verdicts", "drift", "confidence", "classes"}
+    expected = {"rps", "latency", "errors", "batch", "verdicts", "containment", "drift",
+                "confidence", "classes"}
     assert set(charts) == {f"chart-{name}" for name in expected}
     empty = [name for name, points in charts.items() if int(points) == 0]
     assert not empty, f"charts without data: {empty}"

@@ -44,6 +44,7 @@ def test_sampler_turns_counters_into_rates_and_interval_quantiles() -> None:
     metrics.screening_tiers.labels("digits", "1", "suspicious", "review").inc(6)
     metrics.screening_reviews.labels("digits", "1", "written").inc(5)
     metrics.screening_reviews.labels("digits", "1", "dropped_backlog").inc(1)
+    metrics.defence_refused.labels("refuse").inc(3)
     sampler.sample()
     sampler.sample()  # a quiet interval
     series = sampler.series()
@@ -53,6 +54,7 @@ def test_sampler_turns_counters_into_rates_and_interval_quantiles() -> None:
     assert series["batch_size"] == [10.0, None]  # no batch ran: no mean, not zero
     # all in the (2 ms, 3 ms] bucket: the median is interpolated half way
     assert series["p50_ms"][0] == pytest.approx(2.5) and series["p50_ms"][1] is None
+    assert series["contained_per_s"] == {"throttle": [0.0, 0.0], "refuse": [1.5, 0.0]}
     # the public view: withheld or served; the tiers only for a reader with the token
     assert series["verdicts_per_s"] == {"adversarial": [1.0, 0.0], "clean": [3.0, 0.0]}
     assert sampler.series(private=True)["verdicts_per_s"] == {

@@ -69,6 +69,8 @@ function render(summary) {
   draw("chart-batch", [{ label: "rows per batch" }], [s.t, s.batch_size]);
   const verdicts = Object.keys(s.verdicts_per_s);
   draw("chart-verdicts", verdicts.map(v => ({ label: v })), [s.t, ...verdicts.map(v => s.verdicts_per_s[v])]);
+  draw("chart-containment", [{ label: "throttled (429)" }, { label: "contained (403)" }],
+       [s.t, s.contained_per_s.throttle, s.contained_per_s.refuse]);
 
   const monitored = summary.models.filter(m => m.reference);
   const status = document.getElementById("status");
