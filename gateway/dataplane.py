@@ -32,6 +32,7 @@ from gateway.protocol.types import (
 )
 from gateway.registry import LoadedModel, ModelRegistry
 from gateway.repository import ModelConfig, TensorSpec
+from gateway.screening.policy import SUSPICIOUS
 from gateway.screening.service import (
     REPORT_PARAMETER,
     Screened,
@@ -210,8 +211,15 @@ class DataPlane:
         if self.defence is not None and prints is not None:
             rows = next(iter(arrays.values()))
             answers, answer_key = _answers(model, results)
+            targets = model.backend.screening.targets or {}
             observed = self.defence.observe(
-                request.client_id, prints, screened.decision.verdicts, rows, answers, answer_key
+                request.client_id,
+                prints,
+                screened.decision.verdicts,
+                rows,
+                answers,
+                answer_key,
+                targets.get(SUSPICIOUS),
             )
             _repeat(model, results, observed.repeats)
             if observed.rung == REFUSE:  # e.g. a new identity its probes link to a campaign

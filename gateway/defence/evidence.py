@@ -54,9 +54,11 @@ class LadderSpec:
         if not 0 < self.throttle_at <= self.strict_at <= self.refuse_at:
             raise ValueError("need 0 < throttle_at <= strict_at <= refuse_at")
 
-    def increment(self, flagged: bool, probe: bool) -> float:
-        """One image's log-likelihood ratio, both streams together."""
-        return _llr(flagged, self.flag_rate, self.flag_attack_rate) + _llr(
+    def increment(self, flagged: bool, probe: bool, flag_rate: float | None = None) -> float:
+        """One image's log-likelihood ratio, both streams together. ``flag_rate`` is the honest
+        flag rate of the model the image went to (its review tier), else the spec's."""
+        p0 = self.flag_rate if flag_rate is None else min(flag_rate, self.flag_attack_rate / 2)
+        return _llr(flagged, p0, self.flag_attack_rate) + _llr(
             probe, self.probe_rate, self.probe_attack_rate
         )
 
@@ -102,15 +104,24 @@ class Ladder:
     _parent: dict[str, str] = field(default_factory=dict)  # linked clients only
     _members: dict[str, set[str]] = field(default_factory=dict)  # root -> its campaign
 
-    def observe(self, client: str, flagged: bool, probe: bool, linked: str | None = None) -> str:
+    def observe(
+        self,
+        client: str,
+        flagged: bool,
+        probe: bool,
+        linked: str | None = None,
+        flag_rate: float | None = None,
+    ) -> str:
         """Adds one image's evidence; ``linked`` is the client whose remembered query this one
-        matched (same campaign). Returns the rung now in force for the client."""
+        matched (same campaign), ``flag_rate`` the model's honest flag rate (its review tier).
+        Returns the rung now in force for the client."""
         account = self._account(client)
         account.images += 1
         account.flagged += flagged
         account.probes += probe
         account.last_seen = self.clock()
-        account.statistic = max(0.0, account.statistic + self.spec.increment(flagged, probe))
+        step = self.spec.increment(flagged, probe, flag_rate)
+        account.statistic = max(0.0, account.statistic + step)
         if linked is not None and linked != client:
             self._union(client, linked)
         return self.rung(client)

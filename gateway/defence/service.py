@@ -145,12 +145,14 @@ class DefenceService:
         inputs: np.ndarray,
         answers: np.ndarray | None = None,
         answer_key: int = 0,
+        flag_rate: float | None = None,
     ) -> Observation:
         """Weighs one request's images: ``prints`` (n, S) int64, one verdict per image, and the
         input rows (n, ...) whose raw bytes tell an exact resend (a retry, by anyone: the same
         picture sent again) from an attack's next step (a near-duplicate with new pixels).
         ``answers`` (n, A) float32 are the predictions about to be served, kept for the
-        ``repeat`` response under ``answer_key`` (model, version, outputs)."""
+        ``repeat`` response under ``answer_key`` (model, version, outputs); ``flag_rate`` is
+        the model's honest rate of suspicious-or-worse verdicts (its review tier's FPR)."""
         key = client or "(anonymous)"
         rung, probes, repeats = OBSERVE, 0, {}
         with self.lock:
@@ -161,7 +163,7 @@ class DefenceService:
                 probe = match is not None and not retry
                 probes += probe
                 linked = match.client if probe and match is not None else None
-                rung = self.ladder.observe(key, verdict in FLAGGED, probe, linked)
+                rung = self.ladder.observe(key, verdict in FLAGGED, probe, linked, flag_rate)
                 given = None
                 if self.repeat and probe and match is not None and answers is not None:
                     given = self.index.answer(match.slot, answer_key, answers.shape[1])

@@ -81,3 +81,15 @@ def test_the_ladder_forgets_the_least_recently_seen_client_past_its_bound() -> N
 def test_nonsense_settings_are_refused(kwargs: dict) -> None:
     with pytest.raises(ValueError):
         LadderSpec(**kwargs)
+
+
+def test_a_model_with_a_looser_review_tier_needs_more_flags_to_contain() -> None:
+    """The flag stream's honest rate is the model's own review tier: at 10 % a flag weighs
+    log(5), at 5 % log(10), so the same flags climb slower on the looser model."""
+    strict_model, loose_model = Ladder(), Ladder()
+    for _ in range(8):
+        strict_model.observe("c", flagged=True, probe=False, flag_rate=0.05)
+        loose_model.observe("c", flagged=True, probe=False, flag_rate=0.10)
+    no_probe = math.log(0.5 / 0.999)  # each image is also "not a probe" on the other stream
+    assert strict_model.account("c").statistic == pytest.approx(8 * (math.log(10) + no_probe))
+    assert loose_model.account("c").statistic == pytest.approx(8 * (math.log(5) + no_probe))
