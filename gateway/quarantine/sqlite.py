@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import builtins
-import io
 import json
 import os
 import sqlite3
@@ -15,8 +14,6 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
-
-import numpy as np
 
 from gateway.quarantine.schema import MIGRATIONS, SCHEMA_VERSION
 from gateway.quarantine.store import (
@@ -38,6 +35,7 @@ from gateway.quarantine.store import (
     check_page,
     check_status,
 )
+from gateway.quarantine.tensors import decode_array, encode_array
 
 __all__ = ["SCHEMA_VERSION", "SQLiteQuarantineStore", "decode_array", "encode_array"]
 
@@ -60,22 +58,6 @@ _CLIENT_WITHHELD = (
     f"SELECT COUNT(*) FROM quarantine WHERE client_id IS ? AND status IN ('{QUARANTINED}', "
     f"'{RELEASED}')"
 )
-
-
-def encode_array(array: np.ndarray) -> bytes:
-    """``.npy`` bytes keep dtype, shape, order and every bit; object arrays are refused because
-    storing them would need pickle, and loading pickle from a database is code execution."""
-    if not isinstance(array, np.ndarray):
-        raise TypeError(f"input must be a numpy.ndarray, got {type(array).__name__}")
-    if array.dtype.hasobject:
-        raise ValueError(f"cannot store an object array (dtype {array.dtype})")
-    buffer = io.BytesIO()
-    np.save(buffer, array, allow_pickle=False)
-    return buffer.getvalue()
-
-
-def decode_array(data: bytes) -> np.ndarray:
-    return np.load(io.BytesIO(data), allow_pickle=False)
 
 
 def _floats(values: dict[str, float], name_chars: int) -> str:

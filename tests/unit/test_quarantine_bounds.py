@@ -25,13 +25,9 @@ from gateway.quarantine import (
     SQLiteQuarantineStore,
 )
 from gateway.quarantine.schema import MIGRATIONS
-from gateway.quarantine.sqlite import (
-    _CLIENT_REVIEWS,
-    _CLIENT_WITHHELD,
-    SCHEMA_VERSION,
-    encode_array,
-)
+from gateway.quarantine.sqlite import _CLIENT_REVIEWS, _CLIENT_WITHHELD, SCHEMA_VERSION
 from gateway.quarantine.store import TRUNCATED
+from gateway.quarantine.tensors import encode_array
 from tests.unit.quarantine_helpers import Clock
 
 # -- bounds: caps on stored strings, quotas, stats -------------------------------------------
