@@ -15,10 +15,10 @@ from typing import Any
 import numpy as np
 
 from gateway import __version__
-from gateway.backends import FINGERPRINTS
+from gateway.backends import EMBEDDINGS, FINGERPRINTS
 from gateway.decode_pool import DecodePool
-from gateway.defence.evidence import REFUSE, STRICT
-from gateway.defence.service import DefenceService
+from gateway.defence.evidence import STRICT
+from gateway.defence.service import DefenceService, Embedded
 from gateway.errors import BastionError, Forbidden, InvalidInput
 from gateway.inputs import prepare_inputs
 from gateway.limits import ModelLimits, model_limits
@@ -143,15 +143,17 @@ class DataPlane:
         """Decodes (in the pool), validates, batches, screens and answers one request."""
         start = time.perf_counter_ns()
         model = self.registry.get(name, version)
+        charged = None
         if self.defence is not None and model.backend.screening is not None:
-            self.defence.admit(caller.client_id)  # 429 / 403 before any work for a contained one
+            # 429 / 403 before any work for a contained client
+            charged = self.defence.admit(caller.client_id)
         try:
             job = partial(self._decode_and_prepare, model, decode, caller)
             request, arrays, rows = await self.decoder.run(job)
             wanted = _requested_outputs(model.config, request)
             deadline = self._deadline(model, request, start)
             results = await model.batcher.submit(arrays, rows, deadline)
-            screened = await self._screen(model, request, arrays, results)
+            screened = await self._screen(model, request, arrays, results, charged)
             outputs = [_output(model.config, want, results[want.name]) for want in wanted]
         except BastionError as exc:
             model.observer.on_failure(time.perf_counter_ns() - start, exc.reason)
@@ -192,8 +194,10 @@ class DataPlane:
         request: InferRequest,
         arrays: dict[str, np.ndarray],
         results: dict[str, np.ndarray],
+        charged: str | None = None,
     ) -> Screened | None:
-        """Policy after the fused batch: metrics, quarantine, and the 403 for withheld images."""
+        """Policy after the fused batch: metrics, quarantine, the stateful defence's evidence
+        and rung (``charged``: the campaign ``admit`` charged), and the 403 for withheld images."""
         job = model.backend.screening
         if job is None:
             return None
@@ -211,7 +215,11 @@ class DataPlane:
         if self.defence is not None and prints is not None:
             rows = next(iter(arrays.values()))
             answers, answer_key = _answers(model, results)
-            targets = model.backend.screening.targets or {}
+            targets = job.targets or {}
+            embeddings = results.get(EMBEDDINGS)
+            embedded = None
+            if job.knn is not None and embeddings is not None:
+                embedded = Embedded(f"{model.config.name}:{model.version}", job.knn, embeddings)
             observed = self.defence.observe(
                 request.client_id,
                 prints,
@@ -220,11 +228,12 @@ class DataPlane:
                 answers,
                 answer_key,
                 targets.get(SUSPICIOUS),
+                embedded,
             )
             _repeat(model, results, observed.repeats)
-            if observed.rung == REFUSE:  # e.g. a new identity its probes link to a campaign
-                self.defence.refuse()
-            if observed.rung in (STRICT, REFUSE):  # a contained client: suspicious is withheld
+            # e.g. a new identity its probes just linked to a contained campaign: 403 or 429
+            self.defence.enforce(request.client_id, observed.rung, charged)
+            if observed.rung == STRICT:  # a contained client: suspicious is withheld too
                 tighten(screened)
         refuse_if_withheld(screened, request)
         return screened

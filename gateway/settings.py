@@ -202,7 +202,7 @@ class Settings(BaseSettings):
         "Replicas that share evidence must share it.",
     )
     probe_capacity: int = Field(
-        100_000, ge=1, le=10_000_000, description="Recent queries remembered (~1.7 KB each)."
+        100_000, ge=1, le=10_000_000, description="Recent queries remembered (~1.4 KB each)."
     )
     probe_ttl_s: float = Field(3600.0, gt=0, description="How long a query is remembered.")
     probe_response: Literal["evidence", "repeat"] = Field(
@@ -216,6 +216,13 @@ class Settings(BaseSettings):
     )
     max_tracked_clients: int = Field(
         100_000, ge=1, description="Clients whose evidence is kept (least recently seen go)."
+    )
+    knn_clients: int = Field(
+        4096,
+        ge=1,
+        le=1_000_000,
+        description="Clients whose recent embeddings the k-NN detector keeps (a ring of the "
+        "calibrated history per client and model, float16: 25 KB each for the digits model).",
     )
     review_backlog: int = Field(
         1024,

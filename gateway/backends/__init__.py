@@ -17,6 +17,7 @@ from gateway.repository import ConfigError, ModelConfig
 SCORES = "bastion.screening.scores"  # (n, D) detector scores, beside the model's outputs
 COMBINED = "bastion.screening.combined"  # (n,) combined score; -1 when uncalibrated
 FINGERPRINTS = "bastion.defence.fingerprints"  # (n, S) int64 query fingerprints (Blacklight)
+EMBEDDINGS = "bastion.defence.embeddings"  # (n, E) float32 penultimate layer, for the k-NN test
 
 
 class Backend(Protocol):

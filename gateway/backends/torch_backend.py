@@ -13,7 +13,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from gateway.backends import COMBINED, FINGERPRINTS, SCORES, weights_file
+from gateway.backends import COMBINED, EMBEDDINGS, FINGERPRINTS, SCORES, weights_file
+from gateway.defence.knn import KnnSpec
 from gateway.monitoring.drift_monitor import DriftMonitor
 from gateway.repository import ConfigError, ModelConfig
 from gateway.screening.calibration import Calibration
@@ -112,6 +113,8 @@ class TorchBackend:
             host = {SCORES: outputs.scores.cpu().numpy(), COMBINED: outputs.combined.cpu().numpy()}
             if outputs.fingerprints is not None:
                 host[FINGERPRINTS] = outputs.fingerprints.cpu().numpy()
+                if self.screening.knn is not None and outputs.embedding is not None:
+                    host[EMBEDDINGS] = outputs.embedding.float().cpu().numpy()
             outputs = (outputs.logits, outputs.probs)
         else:
             host = {}
@@ -176,4 +179,8 @@ def _screened(
         raise ConfigError(f"{where}: {exc}") from None
     if calibration is not None:
         job.targets, job.thresholds = policy.targets, policy.thresholds
+    try:
+        job.knn = KnnSpec.load(folder)
+    except ValueError as exc:
+        raise ConfigError(f"{where}: unreadable k-NN detector ({exc}); {again}") from None
     return job

@@ -2,9 +2,12 @@
 
 Every screened image of a client is one Bernoulli observation per evidence stream: was it
 flagged (a ``suspicious`` or ``adversarial`` verdict; honest rate: the review tier's clean FPR),
-and was it a probe (a near-duplicate of a remembered query that is not the client's own exact
-retry; honest rate: ``probe_rate``). Page's CUSUM (Page, Biometrika 1954) accumulates the
-log-likelihood ratio of an attack rate against the honest rate and never goes below zero:
+was it a probe (a content-fingerprint near-duplicate of a remembered query that was itself a
+near-duplicate: a chain, not an exact retry nor a one-off re-encode; honest rate:
+``probe_rate``), and was it near (the per-client k-NN embedding distance below its calibrated
+threshold; honest rate: that threshold's clean FPR). Page's CUSUM (Page, Biometrika 1954)
+accumulates the log-likelihood ratio of an attack rate against the honest rate, never going
+below zero:
 
     S <- max(0, S + x log(p1 / p0) + (1 - x) log((1 - p1) / (1 - p0)))
 
@@ -15,9 +18,12 @@ before a false crossing is at least ``exp(h)`` (Lorden 1971), so a threshold ``h
 honest client with probability at most ``n exp(-h)`` over ``n`` of its images: the defaults
 (``h`` = ln 1e9 for throttling) bound it by 1e-4 over 100,000 images.
 
-Clients whose probes match each other's queries are linked into one campaign (union-find); a
-campaign's statistic is the sum of its members' evidence, and its rung applies to every member,
-so rotating identities gains nothing once the fingerprints link them.
+Clients whose probes match each other's queries are linked into one campaign (union-find). A
+campaign has its own CUSUM over its members' pooled observations (on linking, the larger of the
+two), so a rotating attacker's identities add up to one attacker's stream, while honest clients
+linked by chance pool honest rates and stay at zero. The campaign's rung applies to every member
+that sent a probe itself: an attacker that makes its probes match an honest client's pictures
+links that client, but cannot frame it.
 """
 
 from __future__ import annotations
@@ -38,8 +44,10 @@ class LadderSpec:
 
     flag_rate: float = 0.05  # honest rate of suspicious-or-worse verdicts: the review tier's FPR
     flag_attack_rate: float = 0.5
-    probe_rate: float = 0.001  # honest rate of near-duplicates that are not exact retries
+    probe_rate: float = 0.001  # honest rate of chained near-duplicates (not retries)
     probe_attack_rate: float = 0.5
+    near_rate: float = 0.001  # honest rate of k-NN hits: the detector's calibrated clean FPR
+    near_attack_rate: float = 0.5
     throttle_at: float = math.log(1e9)
     strict_at: float = math.log(1e12)
     refuse_at: float = math.log(1e15)
@@ -48,19 +56,32 @@ class LadderSpec:
         for p0, p1 in (
             (self.flag_rate, self.flag_attack_rate),
             (self.probe_rate, self.probe_attack_rate),
+            (self.near_rate, self.near_attack_rate),
         ):
             if not 0 < p0 < p1 < 1:
                 raise ValueError(f"need 0 < honest rate < attack rate < 1, got {p0}, {p1}")
         if not 0 < self.throttle_at <= self.strict_at <= self.refuse_at:
             raise ValueError("need 0 < throttle_at <= strict_at <= refuse_at")
 
-    def increment(self, flagged: bool, probe: bool, flag_rate: float | None = None) -> float:
-        """One image's log-likelihood ratio, both streams together. ``flag_rate`` is the honest
-        flag rate of the model the image went to (its review tier), else the spec's."""
+    def increment(
+        self,
+        flagged: bool,
+        probe: bool,
+        flag_rate: float | None = None,
+        near: bool | None = None,
+        near_rate: float | None = None,
+    ) -> float:
+        """One image's log-likelihood ratio, the streams together. ``flag_rate`` is the honest
+        flag rate of the model the image went to (its review tier), else the spec's;
+        ``near`` is None where the model has no k-NN detector (or the client no history yet),
+        ``near_rate`` that detector's calibrated FPR, else the spec's."""
         p0 = self.flag_rate if flag_rate is None else min(flag_rate, self.flag_attack_rate / 2)
-        return _llr(flagged, p0, self.flag_attack_rate) + _llr(
-            probe, self.probe_rate, self.probe_attack_rate
-        )
+        step = _llr(flagged, p0, self.flag_attack_rate)
+        step += _llr(probe, self.probe_rate, self.probe_attack_rate)
+        if near is not None:
+            q0 = self.near_rate if near_rate is None else min(near_rate, self.near_attack_rate / 2)
+            step += _llr(near, q0, self.near_attack_rate)
+        return step
 
     def rung(self, statistic: float) -> str:
         if statistic >= self.refuse_at:
@@ -86,6 +107,7 @@ class Account:
     images: int = 0
     flagged: int = 0
     probes: int = 0
+    near: int = 0
     last_seen: float = 0.0
     released_at: float | None = None
 
@@ -103,6 +125,7 @@ class Ladder:
     _accounts: OrderedDict[str, Account] = field(default_factory=OrderedDict)
     _parent: dict[str, str] = field(default_factory=dict)  # linked clients only
     _members: dict[str, set[str]] = field(default_factory=dict)  # root -> its campaign
+    _pooled: dict[str, float] = field(default_factory=dict)  # root -> the campaign's CUSUM
 
     def observe(
         self,
@@ -111,44 +134,56 @@ class Ladder:
         probe: bool,
         linked: str | None = None,
         flag_rate: float | None = None,
+        near: bool | None = None,
+        near_rate: float | None = None,
     ) -> str:
         """Adds one image's evidence; ``linked`` is the client whose remembered query this one
-        matched (same campaign), ``flag_rate`` the model's honest flag rate (its review tier).
-        Returns the rung now in force for the client."""
+        matched (same campaign), ``flag_rate`` the model's honest flag rate (its review tier),
+        ``near`` the k-NN verdict (None: no detector) at honest rate ``near_rate``. Returns the
+        rung now in force for the client."""
         account = self._account(client)
         account.images += 1
         account.flagged += flagged
         account.probes += probe
+        account.near += bool(near)
         account.last_seen = self.clock()
-        step = self.spec.increment(flagged, probe, flag_rate)
+        step = self.spec.increment(flagged, probe, flag_rate, near, near_rate)
         account.statistic = max(0.0, account.statistic + step)
         if linked is not None and linked != client:
             self._union(client, linked)
+        root = self._find(client)
+        if root in self._members:  # a linked client: the campaign's pooled stream moves too
+            self._pooled[root] = max(0.0, self._pooled.get(root, 0.0) + step)
         return self.rung(client)
 
     def rung(self, client: str) -> str:
-        """The client's rung: the higher of its own and its campaign's."""
-        if client not in self._accounts:
+        """The client's rung: its own, or its campaign's when it sent a probe itself."""
+        account = self._accounts.get(client)
+        if account is None:
             return OBSERVE
-        return self.spec.rung(
-            max(self._accounts[client].statistic, self.campaign_statistic(client))
-        )
+        statistic = account.statistic
+        if account.probes:
+            statistic = max(statistic, self.campaign_statistic(client))
+        return self.spec.rung(statistic)
 
     def campaign(self, client: str) -> list[str]:
         """The clients linked with ``client`` (itself included), sorted."""
         return sorted(self._members.get(self._find(client), {client}))
 
     def campaign_statistic(self, client: str) -> float:
-        """The sum of the campaign members' statistics (0 for a client linked to nobody)."""
-        members = self._members.get(self._find(client))
-        if not members:
-            return 0.0
-        return sum(self._accounts[c].statistic for c in members if c in self._accounts)
+        """The campaign's pooled CUSUM (0 for a client linked to nobody)."""
+        return self._pooled.get(self._find(client), 0.0)
+
+    def root(self, client: str) -> str:
+        """The campaign's name: its union-find root (the client itself when unlinked)."""
+        return self._find(client)
 
     def release(self, client: str) -> None:
         """An admin lifts containment: the client and its campaign start from zero evidence."""
         members = self.campaign(client)
-        self._members.pop(self._find(client), None)
+        root = self._find(client)
+        self._members.pop(root, None)
+        self._pooled.pop(root, None)
         for member in members:
             account = self._accounts.get(member)
             if account is not None:
@@ -170,6 +205,7 @@ class Ladder:
             if len(self._accounts) > self.max_clients:  # forget the least recently seen
                 forgotten, _ = self._accounts.popitem(last=False)
                 self._members.get(self._find(forgotten), set()).discard(forgotten)
+                self._pooled.pop(forgotten, None)
         self._accounts.move_to_end(client)
         return account
 
@@ -189,3 +225,7 @@ class Ladder:
         self._parent[ra] = rb
         self._parent.setdefault(rb, rb)
         self._members[rb] = merged
+        # a campaign's evidence so far: the larger of the two (a lone client's is its own)
+        pooled = [self._pooled.pop(r, None) for r in (ra, rb)]
+        lone = [self._accounts[r].statistic if r in self._accounts else 0.0 for r in (ra, rb)]
+        self._pooled[rb] = max(p if p is not None else s for p, s in zip(pooled, lone, strict=True))

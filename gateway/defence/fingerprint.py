@@ -8,8 +8,10 @@ top ``S`` distinct hashes as the query's fingerprint. Two images that share ``T`
 hashes are near-duplicates; an attack's queries share most of theirs, while distinct natural
 images share few. The store of fingerprints is global, so changing identities does not help.
 
-Hashing is a salted linear hash of each window modulo 2**64 (int64 arithmetic wraps), with
-random odd multipliers drawn from the salt: one matrix product per batch, then a sort. The
+Each window's quantised values are small (0-6 at step 50), so a window of 20 packs exactly into
+one 64-bit integer (3 bits a value, by doubling spans: five shifts and ors per batch); a salted
+bijective mix of that integer (xor a key, multiply by an odd constant, xor-shift, multiply) is
+the window's hash, so which windows are a query's top ``S`` is secret without the salt. The
 numpy ``fingerprint_reference`` computes the same thing with Python integers, one image at a
 time, for the CPU-reference test.
 """
@@ -22,9 +24,10 @@ import numpy as np
 import torch
 
 MASK64 = (1 << 64) - 1
+LOW35 = (1 << 35) - 1
 EMPTY = np.iinfo(np.int64).min
-"""Pads a fingerprint of an image with fewer than ``top`` distinct windows (never a real hash:
-the multipliers are odd, and the pad is dropped before matching)."""
+"""Pads a fingerprint of an image with fewer than ``top`` distinct windows. A window whose hash
+happened to equal it (one value in 2**64) would only be left out of matching."""
 
 
 @dataclass(frozen=True)
@@ -35,21 +38,36 @@ class FingerprintSpec:
     window: int = 20  # values per hashed window
     top: int = 50  # distinct hashes kept per query (S)
     threshold: int = 25  # shared hashes that make two queries near-duplicates (T)
-    salt: int = 0  # secret: quantisation offset and hash multipliers derive from it
+    salt: int = 0  # secret: the quantisation offset and the hash's mixers derive from it
 
     def __post_init__(self) -> None:
         if not (1 <= self.step <= 255 and self.window >= 1 and 1 <= self.threshold <= self.top):
             raise ValueError(f"invalid fingerprint settings {self}")
+        if self.bits * self.window > 64:
+            raise ValueError(
+                f"a window of {self.window} values at step {self.step} needs more "
+                "than 64 bits: use a coarser step or a shorter window"
+            )
 
     @property
     def offset(self) -> int:
         return self.salt % self.step
 
-    def multipliers(self) -> np.ndarray:
-        """``window`` odd 64-bit multipliers (as int64), drawn from the salt."""
+    @property
+    def bits(self) -> int:
+        """Bits per quantised value: the largest bucket is (255 + step - 1) // step."""
+        return ((255 + self.step - 1) // self.step).bit_length()
+
+    def mixers(self) -> tuple[int, int, int]:
+        """The hash's secret: a key and two odd multipliers (signed 64-bit), from the salt."""
         rng = np.random.default_rng(self.salt)
-        draws = rng.integers(0, 2**63, size=self.window, dtype=np.uint64) * np.uint64(2)
-        return (draws | np.uint64(1)).view(np.int64)
+        key, m1, m2 = (int(v) for v in rng.integers(0, 2**63, size=3, dtype=np.uint64))
+        return _signed(key), _signed(2 * m1 + 1), _signed(2 * m2 + 1)
+
+
+def _signed(value: int) -> int:
+    value &= MASK64
+    return value - (1 << 64) if value >= 1 << 63 else value
 
 
 def quantise(images: torch.Tensor, spec: FingerprintSpec) -> torch.Tensor:
@@ -58,24 +76,56 @@ def quantise(images: torch.Tensor, spec: FingerprintSpec) -> torch.Tensor:
     return torch.div(pixels + spec.offset, spec.step, rounding_mode="floor").to(torch.int64)
 
 
-def fingerprints(images: torch.Tensor, spec: FingerprintSpec) -> torch.Tensor:
-    """(n, ...) images -> (n, top) int64 fingerprints, descending, padded with ``EMPTY``.
+def packed(q: torch.Tensor, window: int, bits: int) -> torch.Tensor:
+    """(n, D) small non-negative ints -> (n, D - window + 1) int64: each window's values packed
+    exactly, ``bits`` each, the first lowest. Spans double (1, 2, 4, ... values) by one shift
+    and one or each, and the window is assembled from the largest spans."""
+    spans, width = {1: q}, 1
+    while width * 2 <= window:
+        span = spans[width]
+        spans[width * 2] = span[:, :-width] | (span[:, width:] << (bits * width))
+        width *= 2
+    length = q.shape[1] - window + 1
+    out, done = spans[width][:, :length].clone(), width
+    for size in sorted(spans, reverse=True):
+        if done + size <= window:
+            out |= spans[size][:, done : done + length] << (bits * done)
+            done += size
+    return out
 
-    Runs on the images' device: one unfold, one wrapping product, two sorts per batch.
+
+def mixed(x: torch.Tensor, spec: FingerprintSpec) -> torch.Tensor:
+    """A salted bijection of int64 values (wrapping arithmetic): xor, multiply, xor-shift,
+    multiply. The shift is logical: the sign bits an arithmetic shift brings in are masked."""
+    key, m1, m2 = spec.mixers()
+    x = (x ^ key) * m1
+    x = x ^ ((x >> 29) & LOW35)
+    return x * m2
+
+
+def fingerprints(images: torch.Tensor, spec: FingerprintSpec) -> torch.Tensor:
+    """(n, ...) images in [0, 1] -> (n, top) int64 fingerprints, descending, ``EMPTY``-padded.
+
+    Runs on the images' device: a packing, a mix, one sort (numpy's on the CPU: several times
+    faster than torch's there), then the first ``top`` distinct values by a running count.
     """
+    if images.shape[0] == 0:
+        return torch.full((0, spec.top), EMPTY, dtype=torch.int64, device=images.device)
     q = quantise(images, spec)
-    windows = q.unfold(1, spec.window, 1)  # (n, D - window + 1, window)
-    multipliers = torch.from_numpy(spec.multipliers()).to(q.device)
-    hashes = (windows * multipliers).sum(dim=2)  # int64: wraps modulo 2**64
-    ordered = hashes.sort(dim=1, descending=True).values
-    repeated = torch.zeros_like(ordered, dtype=torch.bool)
-    repeated[:, 1:] = ordered[:, 1:] == ordered[:, :-1]
-    distinct = ordered.masked_fill(repeated, EMPTY).sort(dim=1, descending=True).values
-    top = distinct[:, : spec.top]
-    if top.shape[1] < spec.top:
-        pad = torch.full((top.shape[0], spec.top - top.shape[1]), EMPTY, device=top.device)
-        top = torch.cat([top, pad], dim=1)
-    return top
+    if q.shape[1] < spec.window:
+        raise ValueError(f"an image of {q.shape[1]} values is shorter than the window")
+    hashes = mixed(packed(q, spec.window, spec.bits), spec)
+    if hashes.device.type == "cpu":
+        ordered = torch.from_numpy(np.ascontiguousarray(np.sort(hashes.numpy(), axis=1)[:, ::-1]))
+    else:
+        ordered = hashes.sort(dim=1, descending=True).values
+    distinct = torch.ones_like(ordered, dtype=torch.bool)
+    distinct[:, 1:] = ordered[:, 1:] != ordered[:, :-1]
+    rank = distinct.cumsum(1) - 1
+    kept = distinct & (rank < spec.top)
+    out = torch.full((ordered.shape[0], spec.top + 1), EMPTY, dtype=torch.int64, device=q.device)
+    out.scatter_(1, torch.where(kept, rank, spec.top), ordered)  # the rest land in a spare column
+    return out[:, : spec.top]
 
 
 def fingerprint_reference(image: np.ndarray, spec: FingerprintSpec) -> list[int]:
@@ -83,11 +133,12 @@ def fingerprint_reference(image: np.ndarray, spec: FingerprintSpec) -> list[int]
     distinct window hashes, as signed 64-bit values, descending."""
     pixels = np.rint(np.clip(np.asarray(image, np.float64).ravel(), 0, 1) * 255).astype(int)
     q = [(int(p) + spec.offset) // spec.step for p in pixels]
-    mult = [int(m) & MASK64 for m in spec.multipliers()]
+    key, m1, m2 = (v & MASK64 for v in spec.mixers())
     hashes = set()
     for start in range(len(q) - spec.window + 1):
-        value = sum(a * b for a, b in zip(q[start : start + spec.window], mult, strict=True))
-        value &= MASK64
-        hashes.add(value - (1 << 64) if value >= 1 << 63 else value)
+        value = sum(v << (spec.bits * j) for j, v in enumerate(q[start : start + spec.window]))
+        value = ((value ^ key) * m1) & MASK64
+        value = ((value ^ (value >> 29)) * m2) & MASK64
+        hashes.add(_signed(value))
     ordered = sorted(hashes, reverse=True)[: spec.top]
     return ordered + [int(EMPTY)] * (spec.top - len(ordered))

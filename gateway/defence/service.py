@@ -1,14 +1,19 @@
 """The stateful defence on the request path: admit or refuse by rung, then weigh each image.
 
 Before a request is decoded, ``admit`` looks up the client's rung: ``throttle`` lets one request
-through per ``throttle_interval_s`` (the others get 429 with ``Retry-After``), ``refuse`` answers
-403 with reason ``contained``. After the batch ran, ``observe`` takes each image's fingerprint
-(computed on the device in the batch), finds the remembered query it nearly duplicates, records
-the evidence (verdict flagged, probe, the client it links to) and remembers the query. An exact
-resend of the client's own query (same fingerprint, same client) is a retry, not a probe; an
-honest re-encode of a picture matches once, and the sequential test lets that pass. The rung
-returned is what the data plane enforces on this response (``strict``: suspicious images are
-withheld too).
+through per ``throttle_interval_s`` per campaign (the others get 429 with ``Retry-After``),
+``refuse`` answers 403 with reason ``contained``. After the batch ran, ``observe`` takes each
+image's fingerprint (computed on the device in the batch), finds the remembered query it nearly
+duplicates, scores its embedding against the client's history (k-NN), records the evidence
+(verdict flagged, probe, near, the client it links to) and remembers the query; ``enforce``
+then applies the rung to this response, so a fresh identity whose first query links it to a
+contained campaign is refused (or throttled with the campaign) before it is answered.
+
+An exact resend (same bytes) is a retry: neither evidence nor remembered. A near-duplicate of a
+query that was itself fresh is a one-off (an honest re-encode of a picture, a popular picture
+sent again): remembered as the next link of a chain but not a probe; a near-duplicate of a
+chained query is a probe. An attack's queries are a long chain, so it loses one query of
+evidence; an honest client's re-encodes are not evidence at all.
 """
 
 from __future__ import annotations
@@ -24,8 +29,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from gateway.defence.evidence import OBSERVE, REFUSE, THROTTLE, Ladder, LadderSpec
+from gateway.defence.evidence import OBSERVE, REFUSE, STRICT, THROTTLE, Ladder, LadderSpec
 from gateway.defence.fingerprint import FingerprintSpec
+from gateway.defence.knn import Histories, KnnSpec
 from gateway.defence.probe_index import ProbeIndex
 from gateway.errors import Forbidden, TooManyRequests
 from gateway.monitoring.metrics import Metrics
@@ -50,6 +56,16 @@ class Observation:
     rung: str
     probes: int  # images of the request that nearly duplicate a remembered query
     repeats: dict[int, np.ndarray]  # image index -> the remembered answer to give instead
+    near: int = 0  # images the k-NN detector found close to the client's earlier queries
+
+
+@dataclass(frozen=True)
+class Embedded:
+    """A request's embeddings and the model's calibrated k-NN detector."""
+
+    model: str  # name and version: histories are per embedding space
+    spec: KnnSpec
+    embeddings: np.ndarray  # (n, E) float32
 
 
 class DefenceService:
@@ -63,6 +79,7 @@ class DefenceService:
             settings.probe_ttl_s,
         )
         self.ladder = Ladder(spec or LadderSpec(), max_clients=settings.max_tracked_clients)
+        self.histories = Histories(settings.knn_clients)
         self.metrics = metrics
         self.throttle_interval_s = settings.throttle_interval_s
         self.repeat = settings.probe_response == "repeat"
@@ -82,9 +99,11 @@ class DefenceService:
         caller holds ``lock``."""
         members = self.ladder.campaign(client)
         self.ladder.release(client)
+        self._last_admitted.pop(self.ladder.root(client), None)
         for member in members:
             self._rungs.pop(member, None)
             self._last_admitted.pop(member, None)
+            self.histories.forget(member)
         log.warning("containment lifted by an admin: %s", ", ".join(members[:20]))
         return members
 
@@ -111,31 +130,56 @@ class DefenceService:
             account.probes if account else 0,
         )
 
-    def admit(self, client: str | None) -> None:
-        """Raises ``Contained`` (403) or ``TooManyRequests`` (429) for a contained client."""
+    def admit(self, client: str | None) -> str | None:
+        """Raises ``Contained`` (403) or ``TooManyRequests`` (429) for a contained client;
+        returns the campaign charged for a throttled client's admission (for ``enforce``)."""
         if client is None:
-            return
+            return None
         with self.lock:
             rung = self.ladder.rung(client)
             if rung == REFUSE:
                 self.refuse()
-            if rung == OBSERVE:
-                return
-            now = time.monotonic()
-            last = self._last_admitted.get(client)
-            if rung == THROTTLE or last is not None:
-                wait = 0.0 if last is None else last + self.throttle_interval_s - now
-                if wait > 0:
-                    self.metrics.defence_refused.labels(THROTTLE).inc()
-                    raise TooManyRequests(
-                        "this client is throttled: its queries probe the model",
-                        math.ceil(wait),
-                        {"reason": "throttled"},
-                    )
-            self._last_admitted[client] = now
-            self._last_admitted.move_to_end(client)
-            if len(self._last_admitted) > self.ladder.max_clients:
-                self._last_admitted.popitem(last=False)
+            if rung == OBSERVE and client not in self._last_admitted:
+                return None
+            campaign = self.ladder.root(client)
+            self._charge(campaign, rung == OBSERVE)
+            return campaign
+
+    def _charge(self, campaign: str, released: bool) -> None:
+        """One admission of a throttled campaign per interval: 429 for the rest (caller holds
+        ``lock``). A client back at ``observe`` after throttling waits out its interval."""
+        now = time.monotonic()
+        last = self._last_admitted.get(campaign)
+        wait = 0.0 if last is None else last + self.throttle_interval_s - now
+        if wait > 0:
+            self.metrics.defence_refused.labels(THROTTLE).inc()
+            raise TooManyRequests(
+                "this client is throttled: its queries probe the model",
+                math.ceil(wait),
+                {"reason": "throttled"},
+            )
+        if released:
+            self._last_admitted.pop(campaign, None)
+            return
+        self._last_admitted[campaign] = now
+        self._last_admitted.move_to_end(campaign)
+        if len(self._last_admitted) > self.ladder.max_clients:
+            self._last_admitted.popitem(last=False)
+
+    def enforce(self, client: str | None, rung: str, charged: str | None) -> None:
+        """Applies the rung ``observe`` returned to this response: 403 when the client (or the
+        campaign its queries just linked it to) is refused; when throttled, the admission is
+        charged to the campaign unless ``admit`` already did (a fresh identity's first query
+        shares its campaign's interval: 429)."""
+        if client is None:
+            return
+        if rung == REFUSE:
+            self.refuse()
+        if rung in (THROTTLE, STRICT):
+            with self.lock:
+                campaign = self.ladder.root(client)
+                if charged != campaign:
+                    self._charge(campaign, released=False)
 
     def observe(
         self,
@@ -146,36 +190,54 @@ class DefenceService:
         answers: np.ndarray | None = None,
         answer_key: int = 0,
         flag_rate: float | None = None,
+        embedded: Embedded | None = None,
     ) -> Observation:
         """Weighs one request's images: ``prints`` (n, S) int64, one verdict per image, and the
         input rows (n, ...) whose raw bytes tell an exact resend (a retry, by anyone: the same
         picture sent again) from an attack's next step (a near-duplicate with new pixels).
         ``answers`` (n, A) float32 are the predictions about to be served, kept for the
         ``repeat`` response under ``answer_key`` (model, version, outputs); ``flag_rate`` is
-        the model's honest rate of suspicious-or-worse verdicts (its review tier's FPR)."""
+        the model's honest rate of suspicious-or-worse verdicts (its review tier's FPR);
+        ``embedded`` carries the embeddings for the model's k-NN detector, if it has one."""
         key = client or "(anonymous)"
-        rung, probes, repeats = OBSERVE, 0, {}
+        rung, probes, nears, repeats = OBSERVE, 0, 0, {}
         with self.lock:
             for i, (row, verdict, image) in enumerate(zip(prints, verdicts, inputs, strict=True)):
                 content = content_hash(image)
                 match = self.index.match(row)
-                retry = match is not None and match.content == content
-                probe = match is not None and not retry
+                if match is not None and match.content == content:
+                    continue  # a retry: the same bytes again, already weighed once
+                probe = match is not None and match.depth > 0
                 probes += probe
+                near = None
+                if embedded is not None:
+                    near = bool(
+                        self.histories.near(
+                            key, embedded.model, embedded.spec, embedded.embeddings[i : i + 1]
+                        )[0]
+                    )
+                    nears += near
                 linked = match.client if probe and match is not None else None
-                rung = self.ladder.observe(key, verdict in FLAGGED, probe, linked, flag_rate)
+                rung = self.ladder.observe(
+                    key,
+                    verdict in FLAGGED,
+                    probe,
+                    linked,
+                    flag_rate,
+                    near,
+                    embedded.spec.fpr if embedded is not None else None,
+                )
                 given = None
-                if self.repeat and probe and match is not None and answers is not None:
+                if self.repeat and match is not None and answers is not None:
                     given = self.index.answer(match.slot, answer_key, answers.shape[1])
                     if given is not None:
                         repeats[i] = given
-                if not retry:
-                    slot = self.index.add(row, key, content)
-                    if answers is not None:  # what this query is answered: the repeat, if any
-                        self.index.keep_answer(
-                            slot, answer_key, answers[i] if given is None else given
-                        )
+                depth = 0 if match is None else match.depth + 1
+                slot = self.index.add(row, key, content, depth)
+                if answers is not None:  # what this query is answered: the repeat, if any
+                    self.index.keep_answer(slot, answer_key, answers[i] if given is None else given)
+            rung = self.ladder.rung(key)
             self._log_transition(key, rung)
         if probes:
             self.metrics.defence_probes.inc(probes)
-        return Observation(rung, probes, repeats)
+        return Observation(rung, probes, repeats, nears)

@@ -4,8 +4,9 @@ Three clean sets, kept apart (``models.data`` for the bundled digits model, ``.n
 any other): the *training* split fits the Mahalanobis detector's class Gaussian (when the policy
 uses it); the *calibration* split fits the clean tails and the tiers; the held-out *test* split
 only measures: the realised false-positive rate of each tier, with its Clopper-Pearson 95 %
-upper bound. Writes ``calibration.json``, ``mahalanobis.safetensors`` and the drift reference
-profile (``reference.safetensors``).
+upper bound. Writes ``calibration.json``, ``mahalanobis.safetensors``, the drift reference
+profile (``reference.safetensors``) and the stateful defence's k-NN threshold (``knn.json``, at
+clean FPR ``KNN_FPR`` on the calibration split's embeddings).
 
 An ``.npz`` file holds ``images`` (uint8 pixels, or floats in [0, 1], shaped like the model's
 input) and, for the training set, ``labels`` (int, one per image).
@@ -20,6 +21,7 @@ import numpy as np
 import torch
 
 from gateway.backends.torch_backend import TorchBackend
+from gateway.defence import knn
 from gateway.monitoring.reference import build_profile
 from gateway.registry import pick_device
 from gateway.repository import ConfigError, ModelRepository
@@ -31,6 +33,7 @@ from gateway.screening.policy import from_config
 from gateway.screening.tail import UnsupportedTarget, check_target, samples_needed, smallest_fpr
 
 GRID = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1)
+KNN_FPR = 0.001  # Chen, Carlini & Wagner's 0.1th percentile of benign k-NN distances
 """Rates always measured beside the tiers, so a tier moved in the config has a measured rate."""
 SPLIT_NAMES = {"train": "3,000", "calibration": "1,000", "test": "1,000"}
 
@@ -190,4 +193,11 @@ def calibrate_model(
     paths = [calibration.save(folder), profile.save(folder)]
     if gaussian is not None:
         paths.append(gaussian.save(folder))
+    if all(e is not None for e in embeddings):  # the stateful defence's k-NN detector
+        classes = torch.cat([r.probs for r in results]).argmax(1).cpu().numpy()
+        try:
+            spec = knn.calibrate(torch.cat(embeddings).float().cpu().numpy(), classes, KNN_FPR)
+        except ValueError as exc:
+            raise UnsupportedTarget(f"the k-NN detector: {exc} (from {source})") from None
+        paths.append(spec.save(folder))
     return calibration, paths

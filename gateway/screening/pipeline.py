@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gateway.defence.fingerprint import FingerprintSpec, fingerprints
+from gateway.defence.knn import KnnSpec
 from gateway.screening import detectors as registry
 from gateway.screening.calibration import Calibration, Combiner
 from gateway.screening.detectors import Detector, ScreenInputs
@@ -66,6 +67,7 @@ class ScreenedClassifier:
         self.targets: dict[str, float] | None = None
         self.thresholds: dict[str, float] | None = None
         self.fingerprint_spec: FingerprintSpec | None = None  # set when the defence is on
+        self.knn: KnnSpec | None = None  # the calibrated k-NN detector, when the version has one
         self.combiner = Combiner.on(calibration, device) if calibration else None
 
     def forward_features(

@@ -22,16 +22,26 @@ def service() -> DefenceService:
     )
 
 
-def test_an_exact_resend_is_a_retry_and_a_step_is_a_probe() -> None:
+def test_a_retry_is_nothing_a_one_off_near_duplicate_is_no_probe_and_a_chain_is() -> None:
     defence = service()
     image = to_float(load_split("test")[0][:1])
     prints = fingerprints(torch.from_numpy(image), defence.fingerprint_spec).numpy()
     assert defence.observe("a", prints, ["clean"], image).probes == 0
     assert defence.observe("b", prints, ["clean"], image.copy()).probes == 0  # same bytes
-    step = image.copy()
-    step[0, 0, 14, 10:14] += 0.01  # new bytes, same quantised picture: an attack's next step
-    step_prints = fingerprints(torch.from_numpy(step), defence.fingerprint_spec).numpy()
-    assert defence.observe("c", step_prints, ["clean"], step).probes == 1
+    assert defence.ladder.account("b") is None  # a retry is not even evidence
+    steps = []
+    for i in range(3):  # new bytes, same quantised picture: an attack's next steps
+        step = image.copy()
+        step[0, 0, 14, 10 + i] += 0.01
+        steps.append(step)
+    observed = []
+    for step in steps:
+        step_prints = fingerprints(torch.from_numpy(step), defence.fingerprint_spec).numpy()
+        observed.append(defence.observe("c", step_prints, ["clean"], step).probes)
+    # the first near-duplicate of a fresh picture is a one-off (an honest re-encode looks the
+    # same); every later link of the chain is a probe
+    assert observed == [0, 1, 1]
+    assert defence.ladder.account("c").probes == 2
 
 
 def test_the_rungs_answer_429_with_retry_after_then_403() -> None:

@@ -1,0 +1,147 @@
+"""Per-client k-nearest-neighbour distance on the model's own embeddings.
+
+Chen, Carlini & Wagner, "Stateful Detection of Black-Box Adversarial Attacks" (SPAI 2020,
+arXiv 1907.05587): a query-based attack sends many queries close to each other, so the mean
+distance from a client's new query to the ``k`` nearest of its earlier queries falls far below
+what natural images show. The paper encodes queries with a separately trained similarity
+encoder; here the encoder is the served model's penultimate layer (the embedding the screening
+already computes), and the threshold is calibrated at ``bastion calibrate`` on clean images at
+a target false-positive rate (the paper's 0.1th percentile of benign distances).
+
+The benign distances are measured against histories of the *same predicted class*: an honest
+client that only ever sends one kind of picture (a cheque reader's sevens) is the hardest
+honest case for this test, and the threshold is set for it. The history is per client (an
+attacker with many identities escapes it; the content fingerprints do not care about identity),
+a ring of ``history`` embeddings in float16, for at most ``clients`` clients (least recently
+seen forgotten): memory is bounded by configuration.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import OrderedDict
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+FILENAME = "knn.json"
+
+
+@dataclass(frozen=True)
+class KnnSpec:
+    """A calibrated detector: ``threshold`` on the mean L2 distance (embedding units) to the
+    ``k`` nearest of the client's last ``history`` queries, set at clean FPR ``fpr``."""
+
+    k: int
+    history: int
+    threshold: float
+    fpr: float
+    samples: int  # benign distances the threshold was taken from
+
+    def __post_init__(self) -> None:
+        if not (1 <= self.k <= self.history and self.threshold > 0 and 0 < self.fpr < 1):
+            raise ValueError(f"invalid k-NN detector {self}")
+
+    def save(self, folder: Path) -> Path:
+        path = folder / FILENAME
+        path.write_text(json.dumps(asdict(self), indent=2) + "\n")
+        return path
+
+    @classmethod
+    def load(cls, folder: Path) -> KnnSpec | None:
+        """The version's calibrated detector, or None when it has none (calibrated before the
+        detector existed: the fingerprints still guard it). Raises ``ValueError`` when the file
+        is unreadable."""
+        path = folder / FILENAME
+        if not path.is_file():
+            return None
+        try:
+            fields = json.loads(path.read_text())
+            return cls(**{name: fields[name] for name in cls.__dataclass_fields__})
+        except (OSError, KeyError, TypeError, json.JSONDecodeError) as exc:
+            raise ValueError(f"{path}: {exc}") from None
+
+
+def mean_knn_distance(history: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
+    """(m, E) earlier embeddings, (n, E) new ones -> (n,) mean L2 distance from each new one to
+    its ``k`` nearest earlier ones (all of them when fewer than ``k``; inf when none)."""
+    if len(history) == 0:
+        return np.full(len(queries), np.inf)
+    h, q = history.astype(np.float32), queries.astype(np.float32)
+    squared = (q * q).sum(1)[:, None] - 2 * q @ h.T + (h * h).sum(1)[None, :]
+    distances = np.sqrt(np.maximum(squared, 0))
+    k = min(k, distances.shape[1])
+    nearest = np.partition(distances, k - 1, axis=1)[:, :k]
+    return nearest.mean(axis=1)
+
+
+def calibrate(
+    embeddings: np.ndarray,
+    classes: np.ndarray,
+    fpr: float = 0.001,
+    k: int = 10,
+    history: int = 100,
+    draws: int = 4,
+    seed: int = 0,
+) -> KnnSpec:
+    """The threshold at clean FPR ``fpr``: each clean embedding (N, E) is scored ``draws``
+    times against ``history`` other clean embeddings of its own predicted class (``classes``,
+    (N,) int). Raises ``ValueError`` when the data cannot support the rate (fewer than 1/fpr
+    benign distances) or a class has fewer than ``k + 1`` images."""
+    rng = np.random.default_rng(seed)
+    scores = []
+    for label in np.unique(classes):
+        members = np.flatnonzero(classes == label)
+        if len(members) <= k:
+            raise ValueError(f"class {label} has {len(members)} clean images; need > {k}")
+        for _ in range(draws):
+            for i in members:
+                others = members[members != i]
+                past = rng.choice(others, size=min(history, len(others)), replace=False)
+                scores.append(mean_knn_distance(embeddings[past], embeddings[i : i + 1], k)[0])
+    if len(scores) * fpr < 1:
+        raise ValueError(f"{len(scores)} benign distances cannot support a clean FPR of {fpr}")
+    threshold = float(np.quantile(np.asarray(scores), fpr))
+    return KnnSpec(k, history, threshold, fpr, len(scores))
+
+
+class Histories:
+    """Each client's last embeddings per model, bounded; not thread-safe (one owner)."""
+
+    def __init__(self, clients: int = 4096) -> None:
+        self.clients = clients
+        self._rings: OrderedDict[tuple[str, str], tuple[np.ndarray, list[int]]] = OrderedDict()
+
+    def near(self, client: str, model: str, spec: KnnSpec, embeddings: np.ndarray) -> np.ndarray:
+        """(n, E) new embeddings of one request, in order -> (n,) bool: is each closer to the
+        client's earlier queries than ``spec.threshold``? Each is then remembered, so the
+        request's later images are compared with its earlier ones too. No verdict before the
+        client has ``k`` earlier queries."""
+        key = (client, model)
+        entry = self._rings.get(key)
+        if entry is None or entry[0].shape != (spec.history, embeddings.shape[1]):
+            entry = (np.zeros((spec.history, embeddings.shape[1]), np.float16), [0, 0])
+            self._rings[key] = entry
+            if len(self._rings) > self.clients:
+                self._rings.popitem(last=False)
+        self._rings.move_to_end(key)
+        ring, state = entry  # state: [next slot, how many filled]
+        flags = np.zeros(len(embeddings), dtype=bool)
+        for i, embedding in enumerate(embeddings):
+            filled = state[1]
+            if filled >= spec.k:
+                distance = mean_knn_distance(ring[:filled], embedding[None], spec.k)[0]
+                flags[i] = distance < spec.threshold
+            ring[state[0]] = embedding
+            state[0] = (state[0] + 1) % spec.history
+            state[1] = min(filled + 1, spec.history)
+        return flags
+
+    def forget(self, client: str) -> None:
+        for key in [key for key in self._rings if key[0] == client]:
+            del self._rings[key]
+
+    def memory_bytes(self, embedding_dims: int, history: int) -> int:
+        """The most the histories can hold: ``clients`` rings of float16 embeddings."""
+        return self.clients * history * embedding_dims * 2
