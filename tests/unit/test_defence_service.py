@@ -82,3 +82,27 @@ def test_repeat_answers_a_probe_with_the_remembered_answer() -> None:
     np.testing.assert_array_equal(repeated[0], first[0])  # the prober learns nothing new
     other_model = defence.observe("b", prints, ["clean"], step + 0.001, fresh, 8).repeats
     assert other_model == {}  # an answer is repeated only to queries of the same model
+
+
+def test_a_fresh_identity_linked_to_a_throttled_campaign_shares_its_interval() -> None:
+    """A rotating attacker's new identity passes ``admit`` (nobody knows it yet); once its
+    query links it to a throttled campaign, ``enforce`` charges the campaign: 429."""
+    defence = service()
+    image = to_float(load_split("test")[0][:1])
+    spec = defence.fingerprint_spec
+    rung, i = OBSERVE, 0
+    while rung == OBSERVE:  # one identity walks until the campaign is throttled
+        step = image.copy()
+        step.flat[i] = 0.002 * (i + 1)
+        prints = fingerprints(torch.from_numpy(step), spec).numpy()
+        rung = defence.observe("walker-0", prints, ["clean"], step).rung
+        i += 1
+    defence.enforce("walker-0", rung, defence.admit("walker-0"))  # its one admission
+    step = image.copy()
+    step.flat[i] = 0.5
+    prints = fingerprints(torch.from_numpy(step), spec).numpy()
+    charged = defence.admit("walker-1")  # unknown: admitted
+    observed = defence.observe("walker-1", prints, ["clean"], step)
+    assert "walker-0" in defence.ladder.campaign("walker-1")
+    with pytest.raises((TooManyRequests, Contained)):
+        defence.enforce("walker-1", observed.rung, charged)

@@ -108,3 +108,9 @@ def test_a_large_index_stays_within_two_kilobytes_per_query() -> None:
 def test_fingerprints_run_on_the_readme_samples(kind: str) -> None:
     x, _ = samples.load(kind)
     assert fingerprints(torch.from_numpy(x), SPEC).shape == (len(x), SPEC.top)
+
+
+def test_a_window_that_cannot_pack_into_64_bits_is_refused() -> None:
+    assert FingerprintSpec(step=50, window=20).bits == 3  # buckets 0..6
+    with pytest.raises(ValueError):
+        FingerprintSpec(step=10, window=20)  # 26 buckets: 5 bits x 20 values

@@ -93,3 +93,44 @@ def test_a_model_with_a_looser_review_tier_needs_more_flags_to_contain() -> None
     no_probe = math.log(0.5 / 0.999)  # each image is also "not a probe" on the other stream
     assert strict_model.account("c").statistic == pytest.approx(8 * (math.log(10) + no_probe))
     assert loose_model.account("c").statistic == pytest.approx(8 * (math.log(5) + no_probe))
+
+
+def test_a_linked_honest_client_is_not_framed_by_the_campaign_that_linked_it() -> None:
+    """An attacker whose probes match an honest client's pictures links that client into its
+    campaign; the campaign's rung binds only members that sent probes themselves."""
+    ladder = Ladder()
+    ladder.observe("honest", flagged=False, probe=False)
+    for i in range(12):  # every probe of the attacker matches the honest client's query
+        ladder.observe(f"sybil-{i}", flagged=False, probe=True, linked="honest")
+    assert "honest" in ladder.campaign("sybil-0")
+    assert ladder.rung("sybil-11") == REFUSE
+    assert ladder.rung("honest") == OBSERVE
+
+
+def test_honest_clients_linked_by_chance_pool_honest_rates_and_stay_observed() -> None:
+    """200 honest clients linked by chance into campaigns (popular pictures) keep one pooled
+    CUSUM per campaign at the honest rates: it stays at the bottom, as a sum of the members'
+    statistics would not."""
+    rng = np.random.default_rng(1)
+    spec = LadderSpec()
+    ladder = Ladder(spec)
+    highest = 0.0
+    for step in range(40_000):
+        client = f"c{rng.integers(200)}"
+        probe = bool(rng.random() < spec.probe_rate)
+        linked = f"c{rng.integers(200)}" if probe or step < 400 else None
+        rung = ladder.observe(client, bool(rng.random() < spec.flag_rate), probe, linked)
+        assert rung == OBSERVE
+        highest = max(highest, ladder.campaign_statistic(client))
+    assert max(len(ladder.campaign(f"c{i}")) for i in range(200)) >= 100
+    assert highest < spec.throttle_at - math.log(100), highest
+
+
+def test_the_k_nn_stream_adds_evidence_only_where_a_detector_answered() -> None:
+    spec = LadderSpec()
+    with_near, without = Ladder(spec), Ladder(spec)
+    for _ in range(5):
+        with_near.observe("c", flagged=False, probe=False, near=True, near_rate=0.001)
+        without.observe("c", flagged=False, probe=False, near=None)
+    assert with_near.account("c").near == 5 and without.account("c").statistic == 0.0
+    assert with_near.rung("c") != OBSERVE  # five k-NN hits at a 0.1 % clean rate

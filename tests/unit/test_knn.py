@@ -1,0 +1,87 @@
+"""The per-client k-NN detector (Chen, Carlini & Wagner): calibrated on clean embeddings, it
+flags an attack's clustered queries and leaves held-out honest streams alone."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from gateway.defence.knn import FILENAME, Histories, KnnSpec, calibrate, mean_knn_distance
+from models.data import load_split, to_float
+from models.weights import load_digits
+from models.zoo import ServedClassifier
+
+
+@pytest.fixture(scope="module")
+def embedded() -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    net = ServedClassifier(load_digits()).eval()
+    out = {}
+    for split in ("calibration", "test"):
+        with torch.no_grad():
+            _, probs, embedding = net.forward_embedded(
+                torch.from_numpy(to_float(load_split(split)[0]))
+            )
+        out[split] = (embedding.numpy(), probs.argmax(1).numpy())
+    return out
+
+
+def test_mean_knn_distance_against_a_brute_force_reference() -> None:
+    rng = np.random.default_rng(0)
+    history, queries = rng.normal(size=(30, 8)), rng.normal(size=(4, 8))
+    got = mean_knn_distance(history, queries, 5)
+    for q, value in zip(queries, got, strict=True):
+        distances = sorted(float(np.linalg.norm(h - q)) for h in history)
+        assert value == pytest.approx(np.mean(distances[:5]), rel=1e-4)
+    assert np.isinf(mean_knn_distance(history[:0], queries, 5)).all()
+
+
+def test_held_out_single_class_streams_stay_near_the_calibrated_rate(embedded) -> None:
+    spec = calibrate(*embedded["calibration"], fpr=0.001)
+    embeddings, classes = embedded["test"]
+    histories, flags = Histories(), []
+    for label in range(10):  # the hardest honest clients: each sends one class only
+        members = embeddings[classes == label]
+        flags.extend(histories.near(f"c{label}", "m", spec, members).tolist())
+    assert np.mean(flags) <= 0.01, np.mean(flags)
+
+
+def test_an_attacks_clustered_queries_are_near(embedded) -> None:
+    spec = calibrate(*embedded["calibration"], fpr=0.001)
+    net = ServedClassifier(load_digits()).eval()
+    seed = to_float(load_split("test")[0][:1])
+    rng = np.random.default_rng(0)
+    walk = np.clip(seed + rng.normal(0, 0.05, size=(40, 1, 28, 28)), 0, 1).astype(np.float32)
+    with torch.no_grad():
+        _, _, embedding = net.forward_embedded(torch.from_numpy(walk))
+    flags = Histories().near("mallory", "m", spec, embedding.numpy())
+    assert not flags[: spec.k].any()  # no verdict before k earlier queries
+    assert flags[spec.k :].all()
+
+
+def test_histories_are_bounded_and_forgotten() -> None:
+    spec = KnnSpec(k=2, history=4, threshold=1.0, fpr=0.001, samples=1000)
+    histories = Histories(clients=2)
+    for client in "abc":
+        histories.near(client, "m", spec, np.zeros((6, 3), np.float32))
+    assert [key[0] for key in histories._rings] == ["b", "c"]
+    histories.forget("c")
+    assert [key[0] for key in histories._rings] == ["b"]
+    assert histories.memory_bytes(128, 100) == 2 * 100 * 128 * 2
+
+
+def test_the_spec_round_trips_and_a_damaged_file_is_refused(tmp_path) -> None:
+    spec = KnnSpec(k=10, history=100, threshold=6.4, fpr=0.001, samples=4000)
+    assert KnnSpec.load(spec.save(tmp_path).parent) == spec
+    (tmp_path / FILENAME).write_text(json.dumps({"k": 10}))
+    with pytest.raises(ValueError):
+        KnnSpec.load(tmp_path)
+    assert KnnSpec.load(tmp_path / "missing") is None
+
+
+def test_too_little_data_for_the_rate_is_refused(embedded) -> None:
+    embeddings, classes = embedded["calibration"]
+    with pytest.raises(ValueError):
+        calibrate(embeddings[:200], classes[:200], fpr=0.0001)
