@@ -11,12 +11,14 @@ below zero:
 
     S <- max(0, S + x log(p1 / p0) + (1 - x) log((1 - p1) / (1 - p0)))
 
-For an honest client the statistic drifts down and sits at zero; an attack's flagged probes push
-it up by ``log(p1 / p0)`` each (about 6.2 for a probe at p0 = 0.1 %, p1 = 50 %). A rung is
+For an honest client the statistic drifts down and sits at zero (each image that is neither a
+probe nor flagged takes about 2.9 off); an attack's probes push it up by ``log(p1 / p0)`` each
+(6.8 for a probe at p0 = 0.1 %, p1 = 90 %: an attack's queries are nearly all probes). A rung is
 reached when S crosses its threshold ``h``. For CUSUM the average number of honest observations
-before a false crossing is at least ``exp(h)`` (Lorden 1971), so a threshold ``h`` contains an
-honest client with probability at most ``n exp(-h)`` over ``n`` of its images: the defaults
-(``h`` = ln 1e9 for throttling) bound it by 1e-4 over 100,000 images.
+before a false crossing is at least ``exp(h)`` (Lorden 1971), so a threshold ``h`` reaches an
+honest client with probability at most ``n exp(-h)`` over ``n`` of its images. The defaults bound
+it, over 100,000 honest images, by 1e-3 for throttling (``h`` = ln 1e8: one request a second,
+reached by an attack's third probe), 1e-6 for strict and 1e-9 for refusal (containment).
 
 Clients whose probes match each other's queries are linked into one campaign (union-find). A
 campaign has its own CUSUM over its members' pooled observations (on linking, the larger of the
@@ -45,12 +47,12 @@ class LadderSpec:
     flag_rate: float = 0.05  # honest rate of suspicious-or-worse verdicts: the review tier's FPR
     flag_attack_rate: float = 0.5
     probe_rate: float = 0.001  # honest rate of chained near-duplicates (not retries)
-    probe_attack_rate: float = 0.5
+    probe_attack_rate: float = 0.9
     near_rate: float = 0.001  # honest rate of k-NN hits: the detector's calibrated clean FPR
     near_attack_rate: float = 0.5
-    throttle_at: float = math.log(1e9)
-    strict_at: float = math.log(1e12)
-    refuse_at: float = math.log(1e15)
+    throttle_at: float = math.log(1e8)
+    strict_at: float = math.log(1e11)
+    refuse_at: float = math.log(1e14)
 
     def __post_init__(self) -> None:
         for p0, p1 in (
@@ -90,9 +92,10 @@ class LadderSpec:
             return STRICT
         return THROTTLE if statistic >= self.throttle_at else OBSERVE
 
-    def false_containment_bound(self, images: int) -> float:
-        """Upper bound on the chance an honest client reaches throttling within ``images``."""
-        return min(1.0, images * math.exp(-self.throttle_at))
+    def false_containment_bound(self, images: int, rung: str = REFUSE) -> float:
+        """Upper bound on the chance an honest client reaches ``rung`` within ``images``."""
+        at = {THROTTLE: self.throttle_at, STRICT: self.strict_at, REFUSE: self.refuse_at}[rung]
+        return min(1.0, images * math.exp(-at))
 
 
 def _llr(event: bool, p0: float, p1: float) -> float:

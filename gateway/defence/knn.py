@@ -80,7 +80,7 @@ def calibrate(
     embeddings: np.ndarray,
     classes: np.ndarray,
     fpr: float = 0.001,
-    k: int = 10,
+    k: int = 5,
     history: int = 100,
     draws: int = 4,
     seed: int = 0,

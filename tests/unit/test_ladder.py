@@ -15,7 +15,8 @@ def test_simulated_honest_clients_are_never_contained() -> None:
     """400 honest clients x 2,500 images, flagged at the review tier's rate and sending
     near-duplicates (re-encodes) at the honest probe rate: none leaves ``observe``, and the
     highest statistic any reached stays far below the throttle threshold. The test is set for at
-    most 1e-4 false containments per client over 100,000 images (Lorden's bound)."""
+    most 1e-3 false throttlings and 1e-9 false containments per client over 100,000 images
+    (Lorden's bound)."""
     rng = np.random.default_rng(0)
     spec = LadderSpec()
     ladder = Ladder(spec)
@@ -27,15 +28,21 @@ def test_simulated_honest_clients_are_never_contained() -> None:
             assert ladder.observe(f"c{client}", flagged, probe) == OBSERVE
             highest = max(highest, ladder.account(f"c{client}").statistic)
     assert highest < spec.throttle_at - math.log(100), highest  # 100x margin in odds
-    assert spec.false_containment_bound(100_000) == pytest.approx(1e-4)
+    assert spec.false_containment_bound(100_000, THROTTLE) == pytest.approx(1e-3)
+    assert spec.false_containment_bound(100_000) == pytest.approx(1e-9)
 
 
 def test_an_attack_climbs_every_rung_within_a_few_probes() -> None:
     ladder = Ladder()
     rungs = [ladder.observe("mallory", flagged=True, probe=True) for _ in range(12)]
     assert rungs[0] == OBSERVE
-    first = {rung: rungs.index(rung) + 1 for rung in (THROTTLE, STRICT, REFUSE)}
-    assert first[THROTTLE] <= 3 < first[STRICT] <= first[REFUSE] <= 6, first
+    order = {rung: i for i, rung in enumerate((OBSERVE, THROTTLE, STRICT, REFUSE))}
+    first = {
+        rung: next(i + 1 for i, r in enumerate(rungs) if order[r] >= order[rung])
+        for rung in (THROTTLE, STRICT, REFUSE)
+    }
+    assert first[THROTTLE] <= 3 and first[THROTTLE] <= first[STRICT] <= first[REFUSE] <= 5, first
+    assert rungs == sorted(rungs, key=order.__getitem__)  # the ladder only climbs
 
 
 def test_probes_alone_contain_even_when_every_verdict_is_clean() -> None:
@@ -87,12 +94,12 @@ def test_a_model_with_a_looser_review_tier_needs_more_flags_to_contain() -> None
     """The flag stream's honest rate is the model's own review tier: at 10 % a flag weighs
     log(5), at 5 % log(10), so the same flags climb slower on the looser model."""
     strict_model, loose_model = Ladder(), Ladder()
-    for _ in range(8):
-        strict_model.observe("c", flagged=True, probe=False, flag_rate=0.05)
-        loose_model.observe("c", flagged=True, probe=False, flag_rate=0.10)
-    no_probe = math.log(0.5 / 0.999)  # each image is also "not a probe" on the other stream
-    assert strict_model.account("c").statistic == pytest.approx(8 * (math.log(10) + no_probe))
-    assert loose_model.account("c").statistic == pytest.approx(8 * (math.log(5) + no_probe))
+    for _ in range(2):
+        strict_model.observe("c", flagged=True, probe=True, flag_rate=0.05)
+        loose_model.observe("c", flagged=True, probe=True, flag_rate=0.10)
+    probe = math.log(0.9 / 0.001)  # each image is also a probe on the other stream
+    assert strict_model.account("c").statistic == pytest.approx(2 * (math.log(10) + probe))
+    assert loose_model.account("c").statistic == pytest.approx(2 * (math.log(5) + probe))
 
 
 def test_a_linked_honest_client_is_not_framed_by_the_campaign_that_linked_it() -> None:
@@ -129,8 +136,9 @@ def test_honest_clients_linked_by_chance_pool_honest_rates_and_stay_observed() -
 def test_the_k_nn_stream_adds_evidence_only_where_a_detector_answered() -> None:
     spec = LadderSpec()
     with_near, without = Ladder(spec), Ladder(spec)
-    for _ in range(5):
+    for _ in range(8):
         with_near.observe("c", flagged=False, probe=False, near=True, near_rate=0.001)
         without.observe("c", flagged=False, probe=False, near=None)
-    assert with_near.account("c").near == 5 and without.account("c").statistic == 0.0
-    assert with_near.rung("c") != OBSERVE  # five k-NN hits at a 0.1 % clean rate
+    assert with_near.account("c").near == 8 and without.account("c").statistic == 0.0
+    # eight k-NN hits at a 0.1 % clean rate contain even a walk the fingerprints miss
+    assert with_near.rung("c") != OBSERVE
