@@ -218,11 +218,11 @@ class Settings(BaseSettings):
         100_000, ge=1, description="Clients whose evidence is kept (least recently seen go)."
     )
     knn_clients: int = Field(
-        4096,
+        1024,
         ge=1,
         le=1_000_000,
         description="Clients whose recent embeddings the k-NN detector keeps (a ring of the "
-        "calibrated history per client and model, float16: 25 KB each for the digits model).",
+        "calibrated history per client and model, float32: 51 KB each for the digits model).",
     )
     review_backlog: int = Field(
         1024,

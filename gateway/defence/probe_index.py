@@ -1,5 +1,7 @@
 """A bounded, expiring index of recent query fingerprints from every client (Blacklight's store).
 
+The hash-table loops live in ``probe_table`` (compiled by numba when it is installed).
+
 Each remembered query occupies one slot of a ring of ``capacity`` slots (where its ``top`` hashes
 sit in the table, the client, the time). An open-addressing hash table (numpy arrays, linear
 probing, backward-shift deletion: Knuth, TAOCP vol. 3, algorithm 6.4R) maps each hash to the
@@ -20,9 +22,11 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
+from gateway.defence import probe_table
 from gateway.defence.fingerprint import EMPTY
 
 
@@ -49,7 +53,9 @@ class ProbeIndex:
         ttl_s: float = 3600.0,
         clock: Callable[[], float] = time.monotonic,
         answer_floats: int = 32,
+        compiled: bool | None = None,
     ) -> None:
+        """``compiled``: run the table loops compiled (numba); None: when numba is installed."""
         if capacity < 1 or not 1 <= threshold <= top or ttl_s <= 0:
             raise ValueError("need capacity >= 1, 1 <= threshold <= top, ttl_s > 0")
         self.capacity, self.top, self.threshold = capacity, top, threshold
@@ -66,7 +72,8 @@ class ProbeIndex:
         self._answer_keys = np.zeros(capacity, dtype=np.int64)
         self._depths = np.zeros(capacity, dtype=np.uint8)
         self._next = 0
-        self._searched: tuple[list[int], list[int]] | None = None  # match()'s, for add()
+        # match()'s search (the row, its hashes, where each is or would go), for add()
+        self._searched: tuple[Any, Any] | None = None
         # load factor at most 3/4: linear probing stays short (Knuth: ~2.5 probes per hit)
         size = 1 << max(4, (4 * capacity * top // 3 - 1).bit_length())
         self._mask = size - 1
@@ -76,10 +83,15 @@ class ProbeIndex:
         self._keys = np.full(size, EMPTY, dtype=np.int64)
         # which slot holds each entry, and which of its row's hashes it is: slot * top + column
         self._holders = np.full(size, -1, dtype=np.int32 if capacity * top < 2**31 else np.int64)
-        # the probe loops read and write single entries: a memoryview's item access is several
-        # times cheaper than a numpy scalar's, and writes go to the same memory
-        self._key_view, self._holder_view = memoryview(self._keys), memoryview(self._holders)
-        self._place_view = memoryview(self._places.reshape(-1))
+        self.compiled = probe_table.JIT if compiled is None else compiled
+        if self.compiled and not probe_table.JIT:
+            raise ValueError("compiled table loops need numba: pip install 'bastion-gateway[fast]'")
+        self._ops = probe_table.FAST if self.compiled else probe_table.PLAIN
+        arrays = (self._keys, self._holders, self._places.reshape(-1), self._times)
+        if self.compiled:  # numba takes the arrays themselves
+            self._table = arrays
+        else:  # plain Python: a memoryview's item access is several times a numpy scalar's
+            self._table = tuple(memoryview(a) for a in arrays)
 
     def __len__(self) -> int:
         return int(np.isfinite(self._times).sum())
@@ -92,38 +104,18 @@ class ProbeIndex:
         go, so an ``add`` of the same fingerprint right after needs no second search.
         """
         self._evict(self._next)
-        counts: dict[int, int] = {}
-        keys, holders, mask, top = self._key_view, self._holder_view, self._mask, self.top
-        shift = self._shift
-        values = fingerprint.tolist()
-        positions = []
-        for value in values:
-            if value == EMPTY:
-                positions.append(-1)
-                continue
-            position = (value >> shift) & mask
-            while True:  # linear probing, inlined: this loop is the defence's hot path
-                found = keys[position]
-                if found == value:
-                    slot = holders[position] // top
-                    counts[slot] = counts.get(slot, 0) + 1
-                    break
-                if found == EMPTY:
-                    break
-                position = (position + 1) & mask
-            positions.append(position)
-        self._searched = (values, positions)
-        if not counts or max(counts.values()) < self.threshold:
+        keys, holders, _, times = self._table
+        values = fingerprint if self.compiled else fingerprint.tolist()
+        positions = np.empty(len(values), np.int64) if self.compiled else [0] * len(values)
+        now, search = self._clock(), self._ops["search"]
+        slot, shared = search(keys, holders, times, values, positions, self._shift, self._mask,
+                              self.top, EMPTY, now, self.ttl_s)  # fmt: skip
+        self._searched = (fingerprint, values, positions)
+        if shared < self.threshold:
             return None
-        now = self._clock()
-        for slot, shared in sorted(counts.items(), key=lambda item: -item[1]):
-            if shared < self.threshold:
-                return None
-            age = now - float(self._times[slot])
-            if age <= self.ttl_s:
-                content, depth = int(self._contents[slot]), int(self._depths[slot])
-                return Match(slot, shared, self._clients[slot], age, content, depth)
-        return None
+        age = now - float(self._times[slot])
+        content, depth = int(self._contents[slot]), int(self._depths[slot])
+        return Match(slot, shared, self._clients[slot], age, content, depth)
 
     def keep_answer(self, slot: int, key: int, answer: np.ndarray) -> bool:
         """Keeps the answer a slot's query got (``key`` names model, version and outputs);
@@ -147,75 +139,32 @@ class ProbeIndex:
         """Remembers a query (``depth``: the chain of near-duplicates it ends, 0 when fresh);
         returns its slot. The oldest slot is reused when the ring is full, and its hashes leave
         the table unless a later query holds them."""
+        searched, self._searched = self._searched, None
+        if searched is None or searched[0] is not fingerprint:
+            self.match(fingerprint)  # frees the slot and searches the hashes
+            searched, self._searched = self._searched, None
+        assert searched is not None
+        _, values, positions = searched
         slot = self._next
         self._next = (self._next + 1) % self.capacity
-        values = fingerprint.tolist()
-        searched, self._searched = self._searched, None
-        if searched is not None and searched[0] == values:
-            positions = searched[1]  # match() freed this slot and searched these hashes
-        else:
-            self._evict(slot)
-            positions = [(v >> self._shift) & self._mask for v in values]
         self._times[slot] = self._clock()
         self._clients[slot] = client
         self._contents[slot] = content
         self._answer_keys[slot] = 0
         self._depths[slot] = min(depth, 255)
-        keys, holders, places = self._key_view, self._holder_view, self._place_view
-        mask, base = self._mask, slot * self.top
-        for column, (value, position) in enumerate(zip(values, positions, strict=True)):
-            if value == EMPTY:
-                continue
-            while True:  # from where the search stopped (an earlier hash may have taken it)
-                found = keys[position]
-                if found in (value, EMPTY):
-                    previous = holders[position] if found == value else -1
-                    if previous >= 0:  # the hash moves to its latest holder
-                        places[previous] = -1
-                    keys[position], holders[position] = value, base + column
-                    places[base + column] = position
-                    break
-                position = (position + 1) & mask
+        keys, holders, places, _ = self._table
+        self._ops["insert"](keys, holders, places, values, positions, slot * self.top,
+                            self._mask, EMPTY)  # fmt: skip
         return slot
 
     def _evict(self, slot: int) -> None:
         """Takes a slot's entries out of the table (those no later query holds)."""
         if self._times[slot] == -np.inf:
             return
-        holders, places = self._holder_view, self._place_view
-        base = slot * self.top
-        for column in range(base, base + self.top):
-            position = places[column]
-            if position >= 0:
-                if holders[position] == column:
-                    self._delete(position)
-                places[column] = -1
+        keys, holders, places, _ = self._table
+        self._ops["evict"](keys, holders, places, slot * self.top, self.top, self._shift,
+                           self._mask, EMPTY)  # fmt: skip
         self._times[slot] = -np.inf
-
-    def _delete(self, position: int) -> None:
-        """Backward-shift deletion: later entries of the probe run move up, so no tombstones
-        accumulate and lookups stay short; a moved entry's place is updated in its slot's row."""
-        keys, holders, places, mask = (
-            self._key_view,
-            self._holder_view,
-            self._place_view,
-            self._mask,
-        )
-        shift = self._shift
-        hole, probe = position, (position + 1) & mask
-        while True:
-            key = keys[probe]
-            if key == EMPTY:
-                break
-            home = (key >> shift) & mask
-            # move the entry into the hole unless its home lies cyclically in (hole, probe]
-            if (probe - home) & mask >= (probe - hole) & mask:
-                holder = holders[probe]
-                keys[hole], holders[hole] = key, holder
-                places[holder] = hole
-                hole = probe
-            probe = (probe + 1) & mask
-        keys[hole], holders[hole] = EMPTY, -1
 
     def memory_bytes(self) -> int:
         """What the index holds: fixed at construction."""

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from gateway.defence import knn, probe_table
 from gateway.defence.evidence import OBSERVE, REFUSE, STRICT, THROTTLE, Ladder, LadderSpec
 from gateway.defence.fingerprint import FingerprintSpec
 from gateway.defence.knn import Histories, KnnSpec
@@ -80,6 +81,8 @@ class DefenceService:
         )
         self.ladder = Ladder(spec or LadderSpec(), max_clients=settings.max_tracked_clients)
         self.histories = Histories(settings.knn_clients)
+        probe_table.warm_up()  # numba compiles (or loads) the loops now, not on a query
+        knn.warm_up()
         self.metrics = metrics
         self.throttle_interval_s = settings.throttle_interval_s
         self.repeat = settings.probe_response == "repeat"

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from gateway.defence import probe_table
 from gateway.defence.fingerprint import (
     EMPTY,
     FingerprintSpec,
@@ -114,3 +115,22 @@ def test_a_window_that_cannot_pack_into_64_bits_is_refused() -> None:
     assert FingerprintSpec(step=50, window=20).bits == 3  # buckets 0..6
     with pytest.raises(ValueError):
         FingerprintSpec(step=10, window=20)  # 26 buckets: 5 bits x 20 values
+
+
+@pytest.mark.skipif(not probe_table.JIT, reason="numba is not installed (the 'fast' extra)")
+def test_the_compiled_table_loops_leave_the_same_table_as_the_plain_ones() -> None:
+    """The numba-compiled loops against their plain-Python reference: the same queries (with
+    evictions, shared hashes moving holder, near-duplicates) leave identical tables and give
+    identical matches."""
+    x = to_float(load_split("test")[0][:300])
+    rng = np.random.default_rng(3)
+    steps = np.clip(x[:100] + (rng.random(x[:100].shape) < 0.02) * 0.3, 0, 1)
+    rows = fingerprints(torch.from_numpy(np.concatenate([x, steps])), SPEC).numpy()
+    rows[5, 10:] = EMPTY  # a padded fingerprint too
+    plain = ProbeIndex(capacity=128, compiled=False, clock=lambda: 0.0)
+    fast = ProbeIndex(capacity=128, compiled=True, clock=lambda: 0.0)
+    for row in rows:
+        assert plain.match(row) == fast.match(row)
+        assert plain.add(row, "c") == fast.add(row, "c")
+    for name in ("_keys", "_holders", "_places"):
+        np.testing.assert_array_equal(getattr(plain, name), getattr(fast, name))

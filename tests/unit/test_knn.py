@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 import torch
 
+from gateway.defence import knn
+from gateway.defence.jit import JIT
 from gateway.defence.knn import FILENAME, Histories, KnnSpec, calibrate, mean_knn_distance
 from models.data import load_split, to_float
 from models.weights import load_digits
@@ -69,7 +71,7 @@ def test_histories_are_bounded_and_forgotten() -> None:
     assert [key[0] for key in histories._rings] == ["b", "c"]
     histories.forget("c")
     assert [key[0] for key in histories._rings] == ["b"]
-    assert histories.memory_bytes(128, 100) == 2 * 100 * 128 * 2
+    assert histories.memory_bytes(128, 100) == 2 * 100 * 128 * 4
 
 
 def test_the_spec_round_trips_and_a_damaged_file_is_refused(tmp_path) -> None:
@@ -85,3 +87,16 @@ def test_too_little_data_for_the_rate_is_refused(embedded) -> None:
     embeddings, classes = embedded["calibration"]
     with pytest.raises(ValueError):
         calibrate(embeddings[:200], classes[:200], fpr=0.0001)
+
+
+@pytest.mark.parametrize("fast", [False, True])
+def test_one_querys_loop_equals_the_batched_numpy_distance(fast: bool) -> None:
+    if fast and not JIT:
+        pytest.skip("numba is not installed (the 'fast' extra)")
+    rng = np.random.default_rng(2)
+    ring = rng.normal(size=(100, 128)).astype(np.float32)
+    query = rng.normal(size=128).astype(np.float32)
+    loop = knn.FAST_NEAREST_MEAN if fast else knn.nearest_mean
+    for filled, k in ((100, 5), (7, 5), (3, 5)):
+        expected = mean_knn_distance(ring[:filled], query[None], k)[0]
+        assert loop(ring, filled, query, k) == pytest.approx(expected, rel=1e-5)

@@ -1,0 +1,169 @@
+"""What the stateful defence costs the screened batch: fingerprints on the device, then the
+host's index lookup, evidence and k-NN test per image.
+
+The issue's target: fingerprinting and lookup at most 10 % of the screened batch's time, at most
+2 KB per remembered query, memory bounded by configuration. The screened batch is the fused
+screening job as served (batch ``--batch``, one torch thread); fingerprints run on the same
+batch; ``observe`` is ``DefenceService.observe`` for each image as its own request (the attack
+case, the dearest: one call per image), on an index already holding ``--capacity`` queries,
+with the model's k-NN detector. Images are distinct pictures (the digits under random affine
+transforms), so the index works at its honest steady state: every query searched, remembered
+and evicting the oldest. The three paths are timed round-robin in one run.
+
+Run: ``python -m benchmarks.defence_cost [--batch 64] [--capacity 100000] [--out DIR]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from prometheus_client import CollectorRegistry
+
+from benchmarks.machine import describe_machine
+from benchmarks.screening_cost import median_ms
+from gateway.defence.fingerprint import fingerprints
+from gateway.defence.knn import KnnSpec
+from gateway.defence.service import DefenceService, Embedded
+from gateway.monitoring.metrics import Metrics
+from gateway.repository import ModelRepository
+from gateway.screening.calibration import Calibration
+from gateway.screening.mahalanobis import ClassGaussian
+from gateway.screening.pipeline import ScreenedClassifier
+from gateway.screening.policy import from_config
+from gateway.settings import DEFAULT_REPOSITORY, Settings
+from models.data import load_split, to_float
+from models.weights import load_digits
+from models.zoo import ServedClassifier
+
+
+def pictures(count: int, seed: int = 0) -> np.ndarray:
+    """``count`` distinct digit pictures: every bundled digit under random affine transforms."""
+    from torchvision.transforms import v2
+
+    digits = torch.from_numpy(
+        to_float(np.concatenate([load_split(s)[0] for s in ("train", "calibration", "test")]))
+    )
+    torch.manual_seed(seed)
+    transform = v2.RandomAffine(degrees=15, translate=(0.08, 0.08), scale=(0.85, 1.1))
+    picks = torch.randint(len(digits), (count,))
+    return torch.stack([transform(digits[i]) for i in picks.tolist()]).numpy()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--capacity", type=int, default=100_000)
+    parser.add_argument("--repeats", type=int, default=40)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    config = ModelRepository(DEFAULT_REPOSITORY).config("digits")
+    policy = from_config(config)
+    assert policy is not None
+    folder = config.version_path(max(config.versions))
+    module = ServedClassifier(load_digits(), channels_last=True).to(device).eval()
+    job = ScreenedClassifier(
+        module,
+        policy.detectors,
+        policy.squeeze,
+        Calibration.load(folder),
+        device,
+        ClassGaussian.load(folder),
+    )
+    knn = KnnSpec.load(folder)
+    assert knn is not None, "calibrate the digits model first (knn.json)"
+    defence = DefenceService(
+        Settings(fingerprint_salt=1, probe_capacity=args.capacity), Metrics(CollectorRegistry())
+    )
+    spec = defence.fingerprint_spec
+    needed = args.capacity + args.batch * (args.repeats + 4)
+    started = time.perf_counter()
+    images = pictures(needed)
+    prints, embeddings = [], []
+    for i in range(0, needed, 256):
+        x = torch.from_numpy(images[i : i + 256]).to(device)
+        prints.append(fingerprints(x, spec).cpu().numpy())
+        with torch.no_grad():
+            embeddings.append(module.forward_embedded(x)[2].float().cpu().numpy())
+    all_prints, all_embeddings = np.concatenate(prints), np.concatenate(embeddings)
+    for i in range(args.capacity):  # the honest steady state: a full ring
+        defence.observe(f"c{i % 500}", all_prints[i : i + 1], ["clean"], images[i : i + 1])
+    fill_s = time.perf_counter() - started
+    cursor = [args.capacity]
+    x = torch.from_numpy(images[: args.batch]).to(device)
+
+    def screened() -> object:
+        return job(x)
+
+    def fingerprint() -> object:
+        out = fingerprints(x, spec)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return out
+
+    def observe() -> None:
+        start = cursor[0]
+        for i in range(start, start + args.batch):
+            embedded = Embedded("digits:1", knn, all_embeddings[i : i + 1])
+            defence.observe(
+                f"c{i % 500}",
+                all_prints[i : i + 1],
+                ["clean"],
+                images[i : i + 1],
+                None,
+                0,
+                None,
+                embedded,
+            )
+        cursor[0] = start + args.batch
+
+    medians = median_ms(
+        {"screened batch": screened, "fingerprints": fingerprint, "observe": observe},
+        args.repeats,
+    )
+    defence_ms = medians["fingerprints"] + medians["observe"]
+    per_query = defence.index.memory_bytes() / args.capacity
+    report = {
+        "machine": describe_machine(),
+        "device": str(device),
+        "batch": args.batch,
+        "capacity": args.capacity,
+        "fill_seconds": fill_s,
+        "ms_per_batch": medians,
+        "defence_share": defence_ms / medians["screened batch"],
+        "index_bytes_per_query": per_query,
+        "knn_bytes_per_client": knn.history * all_embeddings.shape[1] * 2,
+        "probes_while_filling": int(
+            sum(a.probes for c in defence.ladder.clients() if (a := defence.ladder.account(c)))
+        ),
+    }
+    lines = [
+        f"Stateful defence cost, digits model, batch {args.batch} on {device}, index of "
+        f"{args.capacity:,} queries:",
+        "",
+        "| path | ms / batch | share of the screened batch |",
+        "|---|---:|---:|",
+    ]
+    for name, ms in medians.items():
+        lines.append(f"| {name} | {ms:.2f} | {ms / medians['screened batch']:.1%} |")
+    share = report["defence_share"]
+    lines.append(f"| **fingerprints + observe** | {defence_ms:.2f} | {share:.1%} |")
+    lines.append("")
+    lines.append(
+        f"Index memory: {per_query:,.0f} bytes per remembered query; k-NN history: "
+        f"{report['knn_bytes_per_client']:,} bytes per client and model."
+    )
+    print("\n".join(lines))
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "defence_cost.json").write_text(json.dumps(report, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
