@@ -32,7 +32,7 @@ from gateway.protocol.types import (
 )
 from gateway.registry import LoadedModel, ModelRegistry
 from gateway.repository import ModelConfig, TensorSpec
-from gateway.screening.policy import SUSPICIOUS
+from gateway.screening.policy import ADVERSARIAL, SUSPICIOUS
 from gateway.screening.service import (
     REPORT_PARAMETER,
     Screened,
@@ -229,6 +229,7 @@ class DataPlane:
                 answer_key,
                 targets.get(SUSPICIOUS),
                 embedded,
+                targets.get(ADVERSARIAL),
             )
             _repeat(model, results, observed.repeats)
             # e.g. a new identity its probes just linked to a contained campaign: 403 or 429

@@ -11,14 +11,15 @@ below zero:
 
     S <- max(0, S + x log(p1 / p0) + (1 - x) log((1 - p1) / (1 - p0)))
 
-For an honest client the statistic drifts down and sits at zero (each image that is neither a
-probe nor flagged takes about 2.9 off); an attack's probes push it up by ``log(p1 / p0)`` each
-(6.8 for a probe at p0 = 0.1 %, p1 = 90 %: an attack's queries are nearly all probes). A rung is
+For an honest client the statistic drifts down and sits at zero (each clean image that is not a
+probe takes 1.3 off); an attack's probes push it up by ``log(p1 / p0)`` each (6.2 for a probe at
+p0 = 0.1 %, p1 = 50 %), its blocked images by 3.9 (a 0.5 % block tier). A rung is
 reached when S crosses its threshold ``h``. For CUSUM the average number of honest observations
 before a false crossing is at least ``exp(h)`` (Lorden 1971), so a threshold ``h`` reaches an
 honest client with probability at most ``n exp(-h)`` over ``n`` of its images. The defaults bound
 it, over 100,000 honest images, by 1e-3 for throttling (``h`` = ln 1e8: one request a second,
-reached by an attack's third probe), 1e-6 for strict and 1e-9 for refusal (containment).
+reached by an attack's third or fourth probe), 1e-6 for strict and 1e-9 for refusal
+(containment).
 
 Clients whose probes match each other's queries are linked into one campaign (union-find). A
 campaign has its own CUSUM over its members' pooled observations (on linking, the larger of the
@@ -46,8 +47,10 @@ class LadderSpec:
 
     flag_rate: float = 0.05  # honest rate of suspicious-or-worse verdicts: the review tier's FPR
     flag_attack_rate: float = 0.5
-    probe_rate: float = 0.001  # honest rate of chained near-duplicates (not retries)
-    probe_attack_rate: float = 0.9
+    block_rate: float = 0.005  # honest rate of adversarial verdicts: the block tier's FPR
+    block_attack_rate: float = 0.25
+    probe_rate: float = 0.001  # honest rate of linked near-duplicates (not retries)
+    probe_attack_rate: float = 0.5
     near_rate: float = 0.001  # honest rate of k-NN hits: the detector's calibrated clean FPR
     near_attack_rate: float = 0.5
     throttle_at: float = math.log(1e8)
@@ -57,11 +60,16 @@ class LadderSpec:
     def __post_init__(self) -> None:
         for p0, p1 in (
             (self.flag_rate, self.flag_attack_rate),
+            (self.block_rate, self.block_attack_rate),
             (self.probe_rate, self.probe_attack_rate),
             (self.near_rate, self.near_attack_rate),
         ):
             if not 0 < p0 < p1 < 1:
                 raise ValueError(f"need 0 < honest rate < attack rate < 1, got {p0}, {p1}")
+        if not (
+            self.block_rate < self.flag_rate and self.block_attack_rate < self.flag_attack_rate
+        ):
+            raise ValueError("adversarial verdicts are a part of the flagged ones")
         if not 0 < self.throttle_at <= self.strict_at <= self.refuse_at:
             raise ValueError("need 0 < throttle_at <= strict_at <= refuse_at")
 
@@ -72,13 +80,25 @@ class LadderSpec:
         flag_rate: float | None = None,
         near: bool | None = None,
         near_rate: float | None = None,
+        adversarial: bool = False,
+        block_rate: float | None = None,
     ) -> float:
-        """One image's log-likelihood ratio, the streams together. ``flag_rate`` is the honest
-        flag rate of the model the image went to (its review tier), else the spec's;
-        ``near`` is None where the model has no k-NN detector (or the client no history yet),
-        ``near_rate`` that detector's calibrated FPR, else the spec's."""
-        p0 = self.flag_rate if flag_rate is None else min(flag_rate, self.flag_attack_rate / 2)
-        step = _llr(flagged, p0, self.flag_attack_rate)
+        """One image's log-likelihood ratio, the streams together. The verdict is one of three
+        outcomes: clean, suspicious (``flagged``), adversarial (``flagged`` and
+        ``adversarial``), at the honest rates of the model the image went to (its review and
+        block tiers' FPRs ``flag_rate`` and ``block_rate``, else the spec's): a run of blocked
+        images says far more than a run of suspicious ones. ``near`` is None where the model has
+        no k-NN detector (or the client no history yet), ``near_rate`` that detector's
+        calibrated FPR, else the spec's."""
+        r = self.flag_rate if flag_rate is None else min(flag_rate, self.flag_attack_rate / 2)
+        b = self.block_rate if block_rate is None else block_rate
+        b = min(b, r / 2, self.block_attack_rate / 2)
+        if adversarial and flagged:
+            step = math.log(self.block_attack_rate / b)
+        elif flagged:
+            step = math.log((self.flag_attack_rate - self.block_attack_rate) / (r - b))
+        else:
+            step = math.log((1 - self.flag_attack_rate) / (1 - r))
         step += _llr(probe, self.probe_rate, self.probe_attack_rate)
         if near is not None:
             q0 = self.near_rate if near_rate is None else min(near_rate, self.near_attack_rate / 2)
@@ -139,18 +159,23 @@ class Ladder:
         flag_rate: float | None = None,
         near: bool | None = None,
         near_rate: float | None = None,
+        adversarial: bool = False,
+        block_rate: float | None = None,
     ) -> str:
         """Adds one image's evidence; ``linked`` is the client whose remembered query this one
-        matched (same campaign), ``flag_rate`` the model's honest flag rate (its review tier),
-        ``near`` the k-NN verdict (None: no detector) at honest rate ``near_rate``. Returns the
-        rung now in force for the client."""
+        matched (same campaign), ``flag_rate`` and ``block_rate`` the model's honest rates of
+        suspicious-or-worse and adversarial verdicts (its tiers; ``adversarial``: the image's
+        verdict was the block tier's), ``near`` the k-NN verdict (None: no detector) at honest
+        rate ``near_rate``. Returns the rung now in force for the client."""
         account = self._account(client)
         account.images += 1
         account.flagged += flagged
         account.probes += probe
         account.near += bool(near)
         account.last_seen = self.clock()
-        step = self.spec.increment(flagged, probe, flag_rate, near, near_rate)
+        step = self.spec.increment(
+            flagged, probe, flag_rate, near, near_rate, adversarial, block_rate
+        )
         account.statistic = max(0.0, account.statistic + step)
         if linked is not None and linked != client:
             self._union(client, linked)

@@ -39,7 +39,7 @@ class Match:
     client: str | None
     age_s: float
     content: int  # the remembered query's raw-content hash: equal for an exact resend
-    depth: int  # 0: the remembered query was fresh; k: it ended a chain of k near-duplicates
+    links: int  # near-duplicate links the remembered query has already: 0 for a lone picture
 
 
 class ProbeIndex:
@@ -70,7 +70,7 @@ class ProbeIndex:
         # classifier's logits and probabilities); 0 in _answer_keys means none kept
         self._answers = np.zeros((capacity, answer_floats), dtype=np.float32)
         self._answer_keys = np.zeros(capacity, dtype=np.int64)
-        self._depths = np.zeros(capacity, dtype=np.uint8)
+        self._links = np.zeros(capacity, dtype=np.uint8)
         self._next = 0
         # match()'s search (the row, its hashes, where each is or would go), for add()
         self._searched: tuple[Any, Any] | None = None
@@ -114,8 +114,12 @@ class ProbeIndex:
         if shared < self.threshold:
             return None
         age = now - float(self._times[slot])
-        content, depth = int(self._contents[slot]), int(self._depths[slot])
-        return Match(slot, shared, self._clients[slot], age, content, depth)
+        content, links = int(self._contents[slot]), int(self._links[slot])
+        return Match(slot, shared, self._clients[slot], age, content, links)
+
+    def link(self, slot: int) -> None:
+        """Counts one more near-duplicate of a remembered query (it is now part of a cluster)."""
+        self._links[slot] = min(int(self._links[slot]) + 1, 255)
 
     def keep_answer(self, slot: int, key: int, answer: np.ndarray) -> bool:
         """Keeps the answer a slot's query got (``key`` names model, version and outputs);
@@ -134,9 +138,9 @@ class ProbeIndex:
         return self._answers[slot, :size].copy()
 
     def add(
-        self, fingerprint: np.ndarray, client: str | None, content: int = 0, depth: int = 0
+        self, fingerprint: np.ndarray, client: str | None, content: int = 0, links: int = 0
     ) -> int:
-        """Remembers a query (``depth``: the chain of near-duplicates it ends, 0 when fresh);
+        """Remembers a query (``links``: 1 when it nearly duplicates a remembered one, else 0);
         returns its slot. The oldest slot is reused when the ring is full, and its hashes leave
         the table unless a later query holds them."""
         searched, self._searched = self._searched, None
@@ -151,7 +155,7 @@ class ProbeIndex:
         self._clients[slot] = client
         self._contents[slot] = content
         self._answer_keys[slot] = 0
-        self._depths[slot] = min(depth, 255)
+        self._links[slot] = min(links, 255)
         keys, holders, places, _ = self._table
         self._ops["insert"](keys, holders, places, values, positions, slot * self.top,
                             self._mask, EMPTY)  # fmt: skip
@@ -169,5 +173,5 @@ class ProbeIndex:
     def memory_bytes(self) -> int:
         """What the index holds: fixed at construction."""
         arrays = (self._places, self._times, self._keys, self._holders, self._answers)
-        arrays += (self._answer_keys, self._contents, self._depths)
+        arrays += (self._answer_keys, self._contents, self._links)
         return sum(a.nbytes for a in arrays) + 8 * self.capacity

@@ -10,10 +10,12 @@ then applies the rung to this response, so a fresh identity whose first query li
 contained campaign is refused (or throttled with the campaign) before it is answered.
 
 An exact resend (same bytes) is a retry: neither evidence nor remembered. A near-duplicate of a
-query that was itself fresh is a one-off (an honest re-encode of a picture, a popular picture
-sent again): remembered as the next link of a chain but not a probe; a near-duplicate of a
-chained query is a probe. An attack's queries are a long chain, so it loses one query of
-evidence; an honest client's re-encodes are not evidence at all.
+lone remembered query is a one-off (an honest re-encode of a picture, a popular picture sent
+again): remembered, and the two are linked, but it is not a probe. A near-duplicate of a query
+that already has a link is a probe: an attack's queries form a chain (each a step from the
+last: HopSkipJump, Boundary) or a star (candidates around one point: Square, SimBA), and every
+query after the second lands on a linked one. An attack loses one query of evidence; an honest
+client's occasional re-encode is none.
 """
 
 from __future__ import annotations
@@ -194,13 +196,15 @@ class DefenceService:
         answer_key: int = 0,
         flag_rate: float | None = None,
         embedded: Embedded | None = None,
+        block_rate: float | None = None,
     ) -> Observation:
         """Weighs one request's images: ``prints`` (n, S) int64, one verdict per image, and the
         input rows (n, ...) whose raw bytes tell an exact resend (a retry, by anyone: the same
         picture sent again) from an attack's next step (a near-duplicate with new pixels).
         ``answers`` (n, A) float32 are the predictions about to be served, kept for the
         ``repeat`` response under ``answer_key`` (model, version, outputs); ``flag_rate`` is
-        the model's honest rate of suspicious-or-worse verdicts (its review tier's FPR);
+        the model's honest rate of suspicious-or-worse verdicts (its review tier's FPR),
+        ``block_rate`` of adversarial ones (its block tier's);
         ``embedded`` carries the embeddings for the model's k-NN detector, if it has one."""
         key = client or "(anonymous)"
         rung, probes, nears, repeats = OBSERVE, 0, 0, {}
@@ -210,7 +214,7 @@ class DefenceService:
                 match = self.index.match(row)
                 if match is not None and match.content == content:
                     continue  # a retry: the same bytes again, already weighed once
-                probe = match is not None and match.depth > 0
+                probe = match is not None and match.links > 0
                 probes += probe
                 near = None
                 if embedded is not None:
@@ -229,14 +233,17 @@ class DefenceService:
                     flag_rate,
                     near,
                     embedded.spec.fpr if embedded is not None else None,
+                    verdict == "adversarial",
+                    block_rate,
                 )
                 given = None
                 if self.repeat and match is not None and answers is not None:
                     given = self.index.answer(match.slot, answer_key, answers.shape[1])
                     if given is not None:
                         repeats[i] = given
-                depth = 0 if match is None else match.depth + 1
-                slot = self.index.add(row, key, content, depth)
+                if match is not None:
+                    self.index.link(match.slot)
+                slot = self.index.add(row, key, content, int(match is not None))
                 if answers is not None:  # what this query is answered: the repeat, if any
                     self.index.keep_answer(slot, answer_key, answers[i] if given is None else given)
             rung = self.ladder.rung(key)

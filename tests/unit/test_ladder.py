@@ -91,15 +91,29 @@ def test_nonsense_settings_are_refused(kwargs: dict) -> None:
 
 
 def test_a_model_with_a_looser_review_tier_needs_more_flags_to_contain() -> None:
-    """The flag stream's honest rate is the model's own review tier: at 10 % a flag weighs
-    log(5), at 5 % log(10), so the same flags climb slower on the looser model."""
+    """The verdict stream's honest rates are the model's own tiers: a suspicious verdict on a
+    model whose review tier is 10 % weighs less than on one at 5 % (block tier 0.5 % both)."""
     strict_model, loose_model = Ladder(), Ladder()
     for _ in range(2):
         strict_model.observe("c", flagged=True, probe=True, flag_rate=0.05)
         loose_model.observe("c", flagged=True, probe=True, flag_rate=0.10)
-    probe = math.log(0.9 / 0.001)  # each image is also a probe on the other stream
-    assert strict_model.account("c").statistic == pytest.approx(2 * (math.log(10) + probe))
-    assert loose_model.account("c").statistic == pytest.approx(2 * (math.log(5) + probe))
+    probe = math.log(0.5 / 0.001)  # each image is also a probe on the other stream
+    suspicious = 0.5 - 0.25  # an attack's share of suspicious-but-not-blocked verdicts
+    expected_strict = 2 * (math.log(suspicious / (0.05 - 0.005)) + probe)
+    expected_loose = 2 * (math.log(suspicious / (0.10 - 0.005)) + probe)
+    assert strict_model.account("c").statistic == pytest.approx(expected_strict)
+    assert loose_model.account("c").statistic == pytest.approx(expected_loose)
+
+
+def test_a_run_of_blocked_images_weighs_more_than_suspicious_ones() -> None:
+    """An adversarial verdict happens to an honest client at the block tier's 0.5 %: a run of
+    them is evidence even when no query repeats another (Square's first queries)."""
+    blocked, suspicious = Ladder(), Ladder()
+    for _ in range(8):
+        blocked.observe("c", flagged=True, probe=False, adversarial=True)
+        suspicious.observe("c", flagged=True, probe=False)
+    assert blocked.rung("c") != OBSERVE
+    assert suspicious.rung("c") == OBSERVE
 
 
 def test_a_linked_honest_client_is_not_framed_by_the_campaign_that_linked_it() -> None:
