@@ -15,7 +15,8 @@ again): remembered, and the two are linked, but it is not a probe. A near-duplic
 that already has a link is a probe: an attack's queries form a chain (each a step from the
 last: HopSkipJump, Boundary) or a star (candidates around one point: Square, SimBA), and every
 query after the second lands on a linked one. An attack loses one query of evidence; an honest
-client's occasional re-encode is none.
+client's occasional re-encode is none. From the throttle rung up, a near-duplicate is answered
+with the remembered query's answer (the ``repeat`` response) whatever ``probe_response`` says.
 """
 
 from __future__ import annotations
@@ -237,7 +238,9 @@ class DefenceService:
                     block_rate,
                 )
                 given = None
-                if self.repeat and match is not None and answers is not None:
+                # a near-duplicate gets the remembered answer with ``repeat``, and always once
+                # its sender is throttled or worse: a suspect learns nothing new from a probe
+                if (self.repeat or rung != OBSERVE) and match is not None and answers is not None:
                     given = self.index.answer(match.slot, answer_key, answers.shape[1])
                     if given is not None:
                         repeats[i] = given

@@ -106,3 +106,20 @@ def test_a_fresh_identity_linked_to_a_throttled_campaign_shares_its_interval() -
     assert "walker-0" in defence.ladder.campaign("walker-1")
     with pytest.raises((TooManyRequests, Contained)):
         defence.enforce("walker-1", observed.rung, charged)
+
+
+def test_once_throttled_a_suspects_probes_get_the_remembered_answer_even_without_repeat() -> None:
+    defence = service()  # probe_response "evidence"
+    image = to_float(load_split("test")[0][:1])
+    spec = defence.fingerprint_spec
+    repeated = []
+    for i in range(12):
+        step = image.copy()
+        step.flat[i] = 0.002 * (i + 1)
+        prints = fingerprints(torch.from_numpy(step), spec).numpy()
+        fresh = np.full((1, 4), float(i), np.float32)
+        observed = defence.observe("walker", prints, ["clean"], step, fresh, 7)
+        repeated.append(bool(observed.repeats))
+    first = defence.ladder.rung("walker")
+    assert first != OBSERVE
+    assert not repeated[0] and repeated[-1]  # fresh answers at first, remembered ones later
