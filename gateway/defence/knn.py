@@ -11,7 +11,9 @@ a target false-positive rate (the paper's 0.1th percentile of benign distances).
 The benign distances are measured against histories of the *same predicted class*: an honest
 client that only ever sends one kind of picture (a cheque reader's sevens) is the hardest
 honest case for this test, and the threshold is set for it. The history is per client (an
-attacker with many identities escapes it; the content fingerprints do not care about identity),
+attacker with many identities escapes it, so a young identity's queries are also compared with
+every client's last ``recent`` queries, and one within ``link_threshold`` of another client's
+query links the two: a sybil's next query sits next to its previous identity's),
 a ring of ``history`` float32 embeddings, for at most ``clients`` clients (least recently seen
 forgotten): memory is bounded by configuration. With numba (the ``fast`` extra) one query's
 distances are a compiled loop (``nearest_mean``), else numpy's ``mean_knn_distance``.
@@ -41,9 +43,14 @@ class KnnSpec:
     threshold: float
     fpr: float
     samples: int  # benign distances the threshold was taken from
+    # a young identity's query this close (L2) to another client's recent query is linked to it
+    # (a sybil's next query); the nearest-other distance of clean images at ``fpr``
+    link_threshold: float | None = None
 
     def __post_init__(self) -> None:
         if not (1 <= self.k <= self.history and self.threshold > 0 and 0 < self.fpr < 1):
+            raise ValueError(f"invalid k-NN detector {self}")
+        if self.link_threshold is not None and not self.link_threshold > 0:
             raise ValueError(f"invalid k-NN detector {self}")
 
     def save(self, folder: Path) -> Path:
@@ -61,7 +68,14 @@ class KnnSpec:
             return None
         try:
             fields = json.loads(path.read_text())
-            return cls(**{name: fields[name] for name in cls.__dataclass_fields__})
+            optional = {"link_threshold"}
+            return cls(
+                **{
+                    name: fields[name]
+                    for name in cls.__dataclass_fields__
+                    if name in fields or name not in optional
+                }
+            )
         except (OSError, KeyError, TypeError, json.JSONDecodeError) as exc:
             raise ValueError(f"{path}: {exc}") from None
 
@@ -127,18 +141,57 @@ def calibrate(
                 others = members[members != i]
                 past = rng.choice(others, size=min(history, len(others)), replace=False)
                 scores.append(mean_knn_distance(embeddings[past], embeddings[i : i + 1], k)[0])
-    if len(scores) * fpr < 1:
+    if len(scores) * fpr < 1 or len(embeddings) * fpr < 1:
         raise ValueError(f"{len(scores)} benign distances cannot support a clean FPR of {fpr}")
     threshold = float(np.quantile(np.asarray(scores), fpr))
-    return KnnSpec(k, history, threshold, fpr, len(scores))
+    nearest = [
+        mean_knn_distance(np.delete(embeddings, i, axis=0), embeddings[i : i + 1], 1)[0]
+        for i in range(len(embeddings))
+    ]  # each clean image against all the others: how close distinct honest pictures come
+    link = float(np.quantile(np.asarray(nearest), fpr))
+    return KnnSpec(k, history, threshold, fpr, len(scores), link)
 
 
 class Histories:
-    """Each client's last embeddings per model, bounded; not thread-safe (one owner)."""
+    """Each client's last embeddings per model, and every client's last ``recent`` ones
+    together; bounded; not thread-safe (one owner)."""
 
-    def __init__(self, clients: int = 1024) -> None:
+    def __init__(self, clients: int = 1024, recent: int = 2048) -> None:
         self.clients = clients
         self._rings: OrderedDict[tuple[str, str], tuple[np.ndarray, list[int]]] = OrderedDict()
+        self._recent: np.ndarray | None = None  # (recent, E) float32, every client's
+        self._owners: list[str | None] = [None] * recent
+        self._owner_ids = np.zeros(recent, np.int64)  # hash of (client, model); 0: empty
+        self._model_ids = np.zeros(recent, np.int64)
+        self._next = 0
+
+    def link(self, client: str, model: str, spec: KnnSpec, embedding: np.ndarray) -> str | None:
+        """A young identity (fewer than ``k`` queries of its own: its own history says nothing
+        yet) whose query lies within ``spec.link_threshold`` of another client's recent query on
+        the same model: that client (a rotating attacker's previous identity), else None. Every
+        query is then remembered among the recent ones."""
+        key = (client, model)
+        owner_id, model_id = hash(key) or 1, hash(model) or 1
+        vector = embedding.reshape(-1).astype(np.float32)
+        if self._recent is None or self._recent.shape[1] != vector.shape[0]:
+            self._recent = np.zeros((len(self._owners), vector.shape[0]), np.float32)
+            self._owner_ids[:] = 0
+        owner = None
+        entry = self._rings.get(key)
+        if spec.link_threshold is not None and (entry is None or entry[1][1] < spec.k):
+            others = (self._model_ids == model_id) & (self._owner_ids != owner_id)
+            others &= self._owner_ids != 0
+            if others.any():
+                rows = np.flatnonzero(others)
+                squared = np.square(self._recent[rows] - vector).sum(axis=1)
+                nearest = int(squared.argmin())
+                if squared[nearest] < spec.link_threshold**2:
+                    owner = self._owners[rows[nearest]]
+        slot = self._next
+        self._recent[slot], self._owners[slot] = vector, client
+        self._owner_ids[slot], self._model_ids[slot] = owner_id, model_id
+        self._next = (slot + 1) % len(self._owners)
+        return owner
 
     def near(self, client: str, model: str, spec: KnnSpec, embeddings: np.ndarray) -> np.ndarray:
         """(n, E) new embeddings of one request, in order -> (n,) bool: is each closer to the
@@ -172,7 +225,10 @@ class Histories:
     def forget(self, client: str) -> None:
         for key in [key for key in self._rings if key[0] == client]:
             del self._rings[key]
+        for slot, owner in enumerate(self._owners):
+            if owner == client:
+                self._owners[slot], self._owner_ids[slot] = None, 0
 
     def memory_bytes(self, embedding_dims: int, history: int) -> int:
-        """The most the histories can hold: ``clients`` rings of float32 embeddings."""
-        return self.clients * history * embedding_dims * 4
+        """The most the histories can hold: ``clients`` rings and the recent ring, float32."""
+        return (self.clients * history + len(self._owners)) * embedding_dims * 4

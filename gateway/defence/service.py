@@ -216,16 +216,16 @@ class DefenceService:
                 if match is not None and match.content == content:
                     continue  # a retry: the same bytes again, already weighed once
                 probe = match is not None and match.links > 0
-                probes += probe
+                linked = match.client if probe and match is not None else None
                 near = None
                 if embedded is not None:
-                    near = bool(
-                        self.histories.near(
-                            key, embedded.model, embedded.spec, embedded.embeddings[i : i + 1]
-                        )[0]
-                    )
+                    vector = embedded.embeddings[i : i + 1]
+                    sybil = self.histories.link(key, embedded.model, embedded.spec, vector)
+                    if sybil is not None and not probe:  # a young identity's query sits next
+                        probe, linked = True, sybil  # to another client's: the same campaign
+                    near = bool(self.histories.near(key, embedded.model, embedded.spec, vector)[0])
                     nears += near
-                linked = match.client if probe and match is not None else None
+                probes += probe
                 rung = self.ladder.observe(
                     key,
                     verdict in FLAGGED,

@@ -71,7 +71,7 @@ def test_histories_are_bounded_and_forgotten() -> None:
     assert [key[0] for key in histories._rings] == ["b", "c"]
     histories.forget("c")
     assert [key[0] for key in histories._rings] == ["b"]
-    assert histories.memory_bytes(128, 100) == 2 * 100 * 128 * 4
+    assert histories.memory_bytes(128, 100) == (2 * 100 + 2048) * 128 * 4
 
 
 def test_the_spec_round_trips_and_a_damaged_file_is_refused(tmp_path) -> None:
@@ -100,3 +100,27 @@ def test_one_querys_loop_equals_the_batched_numpy_distance(fast: bool) -> None:
     for filled, k in ((100, 5), (7, 5), (3, 5)):
         expected = mean_knn_distance(ring[:filled], query[None], k)[0]
         assert loop(ring, filled, query, k) == pytest.approx(expected, rel=1e-5)
+
+
+def test_a_young_identitys_query_next_to_another_clients_is_linked_to_it(embedded) -> None:
+    """A rotating attacker's fresh identity: its own history says nothing yet, but its query
+    sits next to its previous identity's in embedding space; a new honest client's digit does
+    not sit next to anyone's."""
+    spec = calibrate(*embedded["calibration"], fpr=0.001)
+    assert spec.link_threshold is not None and spec.link_threshold < spec.threshold
+    net = ServedClassifier(load_digits()).eval()
+    seed = to_float(load_split("test")[0][:1])
+    rng = np.random.default_rng(1)
+    walk = np.clip(seed + rng.normal(0, 0.02, size=(4, 1, 28, 28)), 0, 1).astype(np.float32)
+    with torch.no_grad():
+        _, _, steps = net.forward_embedded(torch.from_numpy(walk))
+    histories = Histories()
+    honest = embedded["test"][0][100:300]
+    for i, vector in enumerate(honest):  # background traffic from established clients
+        histories.link(f"honest-{i % 4}", "m", spec, vector)
+    for vector in steps[:3].numpy():
+        assert histories.link("sybil-0", "m", spec, vector) in (None, "sybil-0")
+        histories.near("sybil-0", "m", spec, vector[None])
+    assert histories.link("sybil-1", "m", spec, steps[3].numpy()) == "sybil-0"
+    assert histories.link("sybil-1", "other-model", spec, steps[3].numpy()) is None
+    assert histories.link("newcomer", "m", spec, embedded["test"][0][500]) is None
