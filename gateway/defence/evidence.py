@@ -202,6 +202,12 @@ class Ladder:
         """The campaign's pooled CUSUM (0 for a client linked to nobody)."""
         return self._pooled.get(self._find(client), 0.0)
 
+    def campaign_count(self, contained: bool = False) -> int:
+        """Campaigns of two or more linked clients; ``contained``: those at the refuse rung."""
+        if not contained:
+            return len(self._members)
+        return sum(self._pooled.get(root, 0.0) >= self.spec.refuse_at for root in self._members)
+
     def root(self, client: str) -> str:
         """The campaign's name: its union-find root (the client itself when unlinked)."""
         return self._find(client)

@@ -29,6 +29,7 @@ import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 
@@ -84,6 +85,8 @@ class DefenceService:
         )
         self.ladder = Ladder(spec or LadderSpec(), max_clients=settings.max_tracked_clients)
         self.histories = Histories(settings.knn_clients)
+        for state in ("linked", "contained"):
+            metrics.defence_campaigns.labels(state).set_function(partial(self._campaigns, state))
         probe_table.warm_up()  # numba compiles (or loads) the loops now, not on a query
         knn.warm_up()
         self.metrics = metrics
@@ -107,19 +110,31 @@ class DefenceService:
         self.ladder.release(client)
         self._last_admitted.pop(self.ladder.root(client), None)
         for member in members:
-            self._rungs.pop(member, None)
+            self._count_rung(self._rungs.pop(member, OBSERVE), -1)
             self._last_admitted.pop(member, None)
             self.histories.forget(member)
         log.warning("containment lifted by an admin: %s", ", ".join(members[:20]))
         return members
 
+    def _count_rung(self, rung: str, step: int) -> None:
+        if rung != OBSERVE:
+            self.metrics.defence_clients.labels(rung).inc(step)
+
+    def _campaigns(self, state: str) -> float:
+        """Linked campaigns, or those at the refuse rung (read at scrape time)."""
+        with self.lock:
+            return float(self.ladder.campaign_count(contained=state == "contained"))
+
     def _log_transition(self, client: str, rung: str) -> None:
         """Every change of rung is logged with its evidence and counted (caller holds lock)."""
-        if self._rungs.get(client, OBSERVE) == rung:
+        before = self._rungs.get(client, OBSERVE)
+        if before == rung:
             return
+        self._count_rung(before, -1)
+        self._count_rung(rung, +1)
         self._rungs[client] = rung
         if len(self._rungs) > self.ladder.max_clients:
-            self._rungs.pop(next(iter(self._rungs)))
+            self._count_rung(self._rungs.pop(next(iter(self._rungs))), -1)
         account = self.ladder.account(client)
         campaign = self.ladder.campaign(client)
         self.metrics.defence_transitions.labels(rung).inc()

@@ -212,6 +212,18 @@ class Metrics:
             "Images that nearly duplicate a remembered query of another request",
             registry=self.private_registry,
         )
+        self.defence_clients = Gauge(
+            "bastion_defence_clients",
+            "Tracked clients on each rung above observe (throttle, strict, refuse)",
+            ["rung"],
+            registry=self.private_registry,
+        )
+        self.defence_campaigns = Gauge(
+            "bastion_defence_campaigns",
+            "Campaigns (clients linked by their probes): linked, and contained (refuse rung)",
+            ["state"],
+            registry=self.private_registry,
+        )
         self.screening_tiers = Counter(
             "bastion_screening_tiers",
             "Screened images by tier verdict (clean, suspicious, adversarial) and action",

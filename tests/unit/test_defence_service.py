@@ -123,3 +123,22 @@ def test_once_throttled_a_suspects_probes_get_the_remembered_answer_even_without
     first = defence.ladder.rung("walker")
     assert first != OBSERVE
     assert not repeated[0] and repeated[-1]  # fresh answers at first, remembered ones later
+
+
+def test_the_gauges_count_clients_per_rung_and_campaigns() -> None:
+    metrics = Metrics(CollectorRegistry())
+    defence = DefenceService(Settings(fingerprint_salt=1, throttle_interval_s=30), metrics)
+    image = to_float(load_split("test")[0][:1])
+    for i in range(12):  # a walk over three identities: linked into one campaign
+        step = image.copy()
+        step.flat[i] = 0.002 * (i + 1)
+        prints = fingerprints(torch.from_numpy(step), defence.fingerprint_spec).numpy()
+        defence.observe(f"walker-{i // 4}", prints, ["clean"], step)
+    sample = metrics.private_registry.get_sample_value
+    assert sample("bastion_defence_clients", {"rung": "refuse"}) >= 1
+    assert sample("bastion_defence_campaigns", {"state": "linked"}) == 1
+    assert sample("bastion_defence_campaigns", {"state": "contained"}) == 1
+    with defence.lock:
+        defence.release("walker-0")
+    assert sample("bastion_defence_clients", {"rung": "refuse"}) == 0
+    assert sample("bastion_defence_campaigns", {"state": "contained"}) == 0
