@@ -38,15 +38,22 @@ OFFLINE_BATCH = 250  # what benchmarks.adversarial.scoring.score uses
 
 
 @contextlib.contextmanager
-def running_gateway(repository: Path, workdir: Path, name: str = "bastion") -> Iterator[str]:
-    """A ``bastion serve`` on a free port of 127.0.0.1, stopped on exit; yields ``host:port``."""
+def running_gateway(
+    repository: Path,
+    workdir: Path,
+    name: str = "bastion",
+    env: dict[str, str] | None = None,
+) -> Iterator[str]:
+    """A ``bastion serve`` on a free port of 127.0.0.1, stopped on exit; yields ``host:port``.
+    ``env`` adds (or overrides) the server's environment, e.g. ``BASTION_DEFENCE``."""
     port = procs.free_port_block(1)
     command = [sys.executable, "-m", "gateway", "serve", "--host", "127.0.0.1", "--port", str(port)]
     command += ["--model-repository", str(repository)]
-    env = {"BASTION_TORCH_THREADS": "1", "BASTION_QUARANTINE_PATH": str(workdir / "q.db")}
-    env["BASTION_KEYS_PATH"] = str(workdir / "keys.db")  # never the machine's own keys
+    server_env = {"BASTION_TORCH_THREADS": "1", "BASTION_QUARANTINE_PATH": str(workdir / "q.db")}
+    server_env["BASTION_KEYS_PATH"] = str(workdir / "keys.db")  # never the machine's own keys
+    server_env.update(env or {})
     url = f"http://127.0.0.1:{port}"
-    server = procs.start(name, command, env, url, workdir / f"{name}.log")
+    server = procs.start(name, command, server_env, url, workdir / f"{name}.log")
     try:
         procs.wait_ready(server, lambda: procs.http_ok(f"{url}/v2/health/ready"), 120)
         yield url.removeprefix("http://")

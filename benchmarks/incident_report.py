@@ -1,0 +1,250 @@
+"""Numbers and tables of the incident benchmark (``benchmarks.incident``), from its raw rows."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from benchmarks.incident_clients import CONTAINED, OK, THROTTLED
+
+ADAPTIVE = "adaptive"
+REFUSALS_TARGET = 0.99  # share of queries after detection refused or repeated
+ADAPTIVE_TARGET = 0.05  # adaptive attacker's success rate
+
+
+def transitions(log: Path) -> dict[str, dict[str, int]]:
+    """Rung changes the gateway logged, by rung, for honest identities and for the rest."""
+    counts: dict[str, dict[str, int]] = {"honest": {}, "attacker": {}}
+    text = log.read_text(errors="replace") if log.is_file() else ""
+    for client, rung in re.findall(r"client (\S+) now (\w+):", text):
+        side = counts["honest" if client.startswith("honest-") else "attacker"]
+        side[rung] = side.get(rung, 0) + 1
+    return counts
+
+
+def summarise_attacks(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per attack, over its seeds: detection, what the attacker got after it, what it won."""
+    table = []
+    for key in dict.fromkeys(r["attack"] for r in rows):
+        part = [r for r in rows if r["attack"] == key]
+        detected = [r["detection"] for r in part if r["detection"] is not None]
+        after = sum(r["after_detection"] for r in part)
+        answered = sum(r["after_answered"] for r in part)
+        queries = sum(r["queries"] for r in part)
+        outcomes: dict[str, int] = {}
+        for r in part:
+            for outcome, n in r["outcomes"].items():
+                outcomes[outcome] = outcomes.get(outcome, 0) + n
+        table.append(
+            {
+                "attack": key,
+                **{k: part[0][k] for k in ("name", "library", "threat")},
+                "seeds": len(part),
+                "detected": len(detected),
+                "detection_median": float(np.median(detected)) if detected else None,
+                "detection_max": max(detected) if detected else None,
+                "after_detection": after,
+                "after_answered": answered,
+                "after_refused_or_repeated": (after - answered) / after if after else None,
+                "obtained": sum(r["obtained_distance"] is not None for r in part),
+                "obtained_before_detection": sum(
+                    r["obtained_at"] is not None
+                    and (r["detection"] is None or r["obtained_at"] < r["detection"])
+                    for r in part
+                ),
+                "final_adversarial": sum(r["final_adversarial"] for r in part),
+                "queries": queries,
+                "outcomes": outcomes,
+                "refused_share": 1 - (outcomes.get(OK, 0) + outcomes.get("repeat", 0)) / queries
+                if queries
+                else None,
+                "withheld_by_screening_alone": sum(r["withheld_by_screening_alone"] for r in part),
+                "identities": sum(r["identities"] for r in part),
+                "retries": sum(r["retries"] for r in part),
+                "ended": sorted({r["ended"] for r in part}),
+                "seconds": sum(r["seconds"] for r in part),
+            }
+        )
+    return table
+
+
+def summarise_honest(
+    records: list[tuple[float, str, str, str, str, float]], phases: dict[str, float]
+) -> dict[str, Any]:
+    """Honest replies per phase (refusal: anything but 200), and who was ever contained."""
+    by_phase: dict[str, Any] = {}
+    for phase in ("before", "during"):
+        part = [r for r in records if r[1] == phase]
+        outcomes: dict[str, int] = {}
+        for r in part:
+            outcomes[r[4]] = outcomes.get(r[4], 0) + 1
+        refused_kinds: dict[str, int] = {}
+        for r in part:
+            if r[4] != OK:
+                refused_kinds[r[3]] = refused_kinds.get(r[3], 0) + 1
+        latencies = np.array([r[5] for r in part]) * 1000 if part else np.zeros(1)
+        end = phases["during"] if phase == "before" else phases["end"]
+        by_phase[phase] = {
+            "requests": len(part),
+            "refused": len(part) - outcomes.get(OK, 0),
+            "refusal_rate": (len(part) - outcomes.get(OK, 0)) / len(part) if part else None,
+            "outcomes": outcomes,
+            "refused_by_kind": refused_kinds,
+            "seconds": end - phases[phase],
+            "latency_p50_ms": float(np.percentile(latencies, 50)),
+            "latency_p99_ms": float(np.percentile(latencies, 99)),
+        }
+    contained = sorted({r[2] for r in records if r[4] in (THROTTLED, CONTAINED)})
+    return {
+        "phases": by_phase,
+        "clients": len({r[2] for r in records}),
+        "contained_clients": contained,
+    }
+
+
+def summarise_volume(workers: list[dict[str, Any]], wall_s: float) -> dict[str, Any]:
+    sent = sum(w["sent"] for w in workers)
+    outcomes: dict[str, int] = {}
+    for w in workers:
+        for outcome, n in w["outcomes"].items():
+            outcomes[outcome] = outcomes.get(outcome, 0) + n
+    return {
+        "requests": sent,
+        "clients": len(workers),
+        "contained_clients": [w["client"] for w in workers if w["first_throttled_or_contained"]],
+        "refused": sent - outcomes.get(OK, 0),
+        "refusal_rate": (sent - outcomes.get(OK, 0)) / sent if sent else None,
+        "outcomes": outcomes,
+        "throughput_rps": sent / wall_s if wall_s else None,
+        "sending_s": max(w["seconds"] for w in workers),
+        "wall_s": wall_s,
+        "workers": workers,
+    }
+
+
+def _num(value: float | None, spec: str = ".0f") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1%}"
+
+
+def markdown(result: dict[str, Any]) -> str:
+    s = result["settings"]
+    attacks = [r for r in result["table"] if r["attack"] != ADAPTIVE]
+    adaptive = [r for r in result["table"] if r["attack"] == ADAPTIVE]
+    lines = [
+        "# Incident: a coordinated query-based attack against the stateful defence",
+        "",
+        f"`{result['command']}` at {_commit(result)}, {result['timestamp']}; probes answered "
+        f"`{s['response']}`; budget {s['budget']} queries per seed, stopped "
+        f"{s['after_detection']} queries after detection; attacker identity rotated every "
+        f"{s['rotate']} queries; {s['parallel']} queries in flight. Detection: the first query "
+        f"answered 429 or 403 contained. Run took {result['elapsed_s']:.0f} s.",
+        "",
+        "| attack | library | threat | seeds | detected | queries to detection (median / max) "
+        "| answered after detection | refused or repeated after detection "
+        "| adversarial obtained (before detection) | final image adversarial | queries "
+        "| plain 403 (screening alone) | identities | s |",
+        "|---|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+    ]
+    lines += [
+        f"| {r['name']} | {r['library']} | {r['threat']} | {r['seeds']} | {r['detected']} "
+        f"| {_num(r['detection_median'])} / {_num(r['detection_max'])} "
+        f"| {r['after_answered']} of {r['after_detection']} "
+        f"| {_pct(r['after_refused_or_repeated'])} "
+        f"| {r['obtained']} / {r['seeds']} ({r['obtained_before_detection']}) "
+        f"| {r['final_adversarial']} / {r['seeds']} | {r['queries']} | {_withheld(r)} "
+        f"| {r['identities']} "
+        f"| {r['seconds']:.0f} |"
+        for r in attacks
+    ]
+    if adaptive:
+        r = adaptive[0]
+        lines += [
+            "",
+            "Adaptive attacker (OARS-style: fresh noise on every query, waits out 429, new "
+            "identity on a refusal, one resend):",
+            "",
+            "| attack | seeds | successes | success rate | requests | refused | outcomes "
+            "| plain 403 (screening alone) | detection (median) | identities | resends | s |",
+            "|---|--:|--:|--:|--:|--:|---|--:|--:|--:|--:|--:|",
+            f"| {r['name']} | {r['seeds']} | {r['obtained']} | {r['obtained'] / r['seeds']:.0%} "
+            f"| {r['queries']} | {_pct(r['refused_share'])} | {_outcomes(r['outcomes'])} "
+            f"| {_withheld(r)} "
+            f"| {_num(r['detection_median'])} | {r['identities']} | {r['retries']} "
+            f"| {r['seconds']:.0f} |",
+        ]
+    honest = result["honest"]
+    lines += [
+        "",
+        f"Honest clients ({honest['clients']} identities, about {s['honest_rate']:g} requests/s "
+        "each; refused: anything but 200):",
+        "",
+        "| phase | s | requests | refused | refusal rate | outcomes | p50 / p99 ms |",
+        "|---|--:|--:|--:|--:|---|--:|",
+    ]
+    lines += [
+        f"| {phase} | {p['seconds']:.0f} | {p['requests']} | {p['refused']} "
+        f"| {_pct(p['refusal_rate'])} | {_outcomes(p['outcomes'])} "
+        f"| {p['latency_p50_ms']:.1f} / {p['latency_p99_ms']:.1f} |"
+        for phase, p in honest["phases"].items()
+    ]
+    contained = honest["contained_clients"]
+    lines += [
+        "",
+        f"Honest clients ever throttled or contained: {len(contained)}"
+        + (f" ({', '.join(contained)})" if contained else "")
+        + f". Rung changes the gateway logged: {result['transitions_logged']}.",
+        "",
+        "A plain 403 is the per-image screening's (reason adversarial); in brackets, how "
+        "many of those images the screening withholds by itself, scored offline: the rest were "
+        "withheld because the defence's strict rung withholds suspicious images too.",
+        "",
+        f"Targets: refused or repeated after detection >= {REFUSALS_TARGET:.0%}; adaptive "
+        f"success <= {ADAPTIVE_TARGET:.0%}; no honest client contained.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _withheld(row: dict[str, Any]) -> str:
+    return f"{row['outcomes'].get('withheld', 0)} ({row['withheld_by_screening_alone']})"
+
+
+def _commit(result: dict[str, Any]) -> str:
+    changed = len(result["uncommitted"])
+    return result["commit"] + (
+        f" (+{changed} uncommitted files in gateway/, models/)" if changed else ""
+    )
+
+
+def _outcomes(outcomes: dict[str, int]) -> str:
+    return ", ".join(f"{k} {v}" for k, v in sorted(outcomes.items()))
+
+
+def volume_markdown(result: dict[str, Any]) -> str:
+    v = result["volume"]
+    return "\n".join(
+        [
+            "# Incident: honest volume check (no attacker)",
+            "",
+            f"`{result['command']}` at {_commit(result)}, {result['timestamp']}; "
+            f"{v['clients']} honest processes as fast as they go (throughput counts from the "
+            f"start of the pool; the clients sent for {v['sending_s']:.0f} s).",
+            "",
+            "| requests | clients throttled or contained | refused | refusal rate | outcomes "
+            "| throughput (req/s) | wall s |",
+            "|--:|--:|--:|--:|---|--:|--:|",
+            f"| {v['requests']} | {len(v['contained_clients'])} | {v['refused']} "
+            f"| {_pct(v['refusal_rate'])} | {_outcomes(v['outcomes'])} "
+            f"| {_num(v['throughput_rps'])} | {v['wall_s']:.0f} |",
+            "",
+            f"Rung changes the gateway logged: {result['transitions_logged']}.",
+            "",
+        ]
+    )
