@@ -172,7 +172,7 @@ class Gateway:
             self.state.metrics.rejected.labels("client_key").inc()
             raise Unauthorized(f"header {settings.client_id_header} is required")
         elif scope.get("client"):
-            client_id = str(scope["client"][0])
+            return Caller(str(scope["client"][0]), scopes, shared=True)
         return Caller(client_id, scopes)
 
     def _key_client(self, keys: KeyRing, authorization: str | None, scopes: frozenset[str]) -> str:

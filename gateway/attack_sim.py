@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 KINDS = ("clean", "adversarial")
-OUTCOMES = ("ok", "blocked", "error")
+OUTCOMES = ("ok", "blocked", "contained", "error")  # contained: the stateful defence (429, 403)
 REQUEST_TIMEOUT_S = 10.0
 
 
@@ -68,7 +68,8 @@ class SimulationReport:
 
     @property
     def block_rate(self) -> float:
-        """Share of adversarial requests refused (403), of those answered."""
+        """Share of adversarial requests refused (403 by the screening, or 429 / 403 by the
+        stateful defence once it contained the attacker), of those answered."""
         return _rate(self.counts["adversarial"])
 
     @property
@@ -83,8 +84,9 @@ class SimulationReport:
 
 
 def _rate(counts: dict[str, int]) -> float:
-    answered = counts["ok"] + counts["blocked"]
-    return counts["blocked"] / answered if answered else float("nan")
+    refused = counts["blocked"] + counts["contained"]
+    answered = counts["ok"] + refused
+    return refused / answered if answered else float("nan")
 
 
 def pgd_linf(
@@ -212,7 +214,11 @@ class _Sender:
             )
             outcome = "ok"
         except InferenceServerException as exc:
-            outcome = "blocked" if exc.status() == "403" else "error"
+            status, message = exc.status(), str(exc.message())
+            if status == "429" or (status == "403" and "contained" in message):
+                outcome = "contained"  # the stateful defence refused the client
+            else:
+                outcome = "blocked" if status == "403" else "error"
             if outcome == "error" and len(self.errors) < 5:
                 self.errors.append(str(exc))
         except Exception as exc:  # a transport failure is one error, never the end of the run
@@ -329,14 +335,14 @@ def format_report(report: SimulationReport) -> str:
         f"attack simulation against {report.url} model {report.model}: {report.sent} requests "
         f"in {report.elapsed_s:.1f} s ({report.sent / max(report.elapsed_s, 1e-9):.1f}/s, "
         f"target {report.rate_per_s:g}/s); adversarial from {report.adversarial_source}",
-        f"{'kind':<12} {'sent':>6} {'ok':>6} {'blocked':>8} {'error':>6} {'p50 ms':>8} "
-        f"{'p99 ms':>8}",
+        f"{'kind':<12} {'sent':>6} {'ok':>6} {'blocked':>8} {'contained':>10} {'error':>6} "
+        f"{'p50 ms':>8} {'p99 ms':>8}",
     ]
     for kind in KINDS:
         c, lat = report.counts[kind], report.latency_ms[kind]
         lines.append(
             f"{kind:<12} {sum(c.values()):>6} {c['ok']:>6} {c['blocked']:>8} "
-            f"{c['error']:>6} {lat['p50']:>8.1f} {lat['p99']:>8.1f}"
+            f"{c['contained']:>10} {c['error']:>6} {lat['p50']:>8.1f} {lat['p99']:>8.1f}"
         )
     lines.append(
         f"block rate (adversarial, as {report.attacker_id}): {report.block_rate:.1%}   "

@@ -146,14 +146,14 @@ class DataPlane:
         charged = None
         if self.defence is not None and model.backend.screening is not None:
             # 429 / 403 before any work for a contained client
-            charged = self.defence.admit(caller.client_id)
+            charged = self.defence.admit(caller.client_id, caller.shared)
         try:
             job = partial(self._decode_and_prepare, model, decode, caller)
             request, arrays, rows = await self.decoder.run(job)
             wanted = _requested_outputs(model.config, request)
             deadline = self._deadline(model, request, start)
             results = await model.batcher.submit(arrays, rows, deadline)
-            screened = await self._screen(model, request, arrays, results, charged)
+            screened = await self._screen(model, request, arrays, results, charged, caller.shared)
             outputs = [_output(model.config, want, results[want.name]) for want in wanted]
         except BastionError as exc:
             model.observer.on_failure(time.perf_counter_ns() - start, exc.reason)
@@ -195,6 +195,7 @@ class DataPlane:
         arrays: dict[str, np.ndarray],
         results: dict[str, np.ndarray],
         charged: str | None = None,
+        shared: bool = False,
     ) -> Screened | None:
         """Policy after the fused batch: metrics, quarantine, the stateful defence's evidence
         and rung (``charged``: the campaign ``admit`` charged), and the 403 for withheld images."""
@@ -233,8 +234,8 @@ class DataPlane:
             )
             _repeat(model, results, observed.repeats)
             # e.g. a new identity its probes just linked to a contained campaign: 403 or 429
-            self.defence.enforce(request.client_id, observed.rung, charged)
-            if observed.rung == STRICT:  # a contained client: suspicious is withheld too
+            self.defence.enforce(request.client_id, observed, charged, shared)
+            if observed.rung == STRICT and not shared:  # suspicious is withheld too
                 tighten(screened)
         refuse_if_withheld(screened, request)
         return screened

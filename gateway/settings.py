@@ -190,10 +190,10 @@ class Settings(BaseSettings):
     )
     # -- the stateful defence against query-based attacks (gateway/defence) -------------------
     defence: bool = Field(
-        False,
+        True,
         description="Fingerprint every screened query, link near-duplicates across clients, "
         "and contain clients and campaigns whose evidence passes the ladder's thresholds "
-        "(being built: off by default until its incident benchmark is in).",
+        "(on by default: benchmarks/incident.py measures it beside honest traffic).",
     )
     fingerprint_salt: int | None = Field(
         None,

@@ -24,9 +24,9 @@ reached by an attack's third or fourth probe), 1e-6 for strict and 1e-9 for refu
 Clients whose probes match each other's queries are linked into one campaign (union-find). A
 campaign has its own CUSUM over its members' pooled observations (on linking, the larger of the
 two), so a rotating attacker's identities add up to one attacker's stream, while honest clients
-linked by chance pool honest rates and stay at zero. The campaign's rung applies to every member
-that sent a probe itself: an attacker that makes its probes match an honest client's pictures
-links that client, but cannot frame it.
+linked by chance pool honest rates and stay at zero. The campaign's rung applies to a member
+only when most of the member's own images were probes: an attacker that makes its probes match
+an honest client's pictures links that client, but cannot frame it.
 """
 
 from __future__ import annotations
@@ -184,15 +184,27 @@ class Ladder:
             self._pooled[root] = max(0.0, self._pooled.get(root, 0.0) + step)
         return self.rung(client)
 
+    def bound(self, client: str) -> bool:
+        """Whether the campaign's rung binds the client: most of its own images were probes (a
+        rotating attacker's identities), not one re-encode among honest pictures that an
+        attacker's chain happened to, or was made to, run through."""
+        account = self._accounts.get(client)
+        return account is not None and 2 * account.probes > account.images
+
     def rung(self, client: str) -> str:
-        """The client's rung: its own, or its campaign's when it sent a probe itself."""
+        """The client's rung: its own, or its campaign's when the campaign binds it."""
         account = self._accounts.get(client)
         if account is None:
             return OBSERVE
         statistic = account.statistic
-        if account.probes:
+        if self.bound(client):
             statistic = max(statistic, self.campaign_statistic(client))
         return self.spec.rung(statistic)
+
+    def throttle_key(self, client: str) -> str:
+        """Who shares a throttled client's interval: its campaign when bound to it, else itself
+        alone (an honest client linked into a campaign is never charged for the attacker)."""
+        return self._find(client) if self.bound(client) else client
 
     def campaign(self, client: str) -> list[str]:
         """The clients linked with ``client`` (itself included), sorted."""

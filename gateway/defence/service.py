@@ -100,7 +100,9 @@ class DefenceService:
         """Withholds a computed answer from a client that its own queries just contained."""
         self.metrics.defence_refused.labels(REFUSE).inc()
         raise Contained(
-            "this client is contained: its queries probe the model", {"reason": "contained"}
+            "this client is contained: its queries probe the model; an operator can release it "
+            "(bastion clients release)",
+            {"reason": "contained"},
         )
 
     def release(self, client: str) -> list[str]:
@@ -151,56 +153,64 @@ class DefenceService:
             account.probes if account else 0,
         )
 
-    def admit(self, client: str | None) -> str | None:
+    def admit(self, client: str | None, shared: bool = False) -> str | None:
         """Raises ``Contained`` (403) or ``TooManyRequests`` (429) for a contained client;
-        returns the campaign charged for a throttled client's admission (for ``enforce``)."""
-        if client is None:
+        returns the campaign charged for a throttled client's admission (for ``enforce``). A
+        ``shared`` identity (a peer address) is never refused at the door: its honest
+        co-tenants would be refused with it."""
+        if client is None or shared:
             return None
         with self.lock:
             rung = self.ladder.rung(client)
             if rung == REFUSE:
                 self.refuse()
-            if rung == OBSERVE and client not in self._last_admitted:
+            if rung == OBSERVE:
                 return None
-            campaign = self.ladder.root(client)
-            self._charge(campaign, rung == OBSERVE)
+            campaign = self.ladder.throttle_key(client)
+            self._charge(campaign)
             return campaign
 
-    def _charge(self, campaign: str, released: bool) -> None:
+    def _charge(self, campaign: str) -> None:
         """One admission of a throttled campaign per interval: 429 for the rest (caller holds
-        ``lock``). A client back at ``observe`` after throttling waits out its interval."""
+        ``lock``)."""
         now = time.monotonic()
         last = self._last_admitted.get(campaign)
         wait = 0.0 if last is None else last + self.throttle_interval_s - now
         if wait > 0:
             self.metrics.defence_refused.labels(THROTTLE).inc()
             raise TooManyRequests(
-                "this client is throttled: its queries probe the model",
+                f"this client is throttled: its queries probe the model; retry in "
+                f"{math.ceil(wait)} s",
                 math.ceil(wait),
-                {"reason": "throttled"},
+                {"reason": "throttled", "retry_after_s": math.ceil(wait)},
             )
-        if released:
-            self._last_admitted.pop(campaign, None)
-            return
         self._last_admitted[campaign] = now
         self._last_admitted.move_to_end(campaign)
         if len(self._last_admitted) > self.ladder.max_clients:
             self._last_admitted.popitem(last=False)
 
-    def enforce(self, client: str | None, rung: str, charged: str | None) -> None:
+    def enforce(
+        self, client: str | None, observed: Observation, charged: str | None, shared: bool = False
+    ) -> None:
         """Applies the rung ``observe`` returned to this response: 403 when the client (or the
         campaign its queries just linked it to) is refused; when throttled, the admission is
         charged to the campaign unless ``admit`` already did (a fresh identity's first query
-        shares its campaign's interval: 429)."""
+        shares its campaign's interval: 429). For a ``shared`` identity only a request with a
+        probe is refused, from the strict rung up (below it, its probes get repeats)."""
         if client is None:
+            return
+        rung = observed.rung
+        if shared:
+            if rung in (STRICT, REFUSE) and observed.probes:
+                self.refuse()
             return
         if rung == REFUSE:
             self.refuse()
         if rung in (THROTTLE, STRICT):
             with self.lock:
-                campaign = self.ladder.root(client)
+                campaign = self.ladder.throttle_key(client)
                 if charged != campaign:
-                    self._charge(campaign, released=False)
+                    self._charge(campaign)
 
     def observe(
         self,

@@ -31,11 +31,14 @@ class Caller:
     """Who sent a request, as its transport established it.
 
     ``client_id`` is validated (length, charset) by the transport; ``scopes`` are capabilities the
-    caller proved (the admin token grants ``screening_report``).
+    caller proved (the admin token grants ``screening_report``). ``shared``: the id is only the
+    peer address, which many clients may share (a proxy, a NAT): the stateful defence refuses
+    such a caller's probing queries, never the address as a whole.
     """
 
     client_id: str | None = None
     scopes: frozenset[str] = frozenset()
+    shared: bool = False
 
 
 @dataclass(slots=True)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import pytest
 import torch
@@ -90,14 +92,14 @@ def test_a_fresh_identity_linked_to_a_throttled_campaign_shares_its_interval() -
     defence = service()
     image = to_float(load_split("test")[0][:1])
     spec = defence.fingerprint_spec
-    rung, i = OBSERVE, 0
-    while rung == OBSERVE:  # one identity walks until the campaign is throttled
+    observed, i = None, 0
+    while observed is None or observed.rung == OBSERVE:  # one identity walks until throttled
         step = image.copy()
         step.flat[i] = 0.002 * (i + 1)
         prints = fingerprints(torch.from_numpy(step), spec).numpy()
-        rung = defence.observe("walker-0", prints, ["clean"], step).rung
+        observed = defence.observe("walker-0", prints, ["clean"], step)
         i += 1
-    defence.enforce("walker-0", rung, defence.admit("walker-0"))  # its one admission
+    defence.enforce("walker-0", observed, defence.admit("walker-0"))  # its one admission
     step = image.copy()
     step.flat[i] = 0.5
     prints = fingerprints(torch.from_numpy(step), spec).numpy()
@@ -105,7 +107,7 @@ def test_a_fresh_identity_linked_to_a_throttled_campaign_shares_its_interval() -
     observed = defence.observe("walker-1", prints, ["clean"], step)
     assert "walker-0" in defence.ladder.campaign("walker-1")
     with pytest.raises((TooManyRequests, Contained)):
-        defence.enforce("walker-1", observed.rung, charged)
+        defence.enforce("walker-1", observed, charged)
 
 
 def test_once_throttled_a_suspects_probes_get_the_remembered_answer_even_without_repeat() -> None:
@@ -142,3 +144,58 @@ def test_the_gauges_count_clients_per_rung_and_campaigns() -> None:
         defence.release("walker-0")
     assert sample("bastion_defence_clients", {"rung": "refuse"}) == 0
     assert sample("bastion_defence_campaigns", {"state": "contained"}) == 0
+
+
+def test_an_honest_client_an_attacker_probed_around_is_neither_bound_nor_throttled() -> None:
+    """The attacker walks around the honest client's picture, then the honest client resends
+    that picture re-encoded and sends new ones: its campaign is the attacker's, but one probe
+    among its honest images binds it to nothing, and it is never charged the attacker's
+    throttle interval."""
+    defence = service()
+    digits = to_float(load_split("test")[0][:8])
+    spec = defence.fingerprint_spec
+
+    def send(client: str, image: np.ndarray) -> None:
+        prints = fingerprints(torch.from_numpy(image), spec).numpy()
+        charged = defence.admit(client)
+        defence.enforce(client, defence.observe(client, prints, ["clean"], image), charged)
+
+    for digit in digits[:4]:
+        send("honest", digit[None])
+    for i in range(12):  # the attacker probes around the honest client's first picture
+        step = digits[:1].copy()
+        step.flat[300 + i] += 0.003 * (i + 1)
+        with contextlib.suppress(TooManyRequests, Contained):
+            send(f"mallory-{i // 3}", step)
+    assert defence.ladder.rung("mallory-3") != OBSERVE
+    reencoded = digits[:1].copy()
+    reencoded.flat[500] += 0.004  # the honest client's own resend, slightly re-encoded
+    send("honest", reencoded)
+    assert "honest" in defence.ladder.campaign("mallory-0")
+    for digit in digits[4:]:
+        send("honest", digit[None])  # never 429 nor 403
+    assert defence.ladder.rung("honest") == OBSERVE
+
+
+def test_a_shared_peer_address_has_only_its_probing_queries_refused() -> None:
+    """Behind one address many clients may hide: the address is never refused at the door,
+    only its requests that carry probes once it is strict."""
+    defence = service()
+    image = to_float(load_split("test")[0][:1])
+    spec = defence.fingerprint_spec
+    refused = []
+    for i in range(12):
+        step = image.copy()
+        step.flat[i] = 0.002 * (i + 1)
+        prints = fingerprints(torch.from_numpy(step), spec).numpy()
+        assert defence.admit("10.0.0.1", shared=True) is None
+        observed = defence.observe("10.0.0.1", prints, ["clean"], step)
+        try:
+            defence.enforce("10.0.0.1", observed, None, shared=True)
+            refused.append(False)
+        except Contained:
+            refused.append(True)
+    assert defence.ladder.rung("10.0.0.1") == REFUSE and refused[-1]
+    fresh = to_float(load_split("test")[0][5:6])  # a co-tenant's new picture: answered
+    prints = fingerprints(torch.from_numpy(fresh), spec).numpy()
+    defence.enforce("10.0.0.1", defence.observe("10.0.0.1", prints, ["clean"], fresh), None, True)
