@@ -27,13 +27,19 @@ two), so a rotating attacker's identities add up to one attacker's stream, while
 linked by chance pool honest rates and stay at zero. The campaign's rung applies to a member
 only when most of the member's own images were probes: an attacker that makes its probes match
 an honest client's pictures links that client, but cannot frame it.
+
+The CUSUM forgives: clean images pull it down, so an attacker who pads every attack image with
+a dozen fresh clean ones keeps it at zero. A second test does not forgive: the probes among a
+client's (and a campaign's) last ``window`` images, against a Poisson count at the honest probe
+rate (mean 1 in 1,000 images): 10 or more throttle (P = 1e-7 per window for an honest client),
+12 strict, 14 refuse (1e-11). Padding only dilutes the attacker's probes within the window.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -56,6 +62,8 @@ class LadderSpec:
     throttle_at: float = math.log(1e8)
     strict_at: float = math.log(1e11)
     refuse_at: float = math.log(1e14)
+    window: int = 1000  # images the probe count looks back over
+    window_counts: tuple[int, int, int] = (10, 12, 14)  # probes in it: throttle, strict, refuse
 
     def __post_init__(self) -> None:
         for p0, p1 in (
@@ -72,6 +80,10 @@ class LadderSpec:
             raise ValueError("adversarial verdicts are a part of the flagged ones")
         if not 0 < self.throttle_at <= self.strict_at <= self.refuse_at:
             raise ValueError("need 0 < throttle_at <= strict_at <= refuse_at")
+        if self.window < 1 or not 1 <= self.window_counts[0] <= self.window_counts[1]:
+            raise ValueError("need window >= 1 and 1 <= throttle count <= strict count")
+        if self.window_counts[1] > self.window_counts[2]:
+            raise ValueError("need strict count <= refuse count")
 
     def increment(
         self,
@@ -105,6 +117,14 @@ class LadderSpec:
             step += _llr(near, q0, self.near_attack_rate)
         return step
 
+    def window_rung(self, window: ProbeWindow) -> str:
+        """The rung the probes among the last ``window`` images reach."""
+        count = window.count(self.window)
+        for rung, at in zip((REFUSE, STRICT, THROTTLE), reversed(self.window_counts), strict=True):
+            if count >= at:
+                return rung
+        return OBSERVE
+
     def rung(self, statistic: float) -> str:
         if statistic >= self.refuse_at:
             return REFUSE
@@ -122,6 +142,29 @@ def _llr(event: bool, p0: float, p1: float) -> float:
     return math.log(p1 / p0) if event else math.log((1 - p1) / (1 - p0))
 
 
+def higher(a: str, b: str) -> str:
+    """The higher of two rungs."""
+    return a if RUNGS.index(a) >= RUNGS.index(b) else b
+
+
+@dataclass
+class ProbeWindow:
+    """Where the latest probes fell among a stream's images (enough of them for the refuse
+    count): how many fell in the last ``width`` images."""
+
+    images: int = 0
+    probes: deque[int] = field(default_factory=lambda: deque(maxlen=64))
+
+    def add(self, probe: bool) -> None:
+        self.images += 1
+        if probe:
+            self.probes.append(self.images)
+
+    def count(self, width: int) -> int:
+        start = self.images - width
+        return sum(1 for i in self.probes if i > start)
+
+
 @dataclass
 class Account:
     """A client's evidence: its own CUSUM statistic and counts, for the audit."""
@@ -133,6 +176,7 @@ class Account:
     near: int = 0
     last_seen: float = 0.0
     released_at: float | None = None
+    window: ProbeWindow = field(default_factory=ProbeWindow)
 
 
 @dataclass
@@ -149,6 +193,7 @@ class Ladder:
     _parent: dict[str, str] = field(default_factory=dict)  # linked clients only
     _members: dict[str, set[str]] = field(default_factory=dict)  # root -> its campaign
     _pooled: dict[str, float] = field(default_factory=dict)  # root -> the campaign's CUSUM
+    _windows: dict[str, ProbeWindow] = field(default_factory=dict)  # root -> its probe window
 
     def observe(
         self,
@@ -177,11 +222,13 @@ class Ladder:
             flagged, probe, flag_rate, near, near_rate, adversarial, block_rate
         )
         account.statistic = max(0.0, account.statistic + step)
+        account.window.add(probe)
         if linked is not None and linked != client:
             self._union(client, linked)
         root = self._find(client)
         if root in self._members:  # a linked client: the campaign's pooled stream moves too
             self._pooled[root] = max(0.0, self._pooled.get(root, 0.0) + step)
+            self._windows.setdefault(root, ProbeWindow()).add(probe)
         return self.rung(client)
 
     def bound(self, client: str) -> bool:
@@ -189,17 +236,25 @@ class Ladder:
         rotating attacker's identities), not one re-encode among honest pictures that an
         attacker's chain happened to, or was made to, run through."""
         account = self._accounts.get(client)
-        return account is not None and 2 * account.probes > account.images
+        return account is not None and account.probes >= 2 and 2 * account.probes > account.images
 
     def rung(self, client: str) -> str:
         """The client's rung: its own, or its campaign's when the campaign binds it."""
         account = self._accounts.get(client)
         if account is None:
             return OBSERVE
-        statistic = account.statistic
-        if self.bound(client):
-            statistic = max(statistic, self.campaign_statistic(client))
-        return self.spec.rung(statistic)
+        own = higher(self.spec.rung(account.statistic), self.spec.window_rung(account.window))
+        return higher(own, self.campaign_rung(client)) if self.bound(client) else own
+
+    def campaign_rung(self, client: str) -> str:
+        """The rung the client's campaign reached (observe for a client linked to nobody): what
+        a query that continues the campaign meets, whoever sends it."""
+        root = self._find(client)
+        if root not in self._members:
+            return OBSERVE
+        window = self._windows.get(root)
+        pooled = self.spec.rung(self._pooled.get(root, 0.0))
+        return pooled if window is None else higher(pooled, self.spec.window_rung(window))
 
     def throttle_key(self, client: str) -> str:
         """Who shares a throttled client's interval: its campaign when bound to it, else itself
@@ -218,7 +273,7 @@ class Ladder:
         """Campaigns of two or more linked clients; ``contained``: those at the refuse rung."""
         if not contained:
             return len(self._members)
-        return sum(self._pooled.get(root, 0.0) >= self.spec.refuse_at for root in self._members)
+        return sum(self.campaign_rung(root) == REFUSE for root in self._members)
 
     def root(self, client: str) -> str:
         """The campaign's name: its union-find root (the client itself when unlinked)."""
@@ -230,10 +285,12 @@ class Ladder:
         root = self._find(client)
         self._members.pop(root, None)
         self._pooled.pop(root, None)
+        self._windows.pop(root, None)
         for member in members:
             account = self._accounts.get(member)
             if account is not None:
                 account.statistic = 0.0
+                account.window = ProbeWindow()
                 account.released_at = self.clock()
             self._parent.pop(member, None)
 
@@ -250,8 +307,12 @@ class Ladder:
             account = self._accounts[client] = Account()
             if len(self._accounts) > self.max_clients:  # forget the least recently seen
                 forgotten, _ = self._accounts.popitem(last=False)
-                self._members.get(self._find(forgotten), set()).discard(forgotten)
+                root = self._find(forgotten)
+                self._members.get(root, set()).discard(forgotten)
                 self._pooled.pop(forgotten, None)
+                self._windows.pop(forgotten, None)
+                if root != forgotten:  # a linked member: its link goes with it
+                    self._parent.pop(forgotten, None)
         self._accounts.move_to_end(client)
         return account
 
@@ -275,3 +336,11 @@ class Ladder:
         pooled = [self._pooled.pop(r, None) for r in (ra, rb)]
         lone = [self._accounts[r].statistic if r in self._accounts else 0.0 for r in (ra, rb)]
         self._pooled[rb] = max(p if p is not None else s for p, s in zip(pooled, lone, strict=True))
+        windows = [
+            self._windows.pop(r, None)
+            or (self._accounts[r].window if r in self._accounts else None)
+            for r in (ra, rb)
+        ]
+        kept = [w for w in windows if w is not None]
+        if kept:  # the window with more recent probes stands for the campaign
+            self._windows[rb] = max(kept, key=lambda w: w.count(self.spec.window))

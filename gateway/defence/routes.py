@@ -62,14 +62,14 @@ async def list_clients(
     return json_response({"clients": [{**r, "campaign": None} for r in rows[:limit]]})
 
 
-@router.get("/v2/admin/clients/{client}", responses=errors(400, 403, 404))
+@router.get("/v2/admin/clients/{client:path}", responses=errors(400, 403, 404))
 async def show_client(request: Request, client: ClientPath) -> Response:
     defence = _defence(request)
     with defence.lock:
         return json_response(describe(defence, client))
 
 
-@router.post("/v2/admin/clients/{client}/release", responses=errors(400, 403, 404))
+@router.post("/v2/admin/clients/{client:path}/release", responses=errors(400, 403, 404))
 async def release_client(request: Request, client: ClientPath) -> Response:
     """Lifts containment from the client and every client of its campaign (logged)."""
     defence = _defence(request)

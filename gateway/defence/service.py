@@ -62,6 +62,7 @@ class Observation:
     probes: int  # images of the request that nearly duplicate a remembered query
     repeats: dict[int, np.ndarray]  # image index -> the remembered answer to give instead
     near: int = 0  # images the k-NN detector found close to the client's earlier queries
+    contained: int = 0  # probes that continue a campaign at the refuse rung, whoever sent them
 
 
 @dataclass(frozen=True)
@@ -195,11 +196,15 @@ class DefenceService:
         """Applies the rung ``observe`` returned to this response: 403 when the client (or the
         campaign its queries just linked it to) is refused; when throttled, the admission is
         charged to the campaign unless ``admit`` already did (a fresh identity's first query
-        shares its campaign's interval: 429). For a ``shared`` identity only a request with a
-        probe is refused, from the strict rung up (below it, its probes get repeats)."""
+        shares its campaign's interval: 429). A request carrying a probe that continues a contained
+        campaign is refused whoever sends it (the campaign's queries stay contained, its
+        identities or not). For a ``shared`` identity only a request with a probe is refused,
+        from the strict rung up (below it, its probes get repeats)."""
         if client is None:
             return
         rung = observed.rung
+        if observed.contained:  # a contained campaign's query, under any identity
+            self.refuse()
         if shared:
             if rung in (STRICT, REFUSE) and observed.probes:
                 self.refuse()
@@ -233,7 +238,7 @@ class DefenceService:
         ``block_rate`` of adversarial ones (its block tier's);
         ``embedded`` carries the embeddings for the model's k-NN detector, if it has one."""
         key = client or "(anonymous)"
-        rung, probes, nears, repeats = OBSERVE, 0, 0, {}
+        rung, probes, nears, contained, repeats = OBSERVE, 0, 0, 0, {}
         with self.lock:
             for i, (row, verdict, image) in enumerate(zip(prints, verdicts, inputs, strict=True)):
                 content = content_hash(image)
@@ -262,10 +267,14 @@ class DefenceService:
                     verdict == "adversarial",
                     block_rate,
                 )
+                campaign = self.ladder.campaign_rung(key) if probe else OBSERVE
+                contained += campaign == REFUSE  # it continues a contained campaign: refused
                 given = None
                 # a near-duplicate gets the remembered answer with ``repeat``, and always once
-                # its sender is throttled or worse: a suspect learns nothing new from a probe
-                if (self.repeat or rung != OBSERVE) and match is not None and answers is not None:
+                # its sender or the campaign it continues is throttled or worse: a suspect
+                # learns nothing new from a probe
+                suspect = rung != OBSERVE or campaign != OBSERVE
+                if (self.repeat or suspect) and match is not None and answers is not None:
                     given = self.index.answer(match.slot, answer_key, answers.shape[1])
                     if given is not None:
                         repeats[i] = given
@@ -278,4 +287,4 @@ class DefenceService:
             self._log_transition(key, rung)
         if probes:
             self.metrics.defence_probes.inc(probes)
-        return Observation(rung, probes, repeats, nears)
+        return Observation(rung, probes, repeats, nears, contained)

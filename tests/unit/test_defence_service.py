@@ -87,8 +87,8 @@ def test_repeat_answers_a_probe_with_the_remembered_answer() -> None:
 
 
 def test_a_fresh_identity_linked_to_a_throttled_campaign_shares_its_interval() -> None:
-    """A rotating attacker's new identity passes ``admit`` (nobody knows it yet); once its
-    query links it to a throttled campaign, ``enforce`` charges the campaign: 429."""
+    """A rotating attacker's new identity passes ``admit`` (nobody knows it yet); its first
+    probe of a throttled campaign gets a repeat, its second binds it: the campaign's 429."""
     defence = service()
     image = to_float(load_split("test")[0][:1])
     spec = defence.fingerprint_spec
@@ -106,7 +106,13 @@ def test_a_fresh_identity_linked_to_a_throttled_campaign_shares_its_interval() -
     charged = defence.admit("walker-1")  # unknown: admitted
     observed = defence.observe("walker-1", prints, ["clean"], step)
     assert "walker-0" in defence.ladder.campaign("walker-1")
-    with pytest.raises((TooManyRequests, Contained)):
+    assert defence.ladder.campaign_rung("walker-1") != OBSERVE  # its probe: a repeat, if kept
+    defence.enforce("walker-1", observed, charged)
+    step.flat[i + 1] = 0.5
+    prints = fingerprints(torch.from_numpy(step), spec).numpy()
+    charged = defence.admit("walker-1")  # still observe: one probe binds no identity
+    observed = defence.observe("walker-1", prints, ["clean"], step)
+    with pytest.raises((TooManyRequests, Contained)):  # its second binds it: the interval
         defence.enforce("walker-1", observed, charged)
 
 
@@ -148,9 +154,9 @@ def test_the_gauges_count_clients_per_rung_and_campaigns() -> None:
 
 def test_an_honest_client_an_attacker_probed_around_is_neither_bound_nor_throttled() -> None:
     """The attacker walks around the honest client's picture, then the honest client resends
-    that picture re-encoded and sends new ones: its campaign is the attacker's, but one probe
-    among its honest images binds it to nothing, and it is never charged the attacker's
-    throttle interval."""
+    that picture re-encoded and sends new ones: that one resend continues the contained
+    campaign and is refused, but one probe among its honest images binds the client to
+    nothing: its new pictures are served, never charged the attacker's throttle interval."""
     defence = service()
     digits = to_float(load_split("test")[0][:8])
     spec = defence.fingerprint_spec
@@ -170,7 +176,8 @@ def test_an_honest_client_an_attacker_probed_around_is_neither_bound_nor_throttl
     assert defence.ladder.rung("mallory-3") != OBSERVE
     reencoded = digits[:1].copy()
     reencoded.flat[500] += 0.004  # the honest client's own resend, slightly re-encoded
-    send("honest", reencoded)
+    with pytest.raises(Contained):
+        send("honest", reencoded)
     assert "honest" in defence.ladder.campaign("mallory-0")
     for digit in digits[4:]:
         send("honest", digit[None])  # never 429 nor 403

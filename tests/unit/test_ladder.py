@@ -124,7 +124,10 @@ def test_a_linked_honest_client_is_not_framed_by_the_campaign_that_linked_it() -
     for i in range(12):  # every probe of the attacker matches the honest client's query
         ladder.observe(f"sybil-{i}", flagged=False, probe=True, linked="honest")
     assert "honest" in ladder.campaign("sybil-0")
-    assert ladder.rung("sybil-11") == REFUSE
+    assert ladder.campaign_rung("sybil-11") == REFUSE  # its query is refused (the service)
+    assert ladder.rung("sybil-11") == OBSERVE  # one probe binds no identity
+    ladder.observe("sybil-11", flagged=False, probe=True, linked="honest")
+    assert ladder.rung("sybil-11") == REFUSE  # its second: most of its images are probes
     assert ladder.rung("honest") == OBSERVE
 
 
@@ -156,3 +159,16 @@ def test_the_k_nn_stream_adds_evidence_only_where_a_detector_answered() -> None:
     assert with_near.account("c").near == 8 and without.account("c").statistic == 0.0
     # eight k-NN hits at a 0.1 % clean rate contain even a walk the fingerprints miss
     assert with_near.rung("c") != OBSERVE
+
+
+def test_padding_every_probe_with_clean_images_still_contains() -> None:
+    """The CUSUM forgives (each clean image pulls it down); the probe window does not: one
+    probe in every 13 images still reaches the refuse count within the window."""
+    ladder = Ladder()
+    rungs = []
+    for _ in range(20):
+        rungs.append(ladder.observe("padder", flagged=False, probe=True))
+        for _ in range(12):
+            ladder.observe("padder", flagged=False, probe=False)
+    assert ladder.account("padder").statistic < LadderSpec().throttle_at  # the CUSUM forgave
+    assert rungs[9] == THROTTLE and ladder.rung("padder") == REFUSE
