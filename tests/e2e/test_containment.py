@@ -109,7 +109,8 @@ def test_an_admin_sees_the_campaign_and_lifts_it(defended: ServerProcess) -> Non
     assert "now refuse" in defended.log.read_text()  # every transition logged with evidence
     anonymous = httpx.get(f"http://{defended.url}/v2/admin/clients", timeout=10)
     assert anonymous.status_code == 403
-    assert send(client, image, "team/alice") == "served"  # a client id with a slash in it
+    other = to_float(load_split("test")[0])[400]  # a new picture: evidence for a new client
+    assert send(client, other, "team/alice") == "served"  # a client id with a slash in it
     assert json.loads(run("show", "team/alice"))["client"] == "team/alice"
     assert "team/alice" in run("release", "team/alice")
 
