@@ -26,6 +26,7 @@ from prometheus_client import CollectorRegistry
 
 from benchmarks.machine import describe_machine
 from benchmarks.screening_cost import median_ms
+from gateway.defence import probe_table
 from gateway.defence.fingerprint import fingerprints
 from gateway.defence.knn import KnnSpec
 from gateway.defence.service import DefenceService, Embedded
@@ -138,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         "ms_per_batch": medians,
         "defence_share": defence_ms / medians["screened batch"],
         "index_bytes_per_query": per_query,
+        "compiled_loops": probe_table.JIT,  # numba (the 'fast' extra) or plain Python
         "knn_bytes_per_client": knn.history * all_embeddings.shape[1] * 2,
         "probes_while_filling": int(
             sum(a.probes for c in defence.ladder.clients() if (a := defence.ladder.account(c)))
@@ -145,7 +147,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     lines = [
         f"Stateful defence cost, digits model, batch {args.batch} on {device}, index of "
-        f"{args.capacity:,} queries:",
+        f"{args.capacity:,} queries, index and k-NN loops "
+        f"{'compiled (numba)' if probe_table.JIT else 'plain Python (no numba)'}:",
         "",
         "| path | ms / batch | share of the screened batch |",
         "|---|---:|---:|",
@@ -155,6 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     share = report["defence_share"]
     lines.append(f"| **fingerprints + observe** | {defence_ms:.2f} | {share:.1%} |")
     lines.append("")
+    lines.append("Target: fingerprints + observe at most 10 % of the screened batch.")
     lines.append(
         f"Index memory: {per_query:,.0f} bytes per remembered query; k-NN history: "
         f"{report['knn_bytes_per_client']:,} bytes per client and model."
