@@ -119,6 +119,8 @@ class LadderSpec:
 
     def window_rung(self, window: ProbeWindow) -> str:
         """The rung the probes among the last ``window`` images reach."""
+        if len(window.probes) < self.window_counts[0]:
+            return OBSERVE  # too few probes ever to reach a rung (an honest client's case)
         count = window.count(self.window)
         for rung, at in zip((REFUSE, STRICT, THROTTLE), reversed(self.window_counts), strict=True):
             if count >= at:

@@ -160,6 +160,7 @@ class Histories:
         self.clients = clients
         self._rings: OrderedDict[tuple[str, str], tuple[np.ndarray, list[int]]] = OrderedDict()
         self._recent: np.ndarray | None = None  # (recent, E) float32, every client's
+        self._norms = np.zeros(recent, np.float32)
         self._owners: list[str | None] = [None] * recent
         self._owner_ids = np.zeros(recent, np.int64)  # hash of (client, model); 0: empty
         self._model_ids = np.zeros(recent, np.int64)
@@ -175,20 +176,22 @@ class Histories:
         vector = embedding.reshape(-1).astype(np.float32)
         if self._recent is None or self._recent.shape[1] != vector.shape[0]:
             self._recent = np.zeros((len(self._owners), vector.shape[0]), np.float32)
+            self._norms = np.zeros(len(self._owners), np.float32)  # squared, per row
             self._owner_ids[:] = 0
         owner = None
         entry = self._rings.get(key)
         if spec.link_threshold is not None and (entry is None or entry[1][1] < spec.k):
             others = (self._model_ids == model_id) & (self._owner_ids != owner_id)
             others &= self._owner_ids != 0
-            if others.any():
-                rows = np.flatnonzero(others)
-                squared = np.square(self._recent[rows] - vector).sum(axis=1)
+            if others.any():  # |r - v|^2 = |r|^2 - 2 r.v + |v|^2: one matrix-vector product
+                squared = self._norms - 2 * (self._recent @ vector) + vector @ vector
+                squared[~others] = np.inf
                 nearest = int(squared.argmin())
                 if squared[nearest] < spec.link_threshold**2:
-                    owner = self._owners[rows[nearest]]
+                    owner = self._owners[nearest]
         slot = self._next
         self._recent[slot], self._owners[slot] = vector, client
+        self._norms[slot] = vector @ vector
         self._owner_ids[slot], self._model_ids[slot] = owner_id, model_id
         self._next = (slot + 1) % len(self._owners)
         return owner
