@@ -194,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     lines.append("")
     lines.append(
-        "Target: fingerprinting and lookup at most 10 % of the screened batch. ``observe`` is all "
+        "Target: fingerprinting and lookup at most 10 % of the screened batch. 'observe' is all "
         "the host does per image: the lookup, the k-NN test, the sybil link, the content hash, "
         "the sequential test."
     )

@@ -157,13 +157,19 @@ def clients_list(
     rung: Annotated[str | None, typer.Option(help="observe | throttle | strict | refuse")] = None,
     limit: int = 50,
 ) -> None:
-    """Tracked clients, most recently seen first, with their rung and evidence."""
+    """Tracked clients, most recently seen first, with their rung and evidence (S: the
+    client's own CUSUM statistic; campaign S: its campaign's pooled one)."""
     query = {"rung": rung, "limit": limit}
-    for c in _admin(url, token, "GET", "/v2/admin/clients", query=query)["clients"]:
+    rows = _admin(url, token, "GET", "/v2/admin/clients", query=query)["clients"]
+    typer.echo(
+        f"{'client':<32} {'rung':<8} {'S':>6} {'campaign S':>10} {'campaign':>8} {'images':>7} "
+        f"{'flagged':>7} {'probes':>6}"
+    )
+    for c in rows:
         typer.echo(
-            f"{c['client']:<32} {c['rung']:<8} S={c['statistic']:6.1f} "
-            f"campaign={c['campaign_size']:<4} images={c['images']} flagged={c['flagged']} "
-            f"probes={c['probes']}"
+            f"{c['client']:<32} {c['rung']:<8} {c['statistic']:6.1f} "
+            f"{c['campaign_statistic']:10.1f} {c['campaign_size']:>8} {c['images']:>7} "
+            f"{c['flagged']:>7} {c['probes']:>6}"
         )
 
 
