@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -96,22 +97,20 @@ def main(argv: list[str] | None = None) -> int:
         with torch.no_grad():
             embeddings.append(module.forward_embedded(x)[2].float().cpu().numpy())
     all_prints, all_embeddings = np.concatenate(prints), np.concatenate(embeddings)
-    for i in range(args.capacity):  # the honest steady state: a full ring, known clients
-        embedded = Embedded("digits:1", knn, all_embeddings[i : i + 1])
-        defence.observe(
-            f"c{i % 500}",
-            all_prints[i : i + 1],
-            ["clean"],
-            images[i : i + 1],
-            None,
-            0,
-            None,
-            embedded,
-        )
     index = ProbeIndex(args.capacity)  # the lookup alone, on a twin of the defence's index
-    for i in range(args.capacity):
+
+    def observe_one(i: int) -> None:  # image i as its own request from one of 500 clients
+        embedded = Embedded("digits:1", knn, all_embeddings[i : i + 1])
+        rows = all_prints[i : i + 1], ["clean"], images[i : i + 1]
+        defence.observe(f"c{i % 500}", *rows, None, 0, None, embedded)
+
+    def lookup_one(i: int) -> None:
         index.match(all_prints[i])
         index.add(all_prints[i], f"c{i % 500}")
+
+    for i in range(args.capacity):  # the honest steady state: full rings, known clients
+        observe_one(i)
+        lookup_one(i)
     fill_s = time.perf_counter() - started
     cursor, lookup_cursor = [args.capacity], [args.capacity]
     x = torch.from_numpy(images[: args.batch]).to(device)
@@ -125,28 +124,15 @@ def main(argv: list[str] | None = None) -> int:
             torch.cuda.synchronize()
         return out
 
-    def lookup() -> None:
-        start = lookup_cursor[0]
-        for i in range(start, start + args.batch):
-            index.match(all_prints[i])
-            index.add(all_prints[i], f"c{i % 500}")
-        lookup_cursor[0] = start + args.batch
+    def batch_of(one: Callable[[int], None], cursor: list[int]) -> Callable[[], None]:
+        def run() -> None:  # the next batch of fresh images, one request each
+            for i in range(cursor[0], cursor[0] + args.batch):
+                one(i)
+            cursor[0] += args.batch
 
-    def observe() -> None:
-        start = cursor[0]
-        for i in range(start, start + args.batch):
-            embedded = Embedded("digits:1", knn, all_embeddings[i : i + 1])
-            defence.observe(
-                f"c{i % 500}",
-                all_prints[i : i + 1],
-                ["clean"],
-                images[i : i + 1],
-                None,
-                0,
-                None,
-                embedded,
-            )
-        cursor[0] = start + args.batch
+        return run
+
+    lookup, observe = batch_of(lookup_one, lookup_cursor), batch_of(observe_one, cursor)
 
     medians = median_ms(
         {

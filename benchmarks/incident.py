@@ -3,14 +3,12 @@
 One real gateway (bundled repository, screening ``block``, ``BASTION_DEFENCE=on``, probes answered
 as ``--response evidence`` or ``repeat``) on 127.0.0.1 is watched through two phases:
 
-- **before** (``--before`` s): honest clients only, ``honest-0`` .. ``honest-3``, each a thread at
-  about 20 requests/s, one image per request: a fresh photo of one of its own test digits
-  (rotation ±12°, scale 0.9-1.1, shift ±2 px), and at 5 % each an exact retry of one of its last
-  20 images and a JPEG re-encode (quality 70-95) of an earlier one;
+- **before** (``--before`` s): honest clients only (4 threads, ~20 requests/s each, one image
+  a request): fresh photos of their own test digits (rotation ±12°, scale 0.9-1.1, shift ±2 px),
+  and at 5 % each an exact retry of a recent one and a JPEG re-encode (quality 70-95);
 - **during**: the same, while the attacks run one after another, each on its own ``--seeds``
-  seed digits (correctly classified test digits the screening passes; decision-based attacks
-  start from the nearest such digit of another class, never shared between seeds). Honest
-  clients never hold an attacker's seed or start digit.
+  seeds (correctly classified test digits the screening passes; decision-based attacks start
+  from the nearest such digit of another class), never held by an honest client.
 
 The attacker rotates its ``X-Client-ID`` every ``--rotate`` queries (fresh random names), reads a
 refused query (403 or 429) as "not adversarial" (uniform probabilities for a score-based attack,
@@ -40,13 +38,11 @@ screening counts), and how many were ever throttled or contained (target: none).
 picture mix, ``--honest-requests`` in all (or ``--max-seconds``); target: no honest client ever
 throttled or contained.
 
-Run: ``python -m benchmarks.incident [--quick] [--attacks art-hsj,...,adaptive]
-[--response evidence|repeat] [--seeds 3] [--budget 1000]`` (about 2-3 minutes on 2 cores;
-``--quick``: 2 seeds, 300 queries, 50 after detection, smaller attack settings, under a minute),
-or ``python -m benchmarks.incident --honest-only --honest-requests 100000``. Markdown and JSON
-(with every query's outcome per seed, as a trace string) go to ``benchmarks/results/incident/``.
-Wire, honest traffic: ``incident_clients``; seeds, oracles: ``incident_attacker``; tables:
-``incident_report``.
+Run: ``python -m benchmarks.incident [--quick] [--attacks art-hsj,...,adaptive] [--response
+evidence|repeat]`` (2-5 minutes on 2 cores; ``--quick``: 2 seeds, smaller budgets, about 90 s)
+or ``--honest-only --honest-requests 100000``. Markdown and JSON (every query's outcome per
+seed as a trace) go to ``benchmarks/results/incident/``; helpers in ``incident_clients``,
+``incident_attacker`` and ``incident_report``.
 """
 
 from __future__ import annotations
@@ -353,7 +349,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--honest-rate", type=float, default=20.0, help="requests/s per client")
     parser.add_argument("--before", type=float, default=30.0, help="seconds of honest traffic")
     parser.add_argument("--throttle-interval-s", type=float, default=1.0)
-    parser.add_argument("--quick", action="store_true", help="a ~2-minute smoke run")
+    parser.add_argument("--quick", action="store_true", help="a smoke run of about 90 s")
     parser.add_argument("--honest-only", action="store_true", help="the volume check instead")
     parser.add_argument("--honest-requests", type=int, default=100_000)
     parser.add_argument("--volume-clients", type=int, default=8)
