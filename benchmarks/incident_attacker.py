@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from benchmarks.adversarial.blackbox import eligible_digits
 from benchmarks.adversarial.through_gateway import gateway_rule, offline_scores
 from benchmarks.incident_clients import (
     CONTAINED,
@@ -44,18 +45,7 @@ def choose_seeds(count: int, seed: int) -> tuple[dict[str, np.ndarray], np.ndarr
     """``count`` correctly classified test digits the screening passes, each with its own
     start (the nearest such digit of another class, used by no other seed); and the test
     digits left for honest clients."""
-    import torch
-
-    from gateway.settings import DEFAULT_REPOSITORY
-    from models.data import load_split, to_float
-    from models.weights import load_digits
-
-    images, labels = load_split("test")
-    x = to_float(images)
-    with torch.no_grad():
-        correct = load_digits()(torch.from_numpy(x)).argmax(1).numpy() == labels
-    combined, threshold = offline_scores({"test": x}, 250, DEFAULT_REPOSITORY)
-    eligible = np.flatnonzero(correct & ~gateway_rule(combined["test"][:, -1], threshold))
+    x, labels, eligible = eligible_digits()
     chosen = np.random.default_rng(seed).choice(eligible, size=count, replace=False)
     used, starts = set(chosen.tolist()), []
     for i in chosen:

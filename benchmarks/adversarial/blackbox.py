@@ -112,9 +112,9 @@ class GatewayOracle:
         self._pool.shutdown()
 
 
-def pick_seeds(count: int, seed: int) -> dict[str, np.ndarray]:
-    """Correctly classified test digits the screened gateway passes, and for each the nearest
-    (L2) such digit of another class, HopSkipJump's starting point."""
+def eligible_digits() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The test split as floats, its labels, and the indices of the digits an attack may
+    start from: correctly classified, and passed by the screened gateway (scored offline)."""
     import torch
 
     from gateway.settings import DEFAULT_REPOSITORY
@@ -126,7 +126,13 @@ def pick_seeds(count: int, seed: int) -> dict[str, np.ndarray]:
     with torch.no_grad():
         correct = load_digits()(torch.from_numpy(x)).argmax(1).numpy() == labels
     combined, threshold = offline_scores({"test": x}, 250, DEFAULT_REPOSITORY)
-    eligible = np.flatnonzero(correct & ~gateway_rule(combined["test"][:, -1], threshold))
+    return x, labels, np.flatnonzero(correct & ~gateway_rule(combined["test"][:, -1], threshold))
+
+
+def pick_seeds(count: int, seed: int) -> dict[str, np.ndarray]:
+    """Correctly classified test digits the screened gateway passes, and for each the nearest
+    (L2) such digit of another class, HopSkipJump's starting point."""
+    x, labels, eligible = eligible_digits()
     chosen = np.random.default_rng(seed).choice(eligible, size=count, replace=False)
     starts = []
     for i in chosen:
