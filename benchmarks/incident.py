@@ -16,8 +16,11 @@ the seed's label for a decision-based one) and never backs off. Attacks: ART Hop
 BoundaryAttack (decision-based, L2 <= 4), SquareAttack (L-inf 0.3) and SimBA (pixel, L-inf);
 foolbox HopSkipJumpAttack and BoundaryAttack (L2 <= 4) through an ``nn.Module`` that asks the
 gateway; up to ``--parallel`` queries in flight. Each seed has ``--budget`` queries and stops
-``--after-detection`` queries after its detection: the first of its queries answered 429 or 403
-``contained``, under any identity (a plain 403 is the per-image screening, not detection).
+``--after-detection`` queries after its detection: the first of its queries, under any identity,
+that the defence acted on: answered with a repeat (the earlier answer of the query it nearly
+duplicates), refused as a repeat (403 reason ``repeat``), 429, or 403 ``contained`` (a plain 403
+is the per-image screening, not detection). The first 429 or 403 ``contained`` (what the attacker
+sees of its identities' containment) is reported beside it.
 
 Per attack: queries until detection, the share of later queries refused or answered with a
 repeat (a 200 whose probabilities differ from the model's own output for the image sent by more
@@ -68,7 +71,10 @@ from benchmarks import incident_clients as clients
 from benchmarks.adversarial.through_gateway import running_gateway
 from benchmarks.incident_report import (
     ADAPTIVE,
+    gateway_view,
+    honest_probes,
     markdown,
+    probe_actions,
     summarise_attacks,
     summarise_honest,
     summarise_volume,
@@ -247,6 +253,7 @@ def run_seed(
         "sigma": getattr(oracle, "sigma", None),
         **ledger.summary(),
         "_withheld": np.array(ledger.withheld).reshape(-1, *clients.SHAPE[1:]),
+        "_request_ids": ledger.request_ids,
     }
 
 
@@ -266,7 +273,7 @@ def run_attacks(url: str, seeds: dict[str, np.ndarray], args: Any) -> list[dict[
             oracle = attacker.Oracle(url, net, decision, limits, args.seed + 1000 * n)
         for i in range(n * args.seeds, (n + 1) * args.seeds):
             rows.append(run_seed(key, oracle, seeds, i, args))
-            shown = {k: v for k, v in rows[-1].items() if k not in ("trace", "_withheld")}
+            shown = {k: v for k, v in rows[-1].items() if k != "trace" and k[0] != "_"}
             print(json.dumps(shown), flush=True)
         oracle.close()
     return rows
@@ -278,6 +285,7 @@ def gateway_env(args: Any) -> dict[str, str]:
         "BASTION_PROBE_RESPONSE": args.response,
         "BASTION_THROTTLE_INTERVAL_S": str(args.throttle_interval_s),
         "OMP_NUM_THREADS": "1",
+        "BASTION_LOG_LEVEL": "debug",  # each probe's line: the gateway's view of detection
     }
 
 
@@ -301,12 +309,15 @@ def incident(args: Any) -> dict[str, Any]:
                 records = fleet.stop()
             phases["end"] = time.time()
         logged = transitions(Path(tmp) / "bastion.log")
+        acted = probe_actions(Path(tmp) / "bastion.log")
+        honest = honest_probes(Path(tmp) / "bastion.log")
     for row in rows:  # scored after the gateway is gone, so the CPUs were the gateway's
+        gateway_view(row, row.pop("_request_ids"), acted)
         row["withheld_by_screening_alone"] = attacker.screening_alone(row.pop("_withheld"))
     return {
         "rows": rows,
         "table": summarise_attacks(rows),
-        "honest": summarise_honest(records, phases),
+        "honest": {**summarise_honest(records, phases), "probes": honest},
         "transitions_logged": logged,
     }
 

@@ -8,13 +8,15 @@ An oracle is what an attack library calls to classify a batch: it sends each ima
 the attacker's current identity, a fresh random name every ``rotate`` queries), reads the reply
 as the attacker would, and keeps the ledger the attacker cannot: whether each answer was fresh
 (equal to the model's own output for the image sent) or a repeat, when the campaign was first
-throttled or contained, and the closest misclassified image that got a fresh answer. It ends the
+acted on (a repeat, a refusal as a repeat, 429 or 403 contained) and first throttled or
+contained, and the closest misclassified image that got a fresh answer. It ends the
 attack by raising ``StopAttack`` when the seed's query budget is spent, ``after_detection``
 queries have followed the detection, or the seed's time is up.
 """
 
 from __future__ import annotations
 
+import itertools
 import secrets
 import threading
 import time
@@ -28,7 +30,9 @@ from benchmarks.adversarial.blackbox import eligible_digits
 from benchmarks.adversarial.through_gateway import gateway_rule, offline_scores
 from benchmarks.incident_clients import (
     CONTAINED,
+    DEFENCE_ACTIONS,
     OK,
+    REFUSED_AGAIN,
     REPEAT,
     SHAPE,
     THROTTLED,
@@ -39,6 +43,8 @@ from benchmarks.incident_clients import (
 )
 
 FRESH_TOLERANCE = 1e-4  # max-abs difference of probabilities that marks an answer as a repeat
+REQUESTS = itertools.count()  # request ids, unique across oracles (next() is atomic in CPython)
+REFUSALS = (THROTTLED, CONTAINED, REFUSED_AGAIN)  # the defence's, not the screening's
 
 
 def choose_seeds(count: int, seed: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
@@ -83,13 +89,15 @@ class Ledger:
     norm: str  # "l2" or "linf"
     bound: float
     trace: list[str] = field(default_factory=list)
-    detection: int | None = None  # 1-based query that was first throttled or contained
+    detection: int | None = None  # 1-based query the defence first acted on (repeat, 429, 403)
+    contained_at: int | None = None  # 1-based query first answered 429 or 403 contained
     identities: set[str] = field(default_factory=set)
     obtained: float | None = None  # distance of the closest fresh misclassified answer
     obtained_at: int | None = None  # 1-based query that obtained the first one
     believed: tuple[float, np.ndarray] | None = None  # the attacker's closest "adversarial"
     retries: int = 0
     withheld: list[np.ndarray] = field(default_factory=list)  # images answered a plain 403
+    request_ids: list[str | None] = field(default_factory=list)  # one per query, in order
     ended: str = "finished"
     deadline: float = float("inf")  # time.monotonic() after which the attack is stopped
 
@@ -100,6 +108,7 @@ class Ledger:
             "ended": self.ended,
             "queries": len(trace),
             "detection": self.detection,
+            "contained_at": self.contained_at,
             "after_detection": len(after),
             "after_answered": after.count(TRACE[OK]),
             "outcomes": {o: trace.count(c) for o, c in TRACE.items() if c in trace},
@@ -191,7 +200,11 @@ class Oracle:
     def _query(self, image: np.ndarray, name: str) -> list[tuple[np.ndarray, Reply]]:
         """Sends one image; returns each request made for it: what was sent, and the reply."""
         self.ledger.identities.add(name)  # type: ignore[union-attr]
-        return [(image, self._client().infer(image, name))]
+        return [(image, self._client().infer(image, name, self._request_id()))]
+
+    def _request_id(self) -> str:
+        """A request id the gateway's debug log names each probe by (its ground truth)."""
+        return f"attack-{next(REQUESTS)}"
 
     def _fresh(self, image: np.ndarray, answer: np.ndarray) -> bool:
         with self.torch.no_grad():
@@ -204,10 +217,13 @@ class Oracle:
         if outcome == OK and not self._fresh(sent, reply.probabilities):
             outcome = REPEAT
         ledger.trace.append(TRACE[outcome])
+        ledger.request_ids.append(reply.request_id)
         if outcome == WITHHELD:
             ledger.withheld.append(sent.reshape(SHAPE[1:]).copy())
-        if outcome in (THROTTLED, CONTAINED) and ledger.detection is None:
+        if outcome in DEFENCE_ACTIONS and ledger.detection is None:
             ledger.detection = len(ledger.trace)
+        if outcome in (THROTTLED, CONTAINED) and ledger.contained_at is None:
+            ledger.contained_at = len(ledger.trace)
         reading = self._read(ledger, reply)
         fooled = int(reading.argmax()) != ledger.label
         if fooled and ledger.within(sent):
@@ -236,11 +252,11 @@ class Oracle:
 
 class AdaptiveOracle(Oracle):
     """OARS-style (Feng et al., CCS 2023): fresh uniform noise of amplitude ``sigma`` (L-inf) on
-    every query to dodge the content fingerprints (x1.5 per 429 or 403 ``contained``, x0.95 per
-    answer, within [0.005, 0.2]; a 403 from the per-image screening leaves it as it is, since
-    more noise only gets more images withheld); on 429 it sleeps ``Retry-After`` and resends
-    under a new identity, on 403 ``contained`` it resends under a new identity at once (one
-    resend per query)."""
+    every query to dodge the content fingerprints (x1.5 per 429 or 403 ``contained`` or
+    ``repeat``, x0.95 per answer, within [0.005, 0.2]; a 403 from the per-image screening leaves
+    it as it is, since more noise only gets more images withheld); on 429 it sleeps
+    ``Retry-After`` and resends under a new identity, on the defence's 403 it resends under a new
+    identity at once (one resend per query)."""
 
     SIGMA_MIN, SIGMA_MAX = 0.005, 0.2
 
@@ -276,11 +292,11 @@ class AdaptiveOracle(Oracle):
         while True:
             sent = self._noisy(image)
             ledger.identities.add(name)
-            reply = self._client().infer(sent, name)
+            reply = self._client().infer(sent, name, self._request_id())
             sends.append((sent, reply))
-            if reply.outcome in (OK, THROTTLED, CONTAINED):
+            if reply.outcome in (OK, *REFUSALS):
                 self._adjust(0.95 if reply.outcome == OK else 1.5)
-            if reply.outcome not in (THROTTLED, CONTAINED) or len(sends) > 1:
+            if reply.outcome not in REFUSALS or len(sends) > 1:
                 return sends
             if reply.outcome == THROTTLED:
                 time.sleep(min(reply.retry_after_s, max(0.0, ledger.deadline - time.monotonic())))

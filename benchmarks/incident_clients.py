@@ -14,7 +14,7 @@ import json
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -23,15 +23,27 @@ MODEL = "digits"
 SHAPE = (1, 1, 28, 28)
 OK, REPEAT, ERROR = "ok", "repeat", "error"
 THROTTLED, CONTAINED, WITHHELD = "throttled", "contained", "withheld"
-TRACE = {OK: ".", REPEAT: "r", THROTTLED: "T", CONTAINED: "C", WITHHELD: "W", ERROR: "E"}
+REFUSED_AGAIN = "refused again"  # 403 reason "repeat": a near-duplicate of a refused query
+TRACE = {
+    OK: ".",
+    REPEAT: "r",
+    REFUSED_AGAIN: "R",
+    THROTTLED: "T",
+    CONTAINED: "C",
+    WITHHELD: "W",
+    ERROR: "E",
+}
+DEFENCE_ACTIONS = frozenset({REPEAT, REFUSED_AGAIN, THROTTLED, CONTAINED})
 
 
 @dataclass(frozen=True)
 class Reply:
-    outcome: str  # OK, THROTTLED, CONTAINED, WITHHELD or ERROR (REPEAT is the ledger's call)
+    outcome: str  # OK, THROTTLED, CONTAINED, REFUSED_AGAIN, WITHHELD or ERROR (REPEAT is the
+    # ledger's call)
     probabilities: np.ndarray | None = None
     retry_after_s: float = 0.0
     latency_s: float = 0.0
+    request_id: str | None = None  # the request's "id", when it had one
 
 
 class GatewayClient:
@@ -52,13 +64,18 @@ class GatewayClient:
             ],
             "outputs": [{"name": "probabilities", "parameters": {"binary_data": True}}],
         }
+        self._fields = header
         self._header = json.dumps(header).encode()
 
-    def infer(self, image: np.ndarray, client_id: str) -> Reply:
-        body = self._header + np.ascontiguousarray(image, np.float32).reshape(SHAPE).tobytes()
+    def infer(self, image: np.ndarray, client_id: str, request_id: str | None = None) -> Reply:
+        """Sends one image as ``client_id`` (with the request ``id``, if given)."""
+        head = self._header
+        if request_id is not None:
+            head = json.dumps({"id": request_id, **self._fields}).encode()
+        body = head + np.ascontiguousarray(image, np.float32).reshape(SHAPE).tobytes()
         headers = {
             "Content-Type": "application/octet-stream",
-            "Inference-Header-Content-Length": str(len(self._header)),
+            "Inference-Header-Content-Length": str(len(head)),
             "X-Client-ID": client_id,
         }
         started = time.perf_counter()
@@ -78,7 +95,9 @@ class GatewayClient:
                 self.close()
                 return Reply(ERROR, latency_s=time.perf_counter() - started)
         latency = time.perf_counter() - started
-        return _parse(response.status, response.headers, payload, latency)
+        return replace(
+            _parse(response.status, response.headers, payload, latency), request_id=request_id
+        )
 
     def close(self) -> None:
         if self._conn is not None:
@@ -96,8 +115,11 @@ def _parse(status: int, headers: Any, payload: bytes, latency: float) -> Reply:
             body = json.loads(payload)
         except ValueError:
             body = {}
-        contained = body.get("reason") == "contained" or "contained" in str(body.get("error"))
-        outcome = (CONTAINED if contained else WITHHELD) if status == 403 else ERROR
+        reason = body.get("reason")
+        contained = reason == "contained" or "contained" in str(body.get("error"))
+        outcome = ERROR
+        if status == 403:
+            outcome = CONTAINED if contained else REFUSED_AGAIN if reason == "repeat" else WITHHELD
         return Reply(outcome, latency_s=latency)
     length = int(headers.get("Inference-Header-Content-Length", len(payload)))
     meta, offset = json.loads(payload[:length]), length

@@ -25,12 +25,55 @@ def transitions(log: Path) -> dict[str, dict[str, int]]:
     return counts
 
 
+PROBE_LINE = re.compile(
+    r"probe: client (\S+) request '([^']*)' image \d+: (repeated|refused again|answered)"
+)
+DEFENDED = frozenset("rRTC")  # repeat, refused as a repeat, 429, 403 contained
+
+
+def probe_actions(log: Path) -> dict[str, str]:
+    """What the gateway's debug log says it did with each probe, by request id."""
+    text = log.read_text(errors="replace") if log.is_file() else ""
+    return {request: action for _, request, action in PROBE_LINE.findall(text)}
+
+
+def honest_probes(log: Path) -> dict[str, int]:
+    """Honest clients' queries the gateway took for probes, by what they were given."""
+    text = log.read_text(errors="replace") if log.is_file() else ""
+    counts: dict[str, int] = {}
+    for client, _, action in PROBE_LINE.findall(text):
+        if client.startswith("honest-"):
+            counts[action] = counts.get(action, 0) + 1
+    return counts
+
+
+def gateway_view(row: dict[str, Any], request_ids: list[str | None], acted: dict[str, str]) -> None:
+    """Detection as the gateway saw it: the first of the seed's queries it acted on (a repeat,
+    even one equal to the fresh answer, which the attacker cannot tell; a refusal as a repeat;
+    429; 403 contained), and how many later queries it answered fresh. Updates ``row``."""
+    trace = row["trace"]
+    defended = [
+        mark in DEFENDED or acted.get(str(request), "answered") != "answered"
+        for mark, request in zip(trace, request_ids, strict=True)
+    ]
+    first = defended.index(True) + 1 if any(defended) else None
+    after = defended[first:] if first is not None else []
+    row["attacker_detection"] = row["detection"]
+    row["detection"] = first
+    row["after_detection"] = len(after)
+    row["after_answered"] = sum(
+        mark == "." and not d for mark, d in zip(trace[first or 0 :], after, strict=False)
+    )
+    row["probes_repeated"] = sum(acted.get(str(r)) == "repeated" for r in request_ids)
+
+
 def summarise_attacks(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per attack, over its seeds: detection, what the attacker got after it, what it won."""
     table = []
     for key in dict.fromkeys(r["attack"] for r in rows):
         part = [r for r in rows if r["attack"] == key]
         detected = [r["detection"] for r in part if r["detection"] is not None]
+        contained = [r["contained_at"] for r in part if r.get("contained_at") is not None]
         after = sum(r["after_detection"] for r in part)
         answered = sum(r["after_answered"] for r in part)
         queries = sum(r["queries"] for r in part)
@@ -46,6 +89,7 @@ def summarise_attacks(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "detected": len(detected),
                 "detection_median": float(np.median(detected)) if detected else None,
                 "detection_max": max(detected) if detected else None,
+                "contained_median": float(np.median(contained)) if contained else None,
                 "after_detection": after,
                 "after_answered": answered,
                 "after_refused_or_repeated": (after - answered) / after if after else None,
@@ -144,18 +188,22 @@ def markdown(result: dict[str, Any]) -> str:
         f"`{s['response']}`; budget {s['budget']} queries per seed, stopped "
         f"{s['after_detection']} queries after detection; attacker identity rotated every "
         f"{s['rotate']} queries; {s['parallel']} queries in flight. Detection: the first query "
-        f"answered 429 or 403 contained. Run took {result['elapsed_s']:.0f} s.",
+        "the gateway acted on, from its debug log (a probe answered with the earlier answer, "
+        "even when equal to the fresh one; a 403 repeating a refusal; 429; 403 contained); "
+        "beside it the first 429 or 403 contained the attacker saw. "
+        f"Run took {result['elapsed_s']:.0f} s.",
         "",
         "| attack | library | threat | seeds | detected | queries to detection (median / max) "
-        "| answered after detection | refused or repeated after detection "
+        "| first 429 or contained (median) | answered after detection "
+        "| refused or repeated after detection "
         "| adversarial obtained (before detection) | final image adversarial | queries "
         "| plain 403 (screening alone) | identities | s |",
-        "|---|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+        "|---|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
     lines += [
         f"| {r['name']} | {r['library']} | {r['threat']} | {r['seeds']} | {r['detected']} "
         f"| {_num(r['detection_median'])} / {_num(r['detection_max'])} "
-        f"| {r['after_answered']} of {r['after_detection']} "
+        f"| {_num(r['contained_median'])} | {r['after_answered']} of {r['after_detection']} "
         f"| {_pct(r['after_refused_or_repeated'])} "
         f"| {r['obtained']} / {r['seeds']} ({r['obtained_before_detection']}) "
         f"| {r['final_adversarial']} / {r['seeds']} | {r['queries']} | {_withheld(r)} "
@@ -199,7 +247,8 @@ def markdown(result: dict[str, Any]) -> str:
         "",
         f"Honest clients ever throttled or contained: {len(contained)}"
         + (f" ({', '.join(contained)})" if contained else "")
-        + f". Rung changes the gateway logged: {result['transitions_logged']}.",
+        + f". Rung changes the gateway logged: {result['transitions_logged']}. Honest queries "
+        f"the gateway took for probes, by what they got: {honest.get('probes', {})}.",
         "",
         "A plain 403 is the per-image screening's (reason adversarial); in brackets, how "
         "many of those images the screening withholds by itself, scored offline: the rest were "

@@ -231,12 +231,21 @@ class DataPlane:
                 targets.get(SUSPICIOUS),
                 embedded,
                 targets.get(ADVERSARIAL),
+                request.id,
             )
             _repeat(model, results, observed.repeats)
-            # e.g. a new identity its probes just linked to a contained campaign: 403 or 429
-            self.defence.enforce(request.client_id, observed, charged, shared)
-            if observed.rung == STRICT and not shared:  # suspicious is withheld too
-                tighten(screened)
+            served = False
+            try:
+                # e.g. a new identity its probes just linked to a contained campaign: 403 or 429
+                self.defence.enforce(request.client_id, observed, charged, shared)
+                if observed.rung == STRICT and not shared:  # suspicious is withheld too
+                    tighten(screened)
+                served = (
+                    not screened.decision.withheld
+                    or request.parameters.get(REPORT_PARAMETER) is True
+                )
+            finally:  # a refused query's near-duplicates are refused in turn
+                self.defence.settle(observed, served)
         refuse_if_withheld(screened, request)
         return screened
 

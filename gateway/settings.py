@@ -207,9 +207,9 @@ class Settings(BaseSettings):
     probe_ttl_s: float = Field(3600.0, gt=0, description="How long a query is remembered.")
     probe_response: Literal["evidence", "repeat"] = Field(
         "evidence",
-        description="What a probe (a near-duplicate of a remembered query) is answered with: "
-        "its own prediction (evidence only), or the remembered query's earlier answer "
-        "(repeat: a prober learns nothing new, an honest resend gets the answer it got before).",
+        description="Which near-duplicates of remembered queries get that query's earlier "
+        "answer (or its refusal): probes only, a chain's queries after its first link "
+        "(evidence), or every near-duplicate, a picture's first re-encode too (repeat).",
     )
     throttle_interval_s: float = Field(
         1.0, gt=0, le=3600, description="A throttled client gets one request per interval."

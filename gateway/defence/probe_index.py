@@ -12,8 +12,8 @@ attack's queries form a chain of small steps, so each query shares most hashes w
 before. Memory is fixed at construction: the ring plus a table of at least 4/3 ``capacity * top``
 entries (a power of two), 12 bytes each, plus 4 bytes per hash of a slot's row of places:
 1.1 KB per remembered query at the default 100,000
-queries and Blacklight's ``top`` of 50, plus 136 bytes for the answer a query got (the "repeat"
-response; 32 floats: a classifier's logits and probabilities). When a
+queries and Blacklight's ``top`` of 50, plus 137 bytes for the answer a query got (the "repeat"
+response; 32 floats: a classifier's logits and probabilities; or that it was refused). When a
 slot is reused its hashes leave the table; a slot older than ``ttl_s`` no longer matches.
 """
 
@@ -70,6 +70,7 @@ class ProbeIndex:
         # classifier's logits and probabilities); 0 in _answer_keys means none kept
         self._answers = np.zeros((capacity, answer_floats), dtype=np.float32)
         self._answer_keys = np.zeros(capacity, dtype=np.int64)
+        self._refused = np.zeros(capacity, dtype=bool)  # the query got no answer at all
         self._links = np.zeros(capacity, dtype=np.uint8)
         self._next = 0
         # match()'s search (the row, its hashes, where each is or would go), for add()
@@ -124,6 +125,7 @@ class ProbeIndex:
     def keep_answer(self, slot: int, key: int, answer: np.ndarray) -> bool:
         """Keeps the answer a slot's query got (``key`` names model, version and outputs);
         False when it does not fit ``answer_floats``."""
+        self._refused[slot] = False
         if answer.size > self._answers.shape[1]:
             self._answer_keys[slot] = 0
             return False
@@ -131,9 +133,24 @@ class ProbeIndex:
         self._answer_keys[slot] = key
         return True
 
+    def keep_refusal(self, slot: int, key: int, content: int) -> None:
+        """The slot's query (raw-content hash ``content``; a slot reused since holds another)
+        was refused (withheld, throttled or contained): what a repeat of it gets is a refusal
+        too, never the answer it was denied."""
+        if self._contents[slot] != content or self._times[slot] == -np.inf:
+            return
+        self._answer_keys[slot] = key
+        self._refused[slot] = True
+
+    def refused(self, slot: int, key: int) -> bool:
+        """Whether the slot's query was refused under ``key``."""
+        return key != 0 and self._answer_keys[slot] == key and bool(self._refused[slot])
+
     def answer(self, slot: int, key: int, size: int) -> np.ndarray | None:
-        """The answer kept for a slot under ``key``, else None."""
+        """The answer kept for a slot under ``key``, else None (none kept, or refused)."""
         if key == 0 or self._answer_keys[slot] != key or size > self._answers.shape[1]:
+            return None
+        if self._refused[slot]:
             return None
         return self._answers[slot, :size].copy()
 
@@ -155,6 +172,7 @@ class ProbeIndex:
         self._clients[slot] = client
         self._contents[slot] = content
         self._answer_keys[slot] = 0
+        self._refused[slot] = False
         self._links[slot] = min(links, 255)
         keys, holders, places, _ = self._table
         self._ops["insert"](keys, holders, places, values, positions, slot * self.top,
@@ -173,5 +191,5 @@ class ProbeIndex:
     def memory_bytes(self) -> int:
         """What the index holds: fixed at construction."""
         arrays = (self._places, self._times, self._keys, self._holders, self._answers)
-        arrays += (self._answer_keys, self._contents, self._links)
+        arrays += (self._answer_keys, self._contents, self._links, self._refused)
         return sum(a.nbytes for a in arrays) + 8 * self.capacity

@@ -15,8 +15,14 @@ again): remembered, and the two are linked, but it is not a probe. A near-duplic
 that already has a link is a probe: an attack's queries form a chain (each a step from the
 last: HopSkipJump, Boundary) or a star (candidates around one point: Square, SimBA), and every
 query after the second lands on a linked one. An attack loses one query of evidence; an honest
-client's occasional re-encode is none. From the throttle rung up, a near-duplicate is answered
-with the remembered query's answer (the ``repeat`` response) whatever ``probe_response`` says.
+client's occasional re-encode is none.
+
+A probe is answered with what the query it nearly duplicates got (the repeat, Blacklight's
+"respond with the earlier answer"): its remembered prediction, or a 403 (reason ``repeat``)
+when that query was refused, so an attack learns nothing new from its first probe on, while an
+honest re-encode gets the answer its picture got before. ``probe_response = "repeat"`` extends
+this to every near-duplicate, one-offs too; from the throttle rung up a suspect's one-offs are
+repeated as well.
 """
 
 from __future__ import annotations
@@ -63,6 +69,9 @@ class Observation:
     repeats: dict[int, np.ndarray]  # image index -> the remembered answer to give instead
     near: int = 0  # images the k-NN detector found close to the client's earlier queries
     contained: int = 0  # probes that continue a campaign at the refuse rung, whoever sent them
+    refused: tuple[int, ...] = ()  # images whose near-duplicate was refused: refused again
+    slots: tuple[tuple[int, int], ...] = ()  # (slot, content) of each query remembered
+    answer_key: int = 0
 
 
 @dataclass(frozen=True)
@@ -205,6 +214,13 @@ class DefenceService:
         rung = observed.rung
         if observed.contained:  # a contained campaign's query, under any identity
             self.refuse()
+        if observed.refused:
+            self.metrics.defence_refused.labels("repeat").inc()
+            raise Forbidden(
+                f"images {list(observed.refused)} withheld: each nearly duplicates an earlier "
+                "query that was refused, and gets the same answer",
+                {"reason": "repeat", "withheld": list(observed.refused)},
+            )
         if shared:
             if rung in (STRICT, REFUSE) and observed.probes:
                 self.refuse()
@@ -228,6 +244,7 @@ class DefenceService:
         flag_rate: float | None = None,
         embedded: Embedded | None = None,
         block_rate: float | None = None,
+        request_id: str | None = None,
     ) -> Observation:
         """Weighs one request's images: ``prints`` (n, S) int64, one verdict per image, and the
         input rows (n, ...) whose raw bytes tell an exact resend (a retry, by anyone: the same
@@ -236,9 +253,12 @@ class DefenceService:
         ``repeat`` response under ``answer_key`` (model, version, outputs); ``flag_rate`` is
         the model's honest rate of suspicious-or-worse verdicts (its review tier's FPR),
         ``block_rate`` of adversarial ones (its block tier's);
-        ``embedded`` carries the embeddings for the model's k-NN detector, if it has one."""
+        ``embedded`` carries the embeddings for the model's k-NN detector, if it has one.
+        Each probe is logged at debug level with the request's id and what it was given."""
         key = client or "(anonymous)"
         rung, probes, nears, contained, repeats = OBSERVE, 0, 0, 0, {}
+        refused: list[int] = []
+        slots: list[tuple[int, int]] = []
         with self.lock:
             for i, (row, verdict, image) in enumerate(zip(prints, verdicts, inputs, strict=True)):
                 content = content_hash(image)
@@ -270,21 +290,47 @@ class DefenceService:
                 campaign = self.ladder.campaign_rung(key) if probe else OBSERVE
                 contained += campaign == REFUSE  # it continues a contained campaign: refused
                 given = None
-                # a near-duplicate gets the remembered answer with ``repeat``, and always once
-                # its sender or the campaign it continues is throttled or worse: a suspect
-                # learns nothing new from a probe
+                # a probe gets the remembered answer (``repeat``: every near-duplicate does), and
+                # so does any near-duplicate once its sender or the campaign it continues is
+                # throttled or worse: a suspect learns nothing new from a probe
                 suspect = rung != OBSERVE or campaign != OBSERVE
-                if (self.repeat or suspect) and match is not None and answers is not None:
-                    given = self.index.answer(match.slot, answer_key, answers.shape[1])
+                if (self.repeat or probe or suspect) and match is not None and answers is not None:
+                    if self.index.refused(match.slot, answer_key):
+                        refused.append(i)
+                    else:
+                        given = self.index.answer(match.slot, answer_key, answers.shape[1])
                     if given is not None:
                         repeats[i] = given
                 if match is not None:
                     self.index.link(match.slot)
+                if probe and log.isEnabledFor(logging.DEBUG):
+                    given_as = "refused again" if refused and refused[-1] == i else "answered"
+                    log.debug(
+                        "probe: client %s request %r image %d: %s (campaign of %s)",
+                        key,
+                        request_id,
+                        i,
+                        "repeated" if given is not None else given_as,
+                        self.ladder.root(key),
+                    )
                 slot = self.index.add(row, key, content, int(match is not None))
+                slots.append((slot, content))
                 if answers is not None:  # what this query is answered: the repeat, if any
                     self.index.keep_answer(slot, answer_key, answers[i] if given is None else given)
             rung = self.ladder.rung(key)
             self._log_transition(key, rung)
         if probes:
             self.metrics.defence_probes.inc(probes)
-        return Observation(rung, probes, repeats, nears, contained)
+        return Observation(
+            rung, probes, repeats, nears, contained, tuple(refused), tuple(slots), answer_key
+        )
+
+    def settle(self, observed: Observation, served: bool) -> None:
+        """Records whether the request's answers were served: when it was refused (withheld,
+        throttled, contained) its queries are remembered as refused, so a near-duplicate of one
+        is refused in turn rather than given the answer it was denied."""
+        if served or not observed.answer_key:
+            return
+        with self.lock:
+            for slot, content in observed.slots:
+                self.index.keep_refusal(slot, observed.answer_key, content)

@@ -15,6 +15,7 @@ import pytest
 import tritonclient.http as th
 from tritonclient.utils import InferenceServerException
 
+from models import samples
 from models.data import load_split, to_float
 from tests.conftest import ServerProcess, start_server
 
@@ -113,6 +114,29 @@ def test_an_admin_sees_the_campaign_and_lifts_it(defended: ServerProcess) -> Non
     assert send(client, other, "team/alice") == "served"  # a client id with a slash in it
     assert json.loads(run("show", "team/alice"))["client"] == "team/alice"
     assert "team/alice" in run("release", "team/alice")
+
+
+def test_a_step_from_a_withheld_query_is_refused_again_not_answered(
+    defended: ServerProcess,
+) -> None:
+    """Screening withholds an adversarial digit; the attacker's later small steps from it are
+    refused as what they repeat (403, reason ``repeat``), never given the withheld answer."""
+    adversarial, _ = samples.load("adversarial")
+    client = th.InferenceServerClient(defended.url)
+    reasons = []
+    for i in range(3):
+        step = adversarial[0].copy()
+        step.flat[:i] += 0.002  # new bytes, the same picture
+        tensor = th.InferInput("images", [1, *step.shape], "FP32")
+        tensor.set_data_from_numpy(step[None].astype(np.float32))
+        with pytest.raises(InferenceServerException) as refused:
+            client.infer("digits", [tensor], headers={"X-Client-ID": "stepper"})
+        body = refused.value.message()
+        assert refused.value.status() == "403", body
+        reasons.append("repeat" if "nearly duplicates" in body else "screening")
+    # the first is the screening's; the second is a one-off (screened afresh); the third
+    # continues a linked, refused query
+    assert reasons[0] == "screening" and reasons[2] == "repeat", reasons
 
 
 def test_with_repeat_a_probe_gets_the_remembered_answer(tmp_path: Path) -> None:

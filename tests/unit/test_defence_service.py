@@ -12,7 +12,7 @@ from prometheus_client import CollectorRegistry
 from gateway.defence.evidence import OBSERVE, REFUSE
 from gateway.defence.fingerprint import fingerprints
 from gateway.defence.service import Contained, DefenceService
-from gateway.errors import TooManyRequests
+from gateway.errors import Forbidden, TooManyRequests
 from gateway.monitoring.metrics import Metrics
 from gateway.settings import Settings
 from models.data import load_split, to_float
@@ -116,21 +116,51 @@ def test_a_fresh_identity_linked_to_a_throttled_campaign_shares_its_interval() -
         defence.enforce("walker-1", observed, charged)
 
 
-def test_once_throttled_a_suspects_probes_get_the_remembered_answer_even_without_repeat() -> None:
-    defence = service()  # probe_response "evidence"
-    image = to_float(load_split("test")[0][:1])
-    spec = defence.fingerprint_spec
-    repeated = []
-    for i in range(12):
+def walk(image: np.ndarray, steps: int) -> list[np.ndarray]:
+    """An attack's chain: every query a new small step from the last."""
+    chain = []
+    for i in range(steps):
         step = image.copy()
         step.flat[i] = 0.002 * (i + 1)
+        chain.append(step)
+    return chain
+
+
+def test_from_its_first_probe_a_chain_gets_the_remembered_answer_without_repeat() -> None:
+    defence = service()  # probe_response "evidence": one-offs are answered fresh
+    image = to_float(load_split("test")[0][:1])
+    spec = defence.fingerprint_spec
+    given = []
+    for i, step in enumerate(walk(image, 4)):
         prints = fingerprints(torch.from_numpy(step), spec).numpy()
         fresh = np.full((1, 4), float(i), np.float32)
         observed = defence.observe("walker", prints, ["clean"], step, fresh, 7)
-        repeated.append(bool(observed.repeats))
-    first = defence.ladder.rung("walker")
-    assert first != OBSERVE
-    assert not repeated[0] and repeated[-1]  # fresh answers at first, remembered ones later
+        given.append(observed.repeats.get(0, fresh[0])[0])
+    # a fresh picture, its one-off near-duplicate: fresh answers; then each probe gets what
+    # the query it continues got, so the walk learns nothing after its second query
+    assert given == [0.0, 1.0, 1.0, 1.0]
+    assert defence.ladder.account("walker").probes == 2
+
+
+def test_a_probe_of_a_refused_query_is_refused_again_with_reason_repeat() -> None:
+    defence = service()
+    image = to_float(load_split("test")[0][:1])
+    spec = defence.fingerprint_spec
+    outcomes = []
+    for i, step in enumerate(walk(image, 3)):
+        prints = fingerprints(torch.from_numpy(step), spec).numpy()
+        fresh = np.full((1, 4), float(i), np.float32)
+        observed = defence.observe("walker", prints, ["clean"], step, fresh, 7)
+        try:
+            defence.enforce("walker", observed, None)
+        except Forbidden as exc:
+            outcomes.append(exc.details["reason"])
+            continue
+        finally:
+            defence.settle(observed, served=i != 1)  # the second query was withheld
+        outcomes.append("answered")
+    # the third continues the second, which got no answer: it gets none either
+    assert outcomes == ["answered", "answered", "repeat"]
 
 
 def test_the_gauges_count_clients_per_rung_and_campaigns() -> None:

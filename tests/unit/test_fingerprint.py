@@ -100,6 +100,21 @@ def test_a_reused_slot_forgets_its_old_query_and_memory_is_fixed() -> None:
     assert index.match(fp[15]) is not None
 
 
+def test_a_refusal_is_kept_only_while_the_slot_holds_that_query() -> None:
+    index = ProbeIndex(capacity=2, top=SPEC.top, threshold=SPEC.threshold)
+    fp = fingerprints(torch.from_numpy(digits(3)), SPEC).numpy()
+    slot = index.add(fp[0], "a", content=11)
+    index.keep_answer(slot, 7, np.ones(4, np.float32))
+    index.keep_refusal(slot, 7, content=11)
+    assert index.refused(slot, 7) and index.answer(slot, 7, 4) is None  # never the denied one
+    assert not index.refused(slot, 8)  # another model's query
+    index.add(fp[1], "b", content=12)
+    reused = index.add(fp[2], "c", content=13)  # the ring came round: slot 0 holds another
+    assert reused == slot and not index.refused(slot, 7)
+    index.keep_refusal(slot, 7, content=11)  # a late settle for the old query changes nothing
+    assert not index.refused(slot, 7)
+
+
 def test_a_large_index_stays_within_two_kilobytes_per_query() -> None:
     index = ProbeIndex(capacity=100_000)
     assert index.memory_bytes() / 100_000 <= 2048
