@@ -19,7 +19,7 @@ def transitions(log: Path) -> dict[str, dict[str, int]]:
     """Rung changes the gateway logged, by rung, for honest identities and for the rest."""
     counts: dict[str, dict[str, int]] = {"honest": {}, "attacker": {}}
     text = log.read_text(errors="replace") if log.is_file() else ""
-    for client, rung in re.findall(r"client (\S+) now (\w+):", text):
+    for client, rung in re.findall(r"client (\S+) now (\w+)\b", text):
         side = counts["honest" if client.startswith("honest-") else "attacker"]
         side[rung] = side.get(rung, 0) + 1
     return counts
@@ -31,10 +31,17 @@ PROBE_LINE = re.compile(
 DEFENDED = frozenset("rRTC")  # repeat, refused as a repeat, 429, 403 contained
 
 
+TRANSITION_LINE = re.compile(r"client (\S+) now (throttle|strict|refuse) at request '([^']*)'")
+
+
 def probe_actions(log: Path) -> dict[str, str]:
-    """What the gateway's debug log says it did with each probe, by request id."""
+    """What the gateway's log says it did with each probe, by request id, and which requests
+    moved their client up the ladder (``"rung"``)."""
     text = log.read_text(errors="replace") if log.is_file() else ""
-    return {request: action for _, request, action in PROBE_LINE.findall(text)}
+    actions = {request: action for _, request, action in PROBE_LINE.findall(text)}
+    for _, _, request in TRANSITION_LINE.findall(text):
+        actions[request] = "rung"
+    return actions
 
 
 def honest_probes(log: Path) -> dict[str, int]:
@@ -50,20 +57,22 @@ def honest_probes(log: Path) -> dict[str, int]:
 def gateway_view(row: dict[str, Any], request_ids: list[str | None], acted: dict[str, str]) -> None:
     """Detection as the gateway saw it: the first of the seed's queries it acted on (a repeat,
     even one equal to the fresh answer, which the attacker cannot tell; a refusal as a repeat;
-    429; 403 contained), and how many later queries it answered fresh. Updates ``row``."""
+    429; 403 contained; a query that moved its identity up the ladder, whatever it was
+    answered), and how many later queries it answered fresh. Updates ``row``."""
     trace = row["trace"]
+    actions = [acted.get(str(request), "answered") for request in request_ids]
     defended = [
-        mark in DEFENDED or acted.get(str(request), "answered") != "answered"
-        for mark, request in zip(trace, request_ids, strict=True)
+        mark in DEFENDED or action != "answered"
+        for mark, action in zip(trace, actions, strict=True)
     ]
+    # a fresh 200 (the ledger's "."), unless the gateway's log says it repeated the answer
+    pairs = zip(trace, actions, strict=True)
+    fresh = [mark == "." and action != "repeated" for mark, action in pairs]
     first = defended.index(True) + 1 if any(defended) else None
-    after = defended[first:] if first is not None else []
     row["attacker_detection"] = row["detection"]
     row["detection"] = first
-    row["after_detection"] = len(after)
-    row["after_answered"] = sum(
-        mark == "." and not d for mark, d in zip(trace[first or 0 :], after, strict=False)
-    )
+    row["after_detection"] = len(trace) - first if first is not None else 0
+    row["after_answered"] = sum(fresh[first:]) if first is not None else 0
     row["probes_repeated"] = sum(acted.get(str(r)) == "repeated" for r in request_ids)
 
 

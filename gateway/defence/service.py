@@ -137,7 +137,7 @@ class DefenceService:
         with self.lock:
             return float(self.ladder.campaign_count(contained=state == "contained"))
 
-    def _log_transition(self, client: str, rung: str) -> None:
+    def _log_transition(self, client: str, rung: str, request_id: str | None = None) -> None:
         """Every change of rung is logged with its evidence and counted (caller holds lock)."""
         before = self._rungs.get(client, OBSERVE)
         if before == rung:
@@ -151,10 +151,11 @@ class DefenceService:
         campaign = self.ladder.campaign(client)
         self.metrics.defence_transitions.labels(rung).inc()
         log.warning(
-            "client %s now %s: statistic %.1f (campaign %.1f over %d clients), %d images, "
-            "%d flagged, %d probes",
+            "client %s now %s at request %r: statistic %.1f (campaign %.1f over %d clients), "
+            "%d images, %d flagged, %d probes",
             client,
             rung,
+            request_id,
             account.statistic if account else 0.0,
             self.ladder.campaign_statistic(client),
             len(campaign),
@@ -318,7 +319,7 @@ class DefenceService:
                 if answers is not None:  # what this query is answered: the repeat, if any
                     self.index.keep_answer(slot, answer_key, answers[i] if given is None else given)
             rung = self.ladder.rung(key)
-            self._log_transition(key, rung)
+            self._log_transition(key, rung, request_id)
         if probes:
             self.metrics.defence_probes.inc(probes)
         return Observation(
