@@ -67,8 +67,7 @@ DEFAULT_ATTACKERS = ",".join(kind for kind in abuse_clients.ATTACKS for _ in ran
 def gateway(workdir: Path) -> Iterator[procs.Server]:
     """A real ``bastion serve`` on a fresh port; stopped on exit, also on errors."""
     port = procs.free_port_block(1)
-    env = {**SERVER_ENV, "BASTION_QUARANTINE_PATH": str(workdir / "quarantine.db")}
-    env["BASTION_KEYS_PATH"] = str(workdir / "keys.db")  # never the machine's own keys
+    env = {**SERVER_ENV, **procs.private_state(workdir)}
     command = [sys.executable, "-m", "gateway", "serve", "--host", HOST, "--port", str(port)]
     url = f"http://{HOST}:{port}"
     server = procs.start("bastion", command, env, url, workdir / "server.log")

@@ -260,8 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     command = [str(Path(sys.executable).with_name("bastion")), "serve", "--port", str(port)]
     env = {
         "BASTION_TORCH_THREADS": "1",
-        "BASTION_QUARANTINE_PATH": str(workdir / "q.db"),
-        "BASTION_KEYS_PATH": str(workdir / "keys.db"),
+        **procs.private_state(workdir),
         "OMP_NUM_THREADS": "1",
     }
     server = procs.start("bastion", command, env, f"http://{url}", workdir / "server.log")

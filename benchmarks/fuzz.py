@@ -127,8 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     env = {
         "BASTION_ADMIN_TOKEN": TOKEN,
         "BASTION_TORCH_THREADS": "1",
-        "BASTION_QUARANTINE_PATH": str(workdir / "q.db"),
-        "BASTION_KEYS_PATH": str(workdir / "keys.db"),  # the admin run may create keys
+        **procs.private_state(workdir),  # the admin run may create keys
         "OMP_NUM_THREADS": "1",
     }
     server = procs.start("bastion", command, env, url, workdir / "server.log")

@@ -23,6 +23,19 @@ from pathlib import Path
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
+def private_state(workdir: Path) -> dict[str, str]:
+    """A benchmark gateway's durable state in ``workdir``: never the machine's own quarantine,
+    client keys, incident log or signing key."""
+    return {
+        "BASTION_QUARANTINE_PATH": str(workdir / "q.db"),
+        "BASTION_KEYS_PATH": str(workdir / "keys.db"),
+        "BASTION_INCIDENT_LOG_PATH": str(workdir / "incidents.db"),
+        "BASTION_INCIDENT_KEY_PATH": str(workdir / "incident.key"),
+        "BASTION_INCIDENT_CHECKPOINT_PATH": str(workdir / "incident-checkpoint.json"),
+        "BASTION_LEDGER_PATH": str(workdir / "ledger.db"),
+    }
+
+
 def free_port_block(size: int = 3, attempts: int = 50) -> int:
     """A port P on 127.0.0.1 with P .. P+size-1 all free (PyTriton takes http, grpc, metrics)."""
     for _ in range(attempts):

@@ -76,21 +76,31 @@ def bastion_repository(workdir: Path, screening: bool) -> Path:
 
 
 def launch_bastion(
-    port: int, layout_flags: list[str], workdir: Path, screening: bool = False, drift: bool = True
+    port: int,
+    layout_flags: list[str],
+    workdir: Path,
+    screening: bool = False,
+    drift: bool = True,
+    ledger: bool = True,
 ) -> Launch:
     """Bastion picks its own layout (channels_last); ``layout_flags`` are for the peers."""
     repository = bastion_repository(workdir, screening)
     command = [_sibling("bastion"), "serve", "--host", "127.0.0.1", "--port", str(port)]
     command += ["--model-repository", str(repository)]
-    env = {"BASTION_TORCH_THREADS": "1", "BASTION_QUARANTINE_PATH": str(workdir / "q.db")}
-    env["BASTION_KEYS_PATH"] = str(workdir / "keys.db")  # never the machine's own keys
+    env = {"BASTION_TORCH_THREADS": "1", **procs.private_state(workdir)}
     env["BASTION_DRIFT"] = "true" if drift else "false"
+    env["BASTION_LEDGER"] = "true" if ledger else "false"
     return Launch(command, env, f"http://127.0.0.1:{port}/metrics", "checkout")
 
 
 def launch_bastion_without_drift(port: int, layout_flags: list[str], workdir: Path) -> Launch:
     """The cost of drift monitoring: the same server with its monitor off."""
     return launch_bastion(port, layout_flags, workdir, drift=False)
+
+
+def launch_bastion_without_ledger(port: int, layout_flags: list[str], workdir: Path) -> Launch:
+    """The cost of the served-prediction ledger: the same server writing none."""
+    return launch_bastion(port, layout_flags, workdir, ledger=False)
 
 
 def launch_bastion_at(port: int, layout_flags: list[str], workdir: Path, ref: str) -> Launch:
@@ -141,6 +151,7 @@ LAUNCHERS: dict[str, Callable[[int, list[str], Path], Launch]] = {
     "plain": launch_plain,
     "pytriton": launch_pytriton,
     "bastion-nodrift": launch_bastion_without_drift,
+    "bastion-noledger": launch_bastion_without_ledger,
 }
 
 

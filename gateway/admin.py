@@ -24,6 +24,7 @@ from starlette.responses import Response
 
 from gateway.errors import InvalidInput, NotFound
 from gateway.http import json_response, plane, require_admin
+from gateway.incidents.audit import record as record_decision
 from gateway.protocol.dtypes import from_numpy
 from gateway.protocol.schema import error
 from gateway.quarantine.store import QUARANTINED, RELEASED, REVIEW, QuarantineRecord, Stats
@@ -220,6 +221,7 @@ async def release_quarantine(
         record = await asyncio.to_thread(plane(request).screening.store.release, item, note)
     except KeyError:
         raise NotFound(f"no quarantine record {item!r}") from None
+    await record_decision(request, "quarantine_release", item, {"note": note})
     return json_response(_record(record))
 
 
@@ -228,6 +230,9 @@ async def purge_quarantine(request: Request, body: PurgeBody) -> Response:
     cutoff = None if body.older_than_s is None else time.time() - body.older_than_s
     store = plane(request).screening.store
     purged = await asyncio.to_thread(store.purge, body.status, cutoff, body.ids)
+    ids = None if body.ids is None else list(body.ids)[:1000]
+    scope = {"status": body.status, "older_than_s": body.older_than_s, "ids": ids}
+    await record_decision(request, "quarantine_purge", "quarantine", {**scope, "purged": purged})
     return json_response({"purged": purged})
 
 

@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import math
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from functools import partial
 
 from fastapi import FastAPI
 
@@ -20,13 +22,50 @@ from gateway.defence.service import DefenceService
 from gateway.http import install_error_handlers, router
 from gateway.identity import routes as key_routes
 from gateway.identity.keys import KeyRing, SQLiteKeyStore
+from gateway.incidents import routes as incident_routes
+from gateway.incidents.grouping import Grouper
+from gateway.incidents.ledger import Ledger
+from gateway.incidents.log import IncidentLog
+from gateway.incidents.signing import Signer
+from gateway.incidents.store import IncidentStore
+from gateway.incidents.writer import LogWriter
+from gateway.monitoring.drift_monitor import DriftEvent
 from gateway.monitoring.metrics import Metrics
 from gateway.monitoring.timeseries import Sampler, read_totals
+from gateway.monitoring.window import FLAG_RATE
 from gateway.quarantine.factory import open_store, retention_sweep
 from gateway.registry import ModelRegistry
 from gateway.repository import ModelRepository
 from gateway.screening.service import ScreeningService
 from gateway.settings import Settings
+
+
+def open_incidents(settings: Settings, metrics: Metrics) -> tuple[IncidentLog, Grouper]:
+    """The incident log (its signing key created on first use, its witness file) and the
+    incidents its entries open and join."""
+    signer = Signer.from_file(settings.incident_key_path)
+    incident_log = IncidentLog(
+        settings.incident_log_path, signer, settings.incident_checkpoint_path
+    )
+    grouper = Grouper(IncidentStore(settings.incident_log_path), incident_log)
+    incident_log.listeners.append(lambda e: metrics.incident_log_entries.labels(e.kind).inc())
+    incident_log.listeners.append(grouper.on_entry)
+    return incident_log, grouper
+
+
+def log_drift_event(writer: LogWriter, event: DriftEvent) -> None:
+    """A drift (or flag-rate) alarm raised or cleared, as an incident log entry."""
+    kind = "flag_rate_alarm" if event.statistic == FLAG_RATE else "drift_alarm"
+    body = {
+        "event": event.kind,
+        "statistic": event.statistic,
+        "value": event.value if math.isfinite(event.value) else None,
+        "threshold": event.threshold,
+        "at_image": event.at_image,
+        "window_images": event.window_images,
+        "model": event.model,
+    }
+    writer.submit(kind, f"{event.model}:{event.version}", body)
 
 
 def create_app(settings: Settings | None = None) -> Gateway:
@@ -49,9 +88,26 @@ def create_app(settings: Settings | None = None) -> Gateway:
         decoder = DecodePool(
             settings.decode_workers, settings.decode_queue_size, settings.decode_budget_ms, metrics
         )
-        defence = DefenceService(settings, metrics) if settings.defence else None
+        incident_log, grouper = open_incidents(settings, metrics)
+        app.state.incident_log, app.state.incidents = incident_log, grouper
+        writer = LogWriter(
+            incident_log, settings.incident_log_backlog, metrics.incident_log_dropped.inc
+        )
+        registry.on_drift_event = partial(log_drift_event, writer)
+        defence = (
+            DefenceService(settings, metrics, audit=writer.submit) if settings.defence else None
+        )
         registry.fingerprint_spec = defence.fingerprint_spec if defence else None
-        app.state.dataplane = DataPlane(registry, settings, screening, decoder, defence)
+        ledger = None
+        if settings.ledger:
+            ledger = Ledger(
+                settings.ledger_path,
+                settings.ledger_retention_s,
+                settings.ledger_max_rows,
+                settings.ledger_backlog,
+                on_drop=metrics.ledger_dropped.inc,
+            )
+        app.state.dataplane = DataPlane(registry, settings, screening, decoder, defence, ledger)
         app.state.sampler = Sampler(
             lambda: read_totals(time.time(), metrics, [m.stats for m in registry.loaded()]),
             settings.dashboard_interval_s,
@@ -78,6 +134,11 @@ def create_app(settings: Settings | None = None) -> Gateway:
                 await retention
             store.close()
             app.state.keys.store.close()
+            await asyncio.to_thread(writer.close)  # what the defence decided is written
+            if ledger is not None:
+                await asyncio.to_thread(ledger.close)  # what was served is written
+            grouper.store.close()
+            incident_log.close()
 
     # no /docs or /redoc: FastAPI's pages load their scripts from a CDN, which a security
     # gateway should not serve and an air-gapped host cannot reach; /openapi.json stays
@@ -92,10 +153,12 @@ def create_app(settings: Settings | None = None) -> Gateway:
     app.state.settings = settings
     app.state.metrics = metrics
     app.state.keys = None  # the key ring, opened with the rest in the lifespan
+    app.state.incident_log = app.state.incidents = None
     app.include_router(router)
     app.include_router(admin.router)
     app.include_router(key_routes.router)
     app.include_router(defence_routes.router)
+    app.include_router(incident_routes.router)
     app.include_router(dashboard.router)
     openapi.install(app)
     install_error_handlers(app, metrics)

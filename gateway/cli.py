@@ -9,6 +9,9 @@ from typing import Annotated, Any
 
 import typer
 
+from gateway.cli_incidents import Token, Url, incidents
+from gateway.cli_incidents import admin_call as _admin
+
 app = typer.Typer(help="Bastion: a Triton-compatible inference gateway.", no_args_is_help=True)
 
 
@@ -18,9 +21,8 @@ keys = typer.Typer(help="Create, list and revoke client API keys (stored hashed)
 app.add_typer(keys, name="keys")
 clients = typer.Typer(help="Clients the stateful defence tracks: rungs, evidence, release.")
 app.add_typer(clients, name="clients")
+app.add_typer(incidents, name="incidents")
 
-Url = Annotated[str, typer.Option(envvar="BASTION_URL", help="Gateway address.")]
-Token = Annotated[str, typer.Option(envvar="BASTION_ADMIN_TOKEN", help="Admin token.")]
 ModelName = Annotated[str, typer.Argument(help="Model name in the repository.")]
 RepositoryOption = Annotated[
     Path | None, typer.Option(help="Triton-style model repository (default: the bundled one).")
@@ -35,16 +37,6 @@ DeviceOption = Annotated[str, typer.Option(help="auto, cpu or cuda.")]
 @app.callback()
 def main() -> None:
     """Bastion: a Triton-compatible inference gateway."""
-
-
-def _admin(url: str, token: str, method: str, path: str, **kwargs: Any) -> Any:
-    from gateway.admin_client import AdminError, call
-
-    try:
-        return call(url, token, method, path, **kwargs)
-    except AdminError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(1) from None
 
 
 @quarantine.command("list")

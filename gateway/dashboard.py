@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 from functools import cache
 from pathlib import Path
+from typing import Any
 
 from fastapi import APIRouter, Request
 from starlette.responses import HTMLResponse, Response
@@ -61,6 +62,9 @@ async def asset(name: str) -> Response:
     return _file(name)
 
 
+INCIDENTS_SHOWN = 10
+
+
 @router.get("/dashboard/api/summary")
 async def summary(request: Request) -> Response:
     """Recent per-second rates and quantiles, and each monitored model's drift state."""
@@ -78,5 +82,9 @@ async def summary(request: Request) -> Response:
         for token in (settings.metrics_token, settings.admin_token)
     )
     series = request.app.state.sampler.series(private=private)
-    body = {"series": series, "models": snapshots + unmonitored}
+    body: dict[str, Any] = {"series": series, "models": snapshots + unmonitored}
+    grouper = getattr(request.app.state, "incidents", None)
+    if private and grouper is not None:  # whether it was detected is no prober's business
+        rows = await asyncio.to_thread(grouper.store.list, None, INCIDENTS_SHOWN)
+        body["incidents"] = [row.to_json() for row in rows]
     return json_response(body)

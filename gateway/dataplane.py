@@ -7,6 +7,7 @@ never on the event loop. Everything a request means happens here.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from functools import partial
@@ -20,6 +21,7 @@ from gateway.decode_pool import DecodePool
 from gateway.defence.evidence import STRICT
 from gateway.defence.service import DefenceService, Embedded
 from gateway.errors import BastionError, Forbidden, InvalidInput
+from gateway.incidents.ledger import Ledger, ledger_rows
 from gateway.inputs import prepare_inputs
 from gateway.limits import ModelLimits, model_limits
 from gateway.protocol.bounds import Limits, RawInput
@@ -42,6 +44,8 @@ from gateway.screening.service import (
     tighten,
 )
 from gateway.settings import Settings
+
+log = logging.getLogger(__name__)
 
 EXTENSIONS = [
     "classification",
@@ -72,8 +76,10 @@ class DataPlane:
         screening: ScreeningService,
         decoder: DecodePool,
         defence: DefenceService | None = None,
+        ledger: Ledger | None = None,
     ) -> None:
         self.registry = registry
+        self.ledger = ledger
         self.settings = settings
         self.screening = screening
         self.decoder = decoder
@@ -201,6 +207,8 @@ class DataPlane:
         and rung (``charged``: the campaign ``admit`` charged), and the 403 for withheld images."""
         job = model.backend.screening
         if job is None:
+            if self.ledger is not None:
+                self._record(model, request, arrays, results, None, "served")
             return None
         screened = await self.screening.apply(
             job,
@@ -213,41 +221,92 @@ class DataPlane:
             model.screening_review,
         )
         prints = results.get(FINGERPRINTS)
-        if self.defence is not None and prints is not None:
-            rows = next(iter(arrays.values()))
-            answers, answer_key = _answers(model, results)
-            targets = job.targets or {}
-            embeddings = results.get(EMBEDDINGS)
-            embedded = None
-            if job.knn is not None and embeddings is not None:
-                embedded = Embedded(f"{model.config.name}:{model.version}", job.knn, embeddings)
-            observed = self.defence.observe(
-                request.client_id,
-                prints,
-                screened.decision.verdicts,
-                rows,
-                answers,
-                answer_key,
-                targets.get(SUSPICIOUS),
-                embedded,
-                targets.get(ADVERSARIAL),
-                request.id,
-            )
-            _repeat(model, results, observed.repeats)
-            served = False
-            try:
-                # e.g. a new identity its probes just linked to a contained campaign: 403 or 429
-                self.defence.enforce(request.client_id, observed, charged, shared)
-                if observed.rung == STRICT and not shared:  # suspicious is withheld too
-                    tighten(screened)
-                served = (
-                    not screened.decision.withheld
-                    or request.parameters.get(REPORT_PARAMETER) is True
-                )
-            finally:  # a refused query's near-duplicates are refused in turn
-                self.defence.settle(observed, served)
+        outcome = "refused"  # by the defence, unless the block below finishes
+        try:
+            if self.defence is not None and prints is not None:
+                self._defend(model, request, arrays, results, screened, prints, charged, shared)
+            report = request.parameters.get(REPORT_PARAMETER) is True
+            outcome = "withheld" if screened.decision.withheld and not report else "served"
+        finally:
+            if self.ledger is not None:  # what was answered to whom, off the hot path
+                self._record(model, request, arrays, results, screened.decision.verdicts, outcome)
         refuse_if_withheld(screened, request)
         return screened
+
+    def _record(
+        self,
+        model: LoadedModel,
+        request: InferRequest,
+        arrays: dict[str, np.ndarray],
+        results: dict[str, np.ndarray],
+        verdicts: list[str] | None,
+        outcome: str,
+    ) -> None:
+        """Queues the request's ledger rows (``verdicts`` None: an unscreened model); a failure
+        here is logged, never the client's."""
+        assert self.ledger is not None
+        inputs = next(iter(arrays.values()))
+        try:
+            rows = ledger_rows(
+                (model.config.name, str(model.version)),
+                (request.client_id, request.id),
+                inputs,
+                {spec.name: results[spec.name] for spec in model.config.outputs},
+                results.get(FINGERPRINTS),
+                verdicts if verdicts is not None else ["unscreened"] * len(inputs),
+                outcome,
+            )
+        except Exception:
+            log.exception("ledger: could not record a request to %s", model.config.name)
+            return
+        self.ledger.submit(rows)
+
+    def _defend(
+        self,
+        model: LoadedModel,
+        request: InferRequest,
+        arrays: dict[str, np.ndarray],
+        results: dict[str, np.ndarray],
+        screened: Screened,
+        prints: np.ndarray,
+        charged: str | None,
+        shared: bool,
+    ) -> None:
+        """The stateful defence's evidence, repeats and rung for this request (403 or 429
+        raised here), and the record of what its queries were given."""
+        assert self.defence is not None and model.backend.screening is not None
+        job = model.backend.screening
+        rows = next(iter(arrays.values()))
+        answers, answer_key = _answers(model, results)
+        targets = job.targets or {}
+        embeddings = results.get(EMBEDDINGS)
+        embedded = None
+        if job.knn is not None and embeddings is not None:
+            embedded = Embedded(f"{model.config.name}:{model.version}", job.knn, embeddings)
+        observed = self.defence.observe(
+            request.client_id,
+            prints,
+            screened.decision.verdicts,
+            rows,
+            answers,
+            answer_key,
+            targets.get(SUSPICIOUS),
+            embedded,
+            targets.get(ADVERSARIAL),
+            request.id,
+        )
+        _repeat(model, results, observed.repeats)
+        served = False
+        try:
+            # e.g. a new identity its probes just linked to a contained campaign: 403 or 429
+            self.defence.enforce(request.client_id, observed, charged, shared)
+            if observed.rung == STRICT and not shared:  # suspicious is withheld too
+                tighten(screened)
+            served = (
+                not screened.decision.withheld or request.parameters.get(REPORT_PARAMETER) is True
+            )
+        finally:  # a refused query's near-duplicates are refused in turn
+            self.defence.settle(observed, served)
 
     def _deadline(self, model: LoadedModel, request: InferRequest, start_ns: int) -> int | None:
         policy = model.config.batching

@@ -125,6 +125,7 @@ class ModelRegistry:
         self._lock = asyncio.Lock()
         self.on_screening: Callable[[str, str, Any], None] = lambda *_: None
         self.fingerprint_spec: Any = None  # set by the app when the stateful defence is on
+        self.on_drift_event: Callable[[Any], object] | None = None  # the incident log
 
     async def load_all(self) -> None:
         for name in self.repository.names():
@@ -272,6 +273,7 @@ class ModelRegistry:
             drift_config(self.settings),
             self.metrics,
             torch.device(backend.device),
+            on_event=self.on_drift_event,
         )
         backend.monitor = monitor
         return monitor

@@ -231,6 +231,48 @@ class Settings(BaseSettings):
         description="Review copies of suspicious inputs waiting to be written; past it new "
         "copies are dropped (counted in bastion_screening_reviews_total), never the response.",
     )
+    # -- the incident lifecycle (gateway/incidents) --------------------------------------------
+    incident_log_path: Path = Field(
+        Path.home() / ".local" / "share" / "bastion" / "incidents.db",
+        description="SQLite file of the tamper-evident incident log (every security decision).",
+    )
+    incident_key_path: Path = Field(
+        Path.home() / ".config" / "bastion" / "incident-signing.key",
+        description="Ed25519 key (PEM) that signs the log's checkpoints; kept outside the "
+        "database, created on first use.",
+    )
+    incident_checkpoint_path: Path = Field(
+        Path.home() / ".config" / "bastion" / "incident-checkpoint.json",
+        description="Witness file of the log's latest signed checkpoint, outside the database: "
+        "'bastion incidents verify' catches a log cut short by comparing against it.",
+    )
+    incident_log_backlog: int = Field(
+        10_000,
+        ge=1,
+        le=1_000_000,
+        description="Decisions waiting to be written to the log; past it new ones are dropped "
+        "and counted (bastion_incident_log_dropped_total).",
+    )
+    ledger: bool = Field(
+        True, description="Record every screened image's outcome, client and prediction."
+    )
+    ledger_path: Path = Field(
+        Path.home() / ".local" / "share" / "bastion" / "ledger.db",
+        description="SQLite file of the served-prediction ledger (what was answered to whom).",
+    )
+    ledger_retention_s: float = Field(
+        30 * 86400.0, gt=0, description="Ledger rows older than this are deleted."
+    )
+    ledger_max_rows: int = Field(
+        10_000_000, ge=1000, description="Ledger rows kept at most; the oldest go first."
+    )
+    ledger_backlog: int = Field(
+        10_000,
+        ge=1,
+        le=1_000_000,
+        description="Requests waiting to be written to the ledger; past it their rows are "
+        "dropped and counted (bastion_ledger_dropped_total).",
+    )
     max_note_chars: int = Field(1024, ge=1, description="Longest admin note on a record.")
     log_level: str = Field("info", description="Python logging level.")
     access_log: bool = Field(False, description="uvicorn's access log (costs throughput).")

@@ -27,17 +27,30 @@ def repository(tmp_path: Path) -> Path:
     return target
 
 
+PRIVATE_PATHS = (
+    "KEYS_PATH",
+    "INCIDENT_LOG_PATH",
+    "INCIDENT_KEY_PATH",
+    "INCIDENT_CHECKPOINT_PATH",
+    "LEDGER_PATH",
+)
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _private_key_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     """No test reads the machine's own client keys (a developer's keys would turn every
-    unkeyed request into a 401): an empty key file unless a test names its own."""
-    previous = os.environ.get("BASTION_KEYS_PATH")
-    os.environ["BASTION_KEYS_PATH"] = str(tmp_path_factory.mktemp("keys") / "keys.db")
+    unkeyed request into a 401) nor writes to its incident log or signing key: files of the
+    session's own unless a test names its own."""
+    folder = tmp_path_factory.mktemp("private")
+    previous = {name: os.environ.get(f"BASTION_{name}") for name in PRIVATE_PATHS}
+    for name in PRIVATE_PATHS:
+        os.environ[f"BASTION_{name}"] = str(folder / name.lower())
     yield
-    if previous is None:
-        os.environ.pop("BASTION_KEYS_PATH", None)
-    else:
-        os.environ["BASTION_KEYS_PATH"] = previous
+    for name, value in previous.items():
+        if value is None:
+            os.environ.pop(f"BASTION_{name}", None)
+        else:
+            os.environ[f"BASTION_{name}"] = value
 
 
 def flag_every_image(repository: Path, model: str = "digits", version: str = "1") -> Path:
@@ -68,6 +81,19 @@ class ServerProcess:
     def url(self) -> str:
         return f"127.0.0.1:{self.port}"
 
+    def incident_env(self) -> dict[str, str]:
+        """Where ``start_server`` put this server's incident log, signing key, witness and
+        ledger."""
+        folder = self.log.parent
+        return {
+            "BASTION_INCIDENT_LOG_PATH": str(folder / f"incidents-{self.port}.db"),
+            "BASTION_INCIDENT_KEY_PATH": str(folder / f"incident-{self.port}.key"),
+            "BASTION_INCIDENT_CHECKPOINT_PATH": str(
+                folder / f"incident-checkpoint-{self.port}.json"
+            ),
+            "BASTION_LEDGER_PATH": str(folder / f"ledger-{self.port}.db"),
+        }
+
     def stop(self) -> None:
         if self.process.poll() is None:
             self.process.terminate()
@@ -87,6 +113,10 @@ def start_server(log_dir: Path, *args: str, env: dict[str, str] | None = None) -
         "BASTION_TORCH_THREADS": "1",
         "BASTION_QUARANTINE_PATH": str(log_dir / f"quarantine-{port}.db"),
         "BASTION_KEYS_PATH": str(log_dir / f"keys-{port}.db"),
+        "BASTION_INCIDENT_LOG_PATH": str(log_dir / f"incidents-{port}.db"),
+        "BASTION_INCIDENT_KEY_PATH": str(log_dir / f"incident-{port}.key"),
+        "BASTION_INCIDENT_CHECKPOINT_PATH": str(log_dir / f"incident-checkpoint-{port}.json"),
+        "BASTION_LEDGER_PATH": str(log_dir / f"ledger-{port}.db"),
         **(env or {}),
     }
     with log.open("wb") as sink:

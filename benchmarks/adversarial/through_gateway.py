@@ -49,8 +49,7 @@ def running_gateway(
     port = procs.free_port_block(1)
     command = [sys.executable, "-m", "gateway", "serve", "--host", "127.0.0.1", "--port", str(port)]
     command += ["--model-repository", str(repository)]
-    server_env = {"BASTION_TORCH_THREADS": "1", "BASTION_QUARANTINE_PATH": str(workdir / "q.db")}
-    server_env["BASTION_KEYS_PATH"] = str(workdir / "keys.db")  # never the machine's own keys
+    server_env = {"BASTION_TORCH_THREADS": "1", **procs.private_state(workdir)}
     server_env.update(env or {})
     url = f"http://127.0.0.1:{port}"
     server = procs.start(name, command, server_env, url, workdir / f"{name}.log")

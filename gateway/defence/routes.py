@@ -12,6 +12,7 @@ from gateway.defence.evidence import RUNGS
 from gateway.defence.service import DefenceService
 from gateway.errors import NotFound
 from gateway.http import json_response, plane
+from gateway.incidents.audit import record as record_decision
 
 router = APIRouter(route_class=AdminRoute, tags=["admin"])
 ClientPath = Annotated[str, Path(min_length=1, max_length=128)]
@@ -74,6 +75,9 @@ async def release_client(request: Request, client: ClientPath) -> Response:
     """Lifts containment from the client and every client of its campaign (logged)."""
     defence = _defence(request)
     with defence.lock:
-        describe(defence, client)  # 404 for a client with no evidence
+        before = describe(defence, client)  # 404 for a client with no evidence
         released = defence.release(client)
-        return json_response({"released": released})
+    evidence = {k: before[k] for k in ("rung", "statistic", "campaign_statistic", "probes")}
+    body = {"released": released[:MAX_MEMBERS], "count": len(released), "before": evidence}
+    await record_decision(request, "release", client, body)
+    return json_response({"released": released})

@@ -34,8 +34,10 @@ import secrets
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
+from typing import Any
 
 import numpy as np
 
@@ -84,7 +86,15 @@ class Embedded:
 
 
 class DefenceService:
-    def __init__(self, settings: Settings, metrics: Metrics, spec: LadderSpec | None = None):
+    def __init__(
+        self,
+        settings: Settings,
+        metrics: Metrics,
+        spec: LadderSpec | None = None,
+        audit: Callable[[str, str, dict[str, Any]], object] | None = None,
+    ):
+        """``audit(kind, subject, body)`` takes each decision for the incident log (it must not
+        block: it is called under the defence's lock)."""
         salt = settings.fingerprint_salt
         self.fingerprint_spec = FingerprintSpec(salt=secrets.randbits(62) if salt is None else salt)
         self.index = ProbeIndex(
@@ -105,6 +115,7 @@ class DefenceService:
         self._last_admitted: OrderedDict[str, float] = OrderedDict()
         self.lock = threading.Lock()  # the admin routes hold it too, to read a consistent view
         self._rungs: dict[str, str] = {}  # the last rung logged per client (transitions only)
+        self.audit = audit
 
     def refuse(self) -> None:
         """Withholds a computed answer from a client that its own queries just contained."""
@@ -150,6 +161,23 @@ class DefenceService:
         account = self.ladder.account(client)
         campaign = self.ladder.campaign(client)
         self.metrics.defence_transitions.labels(rung).inc()
+        if self.audit is not None:
+            self.audit(
+                "containment",
+                client,
+                {
+                    "from": before,
+                    "rung": rung,
+                    "request": request_id,
+                    "statistic": round(account.statistic, 3) if account else 0.0,
+                    "campaign": self.ladder.root(client),
+                    "campaign_size": len(campaign),
+                    "campaign_statistic": round(self.ladder.campaign_statistic(client), 3),
+                    "images": account.images if account else 0,
+                    "flagged": account.flagged if account else 0,
+                    "probes": account.probes if account else 0,
+                },
+            )
         log.warning(
             "client %s now %s at request %r: statistic %.1f (campaign %.1f over %d clients), "
             "%d images, %d flagged, %d probes",
@@ -277,6 +305,7 @@ class DefenceService:
                     near = bool(self.histories.near(key, embedded.model, embedded.spec, vector)[0])
                     nears += near
                 probes += probe
+                joins = linked is not None and self.ladder.root(linked) != self.ladder.root(key)
                 rung = self.ladder.observe(
                     key,
                     verdict in FLAGGED,
@@ -288,6 +317,12 @@ class DefenceService:
                     verdict == "adversarial",
                     block_rate,
                 )
+                if joins and self.audit is not None:  # probes linked it to another client
+                    self.audit(
+                        "campaign",
+                        self.ladder.root(key),
+                        {"joined": key, "via": linked, "size": len(self.ladder.campaign(key))},
+                    )
                 campaign = self.ladder.campaign_rung(key) if probe else OBSERVE
                 contained += campaign == REFUSE  # it continues a contained campaign: refused
                 given = None

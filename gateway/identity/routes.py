@@ -14,6 +14,7 @@ from gateway.admin import AdminRoute, StrictBody, errors
 from gateway.errors import InvalidInput, NotFound
 from gateway.http import json_response
 from gateway.identity.keys import CLIENT_NAME, NOTE_CHARS, KeyRecord, KeyRing
+from gateway.incidents.audit import record as record_decision
 
 router = APIRouter(route_class=AdminRoute, tags=["admin"])
 KeyPath = Annotated[str, Path(min_length=12, max_length=12, pattern="^[0-9a-f]{12}$")]
@@ -39,6 +40,7 @@ async def create_key(request: Request, body: CreateKeyBody) -> Response:
         record, key = await asyncio.to_thread(_ring(request).create, body.client, body.note)
     except ValueError as exc:
         raise InvalidInput(str(exc)) from None
+    await record_decision(request, "key_created", record.id, {"client": record.client})
     return json_response({**_record(record), "key": key}, 201)
 
 
@@ -55,4 +57,5 @@ async def revoke_key(request: Request, key: KeyPath) -> Response:
         record = await asyncio.to_thread(_ring(request).revoke, key)
     except KeyError:
         raise NotFound(f"no key {key!r}") from None
+    await record_decision(request, "key_revoked", record.id, {"client": record.client})
     return json_response(_record(record))

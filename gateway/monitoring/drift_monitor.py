@@ -75,8 +75,12 @@ class DriftMonitor:
         metrics: Metrics,
         device: torch.device,
         clock: Callable[[], float] = time.monotonic,
+        on_event: Callable[[DriftEvent], object] | None = None,
     ) -> None:
+        """``on_event`` takes each alarm raised or cleared (the incident log's writer: it must
+        not block, since it is called on the batch's thread)."""
         self.model, self.version = model, version
+        self.on_event = on_event
         self.profile = profile
         self.config = config
         self.thresholds = thresholds(config)
@@ -196,6 +200,8 @@ class DriftMonitor:
             window_images=window.images,
         )
         self.events.append(event)
+        if self.on_event is not None:
+            self.on_event(event)
         if alarm:
             self.metrics.drift_events.labels(self.model, self.version, statistic).inc()
         log.warning(

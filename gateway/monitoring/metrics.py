@@ -197,7 +197,8 @@ class Metrics:
         # the stateful defence: refusals are what a client sees anyway (public); probes private
         self.defence_refused = Counter(
             "bastion_defence_refused",
-            "Requests refused by the containment ladder, by rung (throttle: 429, refuse: 403)",
+            "Requests refused by the stateful defence, by rung (throttle: 429, refuse: 403; "
+            "repeat: 403 for a probe of a query that was refused)",
             ["rung"],
             registry=self.registry,
         )
@@ -222,6 +223,22 @@ class Metrics:
             "bastion_defence_campaigns",
             "Campaigns (clients linked by their probes): linked, and contained (refuse rung)",
             ["state"],
+            registry=self.private_registry,
+        )
+        self.incident_log_entries = Counter(
+            "bastion_incident_log_entries",
+            "Entries appended to the tamper-evident incident log, by kind",
+            ["kind"],
+            registry=self.private_registry,
+        )
+        self.incident_log_dropped = Counter(
+            "bastion_incident_log_dropped",
+            "Decisions dropped because the incident log's backlog was full",
+            registry=self.private_registry,
+        )
+        self.ledger_dropped = Counter(
+            "bastion_ledger_dropped",
+            "Ledger rows dropped (its backlog full, or a failed write)",
             registry=self.private_registry,
         )
         self.screening_tiers = Counter(

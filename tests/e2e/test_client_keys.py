@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sqlite3
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -72,6 +73,16 @@ def test_once_a_key_exists_inference_needs_one_and_revocation_bites_at_once(
     with pytest.raises(InferenceServerException, match="401"):
         infer(keyed, {"Authorization": f"Bearer {key}"})
     assert httpx.get(f"http://{keyed.url}/v2/admin/keys", timeout=10).status_code == 403
+    conn = sqlite3.connect(keyed.incident_env()["BASTION_INCIDENT_LOG_PATH"])
+    logged = conn.execute("SELECT kind, actor, subject, body FROM log_entries").fetchall()
+    conn.close()
+    # each key decision is in the incident log by id and client, never the key itself
+    assert [row[:3] for row in logged if row[0].startswith("key_")] == [
+        ("key_created", "admin", key_id),
+        ("key_revoked", "admin", key_id),
+    ]
+    assert all(key not in body for *_, body in logged)
+    assert all("orders-service" in row[3] for row in logged if row[0].startswith("key_"))
 
 
 def test_the_key_names_the_client_in_the_evidence(keyed: ServerProcess) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sqlite3
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -114,6 +115,46 @@ def test_an_admin_sees_the_campaign_and_lifts_it(defended: ServerProcess) -> Non
     assert send(client, other, "team/alice") == "served"  # a client id with a slash in it
     assert json.loads(run("show", "team/alice"))["client"] == "team/alice"
     assert "team/alice" in run("release", "team/alice")
+
+
+def test_the_campaign_and_its_release_are_in_the_incident_log_which_verifies(
+    defended: ServerProcess,
+) -> None:
+    """After the campaign and the admin's release above: each rung change, each identity
+    joining the campaign and the release are entries of a log that verifies offline."""
+    env = {**os.environ, **defended.incident_env()}
+    done = subprocess.run(
+        [sys.executable, "-m", "gateway", "incidents", "verify", "--json"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    verdict = json.loads(done.stdout)
+    assert verdict["ok"] and verdict["entries"] == verdict["witnessed"] >= 10
+    conn = sqlite3.connect(defended.incident_env()["BASTION_INCIDENT_LOG_PATH"])
+    rows = conn.execute("SELECT kind, actor, subject, body FROM log_entries").fetchall()
+    conn.close()
+    kinds = {kind for kind, *_ in rows}
+    assert {"containment", "campaign", "release"} <= kinds, kinds
+    released = [json.loads(body) for kind, actor, subject, body in rows if kind == "release"]
+    assert any("sybil-19" in r["released"] for r in released)
+    assert all(actor == "admin" for kind, actor, *_ in rows if kind == "release")
+    rungs = {json.loads(b)["rung"] for k, _, s, b in rows if k == "containment" and "sybil" in s}
+    assert "refuse" in rungs
+    # the ledger: what each client was given, the attacker's refusals beside the honest answers
+    ledger = sqlite3.connect(defended.incident_env()["BASTION_LEDGER_PATH"])
+    outcomes = dict(
+        ledger.execute(
+            "SELECT client || ':' || outcome, COUNT(*) FROM served "
+            "WHERE client = 'honest-lab' OR client LIKE 'sybil-%' GROUP BY 1"
+        ).fetchall()
+    )
+    ledger.close()
+    assert outcomes.get("honest-lab:served", 0) >= 58, outcomes
+    refused = sum(n for key, n in outcomes.items() if key.startswith("sybil") and "refused" in key)
+    assert refused >= 20, outcomes
 
 
 def test_a_step_from_a_withheld_query_is_refused_again_not_answered(

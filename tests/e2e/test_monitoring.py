@@ -276,6 +276,19 @@ def test_dashboard_draws_live_charts_in_headless_chromium(live: Live, tmp_path: 
     assert re.search(r'id="status" class="badge alarm">drift: digits', dom)
     events = dom.split('<table id="events">')[1].split("</tbody>")[0]
     assert "<td>psi_pixel_mean</td>" in events and '<td class="raised">raised</td>' in events
+    # incidents only for an operator: the drift alarm opened one, from the incident log
+    assert 'id="incidents-note" class="note">' in dom
+    assert 'data-rows="0"' in dom.split('id="incidents"')[1]
+    operator = subprocess.run(
+        [chromium, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'op'}", "--dump-dom",
+         f"{url}#token=scrape-token"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    ).stdout  # fmt: skip
+    incidents = operator.split('<table id="incidents">')[1].split("</tbody>")[0]
+    assert re.search(r'data-rows="[1-9]', incidents), incidents
+    assert "drift alarm: digits:1" in incidents and '<td class="open">open</td>' in incidents
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     screenshot = ARTIFACTS / "dashboard.png"
     subprocess.run(

@@ -61,7 +61,29 @@ function binLabels(edges) {
   return [...edges, null].map((_, i) => `${Math.round(i * step)}–${Math.round((i + 1) * step)}%`);
 }
 
+function cells(values) {
+  const tr = document.createElement("tr");
+  for (const [text, cls] of values) {
+    const td = document.createElement("td");
+    td.textContent = text;
+    if (cls) td.className = cls;
+    tr.append(td);
+  }
+  return tr;
+}
+
+// Incidents come only with an operator's token (a prober must not learn it was detected).
+function renderIncidents(incidents) {
+  document.getElementById("incidents-note").hidden = incidents !== undefined;
+  const rows = (incidents || []).map(i => cells([[String(i.id)], [i.state, i.state],
+    [new Date(i.opened_at * 1000).toLocaleString()], [String(i.subjects)], [String(i.entries)], [i.title]]));
+  const body = document.querySelector("#incidents tbody");
+  body.replaceChildren(...rows);
+  body.dataset.rows = rows.length;
+}
+
 function render(summary) {
+  renderIncidents(summary.incidents);
   const s = summary.series;
   draw("chart-rps", [{ label: "requests/s" }], [s.t, s.rps]);
   draw("chart-latency", [{ label: "p50 ms" }, { label: "p99 ms" }], [s.t, s.p50_ms, s.p99_ms]);
@@ -98,18 +120,10 @@ function render(summary) {
       m.window.proportions.confidence, ref.proportions.confidence);
     drawDistribution("chart-classes", ref.classes.map((_, i) => String(i)), m.window.classes, ref.classes);
   }
-  const rows = monitored.flatMap(x => x.events).sort((a, b) => b.time - a.time).slice(0, 20).map(e => {
-    const tr = document.createElement("tr");
-    for (const [text, cls] of [[new Date(e.time * 1000).toLocaleTimeString()], [`${e.model} v${e.version}`],
+  const rows = monitored.flatMap(x => x.events).sort((a, b) => b.time - a.time).slice(0, 20).map(e =>
+    cells([[new Date(e.time * 1000).toLocaleTimeString()], [`${e.model} v${e.version}`],
       [e.statistic], [e.kind, e.kind], [Number.isFinite(e.value) ? e.value.toPrecision(4) : "—"],
-      [String(e.threshold)], [String(e.at_image)]]) {
-      const td = document.createElement("td");
-      td.textContent = text;
-      if (cls) td.className = cls;
-      tr.append(td);
-    }
-    return tr;
-  });
+      [String(e.threshold)], [String(e.at_image)]]));
   document.querySelector("#events tbody").replaceChildren(...rows);
 }
 

@@ -1,0 +1,137 @@
+"""``bastion incidents``: the incident log and its incidents."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+incidents = typer.Typer(
+    help="Incidents (list, show, open, close) and the tamper-evident log (verify, offline)."
+)
+Url = Annotated[str, typer.Option(envvar="BASTION_URL", help="Gateway address.")]
+Token = Annotated[str, typer.Option(envvar="BASTION_ADMIN_TOKEN", help="Admin token.")]
+
+
+def admin_call(url: str, token: str, method: str, path: str, **kwargs: Any) -> Any:
+    """One admin API call; its error printed and exit status 1 on failure."""
+    from gateway.admin_client import AdminError, call
+
+    try:
+        return call(url, token, method, path, **kwargs)
+    except AdminError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+
+
+def _when(t: float | None) -> str:
+    return "-" if t is None else time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(t)) + "Z"
+
+
+@incidents.command("list")
+def incidents_list(
+    state: Annotated[str | None, typer.Option(help="open or closed.")] = None,
+    url: Url = "127.0.0.1:8000",
+    token: Token = "",
+) -> None:
+    """Incidents, newest first: id, state, opened, subjects, entries, title."""
+    path = "/v2/admin/incidents" + (f"?state={state}" if state else "")
+    rows = admin_call(url, token, "GET", path)["incidents"]
+    typer.echo(f"{'id':>5}  {'state':<7} {'opened':<21} {'subjects':>8} {'entries':>7}  title")
+    for r in rows:
+        typer.echo(
+            f"{r['id']:>5}  {r['state']:<7} {_when(r['opened_at']):<21} {r['subjects']:>8} "
+            f"{r['entries']:>7}  {r['title']}"
+        )
+
+
+@incidents.command("show")
+def incidents_show(
+    incident: int,
+    as_json: Annotated[bool, typer.Option("--json", help="Print it as JSON.")] = False,
+    url: Url = "127.0.0.1:8000",
+    token: Token = "",
+) -> None:
+    """One incident and its timeline (the log entries, oldest first)."""
+    shown = admin_call(url, token, "GET", f"/v2/admin/incidents/{incident}")
+    if as_json:
+        typer.echo(json.dumps(shown, indent=1))
+        return
+    typer.echo(f"incident {shown['id']} ({shown['state']}): {shown['title']}")
+    typer.echo(f"opened {_when(shown['opened_at'])}, closed {_when(shown['closed_at'])}")
+    typer.echo(f"subjects ({shown['subjects']}): {', '.join(shown['subjects_shown'][:20])}")
+    for e in shown["timeline"]:
+        body = json.dumps(e["body"], sort_keys=True)
+        typer.echo(f"  #{e['seq']:<6} {_when(e['time'])} {e['kind']:<18} {e['subject']}  {body}")
+
+
+@incidents.command("open")
+def incidents_open(
+    title: str,
+    subject: Annotated[list[str] | None, typer.Option(help="A client, campaign or model.")] = None,
+    url: Url = "127.0.0.1:8000",
+    token: Token = "",
+) -> None:
+    """Opens an incident by hand; later entries about its subjects join it."""
+    body = {"title": title, "subjects": subject or []}
+    made = admin_call(url, token, "POST", "/v2/admin/incidents", body=body)
+    typer.echo(f"opened incident {made['id']}")
+
+
+@incidents.command("close")
+def incidents_close(
+    incident: int,
+    note: Annotated[str | None, typer.Option(help="What was found and done.")] = None,
+    url: Url = "127.0.0.1:8000",
+    token: Token = "",
+) -> None:
+    """Closes an incident (logged)."""
+    admin_call(url, token, "POST", f"/v2/admin/incidents/{incident}/close", body={"note": note})
+    typer.echo(f"closed incident {incident}")
+
+
+@incidents.command("verify")
+def incidents_verify(
+    log: Annotated[Path | None, typer.Option(help="The log (default: incident_log_path).")] = None,
+    public_key: Annotated[
+        Path | None,
+        typer.Option(help="Ed25519 public key PEM (default: the half of incident_key_path)."),
+    ] = None,
+    witness: Annotated[
+        Path | None, typer.Option(help="Witness file (default: incident_checkpoint_path).")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the verdict as JSON.")] = False,
+) -> None:
+    """Proves offline that no entry was edited, removed, reordered or truncated since the
+    last signed checkpoint; names the first bad entry. Exit status 1 when one was."""
+    import json
+
+    from gateway.incidents.signing import load_public_key
+    from gateway.incidents.verify import verify
+    from gateway.settings import Settings
+
+    settings = Settings()
+    try:
+        key = load_public_key(public_key or settings.incident_key_path)
+        verdict = verify(
+            log or settings.incident_log_path, key, witness or settings.incident_checkpoint_path
+        )
+    except (OSError, ValueError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    if as_json:
+        typer.echo(json.dumps(verdict.to_json(), indent=1))
+    elif verdict.ok:
+        typer.echo(
+            f"ok: {verdict.entries} entries, {verdict.checkpoints} signed checkpoints, "
+            f"witness at {verdict.witnessed}"
+        )
+    else:
+        typer.echo(f"TAMPERED: first bad entry {verdict.first_bad}")
+        for problem in verdict.problems[:50]:
+            typer.echo(f"  {problem}")
+    if not verdict.ok:
+        raise typer.Exit(1)

@@ -1,0 +1,31 @@
+"""Admin actions recorded in the incident log before their response is sent."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sqlite3
+from typing import Any
+
+from fastapi import Request
+
+from gateway.errors import Unavailable
+
+log = logging.getLogger(__name__)
+
+
+async def record(request: Request, kind: str, subject: str, body: dict[str, Any]) -> None:
+    """Appends an admin's decision (in a thread: an append is an fsync'd commit) and waits for
+    it to be durable. Raises ``Unavailable`` (503) when the log cannot take it: the action was
+    done, and the caller must know it went unrecorded."""
+    incident_log = getattr(request.app.state, "incident_log", None)
+    if incident_log is None:
+        return
+    try:
+        await asyncio.to_thread(incident_log.append, kind, subject, body, "admin")
+    except (sqlite3.Error, OSError) as exc:
+        log.exception("could not record %s for %s in the incident log", kind, subject)
+        raise Unavailable(
+            f"done, but not recorded in the incident log ({type(exc).__name__}); "
+            "check its disk and run 'bastion incidents verify'"
+        ) from exc

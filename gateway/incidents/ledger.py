@@ -1,0 +1,224 @@
+"""The served-prediction ledger: what was answered to whom, for the impact report.
+
+One row per screened image: the time, the client, model and version, the request id, what
+became of it (``served``, ``withheld`` by the screening, ``refused`` by the defence), a hash of
+its raw bytes, a sketch of its content fingerprint, the predicted class, its confidence and the
+tier verdict. Refused rows are kept beside served ones: they are the campaign's own queries,
+which the report matches served inputs against.
+
+The sketch is the ``SKETCH`` largest of the query's top-S window hashes (Blacklight keeps the
+top S = 50; two near-duplicates share at least T = 25 of them): eight int64s, 64 bytes, so a
+million rows stay small; two sketches sharing ``SKETCH_MATCH`` of their hashes mark a
+near-duplicate for the report (a MinHash-style estimate of the shared fraction, Broder 1997).
+
+Writes are off the hot path: ``submit`` puts a request's rows on a bounded queue and returns;
+one thread inserts them in batches (one transaction per batch, WAL, ``synchronous=NORMAL``: a
+committed batch survives the process being killed). Retention by age and by row count runs in
+the same thread every ``SWEEP_EVERY`` batches. A full queue drops the rows and counts them.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import astuple, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from gateway.defence.service import content_hash
+
+log = logging.getLogger(__name__)
+SKETCH = 8
+SKETCH_MATCH = 4
+SWEEP_EVERY = 64
+OUTCOMES = ("served", "withheld", "refused")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS served (
+    id INTEGER PRIMARY KEY,
+    time REAL NOT NULL,
+    client TEXT NOT NULL,
+    model TEXT NOT NULL,
+    version TEXT NOT NULL,
+    request_id TEXT,
+    outcome TEXT NOT NULL,
+    input_hash INTEGER NOT NULL,
+    sketch BLOB NOT NULL,
+    predicted INTEGER NOT NULL,
+    confidence REAL NOT NULL,
+    tier TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS served_time ON served (time);
+CREATE INDEX IF NOT EXISTS served_client ON served (client, time);
+"""
+COLUMNS = (
+    "time, client, model, version, request_id, outcome, input_hash, sketch, predicted, "
+    "confidence, tier"
+)
+
+
+@dataclass(frozen=True)
+class Row:
+    time: float
+    client: str
+    model: str
+    version: str
+    request_id: str | None
+    outcome: str
+    input_hash: int
+    sketch: bytes
+    predicted: int
+    confidence: float
+    tier: str
+
+
+def sketches(prints: np.ndarray) -> list[bytes]:
+    """Each row's ``SKETCH`` largest window hashes (``prints``: (n, S) int64, top-S, padded with
+    the smallest int64), as little-endian bytes."""
+    top = np.sort(prints, axis=1)[:, -SKETCH:]
+    return [row.astype("<i8").tobytes() for row in top]
+
+
+def shared(a: bytes, b: bytes) -> int:
+    """How many hashes two sketches have in common."""
+    return len(set(np.frombuffer(a, "<i8").tolist()) & set(np.frombuffer(b, "<i8").tolist()))
+
+
+def predictions(probabilities: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The predicted class and its probability per row of ``probabilities`` (n, C)."""
+    flat = probabilities.reshape(len(probabilities), -1)
+    return flat.argmax(axis=1), flat.max(axis=1)
+
+
+def ledger_rows(
+    model: tuple[str, str],
+    caller: tuple[str | None, str | None],
+    inputs: np.ndarray,
+    outputs: dict[str, np.ndarray],
+    prints: np.ndarray | None,
+    verdicts: Sequence[str],
+    outcome: str,
+) -> list[Row]:
+    """One request's rows: ``model`` (name, version), ``caller`` (client, request id), the
+    input rows (n, ...), the outputs as answered (after any repeat), the fingerprints (n, S)
+    if the defence computed them, one verdict per image, and the request's outcome. The class
+    and confidence come from an output named ``probabilities``, else from the softmax of the
+    first output."""
+    probabilities = outputs.get("probabilities")
+    if probabilities is None:
+        logits = next(iter(outputs.values())).reshape(len(inputs), -1).astype(np.float64)
+        shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
+        probabilities = shifted / shifted.sum(axis=1, keepdims=True)
+    predicted, confidence = predictions(probabilities)
+    marks = sketches(prints) if prints is not None else [b""] * len(inputs)
+    now, client = time.time(), caller[0] or "(anonymous)"
+    return [
+        Row(now, client, model[0], model[1], caller[1], outcome, content_hash(inputs[i]),
+            marks[i], int(predicted[i]), float(confidence[i]), verdicts[i])
+        for i in range(len(inputs))
+    ]  # fmt: skip
+
+
+class Ledger:
+    """The ledger on SQLite, written by one thread."""
+
+    def __init__(
+        self,
+        path: str | Path,
+        retention_s: float,
+        max_rows: int,
+        backlog: int = 10_000,
+        on_drop: Callable[[int], None] | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if str(path) != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        self._conn = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
+        self._conn.execute("PRAGMA busy_timeout = 10000")
+        self._conn.execute("PRAGMA journal_mode = WAL")
+        self._conn.execute("PRAGMA synchronous = NORMAL")
+        self._conn.executescript(_SCHEMA)
+        self.path, self.retention_s, self.max_rows = Path(path), retention_s, max_rows
+        self.clock, self._on_drop = clock, on_drop
+        self._queue: queue.Queue[Sequence[Row] | None] = queue.Queue(maxsize=backlog)
+        self._lock = threading.Lock()
+        self.written = 0
+        self._thread = threading.Thread(target=self._run, name="ledger", daemon=True)
+        self._thread.start()
+
+    def submit(self, rows: Sequence[Row]) -> bool:
+        """Queues one request's rows; False (rows dropped and counted) when the queue is full."""
+        try:
+            self._queue.put_nowait(rows)
+        except queue.Full:
+            if self._on_drop is not None:
+                self._on_drop(len(rows))
+            return False
+        return True
+
+    def flush(self) -> None:
+        """Returns once every row queued so far is committed."""
+        self._queue.join()
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join()
+        with self._lock:
+            self._conn.close()
+
+    def _run(self) -> None:
+        batches = 0
+        while True:
+            first = self._queue.get()
+            items = [first]
+            while len(items) < 1024:  # whatever else is waiting: one transaction for all
+                try:
+                    items.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            rows = [astuple(r) for batch in items if batch is not None for r in batch]
+            try:
+                if rows:
+                    self._insert(rows)
+                    batches += 1
+                    if batches % SWEEP_EVERY == 0:
+                        self.sweep()
+            except sqlite3.Error:
+                log.exception("ledger: %d rows not written", len(rows))
+                if self._on_drop is not None:
+                    self._on_drop(len(rows))
+            finally:
+                for _ in items:
+                    self._queue.task_done()
+            if any(batch is None for batch in items):
+                return
+
+    def _insert(self, rows: list[tuple[object, ...]]) -> None:
+        with self._lock, self._conn:
+            self._conn.executemany(
+                f"INSERT INTO served ({COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows
+            )
+        self.written += len(rows)
+
+    def sweep(self) -> int:
+        """Deletes rows older than ``retention_s`` and the oldest beyond ``max_rows``."""
+        with self._lock, self._conn:
+            old = self._conn.execute(
+                "DELETE FROM served WHERE time < ?", (self.clock() - self.retention_s,)
+            ).rowcount
+            top = self._conn.execute("SELECT MAX(id) FROM served").fetchone()[0]
+            extra = 0
+            if top is not None:
+                extra = self._conn.execute(
+                    "DELETE FROM served WHERE id <= ?", (top - self.max_rows,)
+                ).rowcount
+        return old + extra
+
+    def count(self) -> int:
+        with self._lock:
+            return int(self._conn.execute("SELECT COUNT(*) FROM served").fetchone()[0])

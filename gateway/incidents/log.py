@@ -1,0 +1,266 @@
+"""The incident log: every security decision, append-only, in a Merkle tree with signed heads.
+
+An entry is one decision (a containment and its lifting, a key created or revoked, a route
+changed, a quarantine purge ...) with its evidence as a JSON body. Its leaf is the SHA-256 of
+``0x00 ‖ content`` and the tree's inner nodes hash ``0x01 ‖ left ‖ right`` (RFC 9162 §2.1.1:
+the domain separation that keeps a leaf from passing for a node); the tree is ``pymerkle``'s,
+which reproduces RFC 6962's test vectors (``tests/unit/test_incident_log.py``), over leaves
+kept in the log's SQLite table. Each append commits the entry and a signed checkpoint of the
+new tree head in one transaction (WAL, ``synchronous=FULL``): an appended entry is durable and
+covered by a signature when ``append`` returns, whichever process wrote it (the gateway, or the
+CLI for key and quarantine commands). ``gateway.incidents.verify`` checks it offline.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sqlite3
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+from pymerkle import BaseMerkleTree
+from pymerkle.hasher import MerkleHasher
+
+from gateway.incidents.signing import Checkpoint, Signer, witness
+
+log = logging.getLogger(__name__)
+
+KINDS: Final = frozenset(
+    {
+        "containment",  # a client or campaign reached a rung
+        "release",  # containment lifted
+        "campaign",  # identities linked into a campaign by their probes
+        "tier_change",
+        "policy_change",
+        "recalibration",
+        "key_created",
+        "key_revoked",
+        "quarantine_release",
+        "quarantine_purge",
+        "route_change",
+        "rollback",
+        "drift_alarm",
+        "flag_rate_alarm",
+        "incident_opened",
+        "incident_closed",
+        "export",
+    }
+)
+SUBJECT_CHARS: Final = 256
+BODY_BYTES: Final = 64 * 1024
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS log_entries (
+    seq INTEGER PRIMARY KEY,
+    time REAL NOT NULL,
+    kind TEXT NOT NULL,
+    actor TEXT NOT NULL,
+    subject TEXT NOT NULL,
+    body TEXT NOT NULL,
+    leaf BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS log_entries_subject ON log_entries (subject);
+CREATE TABLE IF NOT EXISTS log_checkpoints (
+    size INTEGER PRIMARY KEY,
+    root BLOB NOT NULL,
+    time REAL NOT NULL,
+    signature BLOB NOT NULL
+);
+"""
+
+
+def canonical(value: Any) -> bytes:
+    """The one byte form of a JSON value that is hashed: sorted keys, no spaces, ASCII, no
+    NaN (RFC 8785's aims, for the plain values the log holds)."""
+    return json.dumps(
+        value, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False
+    ).encode()
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One security decision: ``seq`` from 1, ``time`` in Unix seconds, its ``kind`` (one of
+    ``KINDS``), who made it (``actor``: the gateway, an admin, a rule), what it is about
+    (``subject``: a client, a campaign, a model, a key id) and its evidence (``body``)."""
+
+    seq: int
+    time: float
+    kind: str
+    actor: str
+    subject: str
+    body: dict[str, Any]
+
+    def content(self) -> bytes:
+        """What the leaf hashes: every field, the position included (a moved entry no longer
+        matches its leaf)."""
+        return canonical(
+            {
+                "seq": self.seq,
+                "time": self.time,
+                "kind": self.kind,
+                "actor": self.actor,
+                "subject": self.subject,
+                "body": self.body,
+            }
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "seq": self.seq,
+            "time": self.time,
+            "kind": self.kind,
+            "actor": self.actor,
+            "subject": self.subject,
+            "body": self.body,
+        }
+
+
+class _StoredTree(BaseMerkleTree):
+    """pymerkle's tree over the leaves in ``log_entries`` (leaf i is the entry with seq i)."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        super().__init__("sha256")
+        self._conn = conn
+
+    def _encode_entry(self, data: bytes) -> bytes:
+        return data
+
+    def _store_leaf(self, data: bytes, digest: bytes) -> int:
+        raise NotImplementedError("IncidentLog.append stores leaves")
+
+    def _get_leaf(self, index: int) -> bytes:
+        row = self._conn.execute("SELECT leaf FROM log_entries WHERE seq = ?", (index,)).fetchone()
+        return bytes(row[0])
+
+    def _get_leaves(self, offset: int, width: int) -> list[bytes]:
+        rows = self._conn.execute(
+            "SELECT leaf FROM log_entries WHERE seq > ? AND seq <= ? ORDER BY seq",
+            (offset, offset + width),
+        ).fetchall()
+        return [bytes(row[0]) for row in rows]
+
+    def _get_size(self) -> int:
+        return int(
+            self._conn.execute("SELECT COALESCE(MAX(seq), 0) FROM log_entries").fetchone()[0]
+        )
+
+
+_HASHER = MerkleHasher("sha256", security=True)
+
+
+def leaf_hash(content: bytes) -> bytes:
+    """RFC 9162 §2.1.1: SHA-256(0x00 ‖ content)."""
+    return _HASHER.hash_buff(content)
+
+
+class IncidentLog:
+    """The log on SQLite. Thread-safe; several processes may append to one file."""
+
+    def __init__(
+        self,
+        path: str | Path,
+        signer: Signer,
+        witness_path: Path | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if str(path) != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        self._conn = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
+        self._conn.execute("PRAGMA busy_timeout = 10000")
+        self._conn.execute("PRAGMA journal_mode = WAL")
+        self._conn.execute("PRAGMA synchronous = FULL")
+        self._conn.executescript(_SCHEMA)
+        self._tree = _StoredTree(self._conn)
+        self._lock = threading.Lock()
+        self.signer, self.witness_path, self.clock = signer, witness_path, clock
+        # called with each entry after its commit (metrics, incident grouping), in the thread
+        # that appended it; an error there is logged, never the append's caller's
+        self.listeners: list[Callable[[Entry], None]] = []
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+    def append(
+        self, kind: str, subject: str, body: dict[str, Any], actor: str = "gateway"
+    ) -> Entry:
+        """Appends one entry and a signed checkpoint of the new head; returns the entry once
+        both are committed. Raises ValueError for an unknown kind, a subject over
+        ``SUBJECT_CHARS`` or a body that is not JSON or over ``BODY_BYTES``."""
+        if kind not in KINDS:
+            raise ValueError(f"unknown log entry kind {kind!r}")
+        if len(subject) > SUBJECT_CHARS or len(actor) > SUBJECT_CHARS:
+            raise ValueError(f"subject and actor take at most {SUBJECT_CHARS} characters")
+        text = canonical(body)
+        if len(text) > BODY_BYTES:
+            raise ValueError(f"an entry's body takes at most {BODY_BYTES} bytes")
+        with self._lock:
+            self._conn.execute("BEGIN IMMEDIATE")  # one writer at a time, across processes
+            try:
+                seq = self._tree.get_size() + 1
+                entry = Entry(seq, float(self.clock()), kind, actor, subject, json.loads(text))
+                self._conn.execute(
+                    "INSERT INTO log_entries VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        seq,
+                        entry.time,
+                        kind,
+                        actor,
+                        subject,
+                        text.decode(),
+                        leaf_hash(entry.content()),
+                    ),
+                )
+                head = self.signer.sign(Checkpoint(seq, self._tree.get_root(seq), entry.time))
+                self._conn.execute(
+                    "INSERT INTO log_checkpoints VALUES (?, ?, ?, ?)",
+                    (head.size, head.root, head.time, head.signature),
+                )
+                self._conn.execute("COMMIT")
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                self._tree.cache_clear()  # a cached subtree may hold the leaf rolled back
+                raise
+        if self.witness_path is not None:
+            witness(self.witness_path, head)
+        for listener in self.listeners:
+            try:
+                listener(entry)
+            except Exception:
+                log.exception("an incident log listener failed on entry %d", entry.seq)
+        return entry
+
+    def entries(
+        self,
+        after: int = 0,
+        limit: int = 100,
+        subject: str | None = None,
+        since: float | None = None,
+    ) -> list[Entry]:
+        """Entries with seq above ``after`` (and time from ``since``), oldest first (at most
+        ``limit``, up to 10,000)."""
+        limit = max(1, min(limit, 10_000))
+        query = "SELECT seq, time, kind, actor, subject, body FROM log_entries WHERE seq > ?"
+        params: list[Any] = [after]
+        if subject is not None:
+            query += " AND subject = ?"
+            params.append(subject)
+        if since is not None:
+            query += " AND time >= ?"
+            params.append(since)
+        with self._lock:
+            rows = self._conn.execute(query + " ORDER BY seq LIMIT ?", (*params, limit)).fetchall()
+        return [Entry(r[0], r[1], r[2], r[3], r[4], json.loads(r[5])) for r in rows]
+
+    def head(self) -> Checkpoint | None:
+        """The latest signed checkpoint, None for an empty log."""
+        with self._lock:
+            row = self._conn.execute(
+                "SELECT size, root, time, signature FROM log_checkpoints ORDER BY size DESC LIMIT 1"
+            ).fetchone()
+        return None if row is None else Checkpoint(row[0], bytes(row[1]), row[2], bytes(row[3]))

@@ -1,0 +1,94 @@
+"""Admin routes over incidents: list, show (with the timeline from the log), open, close."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Path, Query, Request
+from pydantic import Field
+from starlette.responses import Response
+
+from gateway.admin import AdminRoute, StrictBody, errors
+from gateway.errors import InvalidInput, NotFound, Unavailable
+from gateway.http import json_response
+from gateway.incidents.grouping import Grouper
+from gateway.incidents.store import CLOSED, OPEN
+
+router = APIRouter(route_class=AdminRoute, tags=["admin"])
+IncidentPath = Annotated[int, Path(ge=1, le=2**62)]
+Subject = Annotated[str, Field(min_length=1, max_length=256)]
+MAX_TIMELINE = 1000
+
+
+class OpenBody(StrictBody):
+    title: str = Field(min_length=1, max_length=200)
+    subjects: list[Subject] = Field(default_factory=list, max_length=100)
+
+
+class CloseBody(StrictBody):
+    note: str | None = Field(None, max_length=1024)
+
+
+def _incidents(request: Request) -> Grouper:
+    grouper = getattr(request.app.state, "incidents", None)
+    if grouper is None:
+        raise Unavailable("the incident log is not open")
+    return grouper
+
+
+def _show(grouper: Grouper, incident: int) -> dict[str, Any]:
+    try:
+        header = grouper.store.get(incident)
+    except KeyError:
+        raise NotFound(f"no incident {incident}") from None
+    timeline = grouper.store.timeline(incident, MAX_TIMELINE)
+    return {
+        **header.to_json(),
+        "subjects_shown": grouper.store.subjects(incident),
+        "timeline": [entry.to_json() for entry in timeline],
+    }
+
+
+@router.get("/v2/admin/incidents", responses=errors(400, 403))
+async def list_incidents(
+    request: Request,
+    state: Annotated[str | None, Query(pattern=f"^({OPEN}|{CLOSED})$")] = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+) -> Response:
+    """Incidents, newest first."""
+    store = _incidents(request).store
+    rows = await asyncio.to_thread(store.list, state, limit)
+    return json_response({"incidents": [row.to_json() for row in rows]})
+
+
+@router.get("/v2/admin/incidents/{incident}", responses=errors(400, 403, 404))
+async def show_incident(request: Request, incident: IncidentPath) -> Response:
+    """One incident, its subjects and its timeline (the log entries, oldest first)."""
+    return json_response(await asyncio.to_thread(_show, _incidents(request), incident))
+
+
+@router.post("/v2/admin/incidents", responses=errors(400, 403))
+async def open_incident(request: Request, body: OpenBody) -> Response:
+    """An admin opens an incident (logged); entries about its subjects join it."""
+    grouper = _incidents(request)
+    incident = await asyncio.to_thread(
+        grouper.open, body.title, "admin", list(body.subjects), None, "admin"
+    )
+    return json_response(await asyncio.to_thread(_show, grouper, incident), 201)
+
+
+@router.post("/v2/admin/incidents/{incident}/close", responses=errors(400, 403, 404))
+async def close_incident(
+    request: Request, incident: IncidentPath, body: CloseBody | None = None
+) -> Response:
+    """Closes an open incident (logged); later entries about its subjects open a new one."""
+    grouper = _incidents(request)
+    note = body.note if body is not None else None
+    try:
+        await asyncio.to_thread(grouper.close, incident, "admin", note)
+    except KeyError:
+        raise NotFound(f"no incident {incident}") from None
+    except ValueError as exc:
+        raise InvalidInput(str(exc)) from None
+    return json_response(await asyncio.to_thread(_show, grouper, incident))

@@ -1,0 +1,137 @@
+"""Offline verification of the incident log: was anything edited, removed, reordered, truncated?
+
+Reads the database read-only and trusts only the public key. Each entry's leaf is recomputed
+from its content (which holds its position) and compared with the stored leaf: a plain edit, or
+a swap of two entries, is named at once. An editor who also rewrites the stored leaves is caught
+by the signed checkpoints, one per append: the tree is rebuilt from the recomputed leaves and
+its root at every checkpoint's size is compared with the signed root (RFC 9162 §2.1.1 roots, by
+``pymerkle``), so the first checkpoint that no longer matches names the entry. The witness
+file, outside the database, catches a log cut short together with its checkpoints.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from pymerkle import InmemoryTree
+
+from gateway.incidents.log import Entry, leaf_hash
+from gateway.incidents.signing import Checkpoint, read_witness, valid
+
+
+@dataclass
+class Verdict:
+    """What ``verify`` found: ``first_bad`` is the lowest entry (seq) shown tampered with."""
+
+    entries: int = 0
+    checkpoints: int = 0
+    witnessed: int | None = None
+    first_bad: int | None = None
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def bad(self, seq: int, why: str) -> None:
+        self.problems.append(f"entry {seq}: {why}")
+        self.first_bad = seq if self.first_bad is None else min(self.first_bad, seq)
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "ok": self.ok,
+            "entries": self.entries,
+            "checkpoints": self.checkpoints,
+            "witnessed": self.witnessed,
+            "first_bad": self.first_bad,
+            "problems": self.problems,
+        }
+
+
+def verify(database: Path, key: Ed25519PublicKey, witness_path: Path | None = None) -> Verdict:
+    """Checks the log in ``database`` against checkpoints signed by ``key`` and the witness.
+    Raises FileNotFoundError when there is no database."""
+    if not database.is_file():
+        raise FileNotFoundError(f"no incident log at {database}")
+    conn = sqlite3.connect(f"file:{database}?mode=ro", uri=True)
+    try:
+        verdict, tree = Verdict(), InmemoryTree("sha256")
+        _check_entries(conn, verdict, tree)
+        signed = _check_checkpoints(conn, verdict, tree, key)
+    finally:
+        conn.close()
+    if witness_path is not None:
+        _check_witness(witness_path, verdict, tree, key)
+    if signed < verdict.entries:
+        verdict.bad(
+            signed + 1, f"entries {signed + 1}..{verdict.entries} carry no signed checkpoint"
+        )
+    return verdict
+
+
+def _check_entries(conn: sqlite3.Connection, verdict: Verdict, tree: InmemoryTree) -> None:
+    expected = 1
+    rows = conn.execute(
+        "SELECT seq, time, kind, actor, subject, body, leaf FROM log_entries ORDER BY seq"
+    )
+    for seq, time_, kind, actor, subject, body, leaf in rows:
+        if seq != expected:
+            verdict.bad(expected, f"removed (the next entry is {seq})")
+        try:
+            entry = Entry(seq, time_, kind, actor, subject, json.loads(body))
+            content = entry.content()
+        except (ValueError, TypeError):
+            verdict.bad(seq, "its body is not JSON")
+            content = b""
+        if leaf_hash(content) != bytes(leaf):
+            verdict.bad(seq, "edited or moved: its content does not match its leaf hash")
+        tree.append_entry(content)
+        expected = seq + 1
+    verdict.entries = tree.get_size()
+
+
+def _check_checkpoints(
+    conn: sqlite3.Connection, verdict: Verdict, tree: InmemoryTree, key: Ed25519PublicKey
+) -> int:
+    """Checks every signed checkpoint; returns the largest size a good one covers."""
+    good = 0
+    rows = conn.execute("SELECT size, root, time, signature FROM log_checkpoints ORDER BY size")
+    for size, root, time_, signature in rows:
+        checkpoint = Checkpoint(size, bytes(root), time_, bytes(signature))
+        verdict.checkpoints += 1
+        if not valid(checkpoint, key):
+            verdict.problems.append(f"checkpoint at size {size}: bad signature (forged)")
+            continue
+        if size > verdict.entries:
+            verdict.bad(verdict.entries + 1, f"truncated: a checkpoint covers {size} entries")
+        elif tree.get_root(size) != checkpoint.root:
+            verdict.bad(
+                good + 1, f"entries {good + 1}..{size} do not match the checkpoint at {size}"
+            )
+        good = max(good, min(size, verdict.entries))
+    return good
+
+
+def _check_witness(path: Path, verdict: Verdict, tree: InmemoryTree, key: Ed25519PublicKey) -> None:
+    try:
+        witnessed = read_witness(path)
+    except ValueError as exc:
+        verdict.problems.append(f"witness: {exc}")
+        return
+    if witnessed is None:
+        return
+    verdict.witnessed = witnessed.size
+    if not valid(witnessed, key):
+        verdict.problems.append("witness: bad signature (forged)")
+    elif witnessed.size > verdict.entries:
+        verdict.bad(
+            verdict.entries + 1,
+            f"truncated: the witness covers {witnessed.size} entries, the log has "
+            f"{verdict.entries}",
+        )
+    elif tree.get_root(witnessed.size) != witnessed.root:
+        verdict.problems.append(f"the first {witnessed.size} entries do not match the witness")

@@ -1,0 +1,72 @@
+"""The served-prediction ledger: rows in batches off the hot path, bounded by age and size."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from gateway.defence.fingerprint import FingerprintSpec, fingerprints
+from gateway.incidents.ledger import SKETCH_MATCH, Ledger, Row, ledger_rows, shared, sketches
+from models.data import load_split, to_float
+
+
+def rows_for(n: int, client: str = "lab", t: float = 0.0) -> list[Row]:
+    images = np.zeros((n, 1, 28, 28), np.float32)
+    images[:, 0, 0, 0] = np.arange(n)  # distinct bytes
+    probabilities = np.eye(10, dtype=np.float32)[np.arange(n) % 10] * 0.9 + 0.01
+    rows = ledger_rows(
+        ("digits", "1"),
+        (client, "r1"),
+        images,
+        {"logits": np.zeros((n, 10), np.float32), "probabilities": probabilities},
+        None,
+        ["clean"] * n,
+        "served",
+    )
+    return [r.__class__(**{**r.__dict__, "time": t}) for r in rows]
+
+
+def test_rows_carry_the_class_confidence_and_hash_of_what_was_answered() -> None:
+    images = to_float(load_split("test")[0][:3])
+    logits = np.array([[0.0, 5.0, 0.0], [3.0, 0.0, 0.0], [0.0, 0.0, 1.0]], np.float32)
+    rows = ledger_rows(
+        ("m", "2"), (None, None), images, {"out": logits}, None, ["a"] * 3, "withheld"
+    )
+    assert [r.predicted for r in rows] == [1, 0, 2]
+    assert rows[0].confidence > 0.98 and rows[2].confidence < 0.6  # softmax of the logits
+    assert rows[0].client == "(anonymous)" and rows[0].outcome == "withheld"
+    assert len({r.input_hash for r in rows}) == 3 and rows[0].sketch == b""
+
+
+def test_near_duplicates_share_their_sketch_and_other_digits_do_not() -> None:
+    spec = FingerprintSpec(salt=3)
+    digits = to_float(load_split("test")[0][:40])
+    step = digits.copy()
+    step[:, 0, 14, 10:14] += 0.01  # an attack's next step: new bytes, same picture
+    marks = sketches(fingerprints(torch.from_numpy(np.concatenate([digits, step])), spec).numpy())
+    near = [shared(marks[i], marks[40 + i]) for i in range(40)]
+    others = [shared(marks[i], marks[j]) for i in range(40) for j in range(40) if i != j]
+    assert min(near) >= SKETCH_MATCH, near
+    assert np.mean(np.array(others) >= SKETCH_MATCH) < 0.01
+
+
+def test_the_ledger_writes_in_batches_and_keeps_within_age_and_size(tmp_path: Path) -> None:
+    now = [1000.0]
+    ledger = Ledger(tmp_path / "ledger.db", retention_s=100, max_rows=1000, clock=lambda: now[0])
+    for t in range(30):
+        assert ledger.submit(rows_for(64, t=800.0 + 10 * t))  # 1,920 rows, t = 800 .. 1090
+    ledger.flush()
+    assert ledger.written == 1920 and ledger.count() == 1920
+    removed = ledger.sweep()  # older than 900 s, then the oldest beyond 1,000 rows
+    assert removed == 1920 - 1000 and ledger.count() == 1000
+    ledger.close()
+
+
+def test_a_full_backlog_drops_rows_and_counts_them(tmp_path: Path) -> None:
+    dropped: list[int] = []
+    ledger = Ledger(tmp_path / "l.db", 100, 1000, backlog=1, on_drop=dropped.append)
+    results = [ledger.submit(rows_for(4)) for _ in range(200)]
+    ledger.close()
+    assert not all(results) and sum(dropped) == 4 * results.count(False)
