@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sqlite3
 import time
 from pathlib import Path
 from typing import Annotated, Any
@@ -135,3 +136,42 @@ def incidents_verify(
             typer.echo(f"  {problem}")
     if not verdict.ok:
         raise typer.Exit(1)
+
+
+@incidents.command("report")
+def incidents_report(
+    incident: int,
+    out: Annotated[Path, typer.Option(help="Folder for incident-ID.json and .html.")] = Path("."),
+    log: Annotated[Path | None, typer.Option(help="The log (default: incident_log_path).")] = None,
+    ledger: Annotated[Path | None, typer.Option(help="Default: ledger_path.")] = None,
+    repository: Annotated[
+        Path | None, typer.Option(help="For the reference profile (default: the served one).")
+    ] = None,
+) -> None:
+    """Writes the impact report (JSON and an HTML page with plots): the clients involved,
+    every served prediction linked to the campaign, what else they were served, the class
+    mix against the reference, the model versions that answered. Offline, read-only."""
+    from gateway.incidents.report import build, write
+    from gateway.settings import Settings
+
+    settings = Settings()
+    started = time.perf_counter()
+    try:
+        report = build(
+            incident,
+            log or settings.incident_log_path,
+            ledger or settings.ledger_path,
+            repository or settings.model_repository,
+        )
+    except KeyError:
+        typer.echo(f"error: no incident {incident}", err=True)
+        raise typer.Exit(1) from None
+    except (OSError, ValueError, sqlite3.Error) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    paths = write(report, out)
+    typer.echo(
+        f"{paths[1]}\n{paths[0]}\n{report['linked_served_count']} served predictions linked to "
+        f"the campaign, {len(report['clients_involved'])} clients involved "
+        f"({time.perf_counter() - started:.1f} s)"
+    )

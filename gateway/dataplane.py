@@ -7,7 +7,6 @@ never on the event loop. Everything a request means happens here.
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Callable
 from functools import partial
@@ -21,7 +20,7 @@ from gateway.decode_pool import DecodePool
 from gateway.defence.evidence import STRICT
 from gateway.defence.service import DefenceService, Embedded
 from gateway.errors import BastionError, Forbidden, InvalidInput
-from gateway.incidents.ledger import Ledger, ledger_rows
+from gateway.incidents.ledger import Ledger
 from gateway.inputs import prepare_inputs
 from gateway.limits import ModelLimits, model_limits
 from gateway.protocol.bounds import Limits, RawInput
@@ -44,8 +43,6 @@ from gateway.screening.service import (
     tighten,
 )
 from gateway.settings import Settings
-
-log = logging.getLogger(__name__)
 
 EXTENSIONS = [
     "classification",
@@ -242,24 +239,20 @@ class DataPlane:
         verdicts: list[str] | None,
         outcome: str,
     ) -> None:
-        """Queues the request's ledger rows (``verdicts`` None: an unscreened model); a failure
-        here is logged, never the client's."""
+        """Queues what the request's ledger rows are built from, on the ledger's thread
+        (``verdicts`` None: an unscreened model)."""
         assert self.ledger is not None
         inputs = next(iter(arrays.values()))
-        try:
-            rows = ledger_rows(
-                (model.config.name, str(model.version)),
-                (request.client_id, request.id),
-                inputs,
-                {spec.name: results[spec.name] for spec in model.config.outputs},
-                results.get(FINGERPRINTS),
-                verdicts if verdicts is not None else ["unscreened"] * len(inputs),
-                outcome,
-            )
-        except Exception:
-            log.exception("ledger: could not record a request to %s", model.config.name)
-            return
-        self.ledger.submit(rows)
+        self.ledger.submit_request(
+            (model.config.name, str(model.version)),
+            (request.client_id, request.id),
+            inputs,
+            {spec.name: results[spec.name] for spec in model.config.outputs},
+            results.get(FINGERPRINTS),
+            verdicts if verdicts is not None else ["unscreened"] * len(inputs),
+            outcome,
+            time.time(),
+        )
 
     def _defend(
         self,

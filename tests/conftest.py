@@ -65,6 +65,32 @@ def flag_every_image(repository: Path, model: str = "digits", version: str = "1"
     return repository
 
 
+ARTIFACTS = Path(
+    os.environ.get("BASTION_TEST_ARTIFACTS", Path(__file__).parents[1] / "test-artifacts")
+)
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--hide-scrollbars",
+    "--window-size=1280,1900",
+    "--virtual-time-budget=6000",
+]
+
+
+def tool(name: str) -> str:
+    """The path of a Debian tool the e2e tests drive (chromium, promtool ...)."""
+    path = shutil.which(name)
+    if path is None:
+        pytest.fail(f"{name} is not installed: scripts/test.sh installs it (apt-get install)")
+    return path
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

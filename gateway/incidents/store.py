@@ -12,7 +12,8 @@ import json
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,18 @@ CREATE TABLE IF NOT EXISTS incident_entries (
     PRIMARY KEY (incident, seq)
 );
 """
+
+
+@contextmanager
+def _transaction(conn: sqlite3.Connection) -> Iterator[None]:
+    """BEGIN IMMEDIATE ... COMMIT (the connection is in autocommit mode), ROLLBACK on error."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
 
 
 @dataclass(frozen=True)
@@ -82,7 +95,7 @@ class IncidentStore:
 
     def open(self, title: str, trigger: str, subjects: Iterable[str], seqs: Iterable[int]) -> int:
         """Opens an incident over ``subjects`` with these log entries; returns its id."""
-        with self._lock, self._conn:
+        with self._lock, _transaction(self._conn):
             cursor = self._conn.execute(
                 "INSERT INTO incidents (title, trigger, state, opened_at) VALUES (?, ?, ?, ?)",
                 (title[:200], trigger, OPEN, self.clock()),
@@ -92,7 +105,7 @@ class IncidentStore:
         return incident
 
     def attach(self, incident: int, subjects: Iterable[str], seqs: Iterable[int]) -> None:
-        with self._lock, self._conn:
+        with self._lock, _transaction(self._conn):
             self._add(incident, subjects, seqs)
 
     def _add(self, incident: int, subjects: Iterable[str], seqs: Iterable[int]) -> None:
@@ -122,7 +135,7 @@ class IncidentStore:
     def close_incident(self, incident: int, who: str, note: str | None) -> Incident:
         """Closes an open incident. Raises KeyError when there is none with that id, ValueError
         when it is closed already."""
-        with self._lock, self._conn:
+        with self._lock, _transaction(self._conn):
             row = self._conn.execute("SELECT state FROM incidents WHERE id = ?", (incident,))
             found = row.fetchone()
             if found is None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sqlite3
 import subprocess
 import sys
@@ -18,10 +19,11 @@ from tritonclient.utils import InferenceServerException
 
 from models import samples
 from models.data import load_split, to_float
-from tests.conftest import ServerProcess, start_server
+from tests.conftest import ARTIFACTS, CHROMIUM_FLAGS, ServerProcess, start_server, tool
 
 pytestmark = pytest.mark.e2e
 TOKEN = "s3cret"
+ATTACK: dict[str, int] = {}  # what the campaign below was served, for the report's check
 
 
 def send(client: th.InferenceServerClient, image: np.ndarray, who: str) -> str:
@@ -63,6 +65,7 @@ def test_a_probing_campaign_is_contained_across_identities_and_honest_traffic_fl
         probe = np.where(step, np.clip(probe + rng.choice([-0.1, 0.1], probe.shape), 0, 1), probe)
         answers.append(send(client, probe, f"sybil-{i // 3}"))
         honest.append(send(client, images[100 + i], "honest-lab"))
+    ATTACK["served"] = answers.count("served")
     contained = {"contained", "throttled"}
     first = next(i for i, status in enumerate(answers) if status in contained)
     assert first <= 20, answers
@@ -155,6 +158,58 @@ def test_the_campaign_and_its_release_are_in_the_incident_log_which_verifies(
     assert outcomes.get("honest-lab:served", 0) >= 58, outcomes
     refused = sum(n for key, n in outcomes.items() if key.startswith("sybil") and "refused" in key)
     assert refused >= 20, outcomes
+
+
+def test_the_impact_report_lists_exactly_what_the_attacker_was_served(
+    defended: ServerProcess, tmp_path: Path
+) -> None:
+    """The campaign's incident, reported offline: its JSON lists every answer the sybils got
+    (the walk's, and the one after the admin's release), no honest client among the
+    involved; its page renders in headless Chromium (a screenshot is kept)."""
+    env = {**os.environ, **defended.incident_env(), "BASTION_URL": defended.url}
+    env["BASTION_ADMIN_TOKEN"] = TOKEN
+    cli = [sys.executable, "-m", "gateway", "incidents"]
+    listed = subprocess.run([*cli, "list"], env=env, capture_output=True, text=True, timeout=60)
+    line = next(row for row in listed.stdout.splitlines() if "contained" in row)
+    incident = line.split()[0]
+    done = subprocess.run(
+        [*cli, "report", incident, "--out", str(tmp_path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    report = json.loads((tmp_path / f"incident-{incident}.json").read_text())
+    involved = report["clients_involved"]
+    assert "sybil-0" in involved and "sybil-19" in involved and "honest-lab" not in involved
+    served = report["attacker_served"]
+    assert all(r["client"].startswith("sybil-") and r["outcome"] == "served" for r in served)
+    assert report["attacker_served_count"] == len(served) == ATTACK["served"] + 1, served
+    assert report["campaign_outcomes"].get("refused", 0) >= 20
+    page = tmp_path / f"incident-{incident}.html"
+    chromium = tool("chromium")
+    dom = subprocess.run(
+        [chromium, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'dom'}", "--dump-dom",
+         page.as_uri()],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    ).stdout  # fmt: skip
+    assert 'data-ready="true"' in dom, dom[-2000:]
+    points = dict(re.findall(r'id="(chart-[a-z]+)" data-points="(\d+)"', dom))
+    assert set(points) == {"chart-requests", "chart-confidence", "chart-classes", "chart-clients"}
+    assert all(int(n) > 0 for n in points.values()), points
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    shot = ARTIFACTS / "incident-report.png"
+    subprocess.run(
+        [chromium, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'shot'}",
+         f"--screenshot={shot}", page.as_uri()],
+        capture_output=True,
+        timeout=120,
+        check=True,
+    )  # fmt: skip
+    assert shot.stat().st_size > 10_000
 
 
 def test_a_step_from_a_withheld_query_is_refused_again_not_answered(

@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import re
-import shutil
 import subprocess
 import threading
 import time
@@ -23,33 +21,12 @@ import tritonclient.http as th
 from tritonclient.utils import InferenceServerException
 
 from models.data import load_split, to_float
-from tests.conftest import ServerProcess, free_port, start_server
+from tests.conftest import ARTIFACTS, CHROMIUM_FLAGS, ServerProcess, free_port, start_server, tool
 
 pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parents[2]
 OPS = ROOT / "ops"
-ARTIFACTS = Path(os.environ.get("BASTION_TEST_ARTIFACTS", ROOT / "test-artifacts"))
 CLEAN_IMAGES = 400
-CHROMIUM_FLAGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--hide-scrollbars",
-    "--window-size=1280,1900",
-    "--virtual-time-budget=6000",
-]
-
-
-def tool(name: str) -> str:
-    path = shutil.which(name)
-    if path is None:
-        pytest.fail(f"{name} is not installed: scripts/test.sh installs it (apt-get install)")
-    return path
 
 
 def wait_for(check: Callable[[], Any], what: str, timeout_s: float = 60.0) -> Any:
@@ -268,8 +245,17 @@ def test_dashboard_draws_live_charts_in_headless_chromium(live: Live, tmp_path: 
     ).stdout
     assert 'data-ready="true"' in dom, dom[-2000:]
     charts = dict(re.findall(r'id="(chart-[a-z]+)"[^>]*data-points="(\d+)"', dom))
-    expected = {"rps", "latency", "errors", "batch", "verdicts", "containment", "drift",
-                "confidence", "classes"}
+    expected = {
+        "rps",
+        "latency",
+        "errors",
+        "batch",
+        "verdicts",
+        "containment",
+        "drift",
+        "confidence",
+        "classes",
+    }
     assert set(charts) == {f"chart-{name}" for name in expected}
     empty = [name for name, points in charts.items() if int(points) == 0]
     assert not empty, f"charts without data: {empty}"

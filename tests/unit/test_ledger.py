@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from gateway.defence.fingerprint import FingerprintSpec, fingerprints
@@ -25,7 +26,7 @@ def rows_for(n: int, client: str = "lab", t: float = 0.0) -> list[Row]:
         ["clean"] * n,
         "served",
     )
-    return [r.__class__(**{**r.__dict__, "time": t}) for r in rows]
+    return [r._replace(time=t) for r in rows]
 
 
 def test_rows_carry_the_class_confidence_and_hash_of_what_was_answered() -> None:
@@ -70,3 +71,19 @@ def test_a_full_backlog_drops_rows_and_counts_them(tmp_path: Path) -> None:
     results = [ledger.submit(rows_for(4)) for _ in range(200)]
     ledger.close()
     assert not all(results) and sum(dropped) == 4 * results.count(False)
+
+
+def test_rows_are_built_on_the_writer_thread_and_a_bad_request_stops_nothing(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    ledger = Ledger(tmp_path / "l.db", 100, 1000)
+    images = np.zeros((2, 1, 28, 28), np.float32)
+    probabilities = np.full((2, 10), 0.1, np.float32)
+    ok = (("digits", "1"), ("lab", "r"), images, {"probabilities": probabilities}, None)
+    assert ledger.submit_request(*ok, ["clean", "clean"], "served", 5.0)
+    assert ledger.submit_request(("digits", "1"), ("lab", "r"), images, {}, None, [], "served", 6.0)
+    assert ledger.submit_request(*ok, ["clean", "suspicious"], "withheld", 7.0)
+    ledger.flush()
+    assert ledger.count() == 4  # the malformed request (no outputs) was skipped and logged
+    assert "could not build the rows" in caplog.text
+    ledger.close()
