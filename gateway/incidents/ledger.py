@@ -35,6 +35,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from gateway.defence.service import content_hash
+from gateway.incidents.sqlite import connect, transaction
 
 log = logging.getLogger(__name__)
 SKETCH = 16
@@ -150,13 +151,7 @@ class Ledger:
         on_drop: Callable[[int], None] | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        if str(path) != ":memory:":
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-        self._conn = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
-        self._conn.execute("PRAGMA busy_timeout = 10000")
-        self._conn.execute("PRAGMA journal_mode = WAL")
-        self._conn.execute("PRAGMA synchronous = NORMAL")
-        self._conn.executescript(_SCHEMA)
+        self._conn = connect(path, "NORMAL", _SCHEMA)
         self.path, self.retention_s, self.max_rows = Path(path), retention_s, max_rows
         self.clock, self._on_drop = clock, on_drop
         # a request's rows, or what they are built from (``ledger_rows``' arguments): the
@@ -232,40 +227,25 @@ class Ledger:
                 return
 
     def _insert(self, rows: list[Row]) -> None:
-        with self._lock:  # one transaction (autocommit mode would commit every row)
-            self._conn.execute("BEGIN")
-            try:
-                self._conn.executemany(
-                    f"INSERT INTO served ({COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    rows,
-                )
-                self._conn.execute("COMMIT")
-            except BaseException:
-                self._conn.execute("ROLLBACK")
-                raise
+        # one transaction: autocommit mode would commit every row (four times the cost)
+        with self._lock, transaction(self._conn):
+            self._conn.executemany(
+                f"INSERT INTO served ({COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows
+            )
         self.written += len(rows)
 
     def sweep(self) -> int:
         """Deletes rows older than ``retention_s`` and the oldest beyond ``max_rows``. Rows are
         appended in time order, so the first row young enough is found by a walk in id order
         that stops there (no index on time to pay for on every insert)."""
-        with self._lock:
-            self._conn.execute("BEGIN")
-            try:
-                young = self._conn.execute(
-                    "SELECT id FROM served WHERE time >= ? ORDER BY id LIMIT 1",
-                    (self.clock() - self.retention_s,),
-                ).fetchone()
-                top = self._conn.execute("SELECT MAX(id) FROM served").fetchone()[0] or 0
-                keep_from = max(top + 1 if young is None else young[0], top - self.max_rows + 1)
-                removed = self._conn.execute(
-                    "DELETE FROM served WHERE id < ?", (keep_from,)
-                ).rowcount
-                self._conn.execute("COMMIT")
-            except BaseException:
-                self._conn.execute("ROLLBACK")
-                raise
-        return removed
+        with self._lock, transaction(self._conn):
+            young = self._conn.execute(
+                "SELECT id FROM served WHERE time >= ? ORDER BY id LIMIT 1",
+                (self.clock() - self.retention_s,),
+            ).fetchone()
+            top = self._conn.execute("SELECT MAX(id) FROM served").fetchone()[0] or 0
+            keep_from = max(top + 1 if young is None else young[0], top - self.max_rows + 1)
+            return self._conn.execute("DELETE FROM served WHERE id < ?", (keep_from,)).rowcount
 
     def count(self) -> int:
         with self._lock:

@@ -27,6 +27,7 @@ from pymerkle import BaseMerkleTree
 from pymerkle.hasher import MerkleHasher
 
 from gateway.incidents.signing import Checkpoint, Signer, witness
+from gateway.incidents.sqlite import connect
 
 log = logging.getLogger(__name__)
 
@@ -98,16 +99,7 @@ class Entry:
     def content(self) -> bytes:
         """What the leaf hashes: every field, the position included (a moved entry no longer
         matches its leaf)."""
-        return canonical(
-            {
-                "seq": self.seq,
-                "time": self.time,
-                "kind": self.kind,
-                "actor": self.actor,
-                "subject": self.subject,
-                "body": self.body,
-            }
-        )
+        return canonical(self.to_json())
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -168,13 +160,7 @@ class IncidentLog:
         witness_path: Path | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        if str(path) != ":memory:":
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-        self._conn = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
-        self._conn.execute("PRAGMA busy_timeout = 10000")
-        self._conn.execute("PRAGMA journal_mode = WAL")
-        self._conn.execute("PRAGMA synchronous = FULL")
-        self._conn.executescript(_SCHEMA)
+        self._conn = connect(path, "FULL", _SCHEMA)
         self._tree = _StoredTree(self._conn)
         self._lock = threading.Lock()
         self.signer, self.witness_path, self.clock = signer, witness_path, clock

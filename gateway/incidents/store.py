@@ -9,16 +9,15 @@ closed incident's timeline is still proven by ``bastion incidents verify``.
 from __future__ import annotations
 
 import json
-import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from gateway.incidents.log import Entry
+from gateway.incidents.sqlite import connect, transaction
 
 OPEN, CLOSED = "open", "closed"
 MAX_SUBJECTS = 10_000  # per incident: a rotating attacker's identities, bounded
@@ -48,18 +47,6 @@ CREATE TABLE IF NOT EXISTS incident_entries (
 """
 
 
-@contextmanager
-def _transaction(conn: sqlite3.Connection) -> Iterator[None]:
-    """BEGIN IMMEDIATE ... COMMIT (the connection is in autocommit mode), ROLLBACK on error."""
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        yield
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
-    conn.execute("COMMIT")
-
-
 @dataclass(frozen=True)
 class Incident:
     id: int
@@ -81,11 +68,7 @@ class IncidentStore:
     """Thread-safe; shares the log's database file (its own connection)."""
 
     def __init__(self, path: str | Path, clock: Callable[[], float] = time.time) -> None:
-        self._conn = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
-        self._conn.execute("PRAGMA busy_timeout = 10000")
-        self._conn.execute("PRAGMA journal_mode = WAL")
-        self._conn.execute("PRAGMA synchronous = FULL")
-        self._conn.executescript(_SCHEMA)
+        self._conn = connect(path, "FULL", _SCHEMA)
         self._lock = threading.Lock()
         self.clock = clock
 
@@ -95,7 +78,7 @@ class IncidentStore:
 
     def open(self, title: str, trigger: str, subjects: Iterable[str], seqs: Iterable[int]) -> int:
         """Opens an incident over ``subjects`` with these log entries; returns its id."""
-        with self._lock, _transaction(self._conn):
+        with self._lock, transaction(self._conn, immediate=True):
             cursor = self._conn.execute(
                 "INSERT INTO incidents (title, trigger, state, opened_at) VALUES (?, ?, ?, ?)",
                 (title[:200], trigger, OPEN, self.clock()),
@@ -105,7 +88,7 @@ class IncidentStore:
         return incident
 
     def attach(self, incident: int, subjects: Iterable[str], seqs: Iterable[int]) -> None:
-        with self._lock, _transaction(self._conn):
+        with self._lock, transaction(self._conn, immediate=True):
             self._add(incident, subjects, seqs)
 
     def _add(self, incident: int, subjects: Iterable[str], seqs: Iterable[int]) -> None:
@@ -135,7 +118,7 @@ class IncidentStore:
     def close_incident(self, incident: int, who: str, note: str | None) -> Incident:
         """Closes an open incident. Raises KeyError when there is none with that id, ValueError
         when it is closed already."""
-        with self._lock, _transaction(self._conn):
+        with self._lock, transaction(self._conn, immediate=True):
             row = self._conn.execute("SELECT state FROM incidents WHERE id = ?", (incident,))
             found = row.fetchone()
             if found is None:
