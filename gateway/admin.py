@@ -230,8 +230,9 @@ async def purge_quarantine(request: Request, body: PurgeBody) -> Response:
     cutoff = None if body.older_than_s is None else time.time() - body.older_than_s
     store = plane(request).screening.store
     purged = await asyncio.to_thread(store.purge, body.status, cutoff, body.ids)
-    ids = None if body.ids is None else list(body.ids)[:1000]
-    scope = {"status": body.status, "older_than_s": body.older_than_s, "ids": ids}
+    ids = None if body.ids is None else list(body.ids)
+    scope = {"status": body.status, "older_than_s": body.older_than_s, "ids": ids and ids[:100]}
+    scope["id_count"] = None if ids is None else len(ids)
     await record_decision(request, "quarantine_purge", "quarantine", {**scope, "purged": purged})
     return json_response({"purged": purged})
 

@@ -115,6 +115,7 @@ class DefenceService:
         self._last_admitted: OrderedDict[str, float] = OrderedDict()
         self.lock = threading.Lock()  # the admin routes hold it too, to read a consistent view
         self._rungs: dict[str, str] = {}  # the last rung logged per client (transitions only)
+        self._campaign_rungs: OrderedDict[str, str] = OrderedDict()  # per campaign root
         self.audit = audit
 
     def refuse(self) -> None:
@@ -130,6 +131,7 @@ class DefenceService:
         """Lifts containment from a client and its campaign; returns who was released. The
         caller holds ``lock``."""
         members = self.ladder.campaign(client)
+        self._campaign_rungs.pop(self.ladder.root(client), None)
         self.ladder.release(client)
         self._last_admitted.pop(self.ladder.root(client), None)
         for member in members:
@@ -147,6 +149,32 @@ class DefenceService:
         """Linked campaigns, or those at the refuse rung (read at scrape time)."""
         with self.lock:
             return float(self.ladder.campaign_count(contained=state == "contained"))
+
+    def _log_campaign(self, client: str, rung: str, request_id: str | None) -> None:
+        """A campaign's own rise up the ladder is a decision too (its one-query identities may
+        never reach a rung of their own): logged once per rung (caller holds ``lock``)."""
+        root = self.ladder.root(client)
+        if self._campaign_rungs.get(root) == rung:
+            return
+        self._campaign_rungs[root] = rung
+        if len(self._campaign_rungs) > self.ladder.max_clients:
+            self._campaign_rungs.popitem(last=False)
+        log.warning("campaign %s now %s at request %r", root, rung, request_id)
+        if self.audit is not None:
+            members = self.ladder.campaign(client)
+            self.audit(
+                "containment",
+                root,
+                {
+                    "scope": "campaign",
+                    "rung": rung,
+                    "campaign": root,
+                    "campaign_size": len(members),
+                    "campaign_statistic": round(self.ladder.campaign_statistic(client), 3),
+                    "members": members[:50],
+                    "request": request_id,
+                },
+            )
 
     def _log_transition(self, client: str, rung: str, request_id: str | None = None) -> None:
         """Every change of rung is logged with its evidence and counted (caller holds lock)."""
@@ -318,12 +346,13 @@ class DefenceService:
                     block_rate,
                 )
                 if joins and self.audit is not None:  # probes linked it to another client
-                    self.audit(
-                        "campaign",
-                        self.ladder.root(key),
-                        {"joined": key, "via": linked, "size": len(self.ladder.campaign(key))},
-                    )
+                    size = len(self.ladder.campaign(key))
+                    if size <= 100 or size % 100 == 0:  # a sybil flood: every 100th after
+                        body = {"joined": key, "via": linked, "size": size}
+                        self.audit("campaign", self.ladder.root(key), body)
                 campaign = self.ladder.campaign_rung(key) if probe else OBSERVE
+                if campaign != OBSERVE:
+                    self._log_campaign(key, campaign, request_id)
                 contained += campaign == REFUSE  # it continues a contained campaign: refused
                 given = None
                 # a probe gets the remembered answer (``repeat``: every near-duplicate does), and

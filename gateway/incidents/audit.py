@@ -5,13 +5,25 @@ from __future__ import annotations
 import asyncio
 import logging
 import sqlite3
+from hashlib import sha256
 from typing import Any
 
 from fastapi import Request
 
 from gateway.errors import Unavailable
+from gateway.incidents.log import BODY_BYTES, TamperedLog, canonical
 
 log = logging.getLogger(__name__)
+
+
+def fitted(body: dict[str, Any]) -> dict[str, Any]:
+    """The body, or when it is over the log's bound a digest of it (its SHA-256, its size and
+    its scalar fields): an admin's action is always recorded, never refused for its size."""
+    text = canonical(body)
+    if len(text) <= BODY_BYTES // 2:
+        return body
+    scalars = {k: v for k, v in body.items() if isinstance(v, int | float | bool) or v is None}
+    return {**scalars, "truncated": True, "bytes": len(text), "sha256": sha256(text).hexdigest()}
 
 
 async def record(request: Request, kind: str, subject: str, body: dict[str, Any]) -> None:
@@ -22,8 +34,8 @@ async def record(request: Request, kind: str, subject: str, body: dict[str, Any]
     if incident_log is None:
         return
     try:
-        await asyncio.to_thread(incident_log.append, kind, subject, body, "admin")
-    except (sqlite3.Error, OSError) as exc:
+        await asyncio.to_thread(incident_log.append, kind, subject, fitted(body), "admin")
+    except (sqlite3.Error, OSError, TamperedLog) as exc:
         log.exception("could not record %s for %s in the incident log", kind, subject)
         raise Unavailable(
             f"done, but not recorded in the incident log ({type(exc).__name__}); "

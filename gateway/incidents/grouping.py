@@ -74,12 +74,9 @@ class Grouper:
         for subject in subjects[:100]:
             seqs += [e.seq for e in self.log.entries(subject=subject, limit=1000, since=since)]
         incident = self.store.open(title, trigger, subjects, seqs)
-        opened = self.log.append(
-            "incident_opened",
-            f"incident-{incident}",
-            {"incident": incident, "title": title, "trigger": trigger, "subjects": subjects[:100]},
-            actor,
-        )
+        body = {"incident": incident, "title": title, "trigger": trigger}
+        body |= {"subjects": [s[:64] for s in subjects[:20]], "subject_count": len(subjects)}
+        opened = self.log.append("incident_opened", f"incident-{incident}", body, actor)
         self.store.attach(incident, [], [opened.seq])
         log.warning("incident %d opened: %s", incident, title)
         return incident

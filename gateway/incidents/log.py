@@ -26,7 +26,7 @@ from typing import Any, Final
 from pymerkle import BaseMerkleTree
 from pymerkle.hasher import MerkleHasher
 
-from gateway.incidents.signing import Checkpoint, Signer, witness
+from gateway.incidents.signing import Checkpoint, Signer, read_witness, valid, witness
 from gateway.incidents.sqlite import connect
 
 log = logging.getLogger(__name__)
@@ -73,6 +73,11 @@ CREATE TABLE IF NOT EXISTS log_checkpoints (
     signature BLOB NOT NULL
 );
 """
+
+
+class TamperedLog(RuntimeError):
+    """The stored log is not the one last signed: nothing more is appended to it until an
+    operator has run ``bastion incidents verify``."""
 
 
 def canonical(value: Any) -> bytes:
@@ -188,6 +193,7 @@ class IncidentLog:
         with self._lock:
             self._conn.execute("BEGIN IMMEDIATE")  # one writer at a time, across processes
             try:
+                self._check_head()  # never sign over entries someone else changed
                 seq = self._tree.get_size() + 1
                 entry = Entry(seq, float(self.clock()), kind, actor, subject, json.loads(text))
                 self._conn.execute(
@@ -212,14 +218,47 @@ class IncidentLog:
                 self._conn.execute("ROLLBACK")
                 self._tree.cache_clear()  # a cached subtree may hold the leaf rolled back
                 raise
-        if self.witness_path is not None:
-            witness(self.witness_path, head)
+            if self.witness_path is not None:
+                witness(self.witness_path, head)
         for listener in self.listeners:
             try:
                 listener(entry)
             except Exception:
                 log.exception("an incident log listener failed on entry %d", entry.seq)
         return entry
+
+    def _check_head(self) -> None:
+        """Raises ``TamperedLog`` unless the stored tree is the one last signed: a checkpoint
+        for its current size, signed by our key, with its root, and a witness it extends. So
+        an edit, a deletion or a cut made without the key is never signed over by the next
+        append (caller holds the write transaction)."""
+        size = self._tree.get_size()
+        row = self._conn.execute(
+            "SELECT size, root, time, signature FROM log_checkpoints ORDER BY size DESC LIMIT 1"
+        ).fetchone()
+        public = self.signer.public_key
+        if size:
+            last = None if row is None else Checkpoint(row[0], bytes(row[1]), row[2], bytes(row[3]))
+            if last is None or last.size != size or not valid(last, public):
+                raise TamperedLog(
+                    f"the log's {size} entries have no signed checkpoint at their end"
+                )
+            if self._tree.get_root(size) != last.root:
+                raise TamperedLog(f"the log's {size} entries no longer match their checkpoint")
+        if self.witness_path is None:
+            return
+        try:
+            seen = read_witness(self.witness_path)
+        except ValueError as exc:
+            raise TamperedLog(f"the witness is unreadable: {exc}") from None
+        if seen is None:
+            if size:
+                raise TamperedLog(f"the witness {self.witness_path} is gone")
+            return
+        if not valid(seen, public) or seen.size > size:
+            raise TamperedLog(f"the log ({size} entries) is not the one witnessed ({seen.size})")
+        if self._tree.get_root(seen.size) != seen.root:
+            raise TamperedLog(f"the first {seen.size} entries no longer match the witness")
 
     def entries(
         self,

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import html
 import json
+import re
 import sqlite3
 import time
 from pathlib import Path
@@ -214,11 +215,18 @@ def write(report: dict[str, Any], out: Path) -> tuple[Path, Path]:
     name = f"incident-{report['incident']['id']}"
     data = json.dumps(report, allow_nan=False, default=str)
     (out / f"{name}.json").write_text(data)
-    page = (Path(__file__).parent / "report.html").read_text()
-    page = page.replace("/*UPLOT_CSS*/", (STATIC / "uPlot.min.css").read_text())
-    page = page.replace("/*UPLOT_JS*/", (STATIC / "uPlot.iife.min.js").read_text())
-    page = page.replace("__TITLE__", html.escape(report["incident"]["title"]))
-    # the data inside a <script type="application/json">: only "</" could end it early
-    page = page.replace("/*REPORT_JSON*/", data.replace("</", "<\\/"))
+    template = (Path(__file__).parent / "report.html").read_text()
+    values = {
+        "/*UPLOT_CSS*/": (STATIC / "uPlot.min.css").read_text(),
+        "/*UPLOT_JS*/": (STATIC / "uPlot.iife.min.js").read_text(),
+        "__TITLE__": html.escape(report["incident"]["title"]),
+        # the data sits in a <script type="application/json">: with <, > and & escaped no
+        # client-chosen string (a request id, a title) can end or comment out that element
+        "/*REPORT_JSON*/": data.replace("&", "\\u0026")
+        .replace("<", "\\u003c")
+        .replace(">", "\\u003e"),
+    }
+    # one pass over the template: text put in is never searched for placeholders again
+    page = re.sub("|".join(map(re.escape, values)), lambda m: values[m.group(0)], template)
     (out / f"{name}.html").write_text(page)
     return out / f"{name}.json", out / f"{name}.html"

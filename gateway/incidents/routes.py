@@ -13,6 +13,7 @@ from gateway.admin import AdminRoute, StrictBody, errors
 from gateway.errors import InvalidInput, NotFound, Unavailable
 from gateway.http import json_response
 from gateway.incidents.grouping import Grouper
+from gateway.incidents.log import TamperedLog
 from gateway.incidents.store import CLOSED, OPEN
 
 router = APIRouter(route_class=AdminRoute, tags=["admin"])
@@ -72,9 +73,12 @@ async def show_incident(request: Request, incident: IncidentPath) -> Response:
 async def open_incident(request: Request, body: OpenBody) -> Response:
     """An admin opens an incident (logged); entries about its subjects join it."""
     grouper = _incidents(request)
-    incident = await asyncio.to_thread(
-        grouper.open, body.title, "admin", list(body.subjects), None, "admin"
-    )
+    try:
+        incident = await asyncio.to_thread(
+            grouper.open, body.title, "admin", list(body.subjects), None, "admin"
+        )
+    except TamperedLog as exc:
+        raise Unavailable(f"the incident log refuses appends: {exc}") from None
     return json_response(await asyncio.to_thread(_show, grouper, incident), 201)
 
 
@@ -89,6 +93,8 @@ async def close_incident(
         await asyncio.to_thread(grouper.close, incident, "admin", note)
     except KeyError:
         raise NotFound(f"no incident {incident}") from None
+    except TamperedLog as exc:
+        raise Unavailable(f"the incident log refuses appends: {exc}") from None
     except ValueError as exc:
         raise InvalidInput(str(exc)) from None
     return json_response(await asyncio.to_thread(_show, grouper, incident))

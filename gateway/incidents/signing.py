@@ -20,6 +20,7 @@ import hashlib
 import json
 import logging
 import os
+import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -85,22 +86,9 @@ class Signer:
         if not path.exists():
             if not create:
                 raise FileNotFoundError(f"no incident signing key at {path}")
-            path.parent.mkdir(parents=True, exist_ok=True)
-            pem = Ed25519PrivateKey.generate().private_bytes(
-                serialization.Encoding.PEM,
-                serialization.PrivateFormat.PKCS8,
-                serialization.NoEncryption(),
-            )
-            try:
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            except FileExistsError:  # another process made it first: use that one
-                pass
-            else:
-                with os.fdopen(fd, "wb") as out:
-                    out.write(pem)
-                    out.flush()
-                    os.fsync(out.fileno())
-                log.warning("created the incident log's signing key at %s", path)
+            _create_key(path)
+        if path.stat().st_mode & 0o077:
+            log.warning("the incident signing key %s is readable by others: chmod 600 it", path)
         key = serialization.load_pem_private_key(path.read_bytes(), password=None)
         if not isinstance(key, Ed25519PrivateKey):
             raise ValueError(f"{path} is not an Ed25519 private key")
@@ -112,6 +100,29 @@ class Signer:
 
     def public_pem(self) -> bytes:
         return public_pem(self.public_key)
+
+
+def _create_key(path: Path) -> None:
+    """Writes a new key whole (a private temporary file, fsync'd) and links it into place: a
+    process racing to create it reads either no file or a complete one, never a partial."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pem = Ed25519PrivateKey.generate().private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            out.write(pem)
+            out.flush()
+            os.fsync(out.fileno())
+        try:
+            os.link(temporary, path)  # fails if another process made it first: use theirs
+            log.warning("created the incident log's signing key at %s", path)
+        except FileExistsError:
+            pass
+    finally:
+        temporary.unlink(missing_ok=True)
 
 
 def public_pem(key: Ed25519PublicKey) -> bytes:
@@ -168,17 +179,13 @@ def read_witness(path: Path) -> Checkpoint | None:
 
 def witness(path: Path, checkpoint: Checkpoint) -> None:
     """Writes ``checkpoint`` to the witness file when it is larger than the one there (another
-    process may have witnessed a later one): atomically (rename), under an advisory lock."""
+    process may have witnessed a later one): atomically (rename), under an advisory lock. The
+    appender has checked that the log extends the witnessed head (``IncidentLog``): an
+    unreadable witness is never replaced here (``read_witness`` raises)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path.with_name(path.name + ".lock"), "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            current = read_witness(path)
-        except ValueError:  # kept aside for the investigation, then replaced
-            aside = path.with_name(f"{path.name}.unreadable-{int(checkpoint.time)}")
-            os.replace(path, aside)
-            log.error("the incident log's witness was unreadable: moved to %s", aside)
-            current = None
+        current = read_witness(path)
         if current is not None and current.size >= checkpoint.size:
             return
         temporary = path.with_name(path.name + ".tmp")

@@ -19,7 +19,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from pymerkle import InmemoryTree
 
-from gateway.incidents.log import Entry, leaf_hash
+from gateway.incidents.log import Entry, canonical, leaf_hash
 from gateway.incidents.signing import Checkpoint, read_witness, valid
 
 
@@ -53,23 +53,31 @@ class Verdict:
 
 
 def verify(database: Path, key: Ed25519PublicKey, witness_path: Path | None = None) -> Verdict:
-    """Checks the log in ``database`` against checkpoints signed by ``key`` and the witness.
-    Raises FileNotFoundError when there is no database."""
+    """Checks the log in ``database`` against checkpoints signed by ``key`` and the witness
+    (``None``: none kept; a log with entries and no witness file fails). Raises
+    FileNotFoundError when there is no database; anything else wrong is a problem found."""
     if not database.is_file():
         raise FileNotFoundError(f"no incident log at {database}")
-    conn = sqlite3.connect(f"file:{database}?mode=ro", uri=True)
+    verdict, tree = Verdict(), InmemoryTree("sha256")
     try:
-        verdict, tree = Verdict(), InmemoryTree("sha256")
-        _check_entries(conn, verdict, tree)
-        signed = _check_checkpoints(conn, verdict, tree, key)
-    finally:
-        conn.close()
+        conn = sqlite3.connect(f"file:{database}?mode=ro", uri=True)
+        try:
+            _check_entries(conn, verdict, tree)
+            signed = _check_checkpoints(conn, verdict, tree, key)
+        finally:
+            conn.close()
+    except (sqlite3.Error, RecursionError, TypeError, ValueError) as exc:
+        verdict.problems.append(f"the log cannot be read as one: {type(exc).__name__}: {exc}")
+        return verdict
     if witness_path is not None:
         _check_witness(witness_path, verdict, tree, key)
-    if signed < verdict.entries:
-        verdict.bad(
-            signed + 1, f"entries {signed + 1}..{verdict.entries} carry no signed checkpoint"
-        )
+    if signed:
+        missing = verdict.entries - len(signed)
+        if missing > 0:  # one checkpoint per append: a missing one was deleted
+            first = next(n for n in range(1, verdict.entries + 1) if n not in signed)
+            verdict.bad(first, f"{missing} entries from {first} on have no signed checkpoint")
+    elif verdict.entries:
+        verdict.bad(1, "no entry has a signed checkpoint")
     return verdict
 
 
@@ -80,14 +88,17 @@ def _check_entries(conn: sqlite3.Connection, verdict: Verdict, tree: InmemoryTre
     )
     for seq, time_, kind, actor, subject, body, leaf in rows:
         if seq != expected:
-            verdict.bad(expected, f"removed (the next entry is {seq})")
+            verdict.bad(expected, f"removed or inserted (the next entry is {seq})")
         try:
-            entry = Entry(seq, time_, kind, actor, subject, json.loads(body))
+            parsed = json.loads(body)
+            entry = Entry(seq, time_, kind, actor, subject, parsed)
             content = entry.content()
-        except (ValueError, TypeError):
+            if canonical(parsed).decode() != body:  # e.g. a duplicate key SQL would read
+                verdict.bad(seq, "its body is not in the canonical form it was written in")
+        except (ValueError, TypeError, RecursionError):
             verdict.bad(seq, "its body is not JSON")
             content = b""
-        if leaf_hash(content) != bytes(leaf):
+        if not isinstance(leaf, bytes) or leaf_hash(content) != leaf:
             verdict.bad(seq, "edited or moved: its content does not match its leaf hash")
         tree.append_entry(content)
         expected = seq + 1
@@ -96,23 +107,28 @@ def _check_entries(conn: sqlite3.Connection, verdict: Verdict, tree: InmemoryTre
 
 def _check_checkpoints(
     conn: sqlite3.Connection, verdict: Verdict, tree: InmemoryTree, key: Ed25519PublicKey
-) -> int:
-    """Checks every signed checkpoint; returns the largest size a good one covers."""
-    good = 0
+) -> set[int]:
+    """Checks every signed checkpoint; returns the sizes good ones cover."""
+    good: set[int] = set()
     rows = conn.execute("SELECT size, root, time, signature FROM log_checkpoints ORDER BY size")
     for size, root, time_, signature in rows:
-        checkpoint = Checkpoint(size, bytes(root), time_, bytes(signature))
         verdict.checkpoints += 1
+        if not (isinstance(size, int) and isinstance(root, bytes) and isinstance(signature, bytes)):
+            verdict.problems.append(f"checkpoint at size {size!r}: malformed")
+            continue
+        checkpoint = Checkpoint(size, root, float(time_), signature)
         if not valid(checkpoint, key):
             verdict.problems.append(f"checkpoint at size {size}: bad signature (forged)")
             continue
         if size > verdict.entries:
             verdict.bad(verdict.entries + 1, f"truncated: a checkpoint covers {size} entries")
-        elif tree.get_root(size) != checkpoint.root:
+        elif size < 1 or tree.get_root(size) != checkpoint.root:
+            last = max((n for n in good if n < size), default=0)
             verdict.bad(
-                good + 1, f"entries {good + 1}..{size} do not match the checkpoint at {size}"
+                last + 1, f"entries {last + 1}..{size} do not match the checkpoint at {size}"
             )
-        good = max(good, min(size, verdict.entries))
+        else:
+            good.add(size)
     return good
 
 
@@ -123,6 +139,8 @@ def _check_witness(path: Path, verdict: Verdict, tree: InmemoryTree, key: Ed2551
         verdict.problems.append(f"witness: {exc}")
         return
     if witnessed is None:
+        if verdict.entries:
+            verdict.problems.append(f"witness: {path} is missing (deleted?)")
         return
     verdict.witnessed = witnessed.size
     if not valid(witnessed, key):

@@ -20,6 +20,7 @@ from gateway.incidents.log import IncidentLog
 
 log = logging.getLogger(__name__)
 _STOP = object()
+SHEDDABLE = frozenset({"campaign"})
 
 
 class LogWriter:
@@ -33,8 +34,12 @@ class LogWriter:
         self._thread.start()
 
     def submit(self, kind: str, subject: str, body: dict[str, Any], actor: str = "gateway") -> bool:
-        """Queues one entry; False when the backlog is full (the entry is dropped)."""
+        """Queues one entry; False when the backlog is full (the entry is dropped). Campaign
+        links, which any client can make many of, may fill only half of it: the other half
+        stays for containments, releases and alarms."""
         try:
+            if kind in SHEDDABLE and self._queue.qsize() >= self._queue.maxsize // 2:
+                raise queue.Full
             self._queue.put_nowait((kind, subject, body, actor))
         except queue.Full:
             if self._on_drop is not None:

@@ -236,3 +236,22 @@ def test_a_shared_peer_address_has_only_its_probing_queries_refused() -> None:
     fresh = to_float(load_split("test")[0][5:6])  # a co-tenant's new picture: answered
     prints = fingerprints(torch.from_numpy(fresh), spec).numpy()
     defence.enforce("10.0.0.1", defence.observe("10.0.0.1", prints, ["clean"], fresh), None, True)
+
+
+def test_a_campaign_of_one_query_identities_is_logged_when_it_reaches_a_rung() -> None:
+    """No identity of it ever sends twice, so none reaches a rung of its own: the campaign's
+    rise is the decision the incident log gets (and it opens the incident)."""
+    entries: list[tuple[str, str, dict]] = []
+    defence = DefenceService(
+        Settings(fingerprint_salt=1, throttle_interval_s=30),
+        Metrics(CollectorRegistry()),
+        audit=lambda kind, subject, body: entries.append((kind, subject, body)),
+    )
+    image = to_float(load_split("test")[0][:1])
+    for n, step in enumerate(walk(image, 16)):
+        prints = fingerprints(torch.from_numpy(step), defence.fingerprint_spec).numpy()
+        defence.observe(f"newbie-{n}", prints, ["clean"], step)
+    campaign = [body for kind, _, body in entries if kind == "containment"]
+    assert campaign and all(body["scope"] == "campaign" for body in campaign)
+    assert campaign[-1]["rung"] == REFUSE and campaign[-1]["campaign_size"] >= 3
+    assert len({body["rung"] for body in campaign}) == len(campaign)  # once per rung

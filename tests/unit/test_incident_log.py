@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import sqlite3
 from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from gateway.incidents.log import IncidentLog, _StoredTree, leaf_hash
+from gateway.incidents.log import Entry, IncidentLog, TamperedLog, _StoredTree, leaf_hash
 from gateway.incidents.signing import Checkpoint, Signer, read_witness, witness
 from gateway.incidents.verify import Verdict, verify
 from gateway.incidents.writer import LogWriter
@@ -95,11 +96,7 @@ def test_an_edit_that_rewrites_the_leaf_too_is_named_by_the_checkpoints(
     row = conn.execute(
         "SELECT seq, time, kind, actor, subject, body FROM log_entries WHERE seq = 7"
     )
-    from gateway.incidents.log import Entry
-
     seq, time_, kind, actor, subject, body = row.fetchone()
-    import json
-
     leaf = leaf_hash(Entry(seq, time_, kind, actor, subject, json.loads(body)).content())
     with conn:
         conn.execute("UPDATE log_entries SET leaf = ? WHERE seq = 7", (leaf,))
@@ -209,3 +206,98 @@ def test_the_writer_appends_in_order_and_drops_past_its_backlog(paths: dict[str,
     writer.close()
     assert [e.subject for e in log.entries(limit=100)] == [f"c{i}" for i in range(50)]
     assert check(paths).ok and not dropped
+
+
+def rewrite_entry(paths: dict[str, Path], seq: int) -> None:
+    """An insider without the key: edits an entry and recomputes its leaf to match."""
+    conn = sqlite3.connect(paths["db"])
+    with conn:
+        conn.execute(f"UPDATE log_entries SET subject = 'nobody' WHERE seq = {seq}")
+        row = conn.execute(
+            f"SELECT seq, time, kind, actor, subject, body FROM log_entries WHERE seq = {seq}"
+        ).fetchone()
+        entry = Entry(row[0], row[1], row[2], row[3], row[4], json.loads(row[5]))
+        conn.execute(
+            f"UPDATE log_entries SET leaf = ? WHERE seq = {seq}", (leaf_hash(entry.content()),)
+        )
+    conn.close()
+
+
+def test_the_next_append_refuses_to_sign_over_an_edit_made_without_the_key(
+    paths: dict[str, Path],
+) -> None:
+    """The edit and its leaf rewritten, the checkpoints from it on deleted: an honest append
+    would have signed the forged tree; it refuses, and verify still names the entry."""
+    written(paths).close()
+    rewrite_entry(paths, 3)
+    tamper(paths, "DELETE FROM log_checkpoints WHERE size >= 3")
+    log = IncidentLog(paths["db"], Signer.from_file(paths["key"]), paths["witness"])
+    with pytest.raises(TamperedLog, match="no signed checkpoint"):
+        log.append("release", "someone", {})
+    log.close()
+    verdict = check(paths)
+    assert not verdict.ok and verdict.first_bad == 3, verdict.problems
+
+
+def test_a_cut_log_with_its_witness_replaced_or_deleted_is_not_signed_over_nor_passed(
+    paths: dict[str, Path],
+) -> None:
+    written(paths).close()
+    tamper(
+        paths, "DELETE FROM log_entries WHERE seq > 4", "DELETE FROM log_checkpoints WHERE size > 4"
+    )
+    paths["witness"].write_text("junk")
+    log = IncidentLog(paths["db"], Signer.from_file(paths["key"]), paths["witness"])
+    with pytest.raises(TamperedLog, match="witness is unreadable"):
+        log.append("release", "someone", {})
+    paths["witness"].unlink()
+    with pytest.raises(TamperedLog, match=r"witness .* is gone"):
+        log.append("release", "someone", {})
+    log.close()
+    assert paths["witness"].exists() is False
+    verdict = check(paths)
+    assert not verdict.ok and any("witness" in p for p in verdict.problems)
+
+
+def test_verify_reports_an_unreadable_log_instead_of_crashing(paths: dict[str, Path]) -> None:
+    written(paths).close()
+    tamper(paths, "UPDATE log_entries SET leaf = 'abc' WHERE seq = 2")
+    tamper(paths, "UPDATE log_entries SET body = '" + "[" * 100_000 + "' WHERE seq = 5")
+    tamper(
+        paths,
+        """UPDATE log_entries SET body = '{"probes":9,"probes":1,"rung":"refuse"}' WHERE seq = 8""",
+    )
+    verdict = check(paths)
+    assert not verdict.ok and verdict.first_bad == 2
+    assert any(p.startswith("entry 5:") for p in verdict.problems)
+    assert any("entry 8: its body is not in the canonical form" in p for p in verdict.problems)
+    tamper(paths, "DROP TABLE log_checkpoints")
+    assert any("cannot be read" in p for p in check(paths).problems)
+
+
+def test_processes_racing_to_create_the_key_all_get_the_same_whole_key(tmp_path: Path) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    for trial in range(20):
+        path = tmp_path / f"race-{trial}" / "key.pem"
+        with ThreadPoolExecutor(4) as pool:
+            keys = list(pool.map(lambda p: Signer.from_file(p).public_pem(), [path] * 4))
+        assert len(set(keys)) == 1
+        assert path.stat().st_mode & 0o077 == 0 and len(list(path.parent.iterdir())) == 1
+
+
+def test_the_writer_keeps_half_its_backlog_for_decisions_other_than_campaign_links(
+    paths: dict[str, Path],
+) -> None:
+    import threading
+
+    log = written(paths, 0)
+    gate = threading.Event()
+    log.listeners.append(lambda entry: gate.wait(10))  # hold the writer on its first entry
+    writer = LogWriter(log, backlog=10)
+    writer.submit("containment", "first", {})
+    links = [writer.submit("campaign", f"c{i}", {}) for i in range(10)]
+    others = [writer.submit("containment", f"x{i}", {}) for i in range(5)]
+    gate.set()
+    writer.close()
+    assert links.count(True) <= 5 and all(others)
