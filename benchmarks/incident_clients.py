@@ -44,6 +44,7 @@ class Reply:
     retry_after_s: float = 0.0
     latency_s: float = 0.0
     request_id: str | None = None  # the request's "id", when it had one
+    version: str | None = None  # the model version that answered a 200
 
 
 class GatewayClient:
@@ -130,7 +131,8 @@ def _parse(status: int, headers: Any, payload: bytes, latency: float) -> Reply:
                 values = np.asarray(output["data"], np.float32)
             else:
                 values = np.frombuffer(payload[offset : offset + size], np.float32)
-            return Reply(OK, values.reshape(-1, 10)[0].copy(), latency_s=latency)
+            version = str(meta.get("model_version"))
+            return Reply(OK, values.reshape(-1, 10)[0].copy(), latency_s=latency, version=version)
         offset += size or 0
     return Reply(ERROR, latency_s=latency)
 

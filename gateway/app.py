@@ -13,7 +13,7 @@ from functools import partial
 
 from fastapi import FastAPI
 
-from gateway import __version__, admin, dashboard, openapi
+from gateway import __version__, admin, dashboard, openapi, routing_routes
 from gateway.asgi import Gateway
 from gateway.dataplane import DataPlane
 from gateway.decode_pool import DecodePool
@@ -36,6 +36,7 @@ from gateway.monitoring.window import FLAG_RATE
 from gateway.quarantine.factory import open_store, retention_sweep
 from gateway.registry import ModelRegistry
 from gateway.repository import ModelRepository
+from gateway.routing import RouteTable
 from gateway.screening.service import ScreeningService
 from gateway.settings import Settings
 
@@ -107,7 +108,12 @@ def create_app(settings: Settings | None = None) -> Gateway:
                 settings.ledger_backlog,
                 on_drop=metrics.ledger_dropped.inc,
             )
-        app.state.dataplane = DataPlane(registry, settings, screening, decoder, defence, ledger)
+        routes = RouteTable(audit=writer.submit)
+        incident_log.listeners.append(routes.on_entry)  # the rollback rules
+        app.state.routes, app.state.log_writer = routes, writer
+        app.state.dataplane = DataPlane(
+            registry, settings, screening, decoder, defence, ledger, routes
+        )
         app.state.sampler = Sampler(
             lambda: read_totals(time.time(), metrics, [m.stats for m in registry.loaded()]),
             settings.dashboard_interval_s,
@@ -153,12 +159,13 @@ def create_app(settings: Settings | None = None) -> Gateway:
     app.state.settings = settings
     app.state.metrics = metrics
     app.state.keys = None  # the key ring, opened with the rest in the lifespan
-    app.state.incident_log = app.state.incidents = None
+    app.state.incident_log = app.state.incidents = app.state.routes = None
     app.include_router(router)
     app.include_router(admin.router)
     app.include_router(key_routes.router)
     app.include_router(defence_routes.router)
     app.include_router(incident_routes.router)
+    app.include_router(routing_routes.router)
     app.include_router(dashboard.router)
     openapi.install(app)
     install_error_handlers(app, metrics)

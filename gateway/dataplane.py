@@ -19,7 +19,7 @@ from gateway.backends import EMBEDDINGS, FINGERPRINTS
 from gateway.decode_pool import DecodePool
 from gateway.defence.evidence import STRICT
 from gateway.defence.service import DefenceService, Embedded
-from gateway.errors import BastionError, Forbidden, InvalidInput
+from gateway.errors import BastionError, Forbidden, InvalidInput, NotFound
 from gateway.incidents.ledger import Ledger
 from gateway.inputs import prepare_inputs
 from gateway.limits import ModelLimits, model_limits
@@ -33,6 +33,7 @@ from gateway.protocol.types import (
 )
 from gateway.registry import LoadedModel, ModelRegistry
 from gateway.repository import ModelConfig, TensorSpec
+from gateway.routing import RouteTable
 from gateway.screening.policy import ADVERSARIAL, SUSPICIOUS
 from gateway.screening.service import (
     REPORT_PARAMETER,
@@ -74,9 +75,11 @@ class DataPlane:
         decoder: DecodePool,
         defence: DefenceService | None = None,
         ledger: Ledger | None = None,
+        routes: RouteTable | None = None,
     ) -> None:
         self.registry = registry
         self.ledger = ledger
+        self.routes = routes
         self.settings = settings
         self.screening = screening
         self.decoder = decoder
@@ -140,12 +143,23 @@ class DataPlane:
             model.limits = model_limits(model.config, self.settings)
         return model.limits
 
+    def _route(self, name: str, version: int | None, client: str | None) -> LoadedModel:
+        """The named version, else the one the route table assigns, else the latest."""
+        if version is None and self.routes is not None:
+            routed = self.routes.version(name, client)
+            if routed is not None:
+                try:
+                    return self.registry.get(name, routed)
+                except NotFound:  # a route to a version not loaded: the latest answers
+                    pass
+        return self.registry.get(name, version)
+
     async def infer(
         self, name: str, version: int | None, decode: Decoder, caller: Caller
     ) -> InferResponse:
         """Decodes (in the pool), validates, batches, screens and answers one request."""
         start = time.perf_counter_ns()
-        model = self.registry.get(name, version)
+        model = self._route(name, version, caller.client_id)
         charged = None
         if self.defence is not None and model.backend.screening is not None:
             # 429 / 403 before any work for a contained client
@@ -222,6 +236,8 @@ class DataPlane:
         try:
             if self.defence is not None and prints is not None:
                 self._defend(model, request, arrays, results, screened, prints, charged, shared)
+            if self.routes is not None and self.routes.strict(model.config.name):
+                tighten(screened)  # rolled back in strict mode: suspicious is withheld too
             report = request.parameters.get(REPORT_PARAMETER) is True
             outcome = "withheld" if screened.decision.withheld and not report else "served"
         finally:

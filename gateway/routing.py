@@ -1,0 +1,141 @@
+"""Traffic routing: which loaded version answers a request that names none, changed at runtime.
+
+A model's route gives its versions weights (a canary: ``{1: 0.9, 2: 0.1}``) and may pin a safe
+version. A request is assigned by a hash of its client (a client stays on one version while
+the weights stand), else at random. A rollback sends 100 % to the safe version at once, and
+``strict`` withholds the model's suspicious images too (the review tier's action raised to the
+block tier's), until an admin rolls forward. Every change is an entry of the incident log.
+
+Rules (``on_entry``, a listener of the log) roll back without a redeploy: a contained client or
+campaign (a security signal against whatever the models serve), a flag-rate alarm of a
+version other than the safe one, a drift alarm of a canary. The table is runtime state of one
+gateway (shared state across replicas is the scale-out issue's). A request holds the
+``LoadedModel`` it started on, so a change never moves a request in flight.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import random
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import Any
+
+log = logging.getLogger(__name__)
+MAX_VERSIONS = 16
+Audit = Callable[[str, str, dict[str, Any], str], object]
+
+
+@dataclass(frozen=True)
+class Route:
+    weights: dict[int, float]  # version -> share of traffic, summing to 1
+    safe: int | None = None
+    rolled_back: str | None = None  # why all traffic is on the safe version
+    strict: bool = False  # suspicious images withheld too
+
+    def pick(self, point: float) -> int:
+        """The version for a point in [0, 1)."""
+        if self.rolled_back is not None and self.safe is not None:
+            return self.safe
+        total = 0.0
+        for version, weight in sorted(self.weights.items()):
+            total += weight
+            if point < total:
+                return version
+        return max(self.weights)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "weights": {str(v): w for v, w in sorted(self.weights.items())},
+            "safe": self.safe,
+            "rolled_back": self.rolled_back,
+            "strict": self.strict,
+        }
+
+
+def make_route(weights: dict[int, float], safe: int | None) -> Route:
+    """Raises ValueError for no version, too many, a version below 1 or negative weights."""
+    if not weights or len(weights) > MAX_VERSIONS:
+        raise ValueError(f"a route names 1 to {MAX_VERSIONS} versions")
+    if any(v < 1 for v in weights) or any(not 0 <= w < float("inf") for w in weights.values()):
+        raise ValueError("versions are at least 1 and weights finite and not negative")
+    total = sum(weights.values())
+    if total <= 0:
+        raise ValueError("at least one weight must be above 0")
+    if safe is not None and safe < 1:
+        raise ValueError("the safe version is at least 1")
+    return Route({v: w / total for v, w in weights.items()}, safe)
+
+
+def _point(client: str | None) -> float:
+    if client is None:
+        return random.random()
+    digest = hashlib.blake2b(client.encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2**64
+
+
+class RouteTable:
+    def __init__(self, audit: Audit | None = None) -> None:
+        self._routes: dict[str, Route] = {}
+        self._lock = threading.Lock()
+        self.audit = audit
+
+    def version(self, model: str, client: str | None) -> int | None:
+        """The version a request to ``model`` naming none goes to; None: no route (latest)."""
+        route = self._routes.get(model)
+        return None if route is None else route.pick(_point(client))
+
+    def strict(self, model: str) -> bool:
+        route = self._routes.get(model)
+        return route is not None and route.strict
+
+    def routes(self) -> dict[str, Route]:
+        return dict(self._routes)
+
+    def set(self, model: str, route: Route, actor: str = "admin") -> Route:
+        with self._lock:
+            self._routes[model] = route
+        self._record("route_change", model, route, actor)
+        return route
+
+    def rollback(self, model: str, reason: str, actor: str, strict: bool = True) -> Route | None:
+        """All of ``model``'s traffic to its safe version (and strict); None when it has no
+        safe version or is rolled back already."""
+        with self._lock:
+            route = self._routes.get(model)
+            if route is None or route.safe is None or route.rolled_back is not None:
+                return None
+            route = self._routes[model] = replace(route, rolled_back=reason[:200], strict=strict)
+        log.warning("model %s rolled back to version %s: %s", model, route.safe, reason)
+        self._record("rollback", model, route, actor)
+        return route
+
+    def roll_forward(self, model: str, actor: str = "admin") -> Route:
+        """Back to the weights, strict off. Raises KeyError for a model with no route."""
+        with self._lock:
+            route = self._routes[model] = replace(
+                self._routes[model], rolled_back=None, strict=False
+            )
+        self._record("route_change", model, route, actor)
+        return route
+
+    def on_entry(self, entry: Any) -> None:
+        """The rules: a security or drift signal rolls the models it concerns back."""
+        body = entry.body
+        if entry.kind == "containment" and body.get("rung") == "refuse":
+            for model in list(self._routes):  # a campaign probes whatever is served
+                self.rollback(model, f"contained: {entry.subject}", "rule")
+        elif entry.kind in ("flag_rate_alarm", "drift_alarm") and body.get("event") == "raised":
+            model, _, version = entry.subject.rpartition(":")
+            route = self._routes.get(model)
+            if route is None or not version.isdigit() or int(version) == route.safe:
+                return
+            canary = entry.kind == "drift_alarm" and route.weights.get(int(version), 0) > 0
+            if entry.kind == "flag_rate_alarm" or canary:
+                self.rollback(model, f"{entry.kind} on version {version}", "rule")
+
+    def _record(self, kind: str, model: str, route: Route, actor: str) -> None:
+        if self.audit is not None:
+            self.audit(kind, model, {"model": model, **route.to_json()}, actor)

@@ -1,0 +1,105 @@
+"""Routing and rollback without a redeploy: a canary under load rolled back by an admin, with
+no request failed and every request after the rollback on the safe version."""
+
+from __future__ import annotations
+
+import shutil
+import sqlite3
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import tritonclient.http as th
+from tritonclient.utils import InferenceServerException
+
+from gateway.settings import DEFAULT_REPOSITORY
+from models.data import load_split, to_float
+from tests.conftest import start_server
+
+pytestmark = pytest.mark.e2e
+TOKEN = "s3cret"
+
+
+def two_versions(tmp_path: Path) -> Path:
+    """The bundled digits model as versions 1 and 2, both served."""
+    repository = tmp_path / "repository"
+    shutil.copytree(DEFAULT_REPOSITORY, repository)
+    model = repository / "digits"
+    shutil.copytree(model / "1", model / "2")
+    config = model / "config.pbtxt"
+    text = config.read_text().replace(
+        "version_policy { latest { num_versions: 1 } }", "version_policy { all { } }"
+    )
+    config.write_text(text)
+    return repository
+
+
+def test_a_rollback_under_load_fails_no_request_and_moves_all_traffic_at_once(
+    tmp_path: Path,
+) -> None:
+    repository = two_versions(tmp_path)
+    server = start_server(
+        tmp_path, "--model-repository", str(repository), env={"BASTION_ADMIN_TOKEN": TOKEN}
+    )
+    admin = {"Authorization": f"Bearer {TOKEN}"}
+    try:
+        base = f"http://{server.url}/v2/admin/routes/digits"
+        route = {"weights": {"1": 0.5, "2": 0.5}, "safe": 1}
+        assert httpx.put(base, json=route, headers=admin, timeout=10).status_code == 200
+        images = to_float(load_split("test")[0][:64])
+        seen: list[tuple[float, str]] = []
+        failures: list[str] = []
+        stop = threading.Event()
+
+        def load(worker: int) -> None:
+            client = th.InferenceServerClient(server.url)
+            n = 0
+            while not stop.is_set():
+                tensor = th.InferInput("images", [1, 1, 28, 28], "FP32")
+                tensor.set_data_from_numpy(images[n % 64][None].astype(np.float32))
+                started = time.monotonic()
+                try:  # a new client id each time: spread over both versions
+                    result = client.infer(
+                        "digits", [tensor], headers={"X-Client-ID": f"w{worker}-{n}"}
+                    )
+                    seen.append((started, result.get_response()["model_version"]))
+                except InferenceServerException as exc:  # the screening's 403 is an answer
+                    if not (exc.status() == "403" and "withheld" in exc.message()):
+                        failures.append(str(exc))
+                except Exception as exc:  # anything else is a failed request
+                    failures.append(repr(exc))
+                n += 1
+
+        threads = [threading.Thread(target=load, args=(i,)) for i in range(4)]
+        for thread in threads:
+            thread.start()
+        time.sleep(2.0)
+        rolled = httpx.post(f"{base}/rollback", json={"reason": "canary under review"},
+                            headers=admin, timeout=10)  # fmt: skip
+        done = time.monotonic()
+        time.sleep(2.0)
+        stop.set()
+        for thread in threads:
+            thread.join(timeout=30)
+        assert rolled.status_code == 200 and rolled.json()["rolled_back"] == "canary under review"
+        assert not failures, failures[:3]
+        before = {v for t, v in seen if t < done - 0.5}
+        after = [v for t, v in seen if t > done]
+        assert before == {"1", "2"} and len(after) > 20
+        assert set(after) == {"1"}, "a request that started after the rollback reached version 2"
+        forward = httpx.post(f"{base}/forward", headers=admin, timeout=10)
+        assert forward.status_code == 200 and forward.json()["rolled_back"] is None
+        conn = sqlite3.connect(server.incident_env()["BASTION_INCIDENT_LOG_PATH"])
+        kinds = [
+            k for (k,) in conn.execute("SELECT kind FROM log_entries WHERE subject = 'digits'")
+        ]
+        conn.close()
+        assert kinds == ["route_change", "rollback", "route_change"]
+        bad = httpx.put(base, json={"weights": {"0": 1}}, headers=admin, timeout=10)
+        assert bad.status_code == 400 and "error" in bad.json()
+        assert httpx.get(f"http://{server.url}/v2/admin/routes", timeout=10).status_code == 403
+    finally:
+        server.stop()
