@@ -9,7 +9,7 @@ from typing import Annotated, Any
 
 import typer
 
-from gateway.cli_incidents import Token, Url, incidents
+from gateway.cli_incidents import Token, Url, incidents, log_offline, quarantine_export
 from gateway.cli_incidents import admin_call as _admin
 
 app = typer.Typer(help="Bastion: a Triton-compatible inference gateway.", no_args_is_help=True)
@@ -17,6 +17,7 @@ app = typer.Typer(help="Bastion: a Triton-compatible inference gateway.", no_arg
 
 quarantine = typer.Typer(help="List, inspect, release and purge quarantined inputs.")
 app.add_typer(quarantine, name="quarantine")
+quarantine.command("export")(quarantine_export)
 keys = typer.Typer(help="Create, list and revoke client API keys (stored hashed).")
 app.add_typer(keys, name="keys")
 clients = typer.Typer(help="Clients the stateful defence tracks: rungs, evidence, release.")
@@ -287,6 +288,8 @@ def calibrate(
             )
         typer.echo(line)
     typer.echo("(the test FPR is the one to trust: the calibration split fitted the tails)")
+    record = {"model": model, "samples": calibration.samples, "combiner": calibration.rule}
+    log_offline("recalibration", model, {**record, "files": [str(p) for p in paths]})
 
 
 @app.command()

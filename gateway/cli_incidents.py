@@ -175,3 +175,52 @@ def incidents_report(
         f"the campaign, {len(report['clients_involved'])} clients involved "
         f"({time.perf_counter() - started:.1f} s)"
     )
+
+
+def quarantine_export(
+    out: Annotated[Path, typer.Option(help="Folder for the .npz and the .csv manifest.")],
+    model: Annotated[str | None, typer.Option(help="One model (inputs of one shape).")] = None,
+    status: Annotated[
+        str | None, typer.Option(help="quarantined, released or review (default: all).")
+    ] = None,
+    store: Annotated[Path | None, typer.Option(help="Default: quarantine_path.")] = None,
+) -> None:
+    """Exports the quarantined and reviewed inputs with their verdicts and labels (released:
+    clean, quarantined: adversarial, review: unreviewed) as a dataset for retraining: NumPy
+    .npz plus a CSV manifest. Offline; the export is an entry of the incident log."""
+    from gateway.incidents.export import export
+    from gateway.quarantine.sqlite import SQLiteQuarantineStore
+    from gateway.settings import Settings
+
+    settings = Settings()
+    path = store or settings.quarantine_path
+    if not path.is_file():
+        typer.echo(f"error: no quarantine store at {path}", err=True)
+        raise typer.Exit(2)
+    with SQLiteQuarantineStore(path) as records:
+        try:
+            done = export(records, out, model, status)
+        except ValueError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(1) from None
+    log_offline("export", "quarantine", done)
+    typer.echo(f"{done['count']} inputs {done['labels']} -> {out}")
+
+
+def log_offline(kind: str, subject: str, body: dict[str, Any]) -> None:
+    """Appends a command's decision to the incident log from this process (the log takes
+    appends from several); a warning, not a failure, when it cannot."""
+    from gateway.incidents.log import IncidentLog, TamperedLog
+    from gateway.incidents.signing import Signer
+    from gateway.settings import Settings
+
+    settings = Settings()
+    try:
+        signer = Signer.from_file(settings.incident_key_path)
+        log = IncidentLog(settings.incident_log_path, signer, settings.incident_checkpoint_path)
+        try:
+            log.append(kind, subject, body, "admin")
+        finally:
+            log.close()
+    except (OSError, ValueError, sqlite3.Error, TamperedLog) as exc:
+        typer.echo(f"warning: done, but not recorded in the incident log: {exc}", err=True)

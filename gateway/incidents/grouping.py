@@ -30,9 +30,10 @@ def subjects_of(entry: Entry) -> list[str]:
         value = body.get(key)
         if isinstance(value, str):
             found.append(value)
-    released = body.get("released")
-    if isinstance(released, list):
-        found += [r for r in released[:100] if isinstance(r, str)]
+    for key in ("released", "members"):
+        named = body.get(key)
+        if isinstance(named, list):
+            found += [r for r in named[:100] if isinstance(r, str)]
     return list(dict.fromkeys(s for s in found if s))
 
 
@@ -71,9 +72,12 @@ class Grouper:
         """Opens an incident (with the hour's earlier entries about its subjects) and logs it."""
         seqs = [] if entry is None else [entry.seq]
         since = (entry.time if entry is not None else self.log.clock()) - LOOKBACK_S
-        for subject in subjects[:100]:
-            seqs += [e.seq for e in self.log.entries(subject=subject, limit=1000, since=since)]
-        incident = self.store.open(title, trigger, subjects, seqs)
+        named = list(subjects)
+        for subject in subjects[:100]:  # the story so far: how the campaign formed, who was in it
+            for earlier in self.log.entries(subject=subject, limit=1000, since=since):
+                seqs.append(earlier.seq)
+                named += subjects_of(earlier)
+        incident = self.store.open(title, trigger, list(dict.fromkeys(named)), seqs)
         body = {"incident": incident, "title": title, "trigger": trigger}
         body |= {"subjects": [s[:64] for s in subjects[:20]], "subject_count": len(subjects)}
         opened = self.log.append("incident_opened", f"incident-{incident}", body, actor)

@@ -3,8 +3,12 @@ no request failed and every request after the rollback on the safe version."""
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
 import sqlite3
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -16,6 +20,7 @@ import tritonclient.http as th
 from tritonclient.utils import InferenceServerException
 
 from gateway.settings import DEFAULT_REPOSITORY
+from models import samples
 from models.data import load_split, to_float
 from tests.conftest import start_server
 
@@ -101,5 +106,87 @@ def test_a_rollback_under_load_fails_no_request_and_moves_all_traffic_at_once(
         bad = httpx.put(base, json={"weights": {"0": 1}}, headers=admin, timeout=10)
         assert bad.status_code == 400 and "error" in bad.json()
         assert httpx.get(f"http://{server.url}/v2/admin/routes", timeout=10).status_code == 403
+    finally:
+        server.stop()
+
+
+def cli(server_url: str, env: dict[str, str], *args: str) -> str:
+    done = subprocess.run(
+        [sys.executable, "-m", "gateway", *args], env=env, capture_output=True, text=True,
+        timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, f"{args}: {done.stdout}{done.stderr}"
+    return done.stdout
+
+
+def test_the_whole_incident_attack_contained_rolled_back_reported_restored_verified(
+    tmp_path: Path,
+) -> None:
+    repository = two_versions(tmp_path)
+    server = start_server(
+        tmp_path, "--model-repository", str(repository), env={"BASTION_ADMIN_TOKEN": TOKEN}
+    )
+    env = {**os.environ, **server.incident_env(), "BASTION_URL": server.url}
+    env |= {"BASTION_ADMIN_TOKEN": TOKEN, "BASTION_QUARANTINE_PATH": str(
+        tmp_path / f"quarantine-{server.port}.db")}  # fmt: skip
+    admin = {"Authorization": f"Bearer {TOKEN}"}
+    base = f"http://{server.url}/v2/admin"
+    try:
+        route = {"weights": {"1": 0.5, "2": 0.5}, "safe": 1}
+        assert httpx.put(f"{base}/routes/digits", json=route, headers=admin).status_code == 200
+        client = th.InferenceServerClient(server.url)
+
+        def send(image: np.ndarray, who: str) -> str:
+            tensor = th.InferInput("images", [1, 1, 28, 28], "FP32")
+            tensor.set_data_from_numpy(image[None].astype(np.float32))
+            try:
+                client.infer("digits", [tensor], headers={"X-Client-ID": who})
+            except InferenceServerException as exc:
+                return "contained" if "contained" in exc.message() else "refused"
+            return "served"
+
+        adversarial, _ = samples.load("adversarial")
+        assert send(adversarial[0], "mallory-0") == "refused"  # withheld by the screening
+        rng, probe = np.random.default_rng(0), to_float(load_split("test")[0])[7].copy()
+        answers = []
+        for i in range(60):  # the walk of test_containment: tiny sparse steps, new names
+            step = rng.random(probe.shape) < 0.005
+            probe = np.where(
+                step, np.clip(probe + rng.choice([-0.1, 0.1], probe.shape), 0, 1), probe
+            )
+            answers.append(send(probe, f"sybil-{i // 3}"))
+        assert "contained" in answers
+        # contained -> an incident opened -> the model rolled back to its safe version, by rule
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            routes = httpx.get(f"{base}/routes", headers=admin).json()["routes"]
+            if routes["digits"]["rolled_back"]:
+                break
+            time.sleep(0.1)
+        assert routes["digits"]["rolled_back"].startswith("contained")
+        assert routes["digits"]["strict"] is True
+        listed = httpx.get(f"{base}/incidents", headers=admin).json()["incidents"]
+        (incident,) = [i for i in listed if "contained" in i["title"]]
+        # the report: exactly what the walk's identities were served
+        cli(server.url, env, "incidents", "report", str(incident["id"]), "--out", str(tmp_path))
+        report = json.loads((tmp_path / f"incident-{incident['id']}.json").read_text())
+        assert report["attacker_served_count"] == answers.count("served")
+        assert {r["version"] for r in report["versions"]} <= {"1", "2"}
+        # restore: lift containment, roll forward, export the quarantine, close the incident
+        last = f"sybil-{(len(answers) - 1) // 3}"
+        assert "released" in cli(server.url, env, "clients", "release", last)
+        forward = httpx.post(f"{base}/routes/digits/forward", headers=admin)
+        assert forward.status_code == 200 and forward.json()["strict"] is False
+        exported = cli(server.url, env, "quarantine", "export", "--out", str(tmp_path / "export"))
+        assert " inputs " in exported  # the review copies the tiers kept, labelled
+        assert (tmp_path / "export" / "quarantine-export.npz").exists()
+        cli(server.url, env, "incidents", "close", str(incident["id"]), "--note", "restored")
+        verified = json.loads(cli(server.url, env, "incidents", "verify", "--json"))
+        assert verified["ok"], verified["problems"]
+        conn = sqlite3.connect(server.incident_env()["BASTION_INCIDENT_LOG_PATH"])
+        kinds = {k for (k,) in conn.execute("SELECT kind FROM log_entries")}
+        conn.close()
+        assert {"containment", "incident_opened", "rollback", "release", "route_change",
+                "export", "incident_closed"} <= kinds  # fmt: skip
     finally:
         server.stop()
