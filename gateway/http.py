@@ -19,6 +19,7 @@ from starlette.responses import PlainTextResponse, Response
 
 from gateway.dataplane import DataPlane
 from gateway.errors import BastionError, Forbidden
+from gateway.incidents.audit import record as record_decision
 from gateway.monitoring.metrics import CONTENT_TYPE, Metrics
 from gateway.protocol.schema import FRONT_DOOR, error
 from gateway.repository import parse_version
@@ -144,7 +145,15 @@ async def repository_index(request: Request) -> Response:
 )
 async def load_model(request: Request, model: str) -> Response:
     require_admin(request)
-    await plane(request).registry.load(model)
+    registry = plane(request).registry
+    await registry.load(model)
+    # a (re)load applies the config's screening policy: its tiers and actions are a decision
+    versions = [m for m in registry.loaded() if m.config.name == model]
+    policy = {
+        str(m.version): {"action": m.screening_action, "review": m.screening_review}
+        for m in versions
+    }
+    await record_decision(request, "policy_change", model, {"event": "load", "versions": policy})
     return json_response({})
 
 
@@ -156,6 +165,7 @@ async def load_model(request: Request, model: str) -> Response:
 async def unload_model(request: Request, model: str) -> Response:
     require_admin(request)
     await plane(request).registry.unload(model)
+    await record_decision(request, "policy_change", model, {"event": "unload"})
     return json_response({})
 
 

@@ -154,6 +154,13 @@ def test_repository_control_needs_the_admin_token(client: TestClient, repository
         (repository / "digits" / "2" / name).write_bytes(source.read_bytes())
     assert client.post("/v2/repository/models/digits/load", headers=admin).status_code == 200
     assert client.get("/v2/models/digits").json()["versions"] == ["2"]
+    log = client.app.app.state.incident_log  # each change of what is served is on record
+    changes = [e for e in log.entries(limit=10_000) if e.kind == "policy_change"][-2:]
+    assert [(e.subject, e.body["event"], e.actor) for e in changes] == [
+        ("digits", "unload", "admin"),
+        ("digits", "load", "admin"),
+    ]
+    assert changes[1].body["versions"]["2"]["action"]
 
 
 def test_screened_model_without_calibration_is_refused_with_a_clear_error(
