@@ -303,6 +303,7 @@ class DataPlane:
             embedded,
             targets.get(ADVERSARIAL),
             request.id,
+            f"{model.config.name}:{model.version}",
         )
         _repeat(model, results, observed.repeats)
         served = False

@@ -7,7 +7,9 @@ the weights stand), else at random. A rollback sends 100 % to the safe version a
 block tier's), until an admin rolls forward. Every change is an entry of the incident log.
 
 Rules (``on_entry``, a listener of the log) roll back without a redeploy: a contained client or
-campaign (a security signal against whatever the models serve), a flag-rate alarm of a
+campaign (the model its queries went to: an attack may have found what it wanted on the
+canary; the cost of a needless rollback is the canary's traffic, not an outage), a flag-rate
+alarm of a
 version other than the safe one, a drift alarm of a canary. The table is runtime state of one
 gateway (shared state across replicas is the scale-out issue's). A request holds the
 ``LoadedModel`` it started on, so a change never moves a request in flight.
@@ -125,7 +127,9 @@ class RouteTable:
         """The rules: a security or drift signal rolls the models it concerns back."""
         body = entry.body
         if entry.kind == "containment" and body.get("rung") == "refuse":
-            for model in list(self._routes):  # a campaign probes whatever is served
+            probed = str(body.get("model") or "").rpartition(":")[0]
+            # the model the contained queries went to; every routed one when it is not known
+            for model in [probed] if probed in self._routes else list(self._routes):
                 self.rollback(model, f"contained: {entry.subject}", "rule")
         elif entry.kind in ("flag_rate_alarm", "drift_alarm") and body.get("event") == "raised":
             model, _, version = entry.subject.rpartition(":")

@@ -150,7 +150,9 @@ class DefenceService:
         with self.lock:
             return float(self.ladder.campaign_count(contained=state == "contained"))
 
-    def _log_campaign(self, client: str, rung: str, request_id: str | None) -> None:
+    def _log_campaign(
+        self, client: str, rung: str, request_id: str | None, model: str | None
+    ) -> None:
         """A campaign's own rise up the ladder is a decision too (its one-query identities may
         never reach a rung of their own): logged once per rung (caller holds ``lock``)."""
         root = self.ladder.root(client)
@@ -173,10 +175,13 @@ class DefenceService:
                     "campaign_statistic": round(self.ladder.campaign_statistic(client), 3),
                     "members": members[:50],
                     "request": request_id,
+                    "model": model,
                 },
             )
 
-    def _log_transition(self, client: str, rung: str, request_id: str | None = None) -> None:
+    def _log_transition(
+        self, client: str, rung: str, request_id: str | None = None, model: str | None = None
+    ) -> None:
         """Every change of rung is logged with its evidence and counted (caller holds lock)."""
         before = self._rungs.get(client, OBSERVE)
         if before == rung:
@@ -197,6 +202,7 @@ class DefenceService:
                     "from": before,
                     "rung": rung,
                     "request": request_id,
+                    "model": model,
                     "statistic": round(account.statistic, 3) if account else 0.0,
                     "campaign": self.ladder.root(client),
                     "campaign_size": len(campaign),
@@ -302,6 +308,7 @@ class DefenceService:
         embedded: Embedded | None = None,
         block_rate: float | None = None,
         request_id: str | None = None,
+        model: str | None = None,
     ) -> Observation:
         """Weighs one request's images: ``prints`` (n, S) int64, one verdict per image, and the
         input rows (n, ...) whose raw bytes tell an exact resend (a retry, by anyone: the same
@@ -311,7 +318,8 @@ class DefenceService:
         the model's honest rate of suspicious-or-worse verdicts (its review tier's FPR),
         ``block_rate`` of adversarial ones (its block tier's);
         ``embedded`` carries the embeddings for the model's k-NN detector, if it has one.
-        Each probe is logged at debug level with the request's id and what it was given."""
+        Each probe is logged at debug level with the request's id and what it was given;
+        ``model`` ("name:version", the one that answered) goes into the decisions logged."""
         key = client or "(anonymous)"
         rung, probes, nears, contained, repeats = OBSERVE, 0, 0, 0, {}
         refused: list[int] = []
@@ -352,7 +360,7 @@ class DefenceService:
                         self.audit("campaign", self.ladder.root(key), body)
                 campaign = self.ladder.campaign_rung(key) if probe else OBSERVE
                 if campaign != OBSERVE:
-                    self._log_campaign(key, campaign, request_id)
+                    self._log_campaign(key, campaign, request_id, model)
                 contained += campaign == REFUSE  # it continues a contained campaign: refused
                 given = None
                 # a probe gets the remembered answer (``repeat``: every near-duplicate does), and
@@ -383,7 +391,7 @@ class DefenceService:
                 if answers is not None:  # what this query is answered: the repeat, if any
                     self.index.keep_answer(slot, answer_key, answers[i] if given is None else given)
             rung = self.ladder.rung(key)
-            self._log_transition(key, rung, request_id)
+            self._log_transition(key, rung, request_id, model)
         if probes:
             self.metrics.defence_probes.inc(probes)
         return Observation(

@@ -61,3 +61,12 @@ def test_security_and_drift_signals_roll_back_by_rule() -> None:
 def test_bad_routes_are_refused(weights: dict[int, float], safe: int | None) -> None:
     with pytest.raises(ValueError):
         make_route(weights, safe)
+
+
+def test_a_containment_rolls_back_only_the_model_its_queries_went_to() -> None:
+    table = RouteTable()
+    table.set("digits", make_route({1: 0.5, 2: 0.5}, safe=1))
+    table.set("letters", make_route({1: 0.5, 2: 0.5}, safe=1))
+    table.on_entry(entry("containment", "sybil-0", rung="refuse", model="letters:2"))
+    assert table.routes()["letters"].rolled_back == "contained: sybil-0"
+    assert table.routes()["digits"].rolled_back is None
