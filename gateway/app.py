@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import logging
 import math
 import time
 from collections.abc import AsyncIterator
@@ -40,6 +41,8 @@ from gateway.routing import RouteTable
 from gateway.screening.service import ScreeningService
 from gateway.settings import Settings
 
+log = logging.getLogger(__name__)
+
 
 def open_incidents(settings: Settings, metrics: Metrics) -> tuple[IncidentLog, Grouper]:
     """The incident log (its signing key created on first use, its witness file) and the
@@ -52,6 +55,28 @@ def open_incidents(settings: Settings, metrics: Metrics) -> tuple[IncidentLog, G
     incident_log.listeners.append(lambda e: metrics.incident_log_entries.labels(e.kind).inc())
     incident_log.listeners.append(grouper.on_entry)
     return incident_log, grouper
+
+
+def restore_state(incident_log: IncidentLog, grouper: Grouper, routes: RouteTable) -> None:
+    """A restart keeps the route table (rebuilt from the log's route entries) and says what it
+    does not keep: the containment ladder starts empty."""
+    after, entries = 0, []
+    while True:
+        page = incident_log.entries(after, 10_000, kinds=("route_change", "rollback"))
+        entries += page
+        if len(page) < 10_000:
+            break
+        after = page[-1].seq
+    if routes.restore(entries):
+        log.warning("route table restored from the incident log: %s", routes.routes())
+    opened = grouper.store.list(state="open", limit=1000)
+    if opened:
+        log.warning(
+            "%d incident(s) open (%s): containment evidence is not kept across a restart, so "
+            "their clients start at observe again; watch them, or keep keys revoked",
+            len(opened),
+            ", ".join(str(i.id) for i in opened[:20]),
+        )
 
 
 def log_drift_event(writer: LogWriter, event: DriftEvent) -> None:
@@ -109,6 +134,7 @@ def create_app(settings: Settings | None = None) -> Gateway:
                 on_drop=metrics.ledger_dropped.inc,
             )
         routes = RouteTable(audit=writer.submit)
+        restore_state(incident_log, grouper, routes)
         incident_log.listeners.append(routes.on_entry)  # the rollback rules
         app.state.routes, app.state.log_writer = routes, writer
         app.state.dataplane = DataPlane(

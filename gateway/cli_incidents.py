@@ -11,7 +11,8 @@ from typing import Annotated, Any
 import typer
 
 incidents = typer.Typer(
-    help="Incidents (list, show, open, close) and the tamper-evident log (verify, offline)."
+    help="Incidents (list, show, open, close, report) and the tamper-evident log (verify, "
+    "public-key)."
 )
 Url = Annotated[str, typer.Option(envvar="BASTION_URL", help="Gateway address.")]
 Token = Annotated[str, typer.Option(envvar="BASTION_ADMIN_TOKEN", help="Admin token.")]
@@ -138,6 +139,24 @@ def incidents_verify(
         raise typer.Exit(1)
 
 
+@incidents.command("public-key")
+def incidents_public_key(
+    key: Annotated[Path | None, typer.Option(help="Default: incident_key_path.")] = None,
+) -> None:
+    """Prints the log's public key (PEM) and its id: keep a copy where whoever can write the
+    database cannot, and give it to 'verify --public-key'."""
+    from gateway.incidents.signing import key_id, load_public_key, public_pem
+    from gateway.settings import Settings
+
+    try:
+        public = load_public_key(key or Settings().incident_key_path)
+    except (OSError, ValueError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(public_pem(public).decode(), nl=False)
+    typer.echo(f"key id {key_id(public)}", err=True)
+
+
 @incidents.command("report")
 def incidents_report(
     incident: int,
@@ -145,7 +164,8 @@ def incidents_report(
     log: Annotated[Path | None, typer.Option(help="The log (default: incident_log_path).")] = None,
     ledger: Annotated[Path | None, typer.Option(help="Default: ledger_path.")] = None,
     repository: Annotated[
-        Path | None, typer.Option(help="For the reference profile (default: the served one).")
+        Path | None,
+        typer.Option(help="For the reference profile (default: the model_repository setting)."),
     ] = None,
 ) -> None:
     """Writes the impact report (JSON and an HTML page with plots): the clients involved,

@@ -19,7 +19,7 @@ from gateway.backends import EMBEDDINGS, FINGERPRINTS
 from gateway.decode_pool import DecodePool
 from gateway.defence.evidence import STRICT
 from gateway.defence.service import DefenceService, Embedded
-from gateway.errors import BastionError, Forbidden, InvalidInput, NotFound
+from gateway.errors import BastionError, Forbidden, InvalidInput, NotFound, Unavailable
 from gateway.incidents.ledger import Ledger
 from gateway.inputs import prepare_inputs
 from gateway.limits import ModelLimits, model_limits
@@ -150,8 +150,12 @@ class DataPlane:
             if routed is not None:
                 try:
                     return self.registry.get(name, routed)
-                except NotFound:  # a route to a version not loaded: the latest answers
-                    pass
+                except NotFound:  # unloaded since it was routed: the safe version, never
+                    safe = self.routes.routes()[name].safe  # a silent fall to the latest
+                    if safe is None or safe == routed:
+                        message = f"model {name!r}: routed version {routed} is not loaded"
+                        raise Unavailable(message) from None
+                    return self.registry.get(name, safe)
         return self.registry.get(name, version)
 
     async def infer(

@@ -96,32 +96,58 @@ class RouteTable:
     def routes(self) -> dict[str, Route]:
         return dict(self._routes)
 
-    def set(self, model: str, route: Route, actor: str = "admin") -> Route:
+    def set(
+        self, model: str, route: Route | None, actor: str = "admin", audit: bool = True
+    ) -> None:
+        """Puts (``None``: removes) a model's route; ``audit=False`` when the caller has
+        written the entry itself (an admin's change is durable before it applies)."""
         with self._lock:
-            self._routes[model] = route
-        self._record("route_change", model, route, actor)
-        return route
+            if route is None:
+                self._routes.pop(model, None)
+            else:
+                self._routes[model] = route
+        if audit:
+            self._record("route_change", model, route, actor)
 
-    def rollback(self, model: str, reason: str, actor: str, strict: bool = True) -> Route | None:
-        """All of ``model``'s traffic to its safe version (and strict); None when it has no
-        safe version or is rolled back already."""
+    def rolled_back(self, model: str, reason: str, strict: bool = True) -> Route | None:
+        """The route a rollback would make (all traffic to the safe version, strict); None
+        when the model has no route or no safe version, or is rolled back already."""
+        route = self._routes.get(model)
+        if route is None or route.safe is None or route.rolled_back is not None:
+            return None
+        return replace(route, rolled_back=reason[:200], strict=strict)
+
+    def rollback(self, model: str, reason: str, actor: str) -> Route | None:
+        """A rule's rollback: applied, then logged through the writer."""
         with self._lock:
-            route = self._routes.get(model)
-            if route is None or route.safe is None or route.rolled_back is not None:
+            route = self.rolled_back(model, reason)
+            if route is None:
                 return None
-            route = self._routes[model] = replace(route, rolled_back=reason[:200], strict=strict)
+            self._routes[model] = route
         log.warning("model %s rolled back to version %s: %s", model, route.safe, reason)
         self._record("rollback", model, route, actor)
         return route
 
-    def roll_forward(self, model: str, actor: str = "admin") -> Route:
-        """Back to the weights, strict off. Raises KeyError for a model with no route."""
-        with self._lock:
-            route = self._routes[model] = replace(
-                self._routes[model], rolled_back=None, strict=False
+    def restore(self, entries: list[Any]) -> int:
+        """Rebuilds the table from the log's route entries, oldest first (at start: a restart
+        must not undo a rollback); returns the routes restored."""
+        for entry in entries:
+            body = entry.body
+            if entry.kind not in ("route_change", "rollback") or body.get("model") != entry.subject:
+                continue
+            if body.get("deleted"):
+                self._routes.pop(entry.subject, None)
+                continue
+            try:
+                route = make_route(
+                    {int(v): float(w) for v, w in body["weights"].items()}, body["safe"]
+                )
+            except (KeyError, TypeError, ValueError, AttributeError):
+                continue
+            self._routes[entry.subject] = replace(
+                route, rolled_back=body.get("rolled_back"), strict=bool(body.get("strict"))
             )
-        self._record("route_change", model, route, actor)
-        return route
+        return len(self._routes)
 
     def on_entry(self, entry: Any) -> None:
         """The rules: a security or drift signal rolls the models it concerns back."""
@@ -140,6 +166,13 @@ class RouteTable:
             if entry.kind == "flag_rate_alarm" or canary:
                 self.rollback(model, f"{entry.kind} on version {version}", "rule")
 
-    def _record(self, kind: str, model: str, route: Route, actor: str) -> None:
+    def _record(self, kind: str, model: str, route: Route | None, actor: str) -> None:
         if self.audit is not None:
-            self.audit(kind, model, {"model": model, **route.to_json()}, actor)
+            self.audit(kind, model, entry_body(model, route), actor)
+
+
+def entry_body(model: str, route: Route | None) -> dict[str, Any]:
+    """A route change as the incident log records it (and ``restore`` reads it back)."""
+    return (
+        {"model": model, "deleted": True} if route is None else {"model": model, **route.to_json()}
+    )

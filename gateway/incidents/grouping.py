@@ -30,6 +30,10 @@ def subjects_of(entry: Entry) -> list[str]:
         value = body.get(key)
         if isinstance(value, str):
             found.append(value)
+    for value in list(found):  # "digits:2" concerns the model "digits" (its routes) too
+        name, colon, version = value.rpartition(":")
+        if colon and version.isdigit() and name:
+            found.append(name)
     for key in ("released", "members"):
         named = body.get(key)
         if isinstance(named, list):
@@ -80,7 +84,11 @@ class Grouper:
         incident = self.store.open(title, trigger, list(dict.fromkeys(named)), seqs)
         body = {"incident": incident, "title": title, "trigger": trigger}
         body |= {"subjects": [s[:64] for s in subjects[:20]], "subject_count": len(subjects)}
-        opened = self.log.append("incident_opened", f"incident-{incident}", body, actor)
+        try:
+            opened = self.log.append("incident_opened", f"incident-{incident}", body, actor)
+        except BaseException:  # no incident that the log does not record
+            self.store.discard(incident)
+            raise
         self.store.attach(incident, [], [opened.seq])
         log.warning("incident %d opened: %s", incident, title)
         return incident

@@ -266,6 +266,7 @@ class IncidentLog:
         limit: int = 100,
         subject: str | None = None,
         since: float | None = None,
+        kinds: tuple[str, ...] = (),
     ) -> list[Entry]:
         """Entries with seq above ``after`` (and time from ``since``), oldest first (at most
         ``limit``, up to 10,000)."""
@@ -278,6 +279,9 @@ class IncidentLog:
         if since is not None:
             query += " AND time >= ?"
             params.append(since)
+        if kinds:
+            query += f" AND kind IN ({','.join('?' * len(kinds))})"
+            params.extend(kinds)
         with self._lock:
             rows = self._conn.execute(query + " ORDER BY seq LIMIT ?", (*params, limit)).fetchall()
         return [Entry(r[0], r[1], r[2], r[3], r[4], json.loads(r[5])) for r in rows]

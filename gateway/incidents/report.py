@@ -130,6 +130,13 @@ def _reference(repository: Path | None, versions: list[dict[str, Any]]) -> dict 
     }
 
 
+def _served_versions(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    counts: dict[tuple[str, str], int] = {}
+    for r in rows:
+        counts[r["model"], r["version"]] = counts.get((r["model"], r["version"]), 0) + 1
+    return [{"model": m, "version": v, "requests": n} for (m, v), n in counts.items()]
+
+
 def build(
     incident: int, log_path: Path, ledger_path: Path, repository: Path | None = None
 ) -> dict[str, Any]:
@@ -203,7 +210,8 @@ def build(
         "requests_per_client": [{"client": c, "requests": n} for c, n in per_client],
         "series": series,
         "before": {"class_counts": before["class_counts"], "confidence": before["confidence"]},
-        "reference": _reference(repository, versions),
+        # the reference of the version the involved clients were served (else the busiest)
+        "reference": _reference(repository, _served_versions(attacker_served) or versions),
         "timeline": [e.to_json() for e in timeline[:1000]],
         "generated_at": time.time(),
     }

@@ -87,6 +87,13 @@ class IncidentStore:
             self._add(incident, subjects, seqs)
         return incident
 
+    def discard(self, incident: int) -> None:
+        """Removes an incident whose opening could not be logged."""
+        with self._lock, transaction(self._conn, immediate=True):
+            for table in ("incident_subjects", "incident_entries"):
+                self._conn.execute(f"DELETE FROM {table} WHERE incident = ?", (incident,))
+            self._conn.execute("DELETE FROM incidents WHERE id = ?", (incident,))
+
     def attach(self, incident: int, subjects: Iterable[str], seqs: Iterable[int]) -> None:
         with self._lock, transaction(self._conn, immediate=True):
             self._add(incident, subjects, seqs)

@@ -108,8 +108,10 @@ def _check_entries(conn: sqlite3.Connection, verdict: Verdict, tree: InmemoryTre
 def _check_checkpoints(
     conn: sqlite3.Connection, verdict: Verdict, tree: InmemoryTree, key: Ed25519PublicKey
 ) -> set[int]:
-    """Checks every signed checkpoint; returns the sizes good ones cover."""
-    good: set[int] = set()
+    """Checks every signed checkpoint; returns the sizes our key signed. After the first that
+    no longer matches the entries, the rest are counted in one line, not one each."""
+    signed: set[int] = set()
+    good, mismatched, forged = 0, [], []
     rows = conn.execute("SELECT size, root, time, signature FROM log_checkpoints ORDER BY size")
     for size, root, time_, signature in rows:
         verdict.checkpoints += 1
@@ -118,18 +120,25 @@ def _check_checkpoints(
             continue
         checkpoint = Checkpoint(size, root, float(time_), signature)
         if not valid(checkpoint, key):
-            verdict.problems.append(f"checkpoint at size {size}: bad signature (forged)")
+            forged.append(size)
             continue
+        signed.add(size)
         if size > verdict.entries:
             verdict.bad(verdict.entries + 1, f"truncated: a checkpoint covers {size} entries")
         elif size < 1 or tree.get_root(size) != checkpoint.root:
-            last = max((n for n in good if n < size), default=0)
-            verdict.bad(
-                last + 1, f"entries {last + 1}..{size} do not match the checkpoint at {size}"
-            )
-        else:
-            good.add(size)
-    return good
+            if not mismatched:
+                verdict.bad(
+                    good + 1, f"entries {good + 1}..{size} do not match the checkpoint at {size}"
+                )
+            mismatched.append(size)
+        elif not mismatched:
+            good = size
+    if len(mismatched) > 1:
+        verdict.problems.append(f"{len(mismatched) - 1} later checkpoints do not match either")
+    if forged:
+        more = f" (and {len(forged) - 1} more)" if len(forged) > 1 else ""
+        verdict.problems.append(f"checkpoint at size {forged[0]}: bad signature (forged){more}")
+    return signed
 
 
 def _check_witness(path: Path, verdict: Verdict, tree: InmemoryTree, key: Ed25519PublicKey) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import replace
 
 import pytest
 
@@ -29,13 +30,31 @@ def test_a_rollback_sends_everything_to_the_safe_version_until_rolled_forward() 
     logged: list[tuple[str, str]] = []
     table = RouteTable(audit=lambda kind, model, body, actor: logged.append((kind, actor)))
     table.set("digits", make_route({1: 1, 2: 1}, safe=1))
-    assert table.rollback("digits", "canary misbehaves", "admin") is not None
+    assert table.rollback("digits", "canary misbehaves", "rule") is not None
     assert {table.version("digits", f"c{i}") for i in range(1000)} == {1}
-    assert table.strict("digits") and table.rollback("digits", "again", "admin") is None
-    table.roll_forward("digits")
+    assert table.strict("digits") and table.rollback("digits", "again", "rule") is None
+    forward = replace(table.routes()["digits"], rolled_back=None, strict=False)
+    table.set("digits", forward, audit=False)  # an admin's change, logged by its route
     assert {table.version("digits", f"c{i}") for i in range(1000)} == {1, 2}
     assert not table.strict("digits")
-    assert logged == [("route_change", "admin"), ("rollback", "admin"), ("route_change", "admin")]
+    assert logged == [("route_change", "admin"), ("rollback", "rule")]
+
+
+def test_a_restart_rebuilds_the_table_from_the_logged_route_entries() -> None:
+    logged: list[Entry] = []
+
+    def audit(kind: str, model: str, body: dict, actor: str) -> None:
+        logged.append(Entry(len(logged) + 1, 0.0, kind, actor, model, body))
+
+    table = RouteTable(audit=audit)
+    table.set("digits", make_route({1: 3, 2: 1}, safe=1))
+    table.set("letters", make_route({5: 1}, safe=None))
+    table.rollback("digits", "contained: mallory", "rule")
+    table.set("letters", None)  # deleted
+    restarted = RouteTable()
+    assert restarted.restore(logged) == 1
+    assert restarted.routes() == table.routes()
+    assert restarted.routes()["digits"].rolled_back == "contained: mallory"
 
 
 def test_security_and_drift_signals_roll_back_by_rule() -> None:
@@ -48,7 +67,7 @@ def test_security_and_drift_signals_roll_back_by_rule() -> None:
     assert table.routes()["digits"].rolled_back is None  # drift of the safe version itself
     table.on_entry(entry("drift_alarm", "digits:2", event="raised"))
     assert table.routes()["digits"].rolled_back == "drift_alarm on version 2"
-    table.roll_forward("digits")
+    table.set("digits", replace(table.routes()["digits"], rolled_back=None, strict=False))
     table.on_entry(entry("containment", "sybil-0", rung="refuse", scope="campaign"))
     assert table.routes()["digits"].rolled_back == "contained: sybil-0"
     assert table.routes()["letters"].rolled_back is None
