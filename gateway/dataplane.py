@@ -33,7 +33,7 @@ from gateway.protocol.types import (
 )
 from gateway.registry import LoadedModel, ModelRegistry
 from gateway.repository import ModelConfig, TensorSpec
-from gateway.routing import RouteTable
+from gateway.routing import RouteTable, point
 from gateway.screening.policy import ADVERSARIAL, SUSPICIOUS
 from gateway.screening.service import (
     REPORT_PARAMETER,
@@ -144,19 +144,21 @@ class DataPlane:
         return model.limits
 
     def _route(self, name: str, version: int | None, client: str | None) -> LoadedModel:
-        """The named version, else the one the route table assigns, else the latest."""
-        if version is None and self.routes is not None:
-            routed = self.routes.version(name, client)
-            if routed is not None:
-                try:
-                    return self.registry.get(name, routed)
-                except NotFound:  # unloaded since it was routed: the safe version, never
-                    safe = self.routes.routes()[name].safe  # a silent fall to the latest
-                    if safe is None or safe == routed:
-                        message = f"model {name!r}: routed version {routed} is not loaded"
-                        raise Unavailable(message) from None
-                    return self.registry.get(name, safe)
-        return self.registry.get(name, version)
+        """The version the route table assigns (also in place of a version a rollback took
+        out of service, when named), else the named one, else the latest."""
+        route = self.routes.routes().get(name) if self.routes is not None else None
+        if route is None:
+            return self.registry.get(name, version)
+        if version is not None and not (route.rolled_back and version != route.safe):
+            return self.registry.get(name, version)
+        routed = route.pick(point(client))
+        try:
+            return self.registry.get(name, routed)
+        except NotFound:  # unloaded since it was routed: the safe version, never the latest
+            if route.safe is None or route.safe == routed:
+                message = f"model {name!r}: routed version {routed} is not loaded"
+                raise Unavailable(message) from None
+            return self.registry.get(name, route.safe)
 
     async def infer(
         self, name: str, version: int | None, decode: Decoder, caller: Caller

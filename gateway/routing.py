@@ -21,12 +21,14 @@ import hashlib
 import logging
 import random
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
 log = logging.getLogger(__name__)
 MAX_VERSIONS = 16
+RULE_COOLDOWN_S = 600.0
 Audit = Callable[[str, str, dict[str, Any], str], object]
 
 
@@ -63,15 +65,18 @@ def make_route(weights: dict[int, float], safe: int | None) -> Route:
         raise ValueError(f"a route names 1 to {MAX_VERSIONS} versions")
     if any(v < 1 for v in weights) or any(not 0 <= w < float("inf") for w in weights.values()):
         raise ValueError("versions are at least 1 and weights finite and not negative")
-    total = sum(weights.values())
-    if total <= 0:
+    top = max(weights.values())
+    if top <= 0:
         raise ValueError("at least one weight must be above 0")
+    weights = {v: w / top for v, w in weights.items()}  # no overflow in the sum below
+    total = sum(weights.values())
     if safe is not None and safe < 1:
         raise ValueError("the safe version is at least 1")
     return Route({v: w / total for v, w in weights.items()}, safe)
 
 
-def _point(client: str | None) -> float:
+def point(client: str | None) -> float:
+    """A client's place in [0, 1) (a hash of its id: sticky), at random without one."""
     if client is None:
         return random.random()
     digest = hashlib.blake2b(client.encode(), digest_size=8).digest()
@@ -81,13 +86,14 @@ def _point(client: str | None) -> float:
 class RouteTable:
     def __init__(self, audit: Audit | None = None) -> None:
         self._routes: dict[str, Route] = {}
+        self._forwarded: dict[str, float] = {}  # model -> when an admin last rolled it forward
         self._lock = threading.Lock()
         self.audit = audit
 
     def version(self, model: str, client: str | None) -> int | None:
         """The version a request to ``model`` naming none goes to; None: no route (latest)."""
         route = self._routes.get(model)
-        return None if route is None else route.pick(_point(client))
+        return None if route is None else route.pick(point(client))
 
     def strict(self, model: str) -> bool:
         route = self._routes.get(model)
@@ -100,12 +106,16 @@ class RouteTable:
         self, model: str, route: Route | None, actor: str = "admin", audit: bool = True
     ) -> None:
         """Puts (``None``: removes) a model's route; ``audit=False`` when the caller has
-        written the entry itself (an admin's change is durable before it applies)."""
+        written the entry itself (an admin's change is durable before it applies). A roll
+        forward (rolled back before, not now) starts the rules' cooldown."""
         with self._lock:
+            before = self._routes.get(model)
             if route is None:
                 self._routes.pop(model, None)
             else:
                 self._routes[model] = route
+            if before is not None and before.rolled_back and not (route and route.rolled_back):
+                self._forwarded[model] = time.monotonic()
         if audit:
             self._record("route_change", model, route, actor)
 
@@ -117,15 +127,23 @@ class RouteTable:
             return None
         return replace(route, rolled_back=reason[:200], strict=strict)
 
-    def rollback(self, model: str, reason: str, actor: str) -> Route | None:
-        """A rule's rollback: applied, then logged through the writer."""
+    def rollback(self, model: str, reason: str, actor: str, cause: str = "") -> Route | None:
+        """A rule's rollback: applied, then logged through the writer (``cause``: the client,
+        campaign or model version whose signal it was, so it joins that incident). None within
+        ``RULE_COOLDOWN_S`` of an admin's roll forward: the admin has judged, and a signal an
+        attacker can raise at will must not undo that over and over (it is logged instead)."""
         with self._lock:
             route = self.rolled_back(model, reason)
             if route is None:
                 return None
+            forwarded = self._forwarded.get(model)
+            if forwarded is not None and time.monotonic() - forwarded < RULE_COOLDOWN_S:
+                log.warning("model %s: rollback by rule suppressed after a roll forward: %s",
+                            model, reason)  # fmt: skip
+                return None
             self._routes[model] = route
         log.warning("model %s rolled back to version %s: %s", model, route.safe, reason)
-        self._record("rollback", model, route, actor)
+        self._record("rollback", model, route, actor, cause)
         return route
 
     def restore(self, entries: list[Any]) -> int:
@@ -156,7 +174,7 @@ class RouteTable:
             probed = str(body.get("model") or "").rpartition(":")[0]
             # the model the contained queries went to; every routed one when it is not known
             for model in [probed] if probed in self._routes else list(self._routes):
-                self.rollback(model, f"contained: {entry.subject}", "rule")
+                self.rollback(model, f"contained: {entry.subject}", "rule", entry.subject)
         elif entry.kind in ("flag_rate_alarm", "drift_alarm") and body.get("event") == "raised":
             model, _, version = entry.subject.rpartition(":")
             route = self._routes.get(model)
@@ -164,11 +182,14 @@ class RouteTable:
                 return
             canary = entry.kind == "drift_alarm" and route.weights.get(int(version), 0) > 0
             if entry.kind == "flag_rate_alarm" or canary:
-                self.rollback(model, f"{entry.kind} on version {version}", "rule")
+                self.rollback(model, f"{entry.kind} on version {version}", "rule", entry.subject)
 
-    def _record(self, kind: str, model: str, route: Route | None, actor: str) -> None:
+    def _record(
+        self, kind: str, model: str, route: Route | None, actor: str, cause: str = ""
+    ) -> None:
         if self.audit is not None:
-            self.audit(kind, model, entry_body(model, route), actor)
+            body = entry_body(model, route)
+            self.audit(kind, model, {**body, "cause": cause} if cause else body, actor)
 
 
 def entry_body(model: str, route: Route | None) -> dict[str, Any]:

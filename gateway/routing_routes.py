@@ -87,6 +87,9 @@ async def set_route(request: Request, model: ModelPath, body: RouteBody) -> Resp
             f"model {model!r} has no loaded version {sorted(named - loaded)} "
             f"(loaded: {sorted(loaded)})"
         )
+    current = _table(request).routes().get(model)
+    if current is not None and current.rolled_back:  # new weights do not undo a rollback
+        route = replace(route, rolled_back=current.rolled_back, strict=current.strict)
     return await _apply(request, "route_change", model, route)
 
 

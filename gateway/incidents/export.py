@@ -30,6 +30,14 @@ FIELDS = ("index", "id", "created_at", "model", "version", "client_id", "request
           "image_index", "verdict", "status", "label", "note", "released_at")  # fmt: skip
 
 
+def _cell(value: object) -> object:
+    """A string a spreadsheet would run as a formula (a client chooses request ids) is quoted
+    with a leading apostrophe (OWASP's CSV injection advice)."""
+    if isinstance(value, str) and value[:1] in ("=", "+", "-", "@", "\t", "\r"):
+        return "'" + value
+    return value
+
+
 def export(
     store: SQLiteQuarantineStore,
     out: Path,
@@ -61,9 +69,10 @@ def export(
         writer.writerow(FIELDS)
         for i, r in enumerate(records):
             writer.writerow(
+                [_cell(v) for v in
                 [i, r.id, r.created_at, r.model, r.version, r.client_id or "", r.request_id or "",
                  r.image_index, r.verdict, r.status, LABELS.get(r.status, r.status), r.note or "",
-                 r.released_at or ""]
+                 r.released_at or ""]]
             )  # fmt: skip
     labels: dict[str, int] = {}
     for r in records:

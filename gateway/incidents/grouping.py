@@ -26,7 +26,12 @@ def subjects_of(entry: Entry) -> list[str]:
     """The clients, campaigns and models an entry is about."""
     body: dict[str, Any] = entry.body
     found = [entry.subject]
-    for key in ("campaign", "joined", "via", "model"):
+    # the model a client's queries went to is an attribute, not a subject: an attack must not
+    # join (or hide in) an incident about the model; a rollback joins through its cause
+    keys = ("campaign", "joined", "via", "cause")
+    if entry.kind not in ("containment", "campaign"):
+        keys += ("model",)
+    for key in keys:
         value = body.get(key)
         if isinstance(value, str):
             found.append(value)
@@ -64,7 +69,9 @@ class Grouper:
         if entry.kind in OWN_KINDS:
             return
         subjects = subjects_of(entry)
-        incident = self.store.find_open(subjects)
+        cause = entry.body.get("cause")  # a rollback joins the incident of its cause first
+        incident = self.store.find_open([cause]) if isinstance(cause, str) else None
+        incident = incident or self.store.find_open(subjects)
         if incident is not None:
             self.store.attach(incident, subjects, [entry.seq])
         elif opens(entry):

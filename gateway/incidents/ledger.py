@@ -97,8 +97,8 @@ def shared(a: bytes, b: bytes) -> int:
 
 def predictions(probabilities: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The predicted class and its probability per row of ``probabilities`` (n, C)."""
-    flat = probabilities.reshape(len(probabilities), -1)
-    return flat.argmax(axis=1), flat.max(axis=1)
+    flat = np.nan_to_num(probabilities.reshape(len(probabilities), -1), nan=0.0)
+    return flat.argmax(axis=1), np.clip(flat.max(axis=1), 0.0, 1.0)
 
 
 def ledger_rows(
@@ -119,6 +119,7 @@ def ledger_rows(
     probabilities = outputs.get("probabilities")
     if probabilities is None:
         logits = next(iter(outputs.values())).reshape(len(inputs), -1).astype(np.float64)
+        logits = np.nan_to_num(logits, nan=0.0, posinf=1e30, neginf=-1e30)
         shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
         probabilities = shifted / shifted.sum(axis=1, keepdims=True)
     predicted, confidence = predictions(probabilities)

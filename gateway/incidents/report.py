@@ -60,6 +60,7 @@ def _matches(candidates: np.ndarray, campaign: np.ndarray) -> np.ndarray:
     exact count against each campaign sketch for the few that pass it."""
     if not len(candidates) or not len(campaign):
         return np.zeros(len(candidates), bool)
+    campaign = np.unique(campaign, axis=0)  # a campaign repeats itself: count each sketch once
     pool = np.unique(campaign[campaign != EMPTY])
     hits = np.isin(candidates, pool) & (candidates != EMPTY)
     found = np.zeros(len(candidates), bool)
@@ -96,7 +97,8 @@ def _series(conn: sqlite3.Connection, start: float, end: float, clients: list[st
         start = float(t.min())
     width = max((end - start) / BINS, 1e-9)
     index = np.clip(((t - start) / width).astype(np.int64), 0, BINS - 1)
-    involved = np.array([d[1] in set(clients) for d in data], bool)
+    members = set(clients)
+    involved = np.array([d[1] in members for d in data], bool)
     confidence = np.array([d[3] for d in data], np.float64)
     predicted = np.array([d[2] for d in data], np.int64)
     counts = np.bincount(index, minlength=BINS)

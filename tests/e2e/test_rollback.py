@@ -95,6 +95,13 @@ def test_a_rollback_under_load_fails_no_request_and_moves_all_traffic_at_once(
         after = [v for t, v in seen if t > done]
         assert before == {"1", "2"} and len(after) > 20
         assert set(after) == {"1"}, "a request that started after the rollback reached version 2"
+        named = th.InferenceServerClient(server.url)
+        tensor = th.InferInput("images", [1, 1, 28, 28], "FP32")
+        tensor.set_data_from_numpy(images[:1].astype(np.float32))
+        answer = named.infer("digits", [tensor], model_version="2")  # asks for the canary
+        assert answer.get_response()["model_version"] == "1"  # a rollback takes it out of service
+        again = httpx.put(base, json=route, headers=admin, timeout=10)  # a deploy script re-PUTs
+        assert again.json()["rolled_back"] == "canary under review"  # it does not undo it
         forward = httpx.post(f"{base}/forward", headers=admin, timeout=10)
         assert forward.status_code == 200 and forward.json()["rolled_back"] is None
         conn = sqlite3.connect(server.incident_env()["BASTION_INCIDENT_LOG_PATH"])
@@ -102,7 +109,7 @@ def test_a_rollback_under_load_fails_no_request_and_moves_all_traffic_at_once(
             k for (k,) in conn.execute("SELECT kind FROM log_entries WHERE subject = 'digits'")
         ]
         conn.close()
-        assert kinds[:3] == ["route_change", "rollback", "route_change"]
+        assert kinds[:4] == ["route_change", "rollback", "route_change", "route_change"]
         bad = httpx.put(base, json={"weights": {"0": 1}}, headers=admin, timeout=10)
         assert bad.status_code == 400 and "error" in bad.json()
         unloaded = httpx.put(base, json={"weights": {"1": 1}, "safe": 3}, headers=admin)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -47,3 +48,13 @@ def test_mixed_shapes_or_nothing_to_export_is_a_clear_error(tmp_path: Path) -> N
         store.add_many([item(0), item(1, shape=(3, 32, 32))])
         with pytest.raises(ValueError, match="one --model at a time"):
             export(store, tmp_path / "out")
+
+
+def test_a_client_chosen_string_is_no_spreadsheet_formula(tmp_path: Path) -> None:
+    with SQLiteQuarantineStore(tmp_path / "q.db") as store:
+        evil = replace(item(0), request_id='=HYPERLINK("http://x","y")')
+        store.add_many([evil])
+        export(store, tmp_path / "out")
+    with (tmp_path / "out" / "quarantine-export.csv").open() as manifest:
+        (row,) = list(csv.DictReader(manifest))
+    assert row["request_id"].startswith("'=")

@@ -86,3 +86,13 @@ def test_alarms_and_admins_open_incidents_and_related_entries_join(grouper: Grou
     assert drift.trigger == "drift_alarm" and manual.id == by_hand
     assert [e.kind for e in grouper.store.timeline(by_hand)][-1] == "containment"
     assert [e.kind for e in grouper.store.timeline(drift.id)][-1] == "rollback"
+
+
+def test_an_attack_on_a_model_does_not_join_an_incident_about_that_model(grouper: Grouper) -> None:
+    grouper.log.append("drift_alarm", "digits:2", {"event": "raised", "model": "digits"})
+    body = {"rung": "refuse", "campaign": "sybil-0", "model": "digits:2"}
+    grouper.log.append("containment", "sybil-0", body)
+    drift, attack = sorted(grouper.store.list(), key=lambda i: i.id)
+    assert drift.trigger == "drift_alarm" and attack.trigger == "containment"
+    grouper.log.append("rollback", "digits", {"model": "digits", "cause": "sybil-0"})
+    assert grouper.store.timeline(attack.id)[-1].kind == "rollback"  # joined through its cause

@@ -87,3 +87,15 @@ def test_rows_are_built_on_the_writer_thread_and_a_bad_request_stops_nothing(
     assert ledger.count() == 4  # the malformed request (no outputs) was skipped and logged
     assert "could not build the rows" in caplog.text
     ledger.close()
+
+
+def test_a_non_finite_output_is_recorded_not_a_lost_batch(tmp_path: Path) -> None:
+    ledger = Ledger(tmp_path / "l.db", 100, 1000)
+    images = np.zeros((2, 1, 28, 28), np.float32)
+    logits = np.array([[np.inf] * 10, [np.nan] * 10], np.float32)
+    ledger.submit_request(("m", "1"), ("c", "r"), images, {"logits": logits}, None, ["a", "a"],
+                          "served", 1.0)  # fmt: skip
+    ledger.submit(rows_for(3))
+    ledger.flush()
+    assert ledger.count() == 5
+    ledger.close()

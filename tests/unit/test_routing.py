@@ -67,7 +67,9 @@ def test_security_and_drift_signals_roll_back_by_rule() -> None:
     assert table.routes()["digits"].rolled_back is None  # drift of the safe version itself
     table.on_entry(entry("drift_alarm", "digits:2", event="raised"))
     assert table.routes()["digits"].rolled_back == "drift_alarm on version 2"
-    table.set("digits", replace(table.routes()["digits"], rolled_back=None, strict=False))
+    table = RouteTable()  # (a roll forward would hold the rules off for a while)
+    table.set("digits", make_route({1: 0.5, 2: 0.5}, safe=1))
+    table.set("letters", make_route({3: 1.0}, safe=None))
     table.on_entry(entry("containment", "sybil-0", rung="refuse", scope="campaign"))
     assert table.routes()["digits"].rolled_back == "contained: sybil-0"
     assert table.routes()["letters"].rolled_back is None
@@ -89,3 +91,14 @@ def test_a_containment_rolls_back_only_the_model_its_queries_went_to() -> None:
     table.on_entry(entry("containment", "sybil-0", rung="refuse", model="letters:2"))
     assert table.routes()["letters"].rolled_back == "contained: sybil-0"
     assert table.routes()["digits"].rolled_back is None
+
+
+def test_after_an_admin_rolls_forward_the_rules_wait_and_huge_weights_stay_sane() -> None:
+    table = RouteTable()
+    table.set("digits", make_route({1: 1e308, 2: 1e308}, safe=1))
+    assert table.routes()["digits"].weights == {1: 0.5, 2: 0.5}
+    table.on_entry(entry("containment", "sybil-0", rung="refuse", model="digits:2"))
+    rolled = table.routes()["digits"]
+    table.set("digits", replace(rolled, rolled_back=None, strict=False), audit=False)  # forward
+    table.on_entry(entry("containment", "sybil-9", rung="refuse", model="digits:2"))
+    assert table.routes()["digits"].rolled_back is None  # an attacker cannot undo the admin
