@@ -219,12 +219,9 @@ def build(
     }
 
 
-def write(report: dict[str, Any], out: Path) -> tuple[Path, Path]:
-    """Writes ``incident-<id>.json`` and ``incident-<id>.html`` into ``out``."""
-    out.mkdir(parents=True, exist_ok=True)
-    name = f"incident-{report['incident']['id']}"
+def page(report: dict[str, Any]) -> tuple[str, str]:
+    """The report as JSON text and as the self-contained HTML page."""
     data = json.dumps(report, allow_nan=False, default=str)
-    (out / f"{name}.json").write_text(data)
     template = (Path(__file__).parent / "report.html").read_text()
     values = {
         "/*UPLOT_CSS*/": (STATIC / "uPlot.min.css").read_text(),
@@ -237,6 +234,14 @@ def write(report: dict[str, Any], out: Path) -> tuple[Path, Path]:
         .replace(">", "\\u003e"),
     }
     # one pass over the template: text put in is never searched for placeholders again
-    page = re.sub("|".join(map(re.escape, values)), lambda m: values[m.group(0)], template)
-    (out / f"{name}.html").write_text(page)
+    return data, re.sub("|".join(map(re.escape, values)), lambda m: values[m.group(0)], template)
+
+
+def write(report: dict[str, Any], out: Path) -> tuple[Path, Path]:
+    """Writes ``incident-<id>.json`` and ``incident-<id>.html`` into ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    name = f"incident-{report['incident']['id']}"
+    data, html_page = page(report)
+    (out / f"{name}.json").write_text(data)
+    (out / f"{name}.html").write_text(html_page)
     return out / f"{name}.json", out / f"{name}.html"

@@ -98,3 +98,31 @@ async def close_incident(
     except ValueError as exc:
         raise InvalidInput(str(exc)) from None
     return json_response(await asyncio.to_thread(_show, grouper, incident))
+
+
+@router.get("/v2/admin/incidents/{incident}/report", responses=errors(400, 403, 404))
+async def incident_report(
+    request: Request,
+    incident: IncidentPath,
+    format: Annotated[str, Query(pattern="^(json|html)$")] = "json",
+) -> Response:
+    """The impact report (``bastion incidents report``): JSON, or the HTML page."""
+    from gateway.incidents.report import build, page
+
+    settings = request.app.state.settings
+    try:
+        report = await asyncio.to_thread(
+            build,
+            incident,
+            settings.incident_log_path,
+            settings.ledger_path,
+            settings.model_repository,
+        )
+    except KeyError:
+        raise NotFound(f"no incident {incident}") from None
+    except FileNotFoundError as exc:
+        raise Unavailable(str(exc)) from None
+    data, html_page = await asyncio.to_thread(page, report)
+    if format == "html":
+        return Response(html_page, media_type="text/html; charset=utf-8")
+    return Response(data, media_type="application/json")

@@ -185,6 +185,13 @@ def test_the_whole_incident_attack_contained_rolled_back_reported_restored_verif
         cli(server.url, env, "incidents", "report", str(incident["id"]), "--out", str(tmp_path))
         report = json.loads((tmp_path / f"incident-{incident['id']}.json").read_text())
         assert report["attacker_served_count"] == answers.count("served")
+        over_api = httpx.get(f"{base}/incidents/{incident['id']}/report", headers=admin, timeout=60)
+        assert over_api.json()["attacker_served_count"] == report["attacker_served_count"]
+        as_page = httpx.get(
+            f"{base}/incidents/{incident['id']}/report?format=html", headers=admin, timeout=60
+        )
+        assert as_page.headers["content-type"].startswith("text/html") and "uPlot" in as_page.text
+        assert httpx.get(f"{base}/incidents/{incident['id']}/report").status_code == 403
         assert {r["version"] for r in report["versions"]} <= {"1", "2"}
         # restore: lift containment, roll forward, export the quarantine, close the incident
         last = f"sybil-{(len(answers) - 1) // 3}"
