@@ -92,6 +92,7 @@ def errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
         400: "Invalid body, query or path (type, range, length, unknown key)",
         403: "Missing or wrong admin token, or admin actions disabled",
         404: "No such model or quarantine record",
+        503: "The incident log or a store cannot take the change now",
     }
     out: dict[int | str, dict[str, Any]] = {s: error(text[s]) for s in statuses}
     out["default"] = error("Unexpected error")

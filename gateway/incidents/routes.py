@@ -100,7 +100,16 @@ async def close_incident(
     return json_response(await asyncio.to_thread(_show, grouper, incident))
 
 
-@router.get("/v2/admin/incidents/{incident}/report", responses=errors(400, 403, 404))
+@router.get(
+    "/v2/admin/incidents/{incident}/report",
+    responses={
+        **errors(400, 403, 404, 503),
+        200: {
+            "description": "The report: JSON, or the HTML page with ?format=html.",
+            "content": {"application/json": {}, "text/html": {}},
+        },
+    },
+)
 async def incident_report(
     request: Request,
     incident: IncidentPath,
