@@ -32,8 +32,9 @@ from benchmarks.screening_cost import median_ms
 from gateway.defence import probe_table
 from gateway.defence.fingerprint import fingerprints
 from gateway.defence.knn import KnnSpec
+from gateway.defence.observation import Embedded
 from gateway.defence.probe_index import ProbeIndex
-from gateway.defence.service import DefenceService, Embedded
+from gateway.defence.service import DefenceService
 from gateway.monitoring.metrics import Metrics
 from gateway.repository import ModelRepository
 from gateway.screening.calibration import Calibration

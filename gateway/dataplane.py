@@ -17,8 +17,10 @@ import numpy as np
 from gateway import __version__
 from gateway.backends import EMBEDDINGS, FINGERPRINTS
 from gateway.decode_pool import DecodePool
+from gateway.defence.answers import put_back, served_answers
 from gateway.defence.evidence import STRICT
-from gateway.defence.service import DefenceService, Embedded
+from gateway.defence.observation import Embedded
+from gateway.defence.service import DefenceService
 from gateway.errors import BastionError, Forbidden, InvalidInput, NotFound, Unavailable
 from gateway.incidents.ledger import Ledger
 from gateway.inputs import prepare_inputs
@@ -292,7 +294,8 @@ class DataPlane:
         assert self.defence is not None and model.backend.screening is not None
         job = model.backend.screening
         rows = next(iter(arrays.values()))
-        answers, answer_key = _answers(model, results)
+        outputs = [spec.name for spec in model.config.outputs]
+        answers, answer_key = served_answers(outputs, (model.config.name, model.version), results)
         targets = job.targets or {}
         embeddings = results.get(EMBEDDINGS)
         embedded = None
@@ -311,7 +314,7 @@ class DataPlane:
             request.id,
             f"{model.config.name}:{model.version}",
         )
-        _repeat(model, results, observed.repeats)
+        put_back(outputs, results, observed.repeats)
         served = False
         try:
             # e.g. a new identity its probes just linked to a contained campaign: 403 or 429
@@ -330,29 +333,6 @@ class DataPlane:
         if request.timeout_us and policy.allow_timeout_override:
             timeout_us = request.timeout_us
         return start_ns + timeout_us * 1000 if timeout_us else None
-
-
-def _answers(model: LoadedModel, results: dict[str, np.ndarray]) -> tuple[np.ndarray, int]:
-    """The served outputs as one float32 row per image, and a key for model, version and
-    output shapes (a remembered answer is repeated only to the same model's queries)."""
-    names = [spec.name for spec in model.config.outputs]
-    parts = [results[name].reshape(len(results[name]), -1).astype(np.float32) for name in names]
-    shape = tuple((name, part.shape[1]) for name, part in zip(names, parts, strict=True))
-    key = hash((model.config.name, model.version, shape)) or 1
-    return np.concatenate(parts, axis=1), key
-
-
-def _repeat(model: LoadedModel, results: dict[str, np.ndarray], repeats: dict) -> None:
-    """Replaces a probe's outputs with the remembered answer (the ``repeat`` response)."""
-    if not repeats:
-        return
-    start = 0
-    for spec in model.config.outputs:
-        values = results[spec.name] = results[spec.name].copy()
-        width = int(np.prod(values.shape[1:]))
-        for i, answer in repeats.items():
-            values[i] = answer[start : start + width].reshape(values.shape[1:])
-        start += width
 
 
 def _attach_screening(response: InferResponse, screened: Screened, request: InferRequest) -> None:

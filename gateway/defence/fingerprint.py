@@ -18,6 +18,7 @@ time, for the CPU-reference test.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -142,3 +143,10 @@ def fingerprint_reference(image: np.ndarray, spec: FingerprintSpec) -> list[int]
         hashes.add(_signed(value))
     ordered = sorted(hashes, reverse=True)[: spec.top]
     return ordered + [int(EMPTY)] * (spec.top - len(ordered))
+
+
+def content_hash(image: np.ndarray) -> int:
+    """A 64-bit hash of an input row's raw bytes (BLAKE2b), as a signed int64: an exact
+    resend (a retry) has the same one, a near-duplicate a different one."""
+    digest = hashlib.blake2b(np.ascontiguousarray(image).tobytes(), digest_size=8).digest()
+    return int.from_bytes(digest, "little", signed=True)

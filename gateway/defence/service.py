@@ -27,7 +27,6 @@ repeated as well.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import secrets
@@ -35,7 +34,6 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -43,8 +41,9 @@ import numpy as np
 
 from gateway.defence import knn, probe_table
 from gateway.defence.evidence import OBSERVE, REFUSE, STRICT, THROTTLE, Ladder, LadderSpec
-from gateway.defence.fingerprint import FingerprintSpec
-from gateway.defence.knn import Histories, KnnSpec
+from gateway.defence.fingerprint import FingerprintSpec, content_hash
+from gateway.defence.knn import Histories
+from gateway.defence.observation import Embedded, Observation
 from gateway.defence.probe_index import ProbeIndex
 from gateway.errors import Forbidden, TooManyRequests
 from gateway.monitoring.metrics import Metrics
@@ -54,35 +53,8 @@ FLAGGED = frozenset({"suspicious", "adversarial"})
 log = logging.getLogger(__name__)
 
 
-def content_hash(image: np.ndarray) -> int:
-    """A 64-bit hash of an input row's raw bytes (BLAKE2b), as a signed int64."""
-    digest = hashlib.blake2b(np.ascontiguousarray(image).tobytes(), digest_size=8).digest()
-    return int.from_bytes(digest, "little", signed=True)
-
-
 class Contained(Forbidden):
     """The client, or the campaign it belongs to, is refused."""
-
-
-@dataclass(frozen=True)
-class Observation:
-    rung: str
-    probes: int  # images of the request that nearly duplicate a remembered query
-    repeats: dict[int, np.ndarray]  # image index -> the remembered answer to give instead
-    near: int = 0  # images the k-NN detector found close to the client's earlier queries
-    contained: int = 0  # probes that continue a campaign at the refuse rung, whoever sent them
-    refused: tuple[int, ...] = ()  # images whose near-duplicate was refused: refused again
-    slots: tuple[tuple[int, int], ...] = ()  # (slot, content) of each query remembered
-    answer_key: int = 0
-
-
-@dataclass(frozen=True)
-class Embedded:
-    """A request's embeddings and the model's calibrated k-NN detector."""
-
-    model: str  # name and version: histories are per embedding space
-    spec: KnnSpec
-    embeddings: np.ndarray  # (n, E) float32
 
 
 class DefenceService:

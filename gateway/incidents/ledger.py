@@ -34,7 +34,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from gateway.defence.service import content_hash
+from gateway.defence.fingerprint import content_hash
 from gateway.incidents.sqlite import connect, transaction
 
 log = logging.getLogger(__name__)
