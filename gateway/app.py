@@ -15,6 +15,7 @@ from functools import partial
 from fastapi import FastAPI
 
 from gateway import __version__, admin, dashboard, openapi, routing_routes
+from gateway.admission import InFlight
 from gateway.asgi import Gateway
 from gateway.dataplane import DataPlane
 from gateway.decode_pool import DecodePool
@@ -38,6 +39,7 @@ from gateway.quarantine.factory import open_store, retention_sweep
 from gateway.registry import ModelRegistry
 from gateway.repository import ModelRepository
 from gateway.routing import RouteTable
+from gateway.rpc.server import GrpcServer
 from gateway.screening.service import ScreeningService
 from gateway.settings import Settings
 
@@ -94,9 +96,10 @@ def log_drift_event(writer: LogWriter, event: DriftEvent) -> None:
     writer.submit(kind, f"{event.model}:{event.version}", body)
 
 
-def create_app(settings: Settings | None = None) -> Gateway:
+def create_app(settings: Settings | None = None, grpc: bool = False) -> Gateway:
     """The ASGI app: front-door checks and the inference fast path in front of the FastAPI app
-    (``.app``)."""
+    (``.app``). ``grpc``: its lifespan also serves gRPC (``bastion serve`` asks for it when
+    ``allow_grpc``; in-process tests do not)."""
     settings = settings or Settings()
     metrics = Metrics()
 
@@ -152,9 +155,15 @@ def create_app(settings: Settings | None = None) -> Gateway:
         # the loaded models are permanent: keep the collector from rescanning them on every pass
         gc.collect()
         gc.freeze()
+        grpc_server = GrpcServer(settings, app.state) if grpc else None
+        if grpc_server is not None:
+            await grpc_server.start()
+        app.state.grpc = grpc_server
         try:
             yield
         finally:
+            if grpc_server is not None:  # answers what it accepted, before the models go
+                await grpc_server.stop()
             sampling.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await sampling
@@ -184,6 +193,7 @@ def create_app(settings: Settings | None = None) -> Gateway:
     )
     app.state.settings = settings
     app.state.metrics = metrics
+    app.state.in_flight = InFlight(settings.max_requests_in_flight, metrics)
     app.state.keys = None  # the key ring, opened with the rest in the lifespan
     app.state.incident_log = app.state.incidents = app.state.routes = None
     app.include_router(router)

@@ -16,8 +16,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -25,23 +24,20 @@ from fastapi import FastAPI
 from starlette.exceptions import HTTPException
 from starlette.types import Message, Receive, Scope, Send
 
-from gateway.dataplane import SCREENING_REPORT_SCOPE, DataPlane
-from gateway.errors import BastionError, InvalidInput, PayloadTooLarge, Unauthorized, Unavailable
-from gateway.http import HEALTH_PATHS, clip, token_matches
-from gateway.identity.keys import KeyRing
+from gateway.dataplane import DataPlane
+from gateway.errors import BastionError, InvalidInput, PayloadTooLarge, Unavailable
+from gateway.http import HEALTH_PATHS, clip
+from gateway.identity.caller import resolve_caller
 from gateway.protocol.bounds import Limits, RawInput
 from gateway.protocol.codec import decode_infer_body, encode_response
 from gateway.protocol.content_encoding import compress
-from gateway.protocol.types import Caller, InferRequest
+from gateway.protocol.types import InferRequest
 from gateway.repository import parse_version
 
 log = logging.getLogger(__name__)
 _JSON = b"application/json"
 _PREALLOCATE = 64 << 10
 _BINARY = b"application/octet-stream"
-_CLIENT_ID = re.compile(r"[A-Za-z0-9._~:@/+=-]+")
-ADMIN_CLIENT = "admin"
-"""The client the admin token stands for where client keys are required."""
 Headers = list[tuple[bytes, bytes]]
 
 
@@ -53,7 +49,6 @@ class Gateway:
     def __init__(self, app: FastAPI) -> None:
         self.app = app
         self.state = app.state
-        self._in_flight = 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] in HEALTH_PATHS:
@@ -62,7 +57,7 @@ class Gateway:
         match = self.INFER.match(scope["path"])
         if match is None or scope["method"] != "POST":
             try:
-                with self._in_flight_slot():
+                with self.state.in_flight.slot():
                     await self._control(scope, receive, send)
             except Unavailable as exc:
                 await self._answer(send, *self._error(exc))
@@ -76,21 +71,8 @@ class Gateway:
             reply = self._error(BastionError(f"internal error: {type(exc).__name__}"))
         await self._answer(send, *reply)
 
-    @contextmanager
-    def _in_flight_slot(self) -> Iterator[None]:
-        """One of ``max_requests_in_flight``; an inference takes it once its body is in, so a
-        client that sends heads and then nothing holds connections (bounded, timed) only."""
-        limit = self.state.settings.max_requests_in_flight
-        if self._in_flight >= limit:
-            self.state.metrics.rejected.labels("in_flight").inc()
-            raise Unavailable(f"{limit} requests in flight; retry later")
-        self._in_flight += 1
-        self.state.metrics.in_flight.set(self._in_flight)
-        try:
-            yield
-        finally:
-            self._in_flight -= 1
-            self.state.metrics.in_flight.set(self._in_flight)
+    def _reject(self, reason: str) -> None:
+        self.state.metrics.rejected.labels(reason).inc()
 
     async def _control(self, scope: Scope, receive: Receive, send: Send) -> None:
         limit = self.state.settings.max_control_body_bytes
@@ -125,13 +107,20 @@ class Gateway:
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
         # 404/503, or 413 past what this model could take, before reading a body for nothing
         limits = plane.limits(plane.registry.get(model, version)).codec
-        caller = self._caller(plane, headers, scope)
+        peer = scope.get("client")
+        caller = resolve_caller(
+            plane.settings,
+            self.state.keys,
+            headers,
+            str(peer[0]) if peer else None,
+            self._reject,
+        )
         try:
             body = await _receive_body(receive, headers, limits.max_body_bytes)
         except PayloadTooLarge:
             self.state.metrics.rejected.labels("body_bytes").inc()
             raise
-        with self._in_flight_slot():
+        with self.state.in_flight.slot():
             response = await plane.infer(model, version, _http_decoder(body, headers), caller)
         payload, json_size = encode_response(response)
         out = [(b"content-type", _JSON if json_size is None else _BINARY)]
@@ -141,49 +130,6 @@ class Gateway:
         if encoding:
             out.append((b"content-encoding", encoding.encode()))
         return 200, out, payload
-
-    def _caller(self, plane: DataPlane, headers: dict[str, str], scope: Scope) -> Caller:
-        """Who sent the request. With client keys configured, the key's client (a request
-        without a valid key gets 401; the admin token stands for the client ``admin``), or the
-        client id header when ``trust_client_header`` (a proxy authenticated the client).
-        Without keys, the client id header, else the peer address. The admin token adds the
-        ``screening_report`` scope."""
-        settings = plane.settings
-        authorization = headers.get("authorization")
-        scopes: frozenset[str] = frozenset()
-        if authorization and token_matches(authorization, settings.admin_token):
-            scopes = frozenset({SCREENING_REPORT_SCOPE})
-        keys = self.state.keys
-        if keys is not None and keys.enabled and not settings.trust_client_header:
-            return Caller(self._key_client(keys, authorization, scopes), scopes)
-        client_id = headers.get(settings.client_id_header)
-        if client_id is not None:
-            problem = None
-            if not client_id:
-                problem = "is empty"
-            elif len(client_id) > settings.max_client_id_chars:
-                problem = f"is over {settings.max_client_id_chars} characters"
-            elif _CLIENT_ID.fullmatch(client_id) is None:
-                problem = "may hold only letters, digits and ._~:@/+=-"
-            if problem:
-                self.state.metrics.rejected.labels("client_id").inc()
-                raise InvalidInput(f"header {settings.client_id_header} {problem}")
-        elif keys is not None and keys.enabled:  # a trusted proxy must name the client
-            self.state.metrics.rejected.labels("client_key").inc()
-            raise Unauthorized(f"header {settings.client_id_header} is required")
-        elif scope.get("client"):
-            return Caller(str(scope["client"][0]), scopes, shared=True)
-        return Caller(client_id, scopes)
-
-    def _key_client(self, keys: KeyRing, authorization: str | None, scopes: frozenset[str]) -> str:
-        if scopes:
-            return ADMIN_CLIENT
-        scheme, _, key = (authorization or "").partition(" ")
-        client = keys.client_of(key) if scheme.lower() == "bearer" else None
-        if client is None:
-            self.state.metrics.rejected.labels("client_key").inc()
-            raise Unauthorized("a valid client key is required: 'Authorization: Bearer <key>'")
-        return client
 
 
 def _http_decoder(

@@ -16,7 +16,8 @@ from fastapi import APIRouter, Request
 from starlette.responses import HTMLResponse, Response
 
 from gateway.errors import NotFound
-from gateway.http import json_response, plane, token_matches
+from gateway.http import json_response, plane
+from gateway.identity.caller import token_matches
 from gateway.protocol.schema import error
 
 router = APIRouter()

@@ -22,6 +22,7 @@ from gateway.defence.evidence import STRICT
 from gateway.defence.observation import Embedded
 from gateway.defence.service import DefenceService
 from gateway.errors import BastionError, Forbidden, InvalidInput, NotFound, Unavailable
+from gateway.identity.caller import SCREENING_REPORT_SCOPE
 from gateway.incidents.ledger import Ledger
 from gateway.inputs import prepare_inputs
 from gateway.limits import ModelLimits, model_limits
@@ -64,7 +65,6 @@ Decoder = Callable[[RawInput | None, Limits], InferRequest]
 the limits that hold for it, returns the request or raises a ``BastionError``. Runs on a pool
 thread."""
 
-SCREENING_REPORT_SCOPE = "screening_report"
 _PRIVATE_PARAMETERS = ("screening", "squeeze")
 
 
@@ -163,9 +163,16 @@ class DataPlane:
             return self.registry.get(name, route.safe)
 
     async def infer(
-        self, name: str, version: int | None, decode: Decoder, caller: Caller
+        self,
+        name: str,
+        version: int | None,
+        decode: Decoder,
+        caller: Caller,
+        deadline_ns: int | None = None,
     ) -> InferResponse:
-        """Decodes (in the pool), validates, batches, screens and answers one request."""
+        """Decodes (in the pool), validates, batches, screens and answers one request.
+        ``deadline_ns`` (``perf_counter_ns`` time): the transport's own deadline, e.g. a gRPC
+        client's; the request is answered DeadlineExceeded rather than run past it."""
         start = time.perf_counter_ns()
         model = self._route(name, version, caller.client_id)
         charged = None
@@ -177,6 +184,8 @@ class DataPlane:
             request, arrays, rows = await self.decoder.run(job)
             wanted = _requested_outputs(model.config, request)
             deadline = self._deadline(model, request, start)
+            if deadline_ns is not None:
+                deadline = deadline_ns if deadline is None else min(deadline, deadline_ns)
             results = await model.batcher.submit(arrays, rows, deadline)
             screened = await self._screen(model, request, arrays, results, charged, caller.shared)
             outputs = [_output(model.config, want, results[want.name]) for want in wanted]

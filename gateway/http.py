@@ -7,7 +7,6 @@ declaring every status it can answer (``responses=``) for the public OpenAPI doc
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 from typing import Any
 
@@ -17,9 +16,10 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import PlainTextResponse, Response
 
+from gateway import model_control
 from gateway.dataplane import DataPlane
 from gateway.errors import BastionError, Forbidden
-from gateway.incidents.audit import record as record_decision
+from gateway.identity.caller import check_admin, token_matches
 from gateway.monitoring.metrics import CONTENT_TYPE, Metrics
 from gateway.protocol.schema import FRONT_DOOR, error
 from gateway.repository import parse_version
@@ -52,23 +52,13 @@ def error_response(status: int, message: str) -> Response:
     return json_response({"error": clip(message)}, status)
 
 
-def token_matches(given: str, token: str) -> bool:
-    """Constant-time comparison of an Authorization header with ``Bearer <token>``."""
-    return bool(token) and hmac.compare_digest(given.encode(), f"Bearer {token}".encode())
-
-
 def plane(request: Request) -> DataPlane:
     return request.app.state.dataplane
 
 
 def require_admin(request: Request) -> None:
     """Admin actions need ``Authorization: Bearer <BASTION_ADMIN_TOKEN>``; none is set: refused."""
-    token = plane(request).settings.admin_token
-    given = request.headers.get("authorization", "")
-    if not token:
-        raise Forbidden("admin actions are disabled: set BASTION_ADMIN_TOKEN to enable them")
-    if not token_matches(given, token):
-        raise Forbidden("this action needs 'Authorization: Bearer <admin token>'")
+    check_admin(plane(request).settings, request.headers.get("authorization"))
 
 
 @router.get("/v2")
@@ -145,15 +135,7 @@ async def repository_index(request: Request) -> Response:
 )
 async def load_model(request: Request, model: str) -> Response:
     require_admin(request)
-    registry = plane(request).registry
-    await registry.load(model)
-    # a (re)load applies the config's screening policy: its tiers and actions are a decision
-    versions = [m for m in registry.loaded() if m.config.name == model]
-    policy = {
-        str(m.version): {"action": m.screening_action, "review": m.screening_review}
-        for m in versions
-    }
-    await record_decision(request, "policy_change", model, {"event": "load", "versions": policy})
+    await model_control.load_model(plane(request).registry, request.app.state.incident_log, model)
     return json_response({})
 
 
@@ -164,8 +146,8 @@ async def load_model(request: Request, model: str) -> Response:
 )
 async def unload_model(request: Request, model: str) -> Response:
     require_admin(request)
-    await plane(request).registry.unload(model)
-    await record_decision(request, "policy_change", model, {"event": "unload"})
+    registry = plane(request).registry
+    await model_control.unload_model(registry, request.app.state.incident_log, model)
     return json_response({})
 
 

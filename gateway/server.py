@@ -334,7 +334,7 @@ def serve(settings: Settings) -> None:
 
     from gateway.app import create_app
 
-    app = create_app(settings)
+    app = create_app(settings, grpc=settings.allow_grpc)
     limits = FrontDoorLimits.from_settings(settings, raise_fd_limit())
     if limits.max_connections < settings.http_max_connections:
         log.warning(

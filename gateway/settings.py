@@ -39,6 +39,20 @@ class Settings(BaseSettings):
 
     host: str = Field("127.0.0.1", description="Address to bind.")
     port: int = Field(8000, ge=0, le=65535, description="HTTP port.")
+    allow_grpc: bool = Field(True, description="Serve KServe v2 gRPC (Triton's) beside HTTP.")
+    grpc_port: int = Field(8001, ge=0, le=65535, description="gRPC port (0: any free port).")
+    grpc_max_concurrent_rpcs: int = Field(
+        4096, ge=1, description="gRPC calls being handled at once; past it RESOURCE_EXHAUSTED."
+    )
+    grpc_max_concurrent_streams: int = Field(
+        256, ge=1, description="HTTP/2 streams (calls) one gRPC connection may have open."
+    )
+    grpc_stream_window: int = Field(
+        64, ge=1, description="Requests of one ModelStreamInfer stream answered at once."
+    )
+    grpc_infer_response_compression: Literal["none", "gzip", "deflate"] = Field(
+        "none", description="Compression of gRPC responses (for clients that accept it)."
+    )
     model_repository: Path = Field(DEFAULT_REPOSITORY, description="Triton-style model repository.")
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="auto picks CUDA when present."

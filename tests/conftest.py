@@ -102,6 +102,11 @@ class ServerProcess:
     process: subprocess.Popen[bytes]
     port: int
     log: Path
+    grpc_port: int = 0
+
+    @property
+    def grpc_url(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
 
     @property
     def url(self) -> str:
@@ -132,11 +137,12 @@ class ServerProcess:
 
 def start_server(log_dir: Path, *args: str, env: dict[str, str] | None = None) -> ServerProcess:
     """Starts ``bastion serve`` on a free port and polls readiness with backoff."""
-    port = free_port()
+    port, grpc_port = free_port(), free_port()
     log = log_dir / f"server-{port}.log"
     full_env = {
         **os.environ,
         "BASTION_TORCH_THREADS": "1",
+        "BASTION_GRPC_PORT": str(grpc_port),
         "BASTION_QUARANTINE_PATH": str(log_dir / f"quarantine-{port}.db"),
         "BASTION_KEYS_PATH": str(log_dir / f"keys-{port}.db"),
         "BASTION_INCIDENT_LOG_PATH": str(log_dir / f"incidents-{port}.db"),
@@ -152,7 +158,7 @@ def start_server(log_dir: Path, *args: str, env: dict[str, str] | None = None) -
             stderr=subprocess.STDOUT,
             env=full_env,
         )
-    server = ServerProcess(process, port, log)
+    server = ServerProcess(process, port, log, int(full_env["BASTION_GRPC_PORT"]))
     delay, deadline = 0.05, time.monotonic() + 90
     while time.monotonic() < deadline:
         if process.poll() is not None:

@@ -11,7 +11,7 @@ from typing import Any
 from fastapi import Request
 
 from gateway.errors import Unavailable
-from gateway.incidents.log import BODY_BYTES, TamperedLog, canonical
+from gateway.incidents.log import BODY_BYTES, IncidentLog, TamperedLog, canonical
 
 log = logging.getLogger(__name__)
 
@@ -27,10 +27,16 @@ def fitted(body: dict[str, Any]) -> dict[str, Any]:
 
 
 async def record(request: Request, kind: str, subject: str, body: dict[str, Any]) -> None:
+    """``append_decision`` to the app's incident log (see there)."""
+    await append_decision(getattr(request.app.state, "incident_log", None), kind, subject, body)
+
+
+async def append_decision(
+    incident_log: IncidentLog | None, kind: str, subject: str, body: dict[str, Any]
+) -> None:
     """Appends an admin's decision (in a thread: an append is an fsync'd commit) and waits for
     it to be durable. Raises ``Unavailable`` (503) when the log cannot take it: the action was
     done, and the caller must know it went unrecorded."""
-    incident_log = getattr(request.app.state, "incident_log", None)
     if incident_log is None:
         return
     try:

@@ -116,7 +116,7 @@ def _raw_request(body: bytes, raw: RawInput | None, limits: Limits) -> InferRequ
         raise InvalidInput("a raw binary body (header length 0) needs a model with one input")
     shape = (1, *raw.dims)
     dtype = BY_V2[raw.datatype]
-    tensor, _ = _binary_tensor(raw.name, dtype, shape, len(body), memoryview(body), limits)
+    tensor, _ = binary_tensor(raw.name, dtype, shape, len(body), memoryview(body), limits)
     return InferRequest(inputs=[tensor], binary_output=True)
 
 
@@ -128,15 +128,15 @@ def _decode_inputs(specs: Any, binary: memoryview, limits: Limits) -> tuple[list
     offset = 0
     for item in specs:
         spec, name = _named(item, "input", seen)
-        dtype = _dtype(spec.get("datatype"), name)
-        shape = _shape(spec.get("shape"), name, limits)
+        dtype = parse_dtype(spec.get("datatype"), name)
+        shape = parse_shape(spec.get("shape"), name, limits)
         check_bound(name, dtype.v2, shape, limits)
         params = _dict(spec.get("parameters", {}), f"parameters of input {name!r}")
         if "binary_data_size" in params:
             if "data" in spec:
                 raise InvalidInput(f"input {name!r} has both 'data' and binary_data_size")
             size = _uint(params["binary_data_size"], "binary_data_size")
-            tensor, size = _binary_tensor(name, dtype, shape, size, binary[offset:], limits)
+            tensor, size = binary_tensor(name, dtype, shape, size, binary[offset:], limits)
             offset += size
         else:
             if "data" not in spec:
@@ -149,7 +149,7 @@ def _decode_inputs(specs: Any, binary: memoryview, limits: Limits) -> tuple[list
     return inputs, offset
 
 
-def _binary_tensor(
+def binary_tensor(
     name: str,
     dtype: DType,
     shape: tuple[int, ...],
@@ -299,7 +299,7 @@ def _named(item: Any, kind: str, seen: set[str]) -> tuple[dict[str, Any], str]:
     return spec, name
 
 
-def _dtype(value: Any, name: str) -> DType:
+def parse_dtype(value: Any, name: str) -> DType:
     dtype = BY_V2.get(value) if isinstance(value, str) else None
     if dtype is None:
         shown = repr(value)[:40] if isinstance(value, str) else type(value).__name__
@@ -307,7 +307,7 @@ def _dtype(value: Any, name: str) -> DType:
     return dtype
 
 
-def _shape(value: Any, name: str, limits: Limits) -> tuple[int, ...]:
+def parse_shape(value: Any, name: str, limits: Limits) -> tuple[int, ...]:
     if not isinstance(value, list) or len(value) > MAX_RANK:
         raise InvalidInput(f"input {name!r}: 'shape' must be a list of at most {MAX_RANK} dims")
     for dim in value:
@@ -357,7 +357,7 @@ def encode_response(response: InferResponse) -> tuple[bytes, int | None]:
     for out in response.outputs:
         entry: dict[str, Any] = {"name": out.name, "datatype": out.datatype, "shape": out.shape}
         if out.binary:
-            blob = _tensor_bytes(out.data, out.datatype)
+            blob = tensor_bytes(out.data, out.datatype)
             entry["parameters"] = {"binary_data_size": len(blob)}
             blobs.append(blob)
         elif out.datatype == "BYTES":
@@ -380,7 +380,7 @@ def encode_response(response: InferResponse) -> tuple[bytes, int | None]:
     return b"".join([js, *blobs]), len(js)
 
 
-def _tensor_bytes(data: np.ndarray, datatype: str) -> bytes:
+def tensor_bytes(data: np.ndarray, datatype: str) -> bytes:
     if datatype == "BYTES":
         return b"".join(_U32.pack(len(item)) + item for item in data.ravel())
     return np.ascontiguousarray(data, dtype=BY_V2[datatype].numpy).tobytes()
