@@ -12,6 +12,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+import tritonclient.grpc as tg
 import tritonclient.http as th
 from tritonclient.utils import InferenceServerException
 
@@ -50,6 +51,21 @@ def infer(server: ServerProcess, headers: dict[str, str] | None = None) -> np.nd
     return client.infer("digits", [tensor], headers=headers).as_numpy("probabilities")
 
 
+def grpc_status(server: ServerProcess, headers: dict[str, str] | None = None) -> str:
+    """The status tritonclient.grpc reports for one inference ("OK" when served)."""
+    x, _ = samples.load("clean")
+    tensor = tg.InferInput("images", list(x.shape), "FP32")
+    tensor.set_data_from_numpy(x)
+    client = tg.InferenceServerClient(server.grpc_url)
+    try:
+        client.infer("digits", [tensor], headers=headers)
+    except InferenceServerException as exc:
+        return str(exc.status())
+    finally:
+        client.close()
+    return "OK"
+
+
 def test_once_a_key_exists_inference_needs_one_and_revocation_bites_at_once(
     keyed: ServerProcess,
 ) -> None:
@@ -65,6 +81,9 @@ def test_once_a_key_exists_inference_needs_one_and_revocation_bites_at_once(
     assert raw.json()["error"]
     assert infer(keyed, {"Authorization": f"Bearer {key}"}).shape == (16, 10)
     assert infer(keyed, {"Authorization": f"Bearer {TOKEN}"}).shape == (16, 10)  # the admin
+    assert grpc_status(keyed) == "StatusCode.UNAUTHENTICATED"  # gRPC: the key in metadata
+    assert grpc_status(keyed, {"x-client-id": "orders-service"}) == "StatusCode.UNAUTHENTICATED"
+    assert grpc_status(keyed, {"authorization": f"Bearer {key}"}) == "OK"
     with pytest.raises(InferenceServerException, match="401"):  # a claimed id is no key
         infer(keyed, {"X-Client-ID": "orders-service"})
     listed = cli(keyed, "list")
@@ -72,6 +91,7 @@ def test_once_a_key_exists_inference_needs_one_and_revocation_bites_at_once(
     assert "revoked" in cli(keyed, "revoke", key_id)
     with pytest.raises(InferenceServerException, match="401"):
         infer(keyed, {"Authorization": f"Bearer {key}"})
+    assert grpc_status(keyed, {"authorization": f"Bearer {key}"}) == "StatusCode.UNAUTHENTICATED"
     assert httpx.get(f"http://{keyed.url}/v2/admin/keys", timeout=10).status_code == 403
     conn = sqlite3.connect(keyed.incident_env()["BASTION_INCIDENT_LOG_PATH"])
     logged = conn.execute("SELECT kind, actor, subject, body FROM log_entries").fetchall()
