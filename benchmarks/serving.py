@@ -88,6 +88,7 @@ def launch_bastion(
     command = [_sibling("bastion"), "serve", "--host", "127.0.0.1", "--port", str(port)]
     command += ["--model-repository", str(repository)]
     env = {"BASTION_TORCH_THREADS": "1", **procs.private_state(workdir)}
+    env["BASTION_GRPC_PORT"] = str(port + 1)  # Triton's layout: HTTP, gRPC, metrics
     env["BASTION_DRIFT"] = "true" if drift else "false"
     env["BASTION_LEDGER"] = "true" if ledger else "false"
     return Launch(command, env, f"http://127.0.0.1:{port}/metrics", "checkout")
