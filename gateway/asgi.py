@@ -25,7 +25,13 @@ from starlette.exceptions import HTTPException
 from starlette.types import Message, Receive, Scope, Send
 
 from gateway.dataplane import DataPlane
-from gateway.errors import BastionError, InvalidInput, PayloadTooLarge, Unavailable
+from gateway.errors import (
+    BastionError,
+    InvalidInput,
+    MethodNotAllowed,
+    PayloadTooLarge,
+    Unavailable,
+)
 from gateway.http import HEALTH_PATHS, clip
 from gateway.identity.caller import resolve_caller
 from gateway.protocol.bounds import Limits, RawInput
@@ -55,7 +61,11 @@ class Gateway:
             await self.app(scope, receive, send)
             return
         match = self.INFER.match(scope["path"])
-        if match is None or scope["method"] != "POST":
+        if match is not None and scope["method"] != "POST":
+            refusal = MethodNotAllowed(f"{scope['method']} is not allowed here; use POST", "POST")
+            await self._answer(send, *self._error(refusal))
+            return
+        if match is None:
             try:
                 with self.state.in_flight.slot():
                     await self._control(scope, receive, send)

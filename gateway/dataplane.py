@@ -34,7 +34,7 @@ from gateway.protocol.types import (
     OutputTensor,
     RequestedOutput,
 )
-from gateway.registry import LoadedModel, ModelRegistry
+from gateway.registry import UNLOADED, LoadedModel, ModelRegistry
 from gateway.repository import ModelConfig, TensorSpec
 from gateway.routing import RouteTable, point
 from gateway.screening.policy import ADVERSARIAL, SUSPICIOUS
@@ -91,8 +91,13 @@ class DataPlane:
         return {"name": "bastion", "version": __version__, "extensions": EXTENSIONS}
 
     def ready(self) -> bool:
+        """Triton's rule: ready while every model that should serve does. A model an admin
+        unloaded on purpose does not count, so unloading one model does not take the whole
+        pod out of a Kubernetes Service; a model that failed to load does."""
         index = self.registry.index()
-        return bool(index) and all(entry["state"] == "READY" for entry in index)
+        return bool(index) and all(
+            entry["state"] == "READY" or entry.get("reason") == UNLOADED for entry in index
+        )
 
     def model_metadata(self, name: str, version: int | None) -> dict[str, Any]:
         model = self.registry.get(name, version)

@@ -53,6 +53,18 @@ class Blocked(BastionError):
     reason = "REJECTED"
 
 
+class MethodNotAllowed(BastionError):
+    """A known route asked with a method it does not take (RFC 9110 section 15.5.6: ``Allow``
+    lists the ones it does)."""
+
+    status = 405
+    reason = "REJECTED"
+
+    def __init__(self, message: str, allow: str) -> None:
+        super().__init__(message)
+        self.headers = {"Allow": allow}
+
+
 class PayloadTooLarge(BastionError):
     status = 413
     reason = "REJECTED"

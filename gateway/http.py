@@ -186,7 +186,9 @@ def install_error_handlers(app: FastAPI, metrics: Metrics) -> None:
     async def on_http(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, StarletteHTTPException)
         metrics.errors.labels(str(exc.status_code)).inc()
-        return error_response(exc.status_code, str(exc.detail))
+        response = error_response(exc.status_code, str(exc.detail))
+        response.headers.update(exc.headers or {})  # e.g. a 405's Allow (RFC 9110 15.5.6)
+        return response
 
     async def on_validation(request: Request, exc: Exception) -> Response:
         metrics.errors.labels("400").inc()

@@ -113,6 +113,10 @@ def pick_device(setting: str) -> str:
     return "cpu"
 
 
+UNLOADED = "unloaded"
+"""The index's reason for a model an admin unloaded (or never loaded) on purpose."""
+
+
 class ModelRegistry:
     def __init__(self, repository: ModelRepository, settings: Settings, metrics: Metrics) -> None:
         self.repository = repository
@@ -206,7 +210,7 @@ class ModelRegistry:
                 entries += [{"name": name, "version": str(v), "state": "READY"} for v in versions]
             else:
                 entry = {"name": name, "state": "UNAVAILABLE"}
-                entry["reason"] = self._errors.get(name, "unloaded")
+                entry["reason"] = self._errors.get(name, UNLOADED)
                 entries.append(entry)
         return entries
 

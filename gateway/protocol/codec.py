@@ -55,7 +55,15 @@ def decode_request(
             "request JSON holds more values than the model's inputs can take "
             f"(at most {limits.max_json_tokens} commas and brackets)"
         )
-    header = parse_json_object(json_part)
+    try:
+        header = parse_json_object(json_part)
+    except InvalidInput as exc:
+        if header_length is None:  # likely binary tensors sent without their header
+            raise InvalidInput(
+                f"{exc.message}; a body with binary tensors needs the "
+                "Inference-Header-Content-Length header (the JSON part's size in bytes)"
+            ) from None
+        raise
     binary = memoryview(body)[json_size:]
     inputs, used = _decode_inputs(header.get("inputs"), binary, limits)
     if used != len(binary):
@@ -267,7 +275,8 @@ def _flatten_strings(data: Any, name: str) -> list[bytes]:
 
 
 def _decode_outputs(specs: Any) -> list[RequestedOutput] | None:
-    if specs is None:
+    """The requested outputs; none (absent or ``[]``) means every output, as Triton answers."""
+    if specs is None or specs == []:
         return None
     if not isinstance(specs, list):
         raise InvalidInput("'outputs' must be a list")

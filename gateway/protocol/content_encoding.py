@@ -49,14 +49,50 @@ def decompress(body: bytes | bytearray, encoding: str | None, limit: int) -> byt
     return out
 
 
-def compress(body: bytes, accept_encoding: str | None) -> tuple[bytes, str | None]:
-    """Compresses a response when the client asked for it (tritonclient's Accept-Encoding)."""
+_CODINGS = ("gzip", "deflate")  # the server's preference on equal weight
+_MAX_CODINGS = 32  # an Accept-Encoding with more entries is read no further
+
+
+def preferred_coding(accept_encoding: str | None) -> str | None:
+    """The response coding an ``Accept-Encoding`` asks for, by RFC 9110 section 12.5.3: each
+    coding has a weight (``q``, 0 to 1, default 1); ``q=0`` means "not acceptable"; ``*``
+    stands for every coding not named. The acceptable coding of highest weight among gzip and
+    deflate (gzip on a tie), else None: identity (also when identity itself has ``q=0``, which
+    the RFC allows a server to answer with an unencoded body). A malformed weight counts as 0.
+    """
     if not accept_encoding:
-        return body, None
-    accepted = {part.split(";")[0].strip().lower() for part in accept_encoding.split(",")}
-    if "gzip" in accepted:
+        return None
+    weights: dict[str, float] = {}
+    for part in accept_encoding.split(",")[:_MAX_CODINGS]:
+        name, _, params = part.partition(";")
+        weights[name.strip().lower()] = _weight(params)
+    best, best_q = None, 0.0
+    for coding in _CODINGS:
+        q = weights.get(coding, weights.get("*", 0.0))
+        if q > best_q:
+            best, best_q = coding, q
+    return best
+
+
+def _weight(params: str) -> float:
+    for param in params.split(";"):
+        key, _, value = param.partition("=")
+        if key.strip().lower() == "q":
+            try:
+                q = float(value.strip())
+            except ValueError:
+                return 0.0
+            return q if 0.0 <= q <= 1.0 else 0.0
+    return 1.0
+
+
+def compress(body: bytes, accept_encoding: str | None) -> tuple[bytes, str | None]:
+    """Compresses a response as the client's ``Accept-Encoding`` prefers (``preferred_coding``);
+    returns the body and its coding (None: sent as it is)."""
+    coding = preferred_coding(accept_encoding)
+    if coding == "gzip":
         deflater = zlib.compressobj(wbits=31)
         return deflater.compress(body) + deflater.flush(), "gzip"
-    if "deflate" in accepted:
+    if coding == "deflate":
         return zlib.compress(body), "deflate"
     return body, None
