@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
-import logging
 import math
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
-from gateway.cli_incidents import Token, Url, incidents, log_offline, quarantine_export
+from gateway import cli_serve
+from gateway.cli_incidents import Token, Url, count, incidents, log_offline, quarantine_export
 from gateway.cli_incidents import admin_call as _admin
 
-app = typer.Typer(help="Bastion: a Triton-compatible inference gateway.", no_args_is_help=True)
+app = typer.Typer(
+    help="Bastion: a Triton-compatible inference gateway.",
+    no_args_is_help=True,
+    rich_markup_mode=None,
+)
 
 
 quarantine = typer.Typer(help="List, inspect, release and purge quarantined inputs.")
@@ -24,7 +28,10 @@ clients = typer.Typer(help="Clients the stateful defence tracks: rungs, evidence
 app.add_typer(clients, name="clients")
 app.add_typer(incidents, name="incidents")
 
-ModelName = Annotated[str, typer.Argument(help="Model name in the repository.")]
+ModelName = Annotated[str, typer.Argument(help="Model name in the repository.", metavar="MODEL")]
+Item = Annotated[str, typer.Argument(help="Quarantine record id.", metavar="ITEM")]
+Client = Annotated[str, typer.Argument(help="Client id (or key client name).", metavar="CLIENT")]
+Limit = Annotated[int, typer.Option(help="Most rows to show.")]
 RepositoryOption = Annotated[
     Path | None, typer.Option(help="Triton-style model repository (default: the bundled one).")
 ]
@@ -44,11 +51,11 @@ def main() -> None:
 def quarantine_list(
     url: Url = "127.0.0.1:8000",
     token: Token = "",
-    model: str | None = None,
+    model: Annotated[str | None, typer.Option(help="Only records of this model.")] = None,
     status: Annotated[
         str | None, typer.Option(help="quarantined | released | review (served suspicious copies)")
     ] = None,
-    limit: int = 50,
+    limit: Limit = 50,
 ) -> None:
     """Records of the store (withheld inputs and review copies), newest first."""
     page = _admin(
@@ -58,7 +65,7 @@ def quarantine_list(
         "/v2/quarantine",
         query={"model": model, "status": status, "limit": limit},
     )
-    typer.echo(f"{page['total']} records")
+    typer.echo(count(page["total"], "record"))
     for r in page["items"]:
         scores = " ".join(f"{k}={v:.3g}" for k, v in r["scores"].items() if v is not None)
         typer.echo(
@@ -68,7 +75,7 @@ def quarantine_list(
 
 
 @quarantine.command("show")
-def quarantine_show(item: str, url: Url = "127.0.0.1:8000", token: Token = "") -> None:
+def quarantine_show(item: Item, url: Url = "127.0.0.1:8000", token: Token = "") -> None:
     """One record as JSON, with its input tensor."""
     import json
 
@@ -77,7 +84,10 @@ def quarantine_show(item: str, url: Url = "127.0.0.1:8000", token: Token = "") -
 
 @quarantine.command("release")
 def quarantine_release(
-    item: str, url: Url = "127.0.0.1:8000", token: Token = "", note: str | None = None
+    item: Item,
+    url: Url = "127.0.0.1:8000",
+    token: Token = "",
+    note: Annotated[str | None, typer.Option(help="Why it was a false positive.")] = None,
 ) -> None:
     """Mark a record a false positive (kept, with its input, for recalibration)."""
     record = _admin(url, token, "POST", f"/v2/quarantine/{item}/release", body={"note": note})
@@ -88,9 +98,16 @@ def quarantine_release(
 def quarantine_purge(
     url: Url = "127.0.0.1:8000",
     token: Token = "",
-    status: str | None = None,
-    older_than_s: float | None = None,
-    item: Annotated[list[str] | None, typer.Option()] = None,
+    status: Annotated[
+        str | None,
+        typer.Option(help="Only records of this status: quarantined | released | review."),
+    ] = None,
+    older_than_s: Annotated[
+        float | None, typer.Option(help="Only records older than this many seconds.")
+    ] = None,
+    item: Annotated[
+        list[str] | None, typer.Option(help="Only this record id (repeatable).")
+    ] = None,
 ) -> None:
     """Delete records by status, age and/or id."""
     body = {"status": status, "older_than_s": older_than_s, "ids": item}
@@ -137,7 +154,13 @@ def keys_list(url: Url = "127.0.0.1:8000", token: Token = "") -> None:
 
 
 @keys.command("revoke")
-def keys_revoke(key_id: str, url: Url = "127.0.0.1:8000", token: Token = "") -> None:
+def keys_revoke(
+    key_id: Annotated[
+        str, typer.Argument(help="The key's public id (keys list).", metavar="KEY_ID")
+    ],
+    url: Url = "127.0.0.1:8000",
+    token: Token = "",
+) -> None:
     """Revokes a key: refused at once by this gateway, by others within keys_refresh_s."""
     record = _admin(url, token, "POST", f"/v2/admin/keys/{key_id}/revoke")
     typer.echo(f"revoked {record['id']} ({record['client']})")
@@ -148,7 +171,7 @@ def clients_list(
     url: Url = "127.0.0.1:8000",
     token: Token = "",
     rung: Annotated[str | None, typer.Option(help="observe | throttle | strict | refuse")] = None,
-    limit: int = 50,
+    limit: Limit = 50,
 ) -> None:
     """Tracked clients, most recently seen first, with their rung and evidence (S: the
     client's own CUSUM statistic; campaign S: its campaign's pooled one)."""
@@ -167,7 +190,7 @@ def clients_list(
 
 
 @clients.command("show")
-def clients_show(client: str, url: Url = "127.0.0.1:8000", token: Token = "") -> None:
+def clients_show(client: Client, url: Url = "127.0.0.1:8000", token: Token = "") -> None:
     """One client's evidence and its campaign."""
     import json
 
@@ -175,51 +198,13 @@ def clients_show(client: str, url: Url = "127.0.0.1:8000", token: Token = "") ->
 
 
 @clients.command("release")
-def clients_release(client: str, url: Url = "127.0.0.1:8000", token: Token = "") -> None:
+def clients_release(client: Client, url: Url = "127.0.0.1:8000", token: Token = "") -> None:
     """Lifts containment from a client and every client of its campaign."""
     released = _admin(url, token, "POST", f"/v2/admin/clients/{client}/release")["released"]
-    typer.echo(f"released {len(released)}: {', '.join(released)}")
+    typer.echo(f"released {count(len(released), 'client')}: {', '.join(released)}")
 
 
-@app.command()
-def serve(
-    host: Annotated[str | None, typer.Option(help="Address to bind (default: 127.0.0.1).")] = None,
-    port: Annotated[int | None, typer.Option(help="HTTP port (default: 8000).")] = None,
-    model_repository: Annotated[
-        Path | None, typer.Option(help="Triton-style model repository (default: the bundled one).")
-    ] = None,
-    device: Annotated[str | None, typer.Option(help="auto, cpu or cuda (default: auto).")] = None,
-    config: Annotated[
-        Path | None, typer.Option(help="TOML/JSON settings file (also BASTION_CONFIG_FILE).")
-    ] = None,
-) -> None:
-    """Serve the model repository over KServe v2 HTTP."""
-    import os
-
-    from pydantic import ValidationError
-
-    from gateway.server import serve as run_server
-    from gateway.settings import Settings, unknown_environment
-
-    if config is not None:
-        os.environ["BASTION_CONFIG_FILE"] = str(config)
-    flags: dict[str, Any] = {
-        "host": host,
-        "port": port,
-        "model_repository": model_repository,
-        "device": device,
-    }
-    try:
-        settings = Settings(**{k: v for k, v in flags.items() if v is not None})
-    except ValidationError as exc:
-        typer.echo(f"error: invalid settings:\n{exc}", err=True)
-        raise typer.Exit(2) from None
-    logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    for name in unknown_environment():
-        logging.getLogger("gateway").warning("%s is not a Bastion setting: ignored", name)
-    run_server(settings)
+app.command("serve")(cli_serve.serve)
 
 
 @app.command()
@@ -301,7 +286,7 @@ def profile(
     device: DeviceOption = "auto",
 ) -> None:
     """Write the drift reference profile of a torch model (screened or not) beside its weights.
-    (``calibrate`` writes it too, for screened models.)"""
+    (calibrate writes it too, for screened models.)"""
     from gateway.monitoring.profile import profile_model
     from gateway.settings import DEFAULT_REPOSITORY
 
@@ -323,9 +308,9 @@ def evaluate(
 ) -> None:
     """White-box (ART) and adaptive evaluation of the screening on the test split.
 
-    Other arguments go to ``python -m benchmarks.adversarial.evaluate`` (``--seeds``,
-    ``--attacks``, ``--no-adaptive``, ``--out``, ``--save-examples``; see
-    ``bastion evaluate -- --help``). Results: ``benchmarks/results/adversarial/``.
+    Other arguments go to 'python -m benchmarks.adversarial.evaluate' (--seeds,
+    --attacks, --no-adaptive, --out, --save-examples; see 'bastion evaluate -- --help').
+    Results: benchmarks/results/adversarial/.
     """
     from benchmarks.adversarial import evaluate as white_box
 
@@ -343,7 +328,7 @@ def evaluate(
 @app.command("attack-sim")
 def attack_sim(
     url: Url = "127.0.0.1:8000",
-    model: str = "digits",
+    model: Annotated[str, typer.Option(help="Model to send the traffic to.")] = "digits",
     rate: Annotated[float, typer.Option(help="Requests per second (open loop).")] = 50.0,
     duration: Annotated[float, typer.Option(help="Seconds to run.")] = 30.0,
     adversarial_fraction: Annotated[
@@ -354,7 +339,7 @@ def attack_sim(
         Path | None,
         typer.Option(help=".npz with 'images' (n,1,28,28), pixels 0..1 (default: made by PGD)."),
     ] = None,
-    seed: int = 0,
+    seed: Annotated[int, typer.Option(help="Seed of the traffic and attacks.")] = 0,
     max_requests: Annotated[int | None, typer.Option(help="Stop after this many.")] = None,
 ) -> None:
     """Replay a mix of clean and adversarial traffic into a running gateway."""

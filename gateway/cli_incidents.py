@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sqlite3
 import time
 from pathlib import Path
@@ -10,6 +11,15 @@ from typing import Annotated, Any
 
 import typer
 
+
+def count(n: int, noun: str) -> str:
+    """``1 record``, ``2 records``: what the CLI prints a number of things as."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
+IncidentId = Annotated[
+    int, typer.Argument(help="Incident number (incidents list).", metavar="INCIDENT")
+]
 incidents = typer.Typer(
     help="Incidents (list, show, open, close, report) and the tamper-evident log (verify, "
     "public-key)."
@@ -25,8 +35,19 @@ def admin_call(url: str, token: str, method: str, path: str, **kwargs: Any) -> A
     try:
         return call(url, token, method, path, **kwargs)
     except AdminError as exc:
-        typer.echo(f"error: {exc}", err=True)
+        typer.echo(f"error: {cli_words(str(exc))}", err=True)
         raise typer.Exit(1) from None
+
+
+def cli_words(message: str) -> str:
+    """An admin API error in the CLI's words: the flags a user types, not the API's fields
+    (``query.status`` is ``--status``), and how to give the admin token."""
+    message = re.sub(
+        r"\b(?:query|body)\.([a-z_]+)", lambda m: "--" + m.group(1).replace("_", "-"), message
+    )
+    if message.startswith(("401", "403")) and "token" in message.lower():
+        message += " (pass --token, or set BASTION_ADMIN_TOKEN)"
+    return message
 
 
 def _when(t: float | None) -> str:
@@ -52,7 +73,7 @@ def incidents_list(
 
 @incidents.command("show")
 def incidents_show(
-    incident: int,
+    incident: IncidentId,
     as_json: Annotated[bool, typer.Option("--json", help="Print it as JSON.")] = False,
     url: Url = "127.0.0.1:8000",
     token: Token = "",
@@ -72,7 +93,7 @@ def incidents_show(
 
 @incidents.command("open")
 def incidents_open(
-    title: str,
+    title: Annotated[str, typer.Argument(help="What happened, in a line.", metavar="TITLE")],
     subject: Annotated[list[str] | None, typer.Option(help="A client, campaign or model.")] = None,
     url: Url = "127.0.0.1:8000",
     token: Token = "",
@@ -85,7 +106,7 @@ def incidents_open(
 
 @incidents.command("close")
 def incidents_close(
-    incident: int,
+    incident: IncidentId,
     note: Annotated[str | None, typer.Option(help="What was found and done.")] = None,
     url: Url = "127.0.0.1:8000",
     token: Token = "",
@@ -159,7 +180,7 @@ def incidents_public_key(
 
 @incidents.command("report")
 def incidents_report(
-    incident: int,
+    incident: IncidentId,
     out: Annotated[Path, typer.Option(help="Folder for incident-ID.json and .html.")] = Path("."),
     log: Annotated[Path | None, typer.Option(help="The log (default: incident_log_path).")] = None,
     ledger: Annotated[Path | None, typer.Option(help="Default: ledger_path.")] = None,
@@ -224,7 +245,7 @@ def quarantine_export(
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(1) from None
     log_offline("export", "quarantine", done)
-    typer.echo(f"{done['count']} inputs {done['labels']} -> {out}")
+    typer.echo(f"{count(done['count'], 'input')} {done['labels']} -> {out}")
 
 
 def log_offline(kind: str, subject: str, body: dict[str, Any]) -> None:
