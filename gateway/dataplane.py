@@ -21,7 +21,14 @@ from gateway.defence.answers import put_back, served_answers
 from gateway.defence.evidence import STRICT
 from gateway.defence.observation import Embedded
 from gateway.defence.service import DefenceService
-from gateway.errors import BastionError, Forbidden, InvalidInput, NotFound, Unavailable
+from gateway.errors import (
+    BastionError,
+    Blocked,
+    Forbidden,
+    InvalidInput,
+    NotFound,
+    Unavailable,
+)
 from gateway.identity.caller import SCREENING_REPORT_SCOPE
 from gateway.incidents.ledger import Ledger
 from gateway.inputs import prepare_inputs
@@ -265,7 +272,11 @@ class DataPlane:
         finally:
             if self.ledger is not None:  # what was answered to whom, off the hot path
                 self._record(model, request, arrays, results, screened.decision.verdicts, outcome)
-        refuse_if_withheld(screened, request)
+        try:
+            refuse_if_withheld(screened, request)
+        except Blocked:
+            self.screening.metrics.screening_refused.inc()
+            raise
         return screened
 
     def _record(

@@ -195,6 +195,12 @@ class Metrics:
         )
         # private (behind BASTION_METRICS_TOKEN): the tiers, the review path, the tiers' rates
         # the stateful defence: refusals are what a client sees anyway (public); probes private
+        self.screening_refused = Counter(
+            "bastion_screening_refused_requests",
+            "Requests refused (403) because screening withheld an image: a policy decision, "
+            "counted in bastion_request_errors_total too",
+            registry=self.registry,
+        )
         self.defence_refused = Counter(
             "bastion_defence_refused",
             "Requests refused by the stateful defence, by rung (throttle: 429, refuse: 403; "

@@ -90,6 +90,10 @@ def read_totals(now: float, metrics: Metrics, stats: Iterable[ModelStats]) -> To
             if sample.name.endswith("_total"):
                 contained[sample.labels["rung"]] = sample.value
     totals.contained = contained
+    # refusals by policy (screening, the defence) have their own charts: not errors here
+    refused = _sum(metrics.screening_refused.collect(), "bastion_screening_refused_requests_total")
+    refused += _sum(metrics.defence_refused.collect(), "bastion_defence_refused_total")
+    totals.errors = max(0.0, totals.errors - refused)
     return totals
 
 

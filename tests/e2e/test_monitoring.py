@@ -4,6 +4,7 @@ rules and Grafana queries, and the built-in dashboard rendered by headless Chrom
 from __future__ import annotations
 
 import contextlib
+import html
 import json
 import re
 import subprocess
@@ -259,6 +260,20 @@ def test_dashboard_draws_live_charts_in_headless_chromium(live: Live, tmp_path: 
     assert set(charts) == {f"chart-{name}" for name in expected}
     empty = [name for name, points in charts.items() if int(points) == 0]
     assert not empty, f"charts without data: {empty}"
+    attrs = {
+        name: dict(re.findall(r'data-([a-z-]+)="([^"]*)"', tag))
+        for name, tag in re.findall(r'id="(chart-[a-z]+)"([^>]*)>', dom)
+    }
+    for name in ("rps", "latency", "errors", "verdicts", "drift"):  # time axes: minutes, not years
+        assert 120 <= float(attrs[f"chart-{name}"]["x-span"]) < 86400, (
+            name,
+            attrs[f"chart-{name}"],
+        )
+    colours = json.loads(html.unescape(attrs["chart-verdicts"]["colors"]))
+    assert colours.get("served", colours.get("clean")) == "#16a34a"  # clean is green
+    assert colours.get("withheld", colours.get("adversarial")) == "#dc2626"  # withheld is red
+    labels = json.loads(html.unescape(attrs["chart-confidence"]["labels"]))
+    assert len(labels) >= 10 and labels[-1].endswith("100%")  # the last bin is labelled
     assert re.search(r'id="status" class="badge alarm">drift: digits', dom)
     events = dom.split('<table id="events">')[1].split("</tbody>")[0]
     assert "<td>psi_pixel_mean</td>" in events and '<td class="raised">raised</td>' in events

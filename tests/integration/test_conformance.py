@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -146,3 +147,27 @@ def test_ready_is_503_when_a_model_failed_to_load(repository: Path, tmp_path: Pa
     with TestClient(create_app(settings)) as client:
         assert client.get("/v2/health/ready").status_code == 503
         assert client.get("/v2/models/digits/ready").status_code == 200
+
+
+def admin_operations(client: TestClient) -> list[tuple[str, str]]:
+    """Every (method, path) of the admin API: in the admin document, not in the public one."""
+    public = client.get("/openapi.json").json()["paths"]
+    whole = client.get("/v2/admin/openapi.json", headers=ADMIN).json()["paths"]
+    found = []
+    for path, methods in whole.items():
+        for method in methods:
+            if method in ("get", "post", "put", "delete") and method not in public.get(path, {}):
+                found.append((method.upper(), path))
+    return found
+
+
+def test_a_missing_or_wrong_admin_token_is_403_on_every_admin_route(client: TestClient) -> None:
+    operations = admin_operations(client)
+    assert len(operations) > 20  # the walk found the admin API
+    for method, path in operations:
+        concrete = path.replace("{model}", "digits").replace("{version}", "1")
+        concrete = re.sub(r"\{[a-z_]+\}", "1", concrete)
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "tok"}):
+            response = client.request(method, concrete, headers=headers, json={})
+            assert response.status_code == 403, (method, concrete, headers, response.text)
+            assert "admin token" in response.json()["error"]

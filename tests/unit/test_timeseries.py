@@ -45,6 +45,7 @@ def test_sampler_turns_counters_into_rates_and_interval_quantiles() -> None:
     metrics.screening_reviews.labels("digits", "1", "written").inc(5)
     metrics.screening_reviews.labels("digits", "1", "dropped_backlog").inc(1)
     metrics.defence_refused.labels("refuse").inc(3)
+    metrics.errors.labels("403").inc(3)  # those refusals: a chart of their own, not errors
     sampler.sample()
     sampler.sample()  # a quiet interval
     series = sampler.series()
@@ -62,3 +63,14 @@ def test_sampler_turns_counters_into_rates_and_interval_quantiles() -> None:
         "review copy dropped": [0.5, 0.0],
         "suspicious": [3.0, 0.0],
     }
+
+
+def test_policy_refusals_are_not_counted_as_errors() -> None:
+    metrics = Metrics()
+    metrics.errors.labels("404").inc(2)
+    metrics.errors.labels("403").inc(5)  # 3 withheld by screening, 2 refused by the defence
+    metrics.screening_refused.inc(3)
+    metrics.defence_refused.labels("refuse").inc(2)
+    metrics.errors.labels("429").inc(1)
+    metrics.defence_refused.labels("throttle").inc(1)
+    assert read_totals(0.0, metrics, []).errors == 2  # only the unknown model's 404s

@@ -14,6 +14,12 @@ function authHeaders() {
 const POLL_MS = 2000;
 const WIDTH = 560, HEIGHT = 240;
 const COLORS = ["#2563eb", "#dc2626", "#16a34a", "#9333ea", "#ea580c", "#0891b2", "#ca8a04", "#db2777"];
+// a verdict always has its own colour, whatever order the series come in: clean is green,
+// suspicious amber, adversarial (withheld) red
+const VERDICT_COLORS = { clean: "#16a34a", served: "#16a34a", suspicious: "#ca8a04",
+  review_dropped: "#9333ea", adversarial: "#dc2626", withheld: "#dc2626" };
+const MIN_TIME_SPAN_S = 120;  // one sample must not stretch the time axis over years
+const Y_AXIS = { size: 64 };  // room for "1,234.5" without touching the plot or its neighbour
 const charts = {};
 
 function countPoints(data) {
@@ -22,22 +28,35 @@ function countPoints(data) {
   return n;
 }
 
+// a time axis spans at least MIN_TIME_SPAN_S, centred on its data
+function timeRange(u, min, max) {
+  if (min === null || max === null) return [min, max];
+  const pad = Math.max(0, MIN_TIME_SPAN_S - (max - min)) / 2;
+  return [min - pad, max + pad];
+}
+
 function draw(id, series, data, opts = {}) {
   const el = document.getElementById(id);
   const key = id + "|" + series.map(s => s.label).join(",");
+  const styled = series.map((s, i) => ({
+    stroke: VERDICT_COLORS[s.label] ?? COLORS[i % COLORS.length], width: 2, spanGaps: false, ...s }));
   if (!charts[key]) {
     el.replaceChildren();
     for (const k of Object.keys(charts)) if (k.startsWith(id + "|")) delete charts[k];
+    const time = opts.time !== false;
     charts[key] = new uPlot({
       width: WIDTH, height: HEIGHT,
-      scales: { x: { time: opts.time !== false }, ...(opts.scales || {}) },
-      axes: opts.axes,
-      series: [{}, ...series.map((s, i) => ({ stroke: COLORS[i % COLORS.length], width: 2, spanGaps: false, ...s }))],
+      scales: { x: time ? { time: true, range: timeRange } : { time: false }, ...(opts.scales || {}) },
+      axes: opts.axes || [{}, Y_AXIS],
+      series: [{}, ...styled],
     }, data, el);
   } else {
     charts[key].setData(data);
   }
+  const u = charts[key];
   el.dataset.points = countPoints(data);
+  el.dataset.xSpan = String((u.scales.x.max ?? 0) - (u.scales.x.min ?? 0));
+  el.dataset.colors = JSON.stringify(Object.fromEntries(styled.map(s => [s.label, s.stroke])));
 }
 
 function bars(align) { return uPlot.paths.bars({ size: [0.4, 60], align }); }
@@ -50,8 +69,11 @@ function drawDistribution(id, labels, windowShares, referenceShares) {
   ], [x, windowShares, referenceShares], {
     time: false,
     scales: { x: { time: false, range: [-0.6, labels.length - 0.4] }, y: { range: [0, null] } },
-    axes: [{ values: (u, splits) => splits.map(v => labels[Math.round(v)] ?? "") }, {}],
+    // a label under every bar (the last one too), turned when they would not fit side by side
+    axes: [{ splits: () => x, values: () => labels, rotate: labels.length > 8 ? -35 : 0,
+             size: labels.length > 8 ? 58 : 40, gap: 4 }, Y_AXIS],
   });
+  document.getElementById(id).dataset.labels = JSON.stringify(labels);
 }
 
 // The bins are the reference's quantiles (deciles): label them by reference mass, not by value,
