@@ -25,7 +25,6 @@ from gateway.errors import (
     BastionError,
     Blocked,
     Forbidden,
-    InvalidInput,
     NotFound,
     Unavailable,
 )
@@ -33,13 +32,12 @@ from gateway.identity.caller import SCREENING_REPORT_SCOPE
 from gateway.incidents.ledger import Ledger
 from gateway.inputs import prepare_inputs
 from gateway.limits import ModelLimits, model_limits
+from gateway.outputs import output_tensor, requested_outputs
 from gateway.protocol.bounds import Limits, RawInput
 from gateway.protocol.types import (
     Caller,
     InferRequest,
     InferResponse,
-    OutputTensor,
-    RequestedOutput,
 )
 from gateway.registry import UNLOADED, LoadedModel, ModelRegistry
 from gateway.repository import ModelConfig, TensorSpec
@@ -194,13 +192,13 @@ class DataPlane:
         try:
             job = partial(self._decode_and_prepare, model, decode, caller)
             request, arrays, rows = await self.decoder.run(job)
-            wanted = _requested_outputs(model.config, request)
+            wanted = requested_outputs(model.config, request)
             deadline = self._deadline(model, request, start)
             if deadline_ns is not None:
                 deadline = deadline_ns if deadline is None else min(deadline, deadline_ns)
             results = await model.batcher.submit(arrays, rows, deadline)
             screened = await self._screen(model, request, arrays, results, charged, caller.shared)
-            outputs = [_output(model.config, want, results[want.name]) for want in wanted]
+            outputs = [output_tensor(model.config, want, results[want.name]) for want in wanted]
         except BastionError as exc:
             model.observer.on_failure(time.perf_counter_ns() - start, exc.reason)
             raise
@@ -372,42 +370,3 @@ def _attach_screening(response: InferResponse, screened: Screened, request: Infe
 
 def _tensor_metadata(spec: TensorSpec, config: ModelConfig) -> dict[str, Any]:
     return {"name": spec.name, "datatype": spec.datatype, "shape": [-1, *spec.dims]}
-
-
-def _requested_outputs(config: ModelConfig, request: InferRequest) -> list[RequestedOutput]:
-    if request.outputs is None:
-        return [RequestedOutput(spec.name, request.binary_output) for spec in config.outputs]
-    known = {spec.name for spec in config.outputs}
-    for want in request.outputs:
-        if want.name not in known:
-            raise InvalidInput(
-                f"model {config.name!r} has no output {want.name!r}; its outputs are "
-                f"{sorted(known)}"
-            )
-    return [
-        RequestedOutput(
-            w.name, request.binary_output if w.binary is None else w.binary, w.class_count
-        )
-        for w in request.outputs
-    ]
-
-
-def _output(config: ModelConfig, want: RequestedOutput, values: np.ndarray) -> OutputTensor:
-    spec = next(s for s in config.outputs if s.name == want.name)
-    binary = bool(want.binary)
-    if not want.class_count:
-        return OutputTensor(spec.name, spec.datatype, values, binary)
-    return OutputTensor(spec.name, "BYTES", classify(values, want.class_count, spec.labels), binary)
-
-
-def classify(values: np.ndarray, k: int, labels: tuple[str, ...]) -> np.ndarray:
-    """Triton's classification extension: top-k per row as ``"score:index[:label]"``."""
-    flat = values.reshape(values.shape[0], -1)
-    k = min(k, flat.shape[1])
-    top = np.argsort(-flat, axis=1, kind="stable")[:, :k]
-    out = np.empty(top.shape, dtype=object)
-    for row, indices in enumerate(top):
-        for col, index in enumerate(indices):
-            label = f":{labels[index]}" if index < len(labels) else ""
-            out[row, col] = f"{flat[row, index]:f}:{index}{label}".encode()
-    return out
