@@ -216,7 +216,7 @@ class Settings(BaseSettings):
         "Replicas that share evidence must share it.",
     )
     probe_capacity: int = Field(
-        100_000, ge=1, le=10_000_000, description="Recent queries remembered (~1.4 KB each)."
+        100_000, ge=1, le=10_000_000, description="Recent queries remembered (~1.5 KB each)."
     )
     probe_ttl_s: float = Field(3600.0, gt=0, description="How long a query is remembered.")
     probe_response: Literal["evidence", "repeat"] = Field(

@@ -145,6 +145,15 @@ def fingerprint_reference(image: np.ndarray, spec: FingerprintSpec) -> list[int]
     return ordered + [int(EMPTY)] * (spec.top - len(ordered))
 
 
+def picture_hash(image: np.ndarray) -> int:
+    """A 64-bit hash of an input row as an 8-bit picture (values in [0, 1] scaled to 0-255 and
+    rounded, the scale the fingerprints read), as a signed int64: the same picture sent again,
+    as FP32, as UINT8 or as a lossless PNG, has the same one; a change of any pixel by half a
+    level or more gives another."""
+    levels = np.rint(np.clip(np.asarray(image, np.float32), 0.0, 1.0) * 255.0).astype(np.uint8)
+    return content_hash(levels)
+
+
 def content_hash(image: np.ndarray) -> int:
     """A 64-bit hash of an input row's raw bytes (BLAKE2b), as a signed int64: an exact
     resend (a retry) has the same one, a near-duplicate a different one."""

@@ -13,7 +13,8 @@ before. Memory is fixed at construction: the ring plus a table of at least 4/3 `
 entries (a power of two), 12 bytes each, plus 4 bytes per hash of a slot's row of places:
 1.1 KB per remembered query at the default 100,000
 queries and Blacklight's ``top`` of 50, plus 137 bytes for the answer a query got (the "repeat"
-response; 32 floats: a classifier's logits and probabilities; or that it was refused). When a
+response; 32 floats: a classifier's logits and probabilities; or that it was refused) and about
+100 for the map from a picture's content hash to its slot (resends). When a
 slot is reused its hashes leave the table; a slot older than ``ttl_s`` no longer matches.
 """
 
@@ -72,6 +73,9 @@ class ProbeIndex:
         self._answer_keys = np.zeros(capacity, dtype=np.int64)
         self._refused = np.zeros(capacity, dtype=bool)  # the query got no answer at all
         self._links = np.zeros(capacity, dtype=np.uint8)
+        # the latest live slot of each picture (its content hash): a resend is found even when
+        # the fingerprint table credits its hashes to a similar picture sent since
+        self._by_content: dict[int, int] = {}
         self._next = 0
         # match()'s search (the row, its hashes, where each is or would go), for add()
         self._searched: tuple[Any, Any] | None = None
@@ -117,6 +121,13 @@ class ProbeIndex:
         age = now - float(self._times[slot])
         content, links = int(self._contents[slot]), int(self._links[slot])
         return Match(slot, shared, self._clients[slot], age, content, links)
+
+    def resent(self, content: int) -> int | None:
+        """The live slot of an earlier query with the same picture (``content``), else None."""
+        slot = self._by_content.get(content)
+        if slot is None or self._clock() - float(self._times[slot]) > self.ttl_s:
+            return None
+        return slot
 
     def link(self, slot: int) -> None:
         """Counts one more near-duplicate of a remembered query (it is now part of a cluster)."""
@@ -171,6 +182,7 @@ class ProbeIndex:
         self._times[slot] = self._clock()
         self._clients[slot] = client
         self._contents[slot] = content
+        self._by_content[content] = slot
         self._answer_keys[slot] = 0
         self._refused[slot] = False
         self._links[slot] = min(links, 255)
@@ -183,6 +195,9 @@ class ProbeIndex:
         """Takes a slot's entries out of the table (those no later query holds)."""
         if self._times[slot] == -np.inf:
             return
+        content = int(self._contents[slot])
+        if self._by_content.get(content) == slot:
+            del self._by_content[content]
         keys, holders, places, _ = self._table
         self._ops["evict"](keys, holders, places, slot * self.top, self.top, self._shift,
                            self._mask, EMPTY)  # fmt: skip
@@ -192,4 +207,5 @@ class ProbeIndex:
         """What the index holds: fixed at construction."""
         arrays = (self._places, self._times, self._keys, self._holders, self._answers)
         arrays += (self._answer_keys, self._contents, self._links, self._refused)
-        return sum(a.nbytes for a in arrays) + 8 * self.capacity
+        # the content map: at most one entry per slot (a dict entry and two ints, ~100 bytes)
+        return sum(a.nbytes for a in arrays) + 8 * self.capacity + 100 * self.capacity

@@ -9,7 +9,9 @@ duplicates, scores its embedding against the client's history (k-NN), records th
 then applies the rung to this response, so a fresh identity whose first query links it to a
 contained campaign is refused (or throttled with the campaign) before it is answered.
 
-An exact resend (same bytes) is a retry: neither evidence nor remembered. A near-duplicate of a
+A resend of the same picture (the same 8-bit pixels, however encoded: FP32, UINT8, PNG) is a
+retry: neither evidence nor remembered, and answered with what the picture got before when that
+was served (so a change below one level teaches nothing either). A near-duplicate of a
 lone remembered query is a one-off (an honest re-encode of a picture, a popular picture sent
 again): remembered, and the two are linked, but it is not a probe. A near-duplicate of a query
 that already has a link is a probe: an attack's queries form a chain (each a step from the
@@ -41,7 +43,7 @@ import numpy as np
 
 from gateway.defence import knn, probe_table
 from gateway.defence.evidence import OBSERVE, REFUSE, STRICT, THROTTLE, Ladder, LadderSpec
-from gateway.defence.fingerprint import FingerprintSpec, content_hash
+from gateway.defence.fingerprint import FingerprintSpec, picture_hash
 from gateway.defence.knn import Histories
 from gateway.defence.observation import Embedded, Observation
 from gateway.defence.probe_index import ProbeIndex
@@ -90,9 +92,16 @@ class DefenceService:
         self._campaign_rungs: OrderedDict[str, str] = OrderedDict()  # per campaign root
         self.audit = audit
 
-    def refuse(self) -> None:
-        """Withholds a computed answer from a client that its own queries just contained."""
+    def refuse(self, campaign: bool = False) -> None:
+        """Withholds a computed answer from a contained client, or (``campaign``) from a
+        request whose query continues a contained campaign's probing, whoever sends it."""
         self.metrics.defence_refused.labels(REFUSE).inc()
+        if campaign:
+            raise Contained(
+                "this request continues the probing of a contained campaign (its queries nearly "
+                "duplicate the campaign's); an operator can release it (bastion clients release)",
+                {"reason": "contained"},
+            )
         raise Contained(
             "this client is contained: its queries probe the model; an operator can release it "
             "(bastion clients release)",
@@ -248,7 +257,7 @@ class DefenceService:
             return
         rung = observed.rung
         if observed.contained:  # a contained campaign's query, under any identity
-            self.refuse()
+            self.refuse(campaign=self.ladder.rung(client) != REFUSE)
         if observed.refused:
             self.metrics.defence_refused.labels("repeat").inc()
             raise Forbidden(
@@ -298,10 +307,15 @@ class DefenceService:
         slots: list[tuple[int, int]] = []
         with self.lock:
             for i, (row, verdict, image) in enumerate(zip(prints, verdicts, inputs, strict=True)):
-                content = content_hash(image)
+                content = picture_hash(image)
+                same = self.index.resent(content)
+                if same is not None:  # a retry: the same picture again, already weighed once
+                    if answers is not None and not self.index.refused(same, answer_key):
+                        given = self.index.answer(same, answer_key, answers.shape[1])
+                        if given is not None:
+                            repeats[i] = given
+                    continue
                 match = self.index.match(row)
-                if match is not None and match.content == content:
-                    continue  # a retry: the same bytes again, already weighed once
                 probe = match is not None and match.links > 0
                 linked = match.client if probe and match is not None else None
                 near = None

@@ -32,9 +32,9 @@ def test_a_retry_is_nothing_a_one_off_near_duplicate_is_no_probe_and_a_chain_is(
     assert defence.observe("b", prints, ["clean"], image.copy()).probes == 0  # same bytes
     assert defence.ladder.account("b") is None  # a retry is not even evidence
     steps = []
-    for i in range(3):  # new bytes, same quantised picture: an attack's next steps
+    for i in range(3):  # a new pixel each, same quantised picture: an attack's next steps
         step = image.copy()
-        step[0, 0, 14, 10 + i] += 0.01
+        step[0, 0, 0, i] = 0.02
         steps.append(step)
     observed = []
     for step in steps:
@@ -44,6 +44,26 @@ def test_a_retry_is_nothing_a_one_off_near_duplicate_is_no_probe_and_a_chain_is(
     # same); every later link of the chain is a probe
     assert observed == [0, 1, 1]
     assert defence.ladder.account("c").probes == 2
+
+
+def test_the_same_picture_however_encoded_is_a_retry_and_gets_its_earlier_answer() -> None:
+    """FP32 pixels, their UINT8 levels, a change below half a level: one picture, sent again.
+    A developer resending the sample digits in every encoding must not look like a prober."""
+    defence = service()
+    image = to_float(load_split("test")[0][:4])
+    spec = defence.fingerprint_spec
+    first = np.arange(4 * 20, dtype=np.float32).reshape(4, 20)
+    prints = fingerprints(torch.from_numpy(image), spec).numpy()
+    assert defence.observe("dev", prints, ["clean"] * 4, image, first, 7).probes == 0
+    levels = np.rint(image * 255).astype(np.uint8).astype(np.float32) / 255
+    nudged = np.clip(image + 0.001, 0, 1)  # a fifth of a level: the same 8-bit picture
+    fresh = np.full((4, 20), -1.0, np.float32)
+    for again in (levels, nudged, levels, image):
+        again_prints = fingerprints(torch.from_numpy(again), spec).numpy()
+        observed = defence.observe("dev", again_prints, ["clean"] * 4, again, fresh, 7)
+        assert observed.probes == 0 and observed.rung == OBSERVE
+        assert all(np.array_equal(observed.repeats[i], first[i]) for i in range(4))
+    assert defence.ladder.account("dev").probes == 0
 
 
 def test_the_rungs_answer_429_with_retry_after_then_403() -> None:
