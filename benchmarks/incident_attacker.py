@@ -29,6 +29,7 @@ import numpy as np
 from benchmarks.adversarial.blackbox import eligible_digits
 from benchmarks.adversarial.through_gateway import gateway_rule, offline_scores
 from benchmarks.incident_clients import (
+    AGAIN,
     CONTAINED,
     DEFENCE_ACTIONS,
     OK,
@@ -41,6 +42,7 @@ from benchmarks.incident_clients import (
     GatewayClient,
     Reply,
 )
+from gateway.defence.fingerprint import picture_hash
 
 FRESH_TOLERANCE = 1e-4  # max-abs difference of probabilities that marks an answer as a repeat
 REQUESTS = itertools.count()  # request ids, unique across oracles (next() is atomic in CPython)
@@ -96,6 +98,7 @@ class Ledger:
     obtained_at: int | None = None  # 1-based query that obtained the first one
     believed: tuple[float, np.ndarray] | None = None  # the attacker's closest "adversarial"
     retries: int = 0
+    answered: dict[int, np.ndarray] = field(default_factory=dict)  # picture hash -> answer
     withheld: list[np.ndarray] = field(default_factory=list)  # images answered a plain 403
     request_ids: list[str | None] = field(default_factory=list)  # one per query, in order
     ended: str = "finished"
@@ -216,6 +219,13 @@ class Oracle:
         outcome = reply.outcome
         if outcome == OK and not self._fresh(sent, reply.probabilities):
             outcome = REPEAT
+        if outcome == OK and reply.probabilities is not None:
+            picture = picture_hash(sent)
+            before = ledger.answered.get(picture)
+            if before is not None and np.allclose(before, reply.probabilities, atol=1e-6):
+                outcome = AGAIN  # a retry of a picture it already had: nothing new
+            else:
+                ledger.answered[picture] = reply.probabilities
         ledger.trace.append(TRACE[outcome])
         ledger.request_ids.append(reply.request_id)
         if outcome == WITHHELD:

@@ -24,9 +24,14 @@ SHAPE = (1, 1, 28, 28)
 OK, REPEAT, ERROR = "ok", "repeat", "error"
 THROTTLED, CONTAINED, WITHHELD = "throttled", "contained", "withheld"
 REFUSED_AGAIN = "refused again"  # 403 reason "repeat": a near-duplicate of a refused query
+# a 200 for a picture (the same 8-bit pixels) this attacker already had answered, with the same
+# answer: nothing new learned (a retry), so not "answered after detection"; not a detection
+# either (a deterministic model answers a retry the same, defence or not)
+AGAIN = "answered again"
 TRACE = {
     OK: ".",
     REPEAT: "r",
+    AGAIN: "a",
     REFUSED_AGAIN: "R",
     THROTTLED: "T",
     CONTAINED: "C",

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.incident_clients import CONTAINED, OK, THROTTLED
+from benchmarks.incident_clients import AGAIN, CONTAINED, OK, THROTTLED
 
 ADAPTIVE = "adaptive"
 REFUSALS_TARGET = 0.99  # share of queries after detection refused or repeated
@@ -111,7 +111,9 @@ def summarise_attacks(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "final_adversarial": sum(r["final_adversarial"] for r in part),
                 "queries": queries,
                 "outcomes": outcomes,
-                "refused_share": 1 - (outcomes.get(OK, 0) + outcomes.get("repeat", 0)) / queries
+                "refused_share": 1
+                - (outcomes.get(OK, 0) + outcomes.get("repeat", 0) + outcomes.get(AGAIN, 0))
+                / queries
                 if queries
                 else None,
                 "withheld_by_screening_alone": sum(r["withheld_by_screening_alone"] for r in part),
