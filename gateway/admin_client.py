@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import http.client
 import json
 import time
 import urllib.error
@@ -43,6 +44,11 @@ def call(
         raise AdminError(f"{exc.code}: {detail}") from None
     except urllib.error.URLError as exc:
         raise AdminError(f"cannot reach {url}: {exc.reason}") from None
+    except (http.client.HTTPException, ConnectionError, ValueError) as exc:
+        raise AdminError(
+            f"{url} did not answer as Bastion's HTTP port ({type(exc).__name__}); is it the "
+            "gRPC port? Admin commands use the HTTP port (--url, BASTION_URL)"
+        ) from None
 
 
 def describe_stats(stats: dict[str, Any], now: float | None = None) -> list[str]:

@@ -60,6 +60,7 @@ def serve(config: Path | None = None, **flags: Any) -> None:
     """Serve the model repository over KServe v2 HTTP and gRPC (every setting is a flag)."""
     from pydantic import ValidationError
 
+    from gateway.server import PortInUse
     from gateway.server import serve as run_server
 
     if config is not None:
@@ -78,7 +79,11 @@ def serve(config: Path | None = None, **flags: Any) -> None:
     )
     for name in unknown_environment():
         logging.getLogger("gateway").warning("%s is not a Bastion setting: ignored", name)
-    run_server(settings)
+    try:
+        run_server(settings)
+    except PortInUse as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
 
 
 def _signature() -> inspect.Signature:

@@ -66,11 +66,13 @@ async def server_metadata(request: Request) -> Response:
     return json_response(plane(request).server_metadata())
 
 
+@router.head("/v2/health/live", include_in_schema=False)
 @router.get("/v2/health/live", response_class=Response, responses={200: {"description": "Live"}})
 async def live() -> Response:
     return Response(status_code=200)
 
 
+@router.head("/v2/health/ready", include_in_schema=False)
 @router.get(
     "/v2/health/ready",
     response_class=Response,

@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import resource
+import socket
 from dataclasses import dataclass
 from typing import Any
 
@@ -328,10 +329,36 @@ def raise_fd_limit() -> int:
     return soft
 
 
+class PortInUse(OSError):
+    """A port ``bastion serve`` needs is taken (or not ours to bind)."""
+
+
+def check_ports(settings: Settings) -> None:
+    """Binds each port the gateway will listen on once, so a clash is one clear line before
+    any model loads, not a traceback after. Raises ``PortInUse``."""
+    ports = [("HTTP", settings.port)]
+    if settings.allow_grpc and settings.grpc_port:
+        ports.append(("gRPC", settings.grpc_port))
+    for what, port in ports:
+        family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind((settings.host, port))
+            except OSError as exc:
+                flag = "--port" if what == "HTTP" else "--grpc-port"
+                raise PortInUse(
+                    f"cannot bind {what} to {settings.host}:{port}: {exc.strerror} "
+                    f"(choose another with {flag})"
+                ) from None
+
+
 def serve(settings: Settings) -> None:
-    """Runs the gateway until SIGINT/SIGTERM, then drains accepted requests (30 s at most)."""
+    """Runs the gateway until SIGINT/SIGTERM, then drains accepted requests (30 s at most).
+    Raises ``PortInUse`` before starting when a port is taken."""
     import uvicorn
 
+    check_ports(settings)
     from gateway.app import create_app
 
     app = create_app(settings, grpc=settings.allow_grpc)

@@ -164,7 +164,7 @@ class Settings(BaseSettings):
         128,
         ge=1,
         le=1024,
-        description="Longest client identity header (charset: letters, digits and ._:@/+=-): 400.",
+        description="Longest client identity header (charset: letters, digits and ._~:@/+=-): 400.",
     )
     max_request_id_chars: int = Field(256, ge=1, le=4096, description="Longest request id: 400.")
     # -- what a public route may show --------------------------------------------------------

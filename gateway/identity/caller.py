@@ -92,5 +92,7 @@ def check_admin(settings: Settings, authorization: str | None) -> None:
     PERMISSION_DENIED) without it, and when no admin token is set (admin actions disabled)."""
     if not settings.admin_token:
         raise Forbidden("admin actions are disabled: set BASTION_ADMIN_TOKEN to enable them")
-    if not token_matches(authorization or "", settings.admin_token):
+    if not authorization:
         raise Forbidden("this action needs 'Authorization: Bearer <admin token>'")
+    if not token_matches(authorization, settings.admin_token):
+        raise Forbidden("the admin token given is wrong (this action needs the admin token)")

@@ -60,8 +60,9 @@ def decode_request(
     except InvalidInput as exc:
         if header_length is None:  # likely binary tensors sent without their header
             raise InvalidInput(
-                f"{exc.message}; a body with binary tensors needs the "
-                "Inference-Header-Content-Length header (the JSON part's size in bytes)"
+                "a body with binary tensors needs the Inference-Header-Content-Length header "
+                f"(the JSON part's size in bytes); without it the body is read as JSON: "
+                f"{exc.message}"
             ) from None
         raise
     binary = memoryview(body)[json_size:]

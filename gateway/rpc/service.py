@@ -195,21 +195,26 @@ class InferenceService:
     async def _infer(self, raw: bytes, caller: Caller, deadline_ns: int | None) -> InferResponse:
         plane = self.plane
         message = await plane.decoder.run(partial(parse_infer_request, raw))
-        version = parse_version(message.model_version or None)
 
         def decode(_raw: RawInput | None, limits: Limits) -> InferRequest:
             return to_infer_request(message, limits)
 
-        with self.state.in_flight.slot():
-            return await plane.infer(message.model_name, version, decode, caller, deadline_ns)
+        try:
+            version = parse_version(message.model_version or None)
+            with self.state.in_flight.slot():
+                return await plane.infer(message.model_name, version, decode, caller, deadline_ns)
+        except BastionError as exc:  # a stream's error names its request (as tritonclient reads)
+            exc.request = (message.model_name, message.model_version, message.id)
+            raise
 
     async def model_stream_infer(
         self, requests: AsyncIterator[bytes], context: Context
     ) -> AsyncIterator[bytes]:
-        """Each request of the stream is answered, in the order they finish, with at most
-        ``grpc_stream_window`` of them in flight; a failed request is an ``error_message`` on
-        the stream (which stays open), as Triton answers. The caller is resolved per request, so
-        a key revoked mid-stream stops working at once."""
+        """Each request of the stream is answered, in the order they finish (match them by
+        request id), with at most ``grpc_stream_window`` of them in flight; a failed request is
+        an ``error_message`` on the stream (which stays open), as Triton answers, with its
+        ``infer_response`` naming the model and the request id. The caller is resolved per
+        request, so a key revoked mid-stream stops working at once."""
         try:
             meta = metadata(context)
         except BastionError as exc:
@@ -225,7 +230,11 @@ class InferenceService:
                 reply = pb.ModelStreamInferResponse(infer_response=to_infer_response(response))
             except BastionError as exc:
                 self.state.metrics.errors.labels(str(exc.status)).inc()
-                reply = pb.ModelStreamInferResponse(error_message=clip(exc.message))
+                name, version, request_id = getattr(exc, "request", ("", "", ""))
+                named = pb.ModelInferResponse(model_name=name, model_version=version, id=request_id)
+                reply = pb.ModelStreamInferResponse(
+                    error_message=clip(exc.message), infer_response=named
+                )
             except Exception as exc:
                 log.exception("unhandled error in ModelStreamInfer")
                 reply = pb.ModelStreamInferResponse(

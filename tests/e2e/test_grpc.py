@@ -146,6 +146,18 @@ def test_async_and_streaming_inference(client: tg.InferenceServerClient) -> None
     assert len(errors) == 1 and "NaN" in errors[0]
 
 
+def test_a_stream_error_names_its_request(server: ServerProcess) -> None:
+    x = np.full((1, 1, 28, 28), np.nan, np.float32)
+    message = pb.ModelInferRequest(model_name="digits", id="bad-1")
+    message.inputs.add(name="images", datatype="FP32", shape=x.shape)
+    message.raw_input_contents.append(x.tobytes())
+    with grpc.insecure_channel(server.grpc_url) as channel:
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        (reply,) = list(stub.ModelStreamInfer(iter([message]), timeout=30))
+    assert "NaN" in reply.error_message
+    assert reply.infer_response.id == "bad-1" and reply.infer_response.model_name == "digits"
+
+
 def test_concurrent_grpc_requests_are_batched(repository: Path, tmp_path: Path) -> None:
     server = delayed_batching_server(repository, tmp_path, 200_000, 16)
     try:
@@ -317,7 +329,7 @@ def test_a_withheld_input_is_refused_with_the_http_403s_details(flagging: Server
                     "name": "images",
                     "datatype": "FP32",
                     "shape": list(x.shape),
-                    "data": x.ravel().tolist(),
+                    "data": digits(2, 2).ravel().tolist(),  # a resend would be a "repeat"
                 }
             ],
         },

@@ -171,3 +171,13 @@ def test_a_missing_or_wrong_admin_token_is_403_on_every_admin_route(client: Test
             response = client.request(method, concrete, headers=headers, json={})
             assert response.status_code == 403, (method, concrete, headers, response.text)
             assert "admin token" in response.json()["error"]
+
+
+def test_health_answers_head_and_a_wrong_admin_token_is_named(client: TestClient) -> None:
+    for path in ("/v2/health/live", "/v2/health/ready"):
+        assert client.head(path).status_code == 200
+    missing = client.post("/v2/repository/models/digits/unload").json()["error"]
+    wrong = client.post(
+        "/v2/repository/models/digits/unload", headers={"Authorization": "Bearer nope"}
+    ).json()["error"]
+    assert "needs" in missing and "wrong" in wrong

@@ -62,3 +62,19 @@ def test_a_bad_flag_value_is_a_usage_error_in_flag_words(captured: list[Settings
     bound = runner.invoke(app, ["serve", "--grpc-port", "70000"])
     assert bound.exit_code == 2 and "--grpc-port" in bound.output
     assert not captured
+
+
+def test_a_port_in_use_is_one_clear_line() -> None:
+    import socket
+
+    from gateway.server import PortInUse, check_ports
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(PortInUse, match="--grpc-port"):
+            check_ports(Settings(port=0, grpc_port=port))
+        result = runner.invoke(app, ["serve", "--port", str(port)])
+    assert result.exit_code == 2 and "cannot bind HTTP" in result.output
+    assert "Traceback" not in result.output
