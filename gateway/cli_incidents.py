@@ -143,7 +143,12 @@ def incidents_verify(
             log or settings.incident_log_path, key, witness or settings.incident_checkpoint_path
         )
     except (OSError, ValueError) as exc:
-        typer.echo(f"error: {exc}", err=True)
+        typer.echo(
+            f"error: {exc}\n(give the files with --log, --public-key and --witness, or the "
+            "gateway's BASTION_INCIDENT_LOG_PATH, BASTION_INCIDENT_KEY_PATH and "
+            "BASTION_INCIDENT_CHECKPOINT_PATH)",
+            err=True,
+        )
         raise typer.Exit(2) from None
     if as_json:
         typer.echo(json.dumps(verdict.to_json(), indent=1))
