@@ -42,7 +42,10 @@ class Settings(BaseSettings):
     allow_grpc: bool = Field(True, description="Serve KServe v2 gRPC (Triton's) beside HTTP.")
     grpc_port: int = Field(8001, ge=0, le=65535, description="gRPC port (0: any free port).")
     grpc_max_concurrent_rpcs: int = Field(
-        4096, ge=1, description="gRPC calls being handled at once; past it RESOURCE_EXHAUSTED."
+        1024,
+        ge=1,
+        description="gRPC calls open at once, counted from their headers (the health check "
+        "excepted); past it UNAVAILABLE.",
     )
     grpc_max_concurrent_streams: int = Field(
         256, ge=1, description="HTTP/2 streams (calls) one gRPC connection may have open."

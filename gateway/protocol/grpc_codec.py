@@ -92,7 +92,9 @@ def to_infer_request(message: pb.ModelInferRequest, limits: Limits) -> InferRequ
         inputs.append(data)
     params = parameters(message.parameters, "the request")
     timeout = params.get("timeout")
-    if timeout is not None and (not isinstance(timeout, int) or timeout < 0):
+    if timeout is not None and (
+        not isinstance(timeout, int) or isinstance(timeout, bool) or timeout < 0
+    ):
         raise InvalidInput("parameter 'timeout' must be a non-negative integer (microseconds)")
     return InferRequest(
         inputs=inputs,

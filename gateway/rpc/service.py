@@ -32,6 +32,7 @@ from gateway.protocol.bounds import Limits, RawInput
 from gateway.protocol.grpc_codec import parse_infer_request, to_infer_request, to_infer_response
 from gateway.protocol.types import Caller, InferRequest, InferResponse
 from gateway.repository import parse_version
+from gateway.rpc.calls import CallGate
 from gateway.rpc.status import clip, to_status
 
 log = logging.getLogger(__name__)
@@ -47,6 +48,14 @@ class InferenceService:
 
     def __init__(self, state: Any) -> None:
         self.state = state
+        settings = state.settings
+        self.gate = CallGate(
+            settings.grpc_max_concurrent_rpcs,
+            settings.http_body_timeout_s,
+            settings.http_write_timeout_s,
+            self._abort,
+            self._reject,
+        )
 
     @property
     def plane(self) -> DataPlane:
@@ -68,13 +77,16 @@ class InferenceService:
             "SystemSharedMemoryStatus": (pb.SystemSharedMemoryStatusRequest, self.no_regions),
             "CudaSharedMemoryStatus": (pb.CudaSharedMemoryStatusRequest, self.no_regions),
         }
+        gate = self.gate
         handlers = {
-            name: grpc.unary_unary_rpc_method_handler(partial(self._control, kind, method))
+            name: grpc.stream_unary_rpc_method_handler(
+                gate.unary(partial(self._control, kind, method))
+            )
             for name, (kind, method) in control.items()
         }
-        handlers["ModelInfer"] = grpc.unary_unary_rpc_method_handler(self.model_infer)
+        handlers["ModelInfer"] = grpc.stream_unary_rpc_method_handler(gate.unary(self.model_infer))
         handlers["ModelStreamInfer"] = grpc.stream_stream_rpc_method_handler(
-            self.model_stream_infer
+            gate.stream(self.model_stream_infer)
         )
         return grpc.method_handlers_generic_handler(SERVICE, handlers)
 
@@ -201,24 +213,27 @@ class InferenceService:
 
         try:
             version = parse_version(message.model_version or None)
+            limit = plane.limits(plane.registry.get(message.model_name, version)).codec
+            if len(raw) > limit.max_body_bytes:  # as HTTP refuses the body: 413
+                self._reject("body_bytes")
+                raise PayloadTooLarge(
+                    f"request of {len(raw)} bytes exceeds the limit of {limit.max_body_bytes} "
+                    "for this model (its config parameter max_request_bytes raises it)"
+                )
             with self.state.in_flight.slot():
                 return await plane.infer(message.model_name, version, decode, caller, deadline_ns)
         except BastionError as exc:  # a stream's error names its request (as tritonclient reads)
             exc.request = (message.model_name, message.model_version, message.id)
             raise
 
-    async def model_stream_infer(
-        self, requests: AsyncIterator[bytes], context: Context
-    ) -> AsyncIterator[bytes]:
+    async def model_stream_infer(self, requests: AsyncIterator[bytes], context: Context) -> None:
         """Each request of the stream is answered, in the order they finish (match them by
         request id), with at most ``grpc_stream_window`` of them in flight; a failed request is
         an ``error_message`` on the stream (which stays open), as Triton answers, with its
         ``infer_response`` naming the model and the request id. The caller is resolved per
-        request, so a key revoked mid-stream stops working at once."""
-        try:
-            meta = metadata(context)
-        except BastionError as exc:
-            await self._abort(context, exc)
+        request, so a key revoked mid-stream stops working at once. A reply the client does
+        not take within ``http_write_timeout_s`` ends the stream."""
+        meta = metadata(context)
         window = asyncio.Semaphore(self.plane.settings.grpc_stream_window)
         answers: asyncio.Queue[bytes | None] = asyncio.Queue()
         tasks: set[asyncio.Task[None]] = set()
@@ -256,7 +271,8 @@ class InferenceService:
         reader = asyncio.create_task(read())
         try:
             while (reply := await answers.get()) is not None:
-                yield reply
+                if not await self.gate.write(context, reply):
+                    break
                 window.release()
         finally:
             reader.cancel()

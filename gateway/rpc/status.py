@@ -5,9 +5,10 @@ model NOT_FOUND, a full queue or a model that is not ready UNAVAILABLE, a server
 Where HTTP says more than Triton's gRPC does, the standard code for it is used: 401
 UNAUTHENTICATED, 403 PERMISSION_DENIED (a withheld image, a contained client, a wrong admin
 token: UNAVAILABLE would tell a client to retry), 413 and 429 RESOURCE_EXHAUSTED, 501
-UNIMPLEMENTED, 504 DEADLINE_EXCEEDED. The details travel as a ``google.rpc.Status`` in the
-``grpc-status-details-bin`` trailer (the gRPC richer error model): an ``ErrorInfo`` with the
-HTTP body's fields, and a ``RetryInfo`` with ``Retry-After``.
+UNIMPLEMENTED, 408 (a request that did not arrive in time) and 504 DEADLINE_EXCEEDED. The
+details travel as a ``google.rpc.Status`` in the ``grpc-status-details-bin`` trailer (the gRPC
+richer error model): an ``ErrorInfo`` with the HTTP body's fields, and a ``RetryInfo`` with
+``Retry-After``.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ _CODES = {
     401: grpc.StatusCode.UNAUTHENTICATED,
     403: grpc.StatusCode.PERMISSION_DENIED,
     404: grpc.StatusCode.NOT_FOUND,
+    408: grpc.StatusCode.DEADLINE_EXCEEDED,
     413: grpc.StatusCode.RESOURCE_EXHAUSTED,
     429: grpc.StatusCode.RESOURCE_EXHAUSTED,
     501: grpc.StatusCode.UNIMPLEMENTED,

@@ -347,3 +347,65 @@ def test_a_withheld_input_is_refused_with_the_http_403s_details(flagging: Server
         client.infer("digits", [tensor(x)])
     assert terr.value.status() == "StatusCode.PERMISSION_DENIED"
     assert "withheld" in terr.value.message()
+
+
+@pytest.fixture
+def tight(tmp_path: Path) -> Iterator[ServerProcess]:
+    env = {"BASTION_HTTP_BODY_TIMEOUT_S": "2", "BASTION_GRPC_MAX_CONCURRENT_RPCS": "4"}
+    proc = start_server(tmp_path, env=env)
+    yield proc
+    proc.stop()
+
+
+def stalled(seconds: float) -> Iterator[bytes]:
+    """A request side that sends the call's headers, then nothing for ``seconds``."""
+    time.sleep(seconds)
+    yield from ()
+
+
+def test_calls_that_send_nothing_are_bounded_and_never_block_the_health_check(
+    tight: ServerProcess,
+) -> None:
+    import concurrent.futures
+
+    with grpc.insecure_channel(tight.grpc_url) as channel:
+        infer = channel.stream_unary("/inference.GRPCInferenceService/ModelInfer")
+        with pytest.raises(grpc.RpcError) as empty:  # headers, then the end: no message
+            infer(iter(()), timeout=10)
+        assert empty.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            # four calls hold every slot, sending nothing: each is cut after the 2 s timeout
+            held = [pool.submit(infer, stalled(6), timeout=20) for _ in range(4)]
+            time.sleep(1.0)
+            with pytest.raises(grpc.RpcError) as full:
+                infer(iter([request_bytes(model_name="digits")]), timeout=10)
+            assert full.value.code() == grpc.StatusCode.UNAVAILABLE
+            health = health_pb2_grpc.HealthStub(channel)
+            reply = health.Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+            codes = []
+            for call in held:
+                with pytest.raises(grpc.RpcError) as cut:
+                    call.result(timeout=20)
+                codes.append(cut.value.code())
+        assert codes == [grpc.StatusCode.DEADLINE_EXCEEDED] * 4
+        client = tg.InferenceServerClient(tight.grpc_url)
+        assert client.infer("digits", [tensor(digits(1))]).as_numpy("logits").shape == (1, 10)
+        client.close()
+
+
+def test_a_message_over_the_models_own_limit_is_refused_as_over_http(
+    server: ServerProcess,
+) -> None:
+    x = digits(1)
+    message = pb.ModelInferRequest(model_name="digits")
+    message.inputs.add(name="images", datatype="FP32", shape=x.shape)
+    message.raw_input_contents.append(x.tobytes())
+    message.parameters["padding"].string_param = "x" * (3 << 20)  # over digits' 1.6 MB
+    with grpc.insecure_channel(server.grpc_url) as channel:
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as err:
+            stub.ModelInfer(message, timeout=30)
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    # gRPC's own limit is the largest model's body limit; each model's own is checked after
+    assert "larger than max" in err.value.details() or "for this model" in err.value.details()

@@ -123,3 +123,10 @@ def test_errors_map_to_tritons_codes_with_the_http_bodys_details() -> None:
     assert throttled.code == grpc.StatusCode.RESOURCE_EXHAUSTED
     retry = error_details_pb2.RetryInfo()
     assert details(throttled).details[0].Unpack(retry) and retry.retry_delay.seconds == 7
+
+
+def test_a_boolean_timeout_is_refused() -> None:
+    message = typed("INT16", "int_contents", [1], [1])
+    message.parameters["timeout"].bool_param = True
+    with pytest.raises(InvalidInput, match="timeout"):
+        to_infer_request(message, LIMITS)
