@@ -26,6 +26,7 @@ from gateway.errors import (
     Blocked,
     Forbidden,
     NotFound,
+    PayloadTooLarge,
     Unavailable,
 )
 from gateway.identity.caller import SCREENING_REPORT_SCOPE
@@ -65,10 +66,16 @@ EXTENSIONS = [
 ]
 
 
+Prepared = tuple[InferRequest, dict[str, np.ndarray], int]
+"""A decoded request, its batch rows by input, and their count."""
 Decoder = Callable[[RawInput | None, Limits], InferRequest]
 """A transport's parser for one request's bytes: given the model's raw-input description and
 the limits that hold for it, returns the request or raises a ``BastionError``. Runs on a pool
 thread."""
+MessageParser = Callable[[], tuple[str, int | None, int, Decoder]]
+"""A transport's parser for a message that names its model (gRPC): returns the model's name,
+the version asked for (None: the route's or the latest), the message's size in bytes and the
+decoder of its tensors, or raises a ``BastionError``. Runs on a pool thread."""
 
 _PRIVATE_PARAMETERS = ("screening", "squeeze")
 
@@ -191,7 +198,59 @@ class DataPlane:
             charged = self.defence.admit(caller.client_id, caller.shared)
         try:
             job = partial(self._decode_and_prepare, model, decode, caller)
-            request, arrays, rows = await self.decoder.run(job)
+            prepared = await self.decoder.run(job)
+        except BastionError as exc:
+            model.observer.on_failure(time.perf_counter_ns() - start, exc.reason)
+            raise
+        return await self._serve(model, prepared, caller, charged, start, deadline_ns)
+
+    async def infer_message(
+        self, parse: MessageParser, caller: Caller, deadline_ns: int | None = None
+    ) -> InferResponse:
+        """``infer`` for a transport whose message names its model (gRPC): one decode-pool job
+        parses the message, picks the version (as ``infer`` does) and decodes it; the
+        defence's admission comes after, before any model work. ``parse`` returns the model's
+        name, the version asked for, the message's size and the decoder of its tensors."""
+        start = time.perf_counter_ns()
+
+        def job() -> tuple[LoadedModel, Prepared | BastionError]:
+            name, version, size, decode = parse()
+            model = self._route(name, version, caller.client_id)
+            try:
+                limit = self.limits(model).codec.max_body_bytes
+                if size > limit:  # as HTTP refuses a body over the model's limit: 413
+                    raise PayloadTooLarge(
+                        f"request of {size} bytes exceeds the limit of {limit} for this model "
+                        "(its config parameter max_request_bytes raises it)"
+                    )
+                return model, self._decode_and_prepare(model, decode, caller)
+            except BastionError as exc:
+                return model, exc
+
+        model, prepared = await self.decoder.run(job)
+        try:
+            if isinstance(prepared, BastionError):
+                raise prepared
+            charged = None
+            if self.defence is not None and model.backend.screening is not None:
+                charged = self.defence.admit(caller.client_id, caller.shared)
+        except BastionError as exc:
+            model.observer.on_failure(time.perf_counter_ns() - start, exc.reason)
+            raise
+        return await self._serve(model, prepared, caller, charged, start, deadline_ns)
+
+    async def _serve(
+        self,
+        model: LoadedModel,
+        prepared: Prepared,
+        caller: Caller,
+        charged: str | None,
+        start: int,
+        deadline_ns: int | None,
+    ) -> InferResponse:
+        """Batches, screens and answers a decoded request (failures counted for ``model``)."""
+        request, arrays, rows = prepared
+        try:
             wanted = requested_outputs(model.config, request)
             deadline = self._deadline(model, request, start)
             if deadline_ns is not None:
@@ -203,7 +262,7 @@ class DataPlane:
             model.observer.on_failure(time.perf_counter_ns() - start, exc.reason)
             raise
         model.observer.on_success(time.perf_counter_ns() - start)
-        response = InferResponse(name, str(model.version), outputs, id=request.id)
+        response = InferResponse(model.config.name, str(model.version), outputs, id=request.id)
         if screened is not None:
             _attach_screening(response, screened, request)
         return response

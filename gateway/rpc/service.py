@@ -205,25 +205,28 @@ class InferenceService:
         )
 
     async def _infer(self, raw: bytes, caller: Caller, deadline_ns: int | None) -> InferResponse:
-        plane = self.plane
-        message = await plane.decoder.run(partial(parse_infer_request, raw))
+        named: list[Any] = []  # the parsed message's model, version and id, for a stream error
 
-        def decode(_raw: RawInput | None, limits: Limits) -> InferRequest:
-            return to_infer_request(message, limits)
+        def parse() -> tuple[str, int | None, int, Any]:
+            message = parse_infer_request(raw)
+            named.append((message.model_name, message.model_version, message.id))
+
+            def decode(_raw: RawInput | None, limits: Limits) -> InferRequest:
+                return to_infer_request(message, limits)
+
+            return (
+                message.model_name,
+                parse_version(message.model_version or None),
+                len(raw),
+                decode,
+            )
 
         try:
-            version = parse_version(message.model_version or None)
-            limit = plane.limits(plane.registry.get(message.model_name, version)).codec
-            if len(raw) > limit.max_body_bytes:  # as HTTP refuses the body: 413
-                self._reject("body_bytes")
-                raise PayloadTooLarge(
-                    f"request of {len(raw)} bytes exceeds the limit of {limit.max_body_bytes} "
-                    "for this model (its config parameter max_request_bytes raises it)"
-                )
             with self.state.in_flight.slot():
-                return await plane.infer(message.model_name, version, decode, caller, deadline_ns)
+                return await self.plane.infer_message(parse, caller, deadline_ns)
         except BastionError as exc:  # a stream's error names its request (as tritonclient reads)
-            exc.request = (message.model_name, message.model_version, message.id)
+            if named:
+                exc.request = named[0]
             raise
 
     async def model_stream_infer(self, requests: AsyncIterator[bytes], context: Context) -> None:
