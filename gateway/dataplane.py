@@ -15,11 +15,9 @@ from typing import Any
 import numpy as np
 
 from gateway import __version__
-from gateway.backends import EMBEDDINGS, FINGERPRINTS
+from gateway.backends import FINGERPRINTS
 from gateway.decode_pool import DecodePool
-from gateway.defence.answers import put_back, served_answers
-from gateway.defence.evidence import STRICT
-from gateway.defence.observation import Embedded
+from gateway.defence.request_path import defend
 from gateway.defence.service import DefenceService
 from gateway.errors import (
     BastionError,
@@ -33,7 +31,7 @@ from gateway.identity.caller import SCREENING_REPORT_SCOPE
 from gateway.incidents.ledger import Ledger
 from gateway.inputs import prepare_inputs
 from gateway.limits import ModelLimits, model_limits
-from gateway.outputs import output_tensor, requested_outputs
+from gateway.outputs import attach_screening, output_tensor, requested_outputs, tensor_metadata
 from gateway.protocol.bounds import Limits, RawInput
 from gateway.protocol.types import (
     Caller,
@@ -41,15 +39,12 @@ from gateway.protocol.types import (
     InferResponse,
 )
 from gateway.registry import UNLOADED, LoadedModel, ModelRegistry
-from gateway.repository import ModelConfig, TensorSpec
 from gateway.routing import RouteTable, point
-from gateway.screening.policy import ADVERSARIAL, SUSPICIOUS
 from gateway.screening.service import (
     REPORT_PARAMETER,
     Screened,
     ScreeningService,
     refuse_if_withheld,
-    report_outputs,
     tighten,
 )
 from gateway.settings import Settings
@@ -119,8 +114,8 @@ class DataPlane:
             "name": name,
             "versions": sorted(versions, key=int) if version is None else [str(version)],
             "platform": config.platform or config.backend,
-            "inputs": [_tensor_metadata(t, config) for t in config.inputs],
-            "outputs": [_tensor_metadata(t, config) for t in config.outputs],
+            "inputs": [tensor_metadata(t) for t in config.inputs],
+            "outputs": [tensor_metadata(t) for t in config.outputs],
         }
 
     def model_config(self, name: str, version: int | None) -> dict[str, Any]:
@@ -264,7 +259,7 @@ class DataPlane:
         model.observer.on_success(time.perf_counter_ns() - start)
         response = InferResponse(model.config.name, str(model.version), outputs, id=request.id)
         if screened is not None:
-            _attach_screening(response, screened, request)
+            attach_screening(response, screened, request)
         return response
 
     def _decode_and_prepare(
@@ -321,7 +316,9 @@ class DataPlane:
         outcome = "refused"  # by the defence, unless the block below finishes
         try:
             if self.defence is not None and prints is not None:
-                self._defend(model, request, arrays, results, screened, prints, charged, shared)
+                defend(
+                    self.defence, model, request, arrays, results, screened, prints, charged, shared
+                )
             if self.routes is not None and self.routes.strict(model.config.name):
                 tighten(screened)  # rolled back in strict mode: suspicious is withheld too
             report = request.parameters.get(REPORT_PARAMETER) is True
@@ -360,72 +357,9 @@ class DataPlane:
             time.time(),
         )
 
-    def _defend(
-        self,
-        model: LoadedModel,
-        request: InferRequest,
-        arrays: dict[str, np.ndarray],
-        results: dict[str, np.ndarray],
-        screened: Screened,
-        prints: np.ndarray,
-        charged: str | None,
-        shared: bool,
-    ) -> None:
-        """The stateful defence's evidence, repeats and rung for this request (403 or 429
-        raised here), and the record of what its queries were given."""
-        assert self.defence is not None and model.backend.screening is not None
-        job = model.backend.screening
-        rows = next(iter(arrays.values()))
-        outputs = [spec.name for spec in model.config.outputs]
-        answers, answer_key = served_answers(outputs, (model.config.name, model.version), results)
-        targets = job.targets or {}
-        embeddings = results.get(EMBEDDINGS)
-        embedded = None
-        if job.knn is not None and embeddings is not None:
-            embedded = Embedded(f"{model.config.name}:{model.version}", job.knn, embeddings)
-        observed = self.defence.observe(
-            request.client_id,
-            prints,
-            screened.decision.verdicts,
-            rows,
-            answers,
-            answer_key,
-            targets.get(SUSPICIOUS),
-            embedded,
-            targets.get(ADVERSARIAL),
-            request.id,
-            f"{model.config.name}:{model.version}",
-        )
-        put_back(outputs, results, observed.repeats)
-        served = False
-        try:
-            # e.g. a new identity its probes just linked to a contained campaign: 403 or 429
-            self.defence.enforce(request.client_id, observed, charged, shared)
-            if observed.rung == STRICT and not shared:  # suspicious is withheld too
-                tighten(screened)
-            served = (
-                not screened.decision.withheld or request.parameters.get(REPORT_PARAMETER) is True
-            )
-        finally:  # a refused query's near-duplicates are refused in turn
-            self.defence.settle(observed, served)
-
     def _deadline(self, model: LoadedModel, request: InferRequest, start_ns: int) -> int | None:
         policy = model.config.batching
         timeout_us = policy.default_timeout_us or self.settings.default_timeout_us
         if request.timeout_us and policy.allow_timeout_override:
             timeout_us = request.timeout_us
         return start_ns + timeout_us * 1000 if timeout_us else None
-
-
-def _attach_screening(response: InferResponse, screened: Screened, request: InferRequest) -> None:
-    decision = screened.decision
-    if decision.flagged:
-        response.parameters["screening_flagged"] = ",".join(map(str, decision.flagged))
-    if request.parameters.get(REPORT_PARAMETER) is True:
-        binary = request.binary_output
-        report_outputs(screened, response.outputs, binary)
-        response.parameters["screening_scores_columns"] = ",".join(screened.columns)
-
-
-def _tensor_metadata(spec: TensorSpec, config: ModelConfig) -> dict[str, Any]:
-    return {"name": spec.name, "datatype": spec.datatype, "shape": [-1, *spec.dims]}

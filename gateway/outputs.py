@@ -1,13 +1,16 @@
-"""What a request asks back: the outputs it names (every output when none), each as a tensor or
-as Triton's classification extension."""
+"""What a response holds: the outputs a request names (every output when none), each as a
+tensor or as Triton's classification extension, and what screening adds to it."""
 
 from __future__ import annotations
+
+from typing import Any
 
 import numpy as np
 
 from gateway.errors import InvalidInput
-from gateway.protocol.types import InferRequest, OutputTensor, RequestedOutput
-from gateway.repository import ModelConfig
+from gateway.protocol.types import InferRequest, InferResponse, OutputTensor, RequestedOutput
+from gateway.repository import ModelConfig, TensorSpec
+from gateway.screening.service import REPORT_PARAMETER, Screened, report_outputs
 
 
 def requested_outputs(config: ModelConfig, request: InferRequest) -> list[RequestedOutput]:
@@ -47,3 +50,19 @@ def classify(values: np.ndarray, k: int, labels: tuple[str, ...]) -> np.ndarray:
             label = f":{labels[index]}" if index < len(labels) else ""
             out[row, col] = f"{flat[row, index]:f}:{index}{label}".encode()
     return out
+
+
+def attach_screening(response: InferResponse, screened: Screened, request: InferRequest) -> None:
+    """The flagged images' indices (served, not withheld); for an admin who asked
+    (``screening_report``), every image's verdict and scores as extra outputs."""
+    decision = screened.decision
+    if decision.flagged:
+        response.parameters["screening_flagged"] = ",".join(map(str, decision.flagged))
+    if request.parameters.get(REPORT_PARAMETER) is True:
+        report_outputs(screened, response.outputs, request.binary_output)
+        response.parameters["screening_scores_columns"] = ",".join(screened.columns)
+
+
+def tensor_metadata(spec: TensorSpec) -> dict[str, Any]:
+    """A tensor in model metadata: its batch dimension is -1."""
+    return {"name": spec.name, "datatype": spec.datatype, "shape": [-1, *spec.dims]}

@@ -197,8 +197,7 @@ class Metrics:
         # the stateful defence: refusals are what a client sees anyway (public); probes private
         self.screening_refused = Counter(
             "bastion_screening_refused_requests",
-            "Requests refused (403) because screening withheld an image: a policy decision, "
-            "counted in bastion_request_errors_total too",
+            "Requests refused (403) as screening withheld an image (in request_errors too)",
             registry=self.registry,
         )
         self.defence_refused = Counter(

@@ -3,7 +3,6 @@ raw gRPC channel for what tritonclient would never send."""
 
 from __future__ import annotations
 
-import gzip
 import json
 import queue
 import time
@@ -207,98 +206,6 @@ def test_compressed_requests_and_the_health_service(
             assert reply.status == health_pb2.HealthCheckResponse.SERVING
 
 
-def request_bytes(**fields: object) -> bytes:
-    return pb.ModelInferRequest(**fields).SerializeToString()
-
-
-def _hostile() -> list[tuple[str, bytes, grpc.StatusCode, str]]:
-    def message(
-        shape: list[int], raw: bytes | None = None, datatype: str = "FP32", **extra
-    ) -> bytes:
-        m = pb.ModelInferRequest(model_name=extra.pop("model", "digits"), **extra)
-        m.inputs.add(name="images", datatype=datatype, shape=shape)
-        if raw is not None:
-            m.raw_input_contents.append(raw)
-        return m.SerializeToString()
-
-    typed_int8 = pb.ModelInferRequest(model_name="digits")
-    typed_int8.inputs.add(name="images", datatype="INT8", shape=[1]).contents.int_contents.append(
-        300
-    )
-    both = pb.ModelInferRequest(model_name="digits")
-    both.inputs.add(name="images", datatype="FP32", shape=[1]).contents.fp32_contents.append(1.0)
-    both.raw_input_contents.append(b"\0" * 4)
-    twice = pb.ModelInferRequest(model_name="digits")
-    twice.inputs.add(name="images", datatype="FP32", shape=[1, 1, 28, 28])
-    twice.inputs.add(name="images", datatype="FP32", shape=[1, 1, 28, 28])
-    twice.raw_input_contents.extend([b"\0" * 3136] * 2)
-    no_value = pb.ModelInferRequest(model_name="digits")
-    no_value.inputs.add(name="images", datatype="FP32", shape=[1, 1, 28, 28])
-    no_value.raw_input_contents.append(b"\0" * 3136)
-    no_value.parameters["timeout"].CopyFrom(pb.InferParameter())
-    invalid = grpc.StatusCode.INVALID_ARGUMENT
-    return [
-        ("garbage", b"\xff\xff\xff\xff\x0f", invalid, "not a ModelInferRequest"),
-        ("no-inputs", request_bytes(model_name="digits"), invalid, "at least one input"),
-        ("unknown-model", message([1], model="nope"), grpc.StatusCode.NOT_FOUND, "unknown model"),
-        ("short-raw", message([1, 1, 28, 28], b"\0" * 10), invalid, "needs 3136"),
-        ("negative-dim", message([-1, 1, 28, 28], b""), invalid, "negative dimension"),
-        ("huge-shape", message([1 << 40, 1 << 20], b""), invalid, "elements"),
-        ("over-batch", message([65, 1, 28, 28], b""), invalid, "batch size 65"),
-        ("unknown-dtype", message([1], b"\0", datatype="FP8"), invalid, "unknown datatype"),
-        ("int8-range", typed_int8.SerializeToString(), invalid, "outside"),
-        ("raw-and-typed", both.SerializeToString(), invalid, "both raw and typed"),
-        ("repeated-input", twice.SerializeToString(), invalid, "more than once"),
-        ("empty-parameter", no_value.SerializeToString(), invalid, "has no value"),
-        (
-            "long-id",
-            message([1, 1, 28, 28], b"\0" * 3136, id="i" * 5000),
-            invalid,
-            "over the limit",
-        ),
-        (
-            "nan",
-            message([1, 1, 28, 28], np.full(784, np.nan, np.float32).tobytes()),
-            invalid,
-            "NaN",
-        ),
-    ]
-
-
-@pytest.mark.parametrize(
-    ("body", "code", "text"), [h[1:] for h in _hostile()], ids=[h[0] for h in _hostile()]
-)
-def test_hostile_messages_get_a_clear_status(
-    server: ServerProcess, body: bytes, code: grpc.StatusCode, text: str
-) -> None:
-    with grpc.insecure_channel(server.grpc_url) as channel:
-        call = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")
-        with pytest.raises(grpc.RpcError) as err:
-            call(body, timeout=30)
-    assert err.value.code() == code, err.value.details()
-    assert text in err.value.details()
-    assert len(err.value.details()) < 1200
-    assert httpx.get(f"http://{server.url}/v2/health/live", timeout=10).status_code == 200
-
-
-def test_oversized_and_compression_bomb_messages_are_refused(server: ServerProcess) -> None:
-    blob = b"\0" * (65 << 20)  # past max_body_bytes (64 MiB), after decompression
-    message = request_bytes(model_name="digits", raw_input_contents=[blob])
-    options = [("grpc.max_send_message_length", 128 << 20)]
-    with grpc.insecure_channel(server.grpc_url, options=options) as channel:
-        call = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")
-        for compression in (None, grpc.Compression.Gzip):
-            with pytest.raises(grpc.RpcError) as err:
-                call(message, timeout=60, compression=compression)
-            assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, err.value.details()
-        control = channel.unary_unary("/inference.GRPCInferenceService/ServerMetadata")
-        with pytest.raises(grpc.RpcError) as err:
-            control(b"x" * (200 << 10), timeout=30)
-        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-        assert len(gzip.compress(blob)) < 1 << 20  # the bomb really was small on the wire
-    assert httpx.get(f"http://{server.url}/v2/health/live", timeout=10).status_code == 200
-
-
 @pytest.fixture
 def flagging(repository: Path, tmp_path: Path) -> Iterator[ServerProcess]:
     proc = start_server(tmp_path, "--model-repository", str(flag_every_image(repository)))
@@ -347,65 +254,3 @@ def test_a_withheld_input_is_refused_with_the_http_403s_details(flagging: Server
         client.infer("digits", [tensor(x)])
     assert terr.value.status() == "StatusCode.PERMISSION_DENIED"
     assert "withheld" in terr.value.message()
-
-
-@pytest.fixture
-def tight(tmp_path: Path) -> Iterator[ServerProcess]:
-    env = {"BASTION_HTTP_BODY_TIMEOUT_S": "2", "BASTION_GRPC_MAX_CONCURRENT_RPCS": "4"}
-    proc = start_server(tmp_path, env=env)
-    yield proc
-    proc.stop()
-
-
-def stalled(seconds: float) -> Iterator[bytes]:
-    """A request side that sends the call's headers, then nothing for ``seconds``."""
-    time.sleep(seconds)
-    yield from ()
-
-
-def test_calls_that_send_nothing_are_bounded_and_never_block_the_health_check(
-    tight: ServerProcess,
-) -> None:
-    import concurrent.futures
-
-    with grpc.insecure_channel(tight.grpc_url) as channel:
-        infer = channel.stream_unary("/inference.GRPCInferenceService/ModelInfer")
-        with pytest.raises(grpc.RpcError) as empty:  # headers, then the end: no message
-            infer(iter(()), timeout=10)
-        assert empty.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-        with concurrent.futures.ThreadPoolExecutor(4) as pool:
-            # four calls hold every slot, sending nothing: each is cut after the 2 s timeout
-            held = [pool.submit(infer, stalled(6), timeout=20) for _ in range(4)]
-            time.sleep(1.0)
-            with pytest.raises(grpc.RpcError) as full:
-                infer(iter([request_bytes(model_name="digits")]), timeout=10)
-            assert full.value.code() == grpc.StatusCode.UNAVAILABLE
-            health = health_pb2_grpc.HealthStub(channel)
-            reply = health.Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
-            assert reply.status == health_pb2.HealthCheckResponse.SERVING
-            codes = []
-            for call in held:
-                with pytest.raises(grpc.RpcError) as cut:
-                    call.result(timeout=20)
-                codes.append(cut.value.code())
-        assert codes == [grpc.StatusCode.DEADLINE_EXCEEDED] * 4
-        client = tg.InferenceServerClient(tight.grpc_url)
-        assert client.infer("digits", [tensor(digits(1))]).as_numpy("logits").shape == (1, 10)
-        client.close()
-
-
-def test_a_message_over_the_models_own_limit_is_refused_as_over_http(
-    server: ServerProcess,
-) -> None:
-    x = digits(1)
-    message = pb.ModelInferRequest(model_name="digits")
-    message.inputs.add(name="images", datatype="FP32", shape=x.shape)
-    message.raw_input_contents.append(x.tobytes())
-    message.parameters["padding"].string_param = "x" * (3 << 20)  # over digits' 1.6 MB
-    with grpc.insecure_channel(server.grpc_url) as channel:
-        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
-        with pytest.raises(grpc.RpcError) as err:
-            stub.ModelInfer(message, timeout=30)
-    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-    # gRPC's own limit is the largest model's body limit; each model's own is checked after
-    assert "larger than max" in err.value.details() or "for this model" in err.value.details()
