@@ -47,12 +47,14 @@ def bounded_server(repository: Path, tmp_path: Path) -> Iterator[ServerProcess]:
     proc.stop()
 
 
-def images(n: int) -> np.ndarray:
-    return np.ascontiguousarray(to_float(load_split("test")[0][:n]), np.float32)
+def images(n: int, start: int = 0) -> np.ndarray:
+    """Test digits ``start`` to ``start + n``: each client its own (a resend of a refused
+    picture is refused as a repeat, before screening and the store)."""
+    return np.ascontiguousarray(to_float(load_split("test")[0][start : start + n]), np.float32)
 
 
-def refused(server: ServerProcess, n: int, client_id: str) -> dict:
-    x = images(n)
+def refused(server: ServerProcess, n: int, client_id: str, start: int = 0) -> dict:
+    x = images(n, start)
     response = httpx.post(
         f"http://{server.url}/v2/models/digits/infer",
         json={"id": client_id, "inputs": [{"name": "images", "datatype": "FP32",
@@ -72,13 +74,13 @@ def test_quotas_drop_records_but_never_serve_the_input_and_stats_show_it(
     assert body["withheld"] == [0, 1, 2] and len(body["quarantine_ids"]) == 2
     assert "quarantine_dropped" not in body  # the operator's to know (metrics, stats)
     tensor = th.InferInput("images", [2, 1, 28, 28], "FP32")
-    tensor.set_data_from_numpy(images(2))
+    tensor.set_data_from_numpy(images(2, 3))
     with pytest.raises(InferenceServerException) as err:  # 1 kept: the store is then full
         th.InferenceServerClient(bounded_server.url).infer(
             "digits", [tensor], headers={"X-Client-ID": "alice"}
         )
     assert err.value.status() == "403" and "quota" not in err.value.message()
-    body = refused(bounded_server, 1, "bob")
+    body = refused(bounded_server, 1, "bob", 5)
     assert body["withheld"] == [0] and body["quarantine_ids"] == []
     assert "bastion_quarantine" not in httpx.get(f"{url}/metrics", timeout=10).text  # 403
     scrape = {"Authorization": "Bearer mtok"}
