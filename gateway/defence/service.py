@@ -10,10 +10,10 @@ then applies the rung to this response, so a fresh identity whose first query li
 contained campaign is refused (or throttled with the campaign) before it is answered.
 
 A resend of the same picture (the same 8-bit pixels, however encoded: FP32, UINT8, PNG) is a
-retry: neither evidence nor remembered, and given what the picture got before: its answer, or a
-403 (reason ``repeat``) when it was refused after it was weighed (withheld, contained), whoever
-resends it. So a change below one level teaches nothing, and a rotating identity cannot have a
-contained campaign's query answered by sending it again. A near-duplicate of a
+retry: neither evidence nor remembered. When the picture was served before it gets that answer
+again (so a change below one level teaches nothing); when it was refused it is decided afresh
+(screening, policy, the sender's rung), so a release or a policy change takes effect on a
+retry. A near-duplicate of a
 lone remembered query is a one-off (an honest re-encode of a picture, a popular picture sent
 again): remembered, and the two are linked, but it is not a probe. A near-duplicate of a query
 that already has a link is a probe: an attack's queries form a chain (each a step from the
@@ -312,9 +312,7 @@ class DefenceService:
                 content = picture_hash(image)
                 same = self.index.resent(content)
                 if same is not None:  # a retry: the same picture again, already weighed once
-                    if answers is not None and self.index.refused(same, answer_key):
-                        refused.append(i)  # refused before (withheld, contained): again
-                    elif answers is not None:
+                    if answers is not None and not self.index.refused(same, answer_key):
                         given = self.index.answer(same, answer_key, answers.shape[1])
                         if given is not None:
                             repeats[i] = given

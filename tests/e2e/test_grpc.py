@@ -236,7 +236,7 @@ def test_a_withheld_input_is_refused_with_the_http_403s_details(flagging: Server
                     "name": "images",
                     "datatype": "FP32",
                     "shape": list(x.shape),
-                    "data": digits(2, 2).ravel().tolist(),  # a resend would be a "repeat"
+                    "data": digits(2, 2).ravel().tolist(),  # other pictures, another client
                 }
             ],
         },

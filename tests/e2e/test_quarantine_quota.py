@@ -48,8 +48,7 @@ def bounded_server(repository: Path, tmp_path: Path) -> Iterator[ServerProcess]:
 
 
 def images(n: int, start: int = 0) -> np.ndarray:
-    """Test digits ``start`` to ``start + n``: each client its own (a resend of a refused
-    picture is refused as a repeat, before screening and the store)."""
+    """Test digits ``start`` to ``start + n``: each client its own pictures."""
     return np.ascontiguousarray(to_float(load_split("test")[0][start : start + n]), np.float32)
 
 

@@ -183,8 +183,9 @@ def test_a_probe_of_a_refused_query_is_refused_again_with_reason_repeat() -> Non
     assert outcomes == ["answered", "answered", "repeat"]
 
 
-def test_a_refused_picture_sent_again_by_anyone_is_refused_again() -> None:
-    """A rotating identity must not have a refused query answered by resending it."""
+def test_a_refused_picture_sent_again_is_decided_afresh() -> None:
+    """A retry of a withheld picture is screened again (a release or a policy change takes
+    effect), and is no evidence."""
     defence = service()
     image = to_float(load_split("test")[0][:1])
     prints = fingerprints(torch.from_numpy(image), defence.fingerprint_spec).numpy()
@@ -192,11 +193,9 @@ def test_a_refused_picture_sent_again_by_anyone_is_refused_again() -> None:
     first = defence.observe("a", prints, ["adversarial"], image, answer, 7)
     defence.settle(first, served=False)  # withheld
     again = defence.observe("fresh-identity", prints, ["clean"], image.copy(), answer, 7)
-    assert again.refused == (0,) and again.probes == 0
-    with pytest.raises(Forbidden) as refused:
-        defence.enforce("fresh-identity", again, None)
-    assert refused.value.details["reason"] == "repeat"
-    assert defence.ladder.account("fresh-identity") is None  # a retry: no evidence
+    assert again.refused == () and again.repeats == {} and again.probes == 0
+    defence.enforce("fresh-identity", again, None)  # nothing to refuse: the verdict decides
+    assert defence.ladder.account("fresh-identity") is None
 
 
 def test_the_gauges_count_clients_per_rung_and_campaigns() -> None:
