@@ -10,10 +10,12 @@ then applies the rung to this response, so a fresh identity whose first query li
 contained campaign is refused (or throttled with the campaign) before it is answered.
 
 A resend of the same picture (the same 8-bit pixels, however encoded: FP32, UINT8, PNG) is a
-retry: neither evidence nor remembered. When the picture was served before it gets that answer
-again (so a change below one level teaches nothing); when it was refused it is decided afresh
-(screening, policy, the sender's rung), so a release or a policy change takes effect on a
-retry. A near-duplicate of a
+retry: neither evidence nor remembered. A picture that was served is found by its content hash
+whoever resends it, and gets the answer it got before (so a change below one level teaches
+nothing); one that was refused is a retry when the fingerprints' best match is that very query,
+and is then decided afresh (screening, policy, the sender's rung: a release or a policy change
+takes effect), while a resend the fingerprints match to another query counts as its
+near-duplicate. A near-duplicate of a
 lone remembered query is a one-off (an honest re-encode of a picture, a popular picture sent
 again): remembered, and the two are linked, but it is not a probe. A near-duplicate of a query
 that already has a link is a probe: an attack's queries form a chain (each a step from the
@@ -311,13 +313,16 @@ class DefenceService:
             for i, (row, verdict, image) in enumerate(zip(prints, verdicts, inputs, strict=True)):
                 content = picture_hash(image)
                 same = self.index.resent(content)
-                if same is not None:  # a retry: the same picture again, already weighed once
-                    if answers is not None and not self.index.refused(same, answer_key):
+                if same is not None and not self.index.refused(same, answer_key):
+                    # a retry of a served picture: no evidence, and the answer it got before
+                    if answers is not None:
                         given = self.index.answer(same, answer_key, answers.shape[1])
                         if given is not None:
                             repeats[i] = given
                     continue
                 match = self.index.match(row)
+                if match is not None and match.content == content:
+                    continue  # a retry of a refused picture: decided afresh, no evidence
                 probe = match is not None and match.links > 0
                 linked = match.client if probe and match is not None else None
                 near = None
