@@ -9,13 +9,10 @@ duplicates, scores its embedding against the client's history (k-NN), records th
 then applies the rung to this response, so a fresh identity whose first query links it to a
 contained campaign is refused (or throttled with the campaign) before it is answered.
 
-A resend of the same picture (the same 8-bit pixels, however encoded: FP32, UINT8, PNG) is a
-retry: neither evidence nor remembered. A picture that was served is found by its content hash
-whoever resends it, and gets the answer it got before (so a change below one level teaches
-nothing); one that was refused is a retry when the fingerprints' best match is that very query,
-and is then decided afresh (screening, policy, the sender's rung: a release or a policy change
-takes effect), while a resend the fingerprints match to another query counts as its
-near-duplicate. A near-duplicate of a
+A resend of the same picture (the same 8-bit pixels: FP32, UINT8, PNG) is a retry: neither
+evidence nor remembered. A served picture is found by its content hash whoever resends it and
+gets its earlier answer; a refused one is a retry when the fingerprints' best match is that very
+query, then decided afresh (a release or a policy change takes effect). A near-duplicate of a
 lone remembered query is a one-off (an honest re-encode of a picture, a popular picture sent
 again): remembered, and the two are linked, but it is not a probe. A near-duplicate of a query
 that already has a link is a probe: an attack's queries form a chain (each a step from the

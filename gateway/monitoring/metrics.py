@@ -195,9 +195,9 @@ class Metrics:
         )
         # private (behind BASTION_METRICS_TOKEN): the tiers, the review path, the tiers' rates
         # the stateful defence: refusals are what a client sees anyway (public); probes private
-        self.screening_refused = Counter(
+        self.screening_refused = Counter(  # also in request_errors; not an error on the dashboard
             "bastion_screening_refused_requests",
-            "Requests refused (403) as screening withheld an image (in request_errors too)",
+            "Requests refused (403) as screening withheld an image",
             registry=self.registry,
         )
         self.defence_refused = Counter(
