@@ -160,7 +160,10 @@ def test_a_full_decode_queue_answers_503(server: ServerProcess) -> None:
         bombing.set()
         for thread in threads:
             thread.join(timeout=30)
-    assert bomb_replies and {r.status for r in bomb_replies} <= {200, 403, 503}
+    assert bomb_replies and {r.status for r in bomb_replies} <= {200, 403, 413, 503}
+    for reply in bomb_replies:  # on a loaded machine 64 PNGs can outlast the 50 ms budget
+        if reply.status == 413:
+            assert "decode budget" in reply_error(reply, 413)
     refused = [reply for reply in replies if reply.status == 503]
     assert refused, [reply.status for reply in replies]
     assert {reply.status for reply in replies} <= {200, 403, 503}  # 403: screening withheld it
