@@ -25,7 +25,7 @@ Every attack must be answered 400/408/413/431 or 503, never another 5xx and neve
 Target: health p99 ≤ 50 ms during the attack, no 5xx but 503, no hangs. Bounded in time; the
 gateway and every client process are stopped on exit, errors included.
 
-Run: ``python -m benchmarks.abuse [--duration 30] [--out benchmarks/results]``.
+Run: ``python -m bastion.benchmarks.abuse [--duration 30] [--out benchmarks/results]``.
 """
 
 from __future__ import annotations
@@ -45,10 +45,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from benchmarks import abuse_clients, procs
-from benchmarks.abuse_report import Phase, markdown, summarize
-from benchmarks.machine import describe_machine
-from benchmarks.workload import REPO_ROOT
+from bastion.benchmarks import abuse_clients, procs
+from bastion.benchmarks.abuse_report import Phase, markdown, summarize
+from bastion.benchmarks.machine import describe_machine
+from bastion.benchmarks.workload import REPO_ROOT
 
 HOST = "127.0.0.1"
 ADMIN_TOKEN = "abuse-benchmark"
@@ -68,7 +68,16 @@ def gateway(workdir: Path) -> Iterator[procs.Server]:
     """A real ``bastion serve`` on a fresh port; stopped on exit, also on errors."""
     port = procs.free_port_block(1)
     env = {**SERVER_ENV, **procs.private_state(workdir)}
-    command = [sys.executable, "-m", "gateway", "serve", "--host", HOST, "--port", str(port)]
+    command = [
+        sys.executable,
+        "-m",
+        "bastion.gateway",
+        "serve",
+        "--host",
+        HOST,
+        "--port",
+        str(port),
+    ]
     url = f"http://{HOST}:{port}"
     server = procs.start("bastion", command, env, url, workdir / "server.log")
     try:
@@ -283,7 +292,9 @@ def main(argv: list[str] | None = None) -> int:
         raw = run(args, Path(tmp))
     summary = summarize(raw, args.health_p99_ms)
     report = {
-        "command": shlex.join(["python", "-m", "benchmarks.abuse", *(argv or sys.argv[1:])]),
+        "command": shlex.join(
+            ["python", "-m", "bastion.benchmarks.abuse", *(argv or sys.argv[1:])]
+        ),
         "commit": commit(),
         "machine": describe_machine(),
         "settings": {

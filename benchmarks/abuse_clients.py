@@ -26,7 +26,7 @@ from multiprocessing.queues import Queue
 from multiprocessing.synchronize import Event
 from typing import Any
 
-from benchmarks import hostile
+from bastion.benchmarks import hostile
 
 # scheduled time, seconds from then to the answer, seconds from the actual send, status
 Sample = tuple[float, float, float, int]
@@ -109,8 +109,8 @@ def clean_client(
     so a slow answer does not hold back the next request (unless all are in use)."""
     import httpx
 
-    from benchmarks.workload import build_request
-    from models.data import load_split, to_float
+    from bastion.benchmarks.workload import build_request
+    from bastion.models.data import load_split, to_float
 
     images = to_float(load_split("test")[0])
     bodies = [build_request(image) for image in images]

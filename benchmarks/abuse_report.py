@@ -7,7 +7,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
-from benchmarks.abuse_clients import HANG, NO_ANSWER, NO_RESPONSE, TIMED_OUT, Sample
+from bastion.benchmarks.abuse_clients import HANG, NO_ANSWER, NO_RESPONSE, TIMED_OUT, Sample
 
 ALLOWED_REFUSALS = {"400", "408", "413", "431", "503"}
 

@@ -12,7 +12,7 @@ distinct pictures (the digits under random affine transforms), so the index work
 steady state: every query searched, remembered and evicting the oldest. The paths are timed
 round-robin in one run.
 
-Run: ``python -m benchmarks.defence_cost [--batch 64] [--capacity 100000] [--out DIR]``.
+Run: ``python -m bastion.benchmarks.defence_cost [--batch 64] [--capacity 100000] [--out DIR]``.
 """
 
 from __future__ import annotations
@@ -27,24 +27,24 @@ import numpy as np
 import torch
 from prometheus_client import CollectorRegistry
 
-from benchmarks.machine import describe_machine
-from benchmarks.screening_cost import median_ms
-from gateway.defence import probe_table
-from gateway.defence.fingerprint import fingerprints
-from gateway.defence.knn import KnnSpec
-from gateway.defence.observation import Embedded
-from gateway.defence.probe_index import ProbeIndex
-from gateway.defence.service import DefenceService
-from gateway.monitoring.metrics import Metrics
-from gateway.repository import ModelRepository
-from gateway.screening.calibration import Calibration
-from gateway.screening.mahalanobis import ClassGaussian
-from gateway.screening.pipeline import ScreenedClassifier
-from gateway.screening.policy import from_config
-from gateway.settings import DEFAULT_REPOSITORY, Settings
-from models.data import load_split, to_float
-from models.weights import load_digits
-from models.zoo import ServedClassifier
+from bastion.benchmarks.machine import describe_machine
+from bastion.benchmarks.screening_cost import median_ms
+from bastion.gateway.defence import probe_table
+from bastion.gateway.defence.fingerprint import fingerprints
+from bastion.gateway.defence.knn import KnnSpec
+from bastion.gateway.defence.observation import Embedded
+from bastion.gateway.defence.probe_index import ProbeIndex
+from bastion.gateway.defence.service import DefenceService
+from bastion.gateway.monitoring.metrics import Metrics
+from bastion.gateway.repository import ModelRepository
+from bastion.gateway.screening.calibration import Calibration
+from bastion.gateway.screening.mahalanobis import ClassGaussian
+from bastion.gateway.screening.pipeline import ScreenedClassifier
+from bastion.gateway.screening.policy import from_config
+from bastion.gateway.settings import DEFAULT_REPOSITORY, Settings
+from bastion.models.data import load_split, to_float
+from bastion.models.weights import load_digits
+from bastion.models.zoo import ServedClassifier
 
 
 def pictures(count: int, seed: int = 0) -> np.ndarray:

@@ -1,6 +1,6 @@
 """Drift detection delay and false alarms, replayed through a live gateway.
 
-    python -m benchmarks.drift [--clean 50000] [--max-shifted 3000]
+    python -m bastion.benchmarks.drift [--clean 50000] [--max-shifted 3000]
 
 Starts ``bastion serve`` on the bundled repository with its default drift settings, then:
 
@@ -39,9 +39,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from benchmarks import procs
-from benchmarks.machine import describe_machine
-from benchmarks.workload import REPO_ROOT
+from bastion.benchmarks import procs
+from bastion.benchmarks.machine import describe_machine
+from bastion.benchmarks.workload import REPO_ROOT
 
 RESULTS = REPO_ROOT / "benchmarks" / "results"
 MODEL = "digits"
@@ -250,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
 
-    from models.data import load_split, to_float
+    from bastion.models.data import load_split, to_float
 
     pool = to_float(load_split("test")[0])
     rng = np.random.default_rng(0)
@@ -317,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
         procs.stop(server)
     report = {
         "machine": describe_machine(),
-        "command": "python -m benchmarks.drift " + " ".join(argv or sys.argv[1:]),
+        "command": "python -m bastion.benchmarks.drift " + " ".join(argv or sys.argv[1:]),
         "drift_config": config,
         "clean": {
             "requests": args.clean,

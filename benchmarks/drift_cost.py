@@ -1,6 +1,6 @@
 """What drift monitoring adds to one batch, in process, on one thread: no HTTP noise.
 
-    python -m benchmarks.drift_cost [--batch 30] [--repeats 2000]
+    python -m bastion.benchmarks.drift_cost [--batch 30] [--repeats 2000]
 
 Times the unscreened forward (what the backend runs without a monitor), the forward that also
 returns the embedding, the monitor's per-batch device work with and without its hop closes, and
@@ -19,17 +19,17 @@ from dataclasses import replace
 
 import torch
 
-from benchmarks.machine import describe_machine
-from benchmarks.workload import REPO_ROOT, set_single_thread
-from gateway.monitoring import drift
-from gateway.monitoring.drift_monitor import DriftMonitor
-from gateway.monitoring.metrics import Metrics
-from gateway.monitoring.reference import ReferenceProfile
-from gateway.monitoring.window import DriftConfig
-from gateway.settings import DEFAULT_REPOSITORY
-from models.data import load_split, to_float
-from models.weights import load_digits
-from models.zoo import ServedClassifier
+from bastion.benchmarks.machine import describe_machine
+from bastion.benchmarks.workload import REPO_ROOT, set_single_thread
+from bastion.gateway.monitoring import drift
+from bastion.gateway.monitoring.drift_monitor import DriftMonitor
+from bastion.gateway.monitoring.metrics import Metrics
+from bastion.gateway.monitoring.reference import ReferenceProfile
+from bastion.gateway.monitoring.window import DriftConfig
+from bastion.gateway.settings import DEFAULT_REPOSITORY
+from bastion.models.data import load_split, to_float
+from bastion.models.weights import load_digits
+from bastion.models.zoo import ServedClassifier
 
 RESULTS = REPO_ROOT / "benchmarks" / "results" / "drift_cost.json"
 
@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=2000)
     args = parser.parse_args(argv)
     set_single_thread()
-    logging.getLogger("gateway").setLevel(logging.ERROR)  # the repeated batch raises alarms
+    logging.getLogger("bastion.gateway").setLevel(logging.ERROR)  # the repeated batch raises alarms
     profile = ReferenceProfile.load(DEFAULT_REPOSITORY / "digits" / "1")
     assert profile is not None, "run `bastion calibrate digits` first"
     module = ServedClassifier(load_digits(), channels_last=True).eval()

@@ -9,7 +9,7 @@ error, only documented statuses and content types, every response within
 ``--max-response-time`` (a hang). The gateway's own ``bastion_request_errors_total`` counts
 confirm the 5xx count from the server's side.
 
-Run: ``python -m benchmarks.fuzz [--duration 600] [--out benchmarks/results]``.
+Run: ``python -m bastion.benchmarks.fuzz [--duration 600] [--out benchmarks/results]``.
 """
 
 from __future__ import annotations
@@ -26,9 +26,9 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from benchmarks import procs
-from benchmarks.machine import describe_machine
-from benchmarks.workload import REPO_ROOT
+from bastion.benchmarks import procs
+from bastion.benchmarks.machine import describe_machine
+from bastion.benchmarks.workload import REPO_ROOT
 
 TOKEN = "fuzz-admin-token"
 CHECKS = "not_a_server_error,status_code_conformance,content_type_conformance"
@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
         procs.stop(server)
     report = {
         "machine": describe_machine(),
-        "command": shlex.join(["python", "-m", "benchmarks.fuzz", *(argv or sys.argv[1:])]),
+        "command": shlex.join(["python", "-m", "bastion.benchmarks.fuzz", *(argv or sys.argv[1:])]),
         "runs": runs,
         "server_tracebacks": tracebacks,
     }

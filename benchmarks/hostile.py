@@ -27,9 +27,9 @@ MAX_BODY_BYTES = 64 << 20  # the gateway's default max_body_bytes
 
 def model_limits(model: str = "digits") -> tuple[int, int]:
     """(body bytes, encoded image bytes) the gateway allows for a bundled model by default."""
-    from gateway.limits import model_limits as limits_of
-    from gateway.repository import ModelRepository
-    from gateway.settings import DEFAULT_REPOSITORY, Settings
+    from bastion.gateway.limits import model_limits as limits_of
+    from bastion.gateway.repository import ModelRepository
+    from bastion.gateway.settings import DEFAULT_REPOSITORY, Settings
 
     limits = limits_of(ModelRepository(DEFAULT_REPOSITORY).config(model), Settings())
     return limits.codec.max_body_bytes, limits.images.max_bytes

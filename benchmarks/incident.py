@@ -41,7 +41,7 @@ screening counts), and how many were ever throttled or contained (target: none).
 picture mix, ``--honest-requests`` in all (or ``--max-seconds``); target: no honest client ever
 throttled or contained.
 
-Run: ``python -m benchmarks.incident [--quick] [--attacks art-hsj,...,adaptive] [--response
+Run: ``python -m bastion.benchmarks.incident [--quick] [--attacks art-hsj,...,adaptive] [--response
 evidence|repeat]`` (2-5 minutes on 2 cores; ``--quick``: 2 seeds, smaller budgets, about 90 s)
 or ``--honest-only --honest-requests 100000``. Markdown and JSON (every query's outcome per
 seed as a trace) go to ``benchmarks/results/incident/``; helpers in ``incident_clients``,
@@ -66,10 +66,10 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks import incident_attacker as attacker
-from benchmarks import incident_clients as clients
-from benchmarks.adversarial.through_gateway import running_gateway
-from benchmarks.incident_report import (
+from bastion.benchmarks import incident_attacker as attacker
+from bastion.benchmarks import incident_clients as clients
+from bastion.benchmarks.adversarial.through_gateway import running_gateway
+from bastion.benchmarks.incident_report import (
     ADAPTIVE,
     gateway_view,
     honest_probes,
@@ -259,7 +259,7 @@ def run_seed(
 
 def run_attacks(url: str, seeds: dict[str, np.ndarray], args: Any) -> list[dict[str, Any]]:
     """Every chosen attack, one after another, each on its own slice of the seeds."""
-    from models.weights import load_digits
+    from bastion.models.weights import load_digits
 
     net, rows = load_digits(), []
     limits = {k: getattr(args, k) for k in ("budget", "after_detection", "rotate", "parallel")}
@@ -290,7 +290,7 @@ def gateway_env(args: Any) -> dict[str, str]:
 
 
 def incident(args: Any) -> dict[str, Any]:
-    from gateway.settings import DEFAULT_REPOSITORY
+    from bastion.gateway.settings import DEFAULT_REPOSITORY
 
     seeds, honest_digits = attacker.choose_seeds(args.seeds * len(args.attacks), args.seed)
     phases: dict[str, float] = {}
@@ -324,8 +324,8 @@ def incident(args: Any) -> dict[str, Any]:
 
 def volume(args: Any) -> dict[str, Any]:
     """Honest traffic only, ``--volume-clients`` processes as fast as they go."""
-    from gateway.settings import DEFAULT_REPOSITORY
-    from models.data import load_split, to_float
+    from bastion.gateway.settings import DEFAULT_REPOSITORY
+    from bastion.models.data import load_split, to_float
 
     digits = to_float(load_split("test")[0])
     n = args.volume_clients
@@ -394,7 +394,12 @@ def main(argv: list[str] | None = None) -> int:
     result = volume(args) if args.honest_only else incident(args)
     result = {
         "command": shlex.join(
-            ["python", "-m", "benchmarks.incident", *(sys.argv[1:] if argv is None else argv)]
+            [
+                "python",
+                "-m",
+                "bastion.benchmarks.incident",
+                *(sys.argv[1:] if argv is None else argv),
+            ]
         ),
         "commit": _git("rev-parse", "--short", "HEAD"),
         "uncommitted": _git("status", "--porcelain", "--", "gateway", "models").splitlines(),

@@ -26,9 +26,9 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.adversarial.blackbox import eligible_digits
-from benchmarks.adversarial.through_gateway import gateway_rule, offline_scores
-from benchmarks.incident_clients import (
+from bastion.benchmarks.adversarial.blackbox import eligible_digits
+from bastion.benchmarks.adversarial.through_gateway import gateway_rule, offline_scores
+from bastion.benchmarks.incident_clients import (
     AGAIN,
     CONTAINED,
     DEFENCE_ACTIONS,
@@ -42,7 +42,7 @@ from benchmarks.incident_clients import (
     GatewayClient,
     Reply,
 )
-from gateway.defence.fingerprint import picture_hash
+from bastion.gateway.defence.fingerprint import picture_hash
 
 FRESH_TOLERANCE = 1e-4  # max-abs difference of probabilities that marks an answer as a repeat
 REQUESTS = itertools.count()  # request ids, unique across oracles (next() is atomic in CPython)
@@ -69,7 +69,7 @@ def choose_seeds(count: int, seed: int) -> tuple[dict[str, np.ndarray], np.ndarr
 def screening_alone(images: np.ndarray) -> int:
     """How many of these images the per-image screening withholds by itself, scored offline
     (a plain 403 under the defence's ``strict`` rung may also be a suspicious image)."""
-    from gateway.settings import DEFAULT_REPOSITORY
+    from bastion.gateway.settings import DEFAULT_REPOSITORY
 
     if not len(images):
         return 0

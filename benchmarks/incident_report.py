@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.incident_clients import AGAIN, CONTAINED, OK, THROTTLED
+from bastion.benchmarks.incident_clients import AGAIN, CONTAINED, OK, THROTTLED
 
 ADAPTIVE = "adaptive"
 REFUSALS_TARGET = 0.99  # share of queries after detection refused or repeated

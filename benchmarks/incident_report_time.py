@@ -19,13 +19,13 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.workload import REPO_ROOT
-from gateway.incidents.grouping import Grouper
-from gateway.incidents.ledger import SKETCH, SKETCH_MATCH, Ledger
-from gateway.incidents.log import IncidentLog
-from gateway.incidents.report import build, write
-from gateway.incidents.signing import Signer
-from gateway.incidents.store import IncidentStore
+from bastion.benchmarks.workload import REPO_ROOT
+from bastion.gateway.incidents.grouping import Grouper
+from bastion.gateway.incidents.ledger import SKETCH, SKETCH_MATCH, Ledger
+from bastion.gateway.incidents.log import IncidentLog
+from bastion.gateway.incidents.report import build, write
+from bastion.gateway.incidents.signing import Signer
+from bastion.gateway.incidents.store import IncidentStore
 
 RESULTS = REPO_ROOT / "benchmarks" / "results" / "incident_report_time.json"
 
@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> None:
         log.close()
     linked_honest = sum(r["client"].startswith("honest-") for r in report["linked_served"])
     result = {
-        "command": "python -m benchmarks.incident_report_time",
+        "command": "python -m bastion.benchmarks.incident_report_time",
         "rows": args.rows,
         "fill_s": round(fill_s, 1),
         "build_s": round(built, 2),

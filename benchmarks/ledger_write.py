@@ -6,7 +6,7 @@ the data plane does after each request; the writer thread inserts them in batche
 transactions. Prints the request-side cost of ``submit`` (what the hot path pays), the rows the
 writer commits per second, and the retention sweep's time over the full table, and writes a
 JSON result. The serving-rate cost of the ledger (on against off at 64 users) is
-``python -m benchmarks.serving --servers bastion,bastion-noledger --users 64``.
+``python -m bastion.benchmarks.serving --servers bastion,bastion-noledger --users 64``.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.workload import REPO_ROOT
-from gateway.incidents.ledger import Ledger, ledger_rows
+from bastion.benchmarks.workload import REPO_ROOT
+from bastion.gateway.incidents.ledger import Ledger, ledger_rows
 
 RESULTS = REPO_ROOT / "benchmarks" / "results" / "ledger_write.json"
 
@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> None:
         size = (Path(tmp) / "ledger.db").stat().st_size
         ledger.close()
     result = {
-        "command": "python -m benchmarks.ledger_write",
+        "command": "python -m bastion.benchmarks.ledger_write",
         "requests": args.requests,
         "rows": rows_written,
         "wall_s": round(wall, 2),

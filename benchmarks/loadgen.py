@@ -18,7 +18,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from benchmarks.workload import REPO_ROOT
+from bastion.benchmarks.workload import REPO_ROOT
 
 LOCUSTFILE = REPO_ROOT / "benchmarks" / "locustfile.py"
 STOP_TIMEOUT_S = 3

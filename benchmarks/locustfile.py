@@ -21,7 +21,7 @@ import gevent
 import numpy as np
 from locust import FastHttpUser, constant, events, task
 
-from benchmarks.workload import build_request, digit_images
+from bastion.benchmarks.workload import build_request, digit_images
 
 MODEL = os.environ.get("BENCH_MODEL", "digits")
 INPUT = os.environ.get("BENCH_INPUT", "images")

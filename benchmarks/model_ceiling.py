@@ -6,7 +6,7 @@ PyTorch's default NCHW, which the peers serve, and channels_last (NHWC), which B
 for which oneDNN has faster convolutions. The digits model runs on real test digits; the ResNets
 run on noise with random weights, which time the same as trained ones.
 
-Run: ``python -m benchmarks.model_ceiling [--model digits|resnet18|resnet50]``.
+Run: ``python -m bastion.benchmarks.model_ceiling [--model digits|resnet18|resnet50]``.
 """
 
 from __future__ import annotations
@@ -22,9 +22,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.machine import describe_machine
-from benchmarks.procs import system_busy_seconds
-from benchmarks.workload import REPO_ROOT, digit_images, load_served, set_single_thread
+from bastion.benchmarks.machine import describe_machine
+from bastion.benchmarks.procs import system_busy_seconds
+from bastion.benchmarks.workload import REPO_ROOT, digit_images, load_served, set_single_thread
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ environment being measured, so it lives in ``~/.cache/bastion/pytriton-venv`` (o
 ``BASTION_PEERS_DIR``). The torch wheel (2.13.0, CPU) comes from this machine's wheel folder; no
 torchvision. A marker file keyed by the requirement list rebuilds the environment when it changes.
 
-Run ``python -m benchmarks.peers`` to build it ahead of a benchmark (about 40 s, 1.2 GB).
+Run ``python -m bastion.benchmarks.peers`` to build it ahead of a benchmark (about 40 s, 1.2 GB).
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ header + raw FP32 input; binary outputs when asked), runs under the same uvicorn
 request is one forward pass of batch 1. It calls the model inline on the event loop because a thread
 hop would only add latency to a sub-millisecond model served by a single worker.
 
-Run: ``python -m benchmarks.plain_server --port 8010``.
+Run: ``python -m bastion.benchmarks.plain_server --port 8010``.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import torch
 import uvicorn
 from fastapi import FastAPI, Request, Response
 
-from benchmarks.workload import DIGITS_SHAPE, load_served, set_single_thread
+from bastion.benchmarks.workload import DIGITS_SHAPE, load_served, set_single_thread
 
 MODEL_NAME = "digits"
 INPUT_NAME = "images"

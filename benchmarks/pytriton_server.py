@@ -49,7 +49,7 @@ def serve(http_port: int, channels_last: bool) -> None:
     from pytriton.model_config import DynamicBatcher, ModelConfig, Tensor
     from pytriton.triton import Triton, TritonConfig
 
-    from benchmarks.workload import load_served, set_single_thread
+    from bastion.benchmarks.workload import load_served, set_single_thread
 
     set_single_thread()
     model, source = load_served(channels_last=channels_last)

@@ -25,10 +25,10 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from benchmarks.adversarial.through_gateway import running_gateway
-from benchmarks.incident_clients import OK, WITHHELD, GatewayClient
-from benchmarks.workload import REPO_ROOT
-from gateway.settings import DEFAULT_REPOSITORY
+from bastion.benchmarks.adversarial.through_gateway import running_gateway
+from bastion.benchmarks.incident_clients import OK, WITHHELD, GatewayClient
+from bastion.benchmarks.workload import REPO_ROOT
+from bastion.gateway.settings import DEFAULT_REPOSITORY
 
 RESULTS = REPO_ROOT / "benchmarks" / "results" / "rollback.json"
 TOKEN = "rollback-bench"
@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=60, help="attacker queries")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
-    from models.data import load_split, to_float
+    from bastion.models.data import load_split, to_float
 
     digits = to_float(load_split("test")[0][:500])
     with tempfile.TemporaryDirectory(prefix="bastion-rollback-") as tmp:
@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> None:
         return None if t is None or probe is None else round(t - probe, 3)
 
     result = {
-        "command": "python -m benchmarks.rollback",
+        "command": "python -m bastion.benchmarks.rollback",
         "attack_started_to_first_probe_s": None
         if probe is None
         else round(probe - attack_started, 3),

@@ -8,7 +8,7 @@ elementwise and not counted. Times are medians over repeats with one torch threa
 device runs the script; "time / FLOP ratio" is how far each path's time ratio is from its FLOP
 ratio to the bare forward (1.0: it costs exactly its arithmetic).
 
-Run: ``python -m benchmarks.screening_cost [--batch 32] [--out benchmarks/results]``.
+Run: ``python -m bastion.benchmarks.screening_cost [--batch 32] [--out benchmarks/results]``.
 """
 
 from __future__ import annotations
@@ -23,16 +23,16 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from benchmarks.machine import describe_machine
-from gateway.repository import ModelRepository
-from gateway.screening.calibration import Calibration
-from gateway.screening.mahalanobis import ClassGaussian
-from gateway.screening.pipeline import ScreenedClassifier
-from gateway.screening.policy import from_config
-from gateway.settings import DEFAULT_REPOSITORY
-from models.data import load_split, to_float
-from models.weights import load_digits
-from models.zoo import ServedClassifier
+from bastion.benchmarks.machine import describe_machine
+from bastion.gateway.repository import ModelRepository
+from bastion.gateway.screening.calibration import Calibration
+from bastion.gateway.screening.mahalanobis import ClassGaussian
+from bastion.gateway.screening.pipeline import ScreenedClassifier
+from bastion.gateway.screening.policy import from_config
+from bastion.gateway.settings import DEFAULT_REPOSITORY
+from bastion.models.data import load_split, to_float
+from bastion.models.weights import load_digits
+from bastion.models.zoo import ServedClassifier
 
 
 def flops(fn: Callable[[], object]) -> int:

@@ -6,7 +6,7 @@ closed-loop users at each user count for a bounded time while the CPU time of it
 tree is metered. Servers run in turn, never together, so each has the machine to itself (bar the
 load generator, whose CPU cost is reported too). Everything started is stopped, also on errors.
 
-Run: ``python -m benchmarks.serving [--duration 20] [--users 16,64]
+Run: ``python -m bastion.benchmarks.serving [--duration 20] [--users 16,64]
 [--servers bastion,plain,pytriton] [--out benchmarks/results]``. ``--servers
 bastion,bastion-baseline --baseline-ref REF`` also serves Bastion as it was at git REF (from a
 worktree), to measure a change against the code before it in one run.
@@ -29,12 +29,12 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks import procs
-from benchmarks.loadgen import run_locust
-from benchmarks.machine import describe_machine
-from benchmarks.peers import ensure_pytriton_venv, installed_version, pytriton_env
-from benchmarks.report import markdown_report, summarize
-from benchmarks.workload import REPO_ROOT, build_request, digit_images, load_served
+from bastion.benchmarks import procs
+from bastion.benchmarks.loadgen import run_locust
+from bastion.benchmarks.machine import describe_machine
+from bastion.benchmarks.peers import ensure_pytriton_venv, installed_version, pytriton_env
+from bastion.benchmarks.report import markdown_report, summarize
+from bastion.benchmarks.workload import REPO_ROOT, build_request, digit_images, load_served
 
 SERVERS = ("bastion", "bastion-screened", "plain", "pytriton")
 MODEL = "digits"
@@ -118,7 +118,7 @@ def launch_bastion_at(port: int, layout_flags: list[str], workdir: Path, ref: st
         check=True,
     )
     launch = launch_bastion(port, layout_flags, workdir)
-    command = [sys.executable, "-m", "gateway", *launch.command[1:]]
+    command = [sys.executable, "-m", "bastion.gateway", *launch.command[1:]]
     env = {**launch.env, "PYTHONPATH": f"{source}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     commit = subprocess.run(
         ["git", "-C", str(source), "rev-parse", "--short", "HEAD"],
@@ -134,7 +134,14 @@ def launch_bastion_screened(port: int, layout_flags: list[str], workdir: Path) -
 
 
 def launch_plain(port: int, layout_flags: list[str], workdir: Path) -> Launch:
-    command = [sys.executable, "-m", "benchmarks.plain_server", "--port", str(port), *layout_flags]
+    command = [
+        sys.executable,
+        "-m",
+        "bastion.benchmarks.plain_server",
+        "--port",
+        str(port),
+        *layout_flags,
+    ]
     return Launch(command, {}, None, "benchmarks/plain_server.py")
 
 
@@ -325,7 +332,9 @@ def main(argv: list[str] | None = None) -> int:
             "warmup_s": args.warmup,
             "peer_layout": args.peer_layout,
         },
-        "command": shlex.join(["python", "-m", "benchmarks.serving", *(argv or sys.argv[1:])]),
+        "command": shlex.join(
+            ["python", "-m", "bastion.benchmarks.serving", *(argv or sys.argv[1:])]
+        ),
         "servers": results,
         "summary": summarize(results, args.users),
     }

@@ -8,7 +8,7 @@ run reports requests/s, p50/p90/p99 latency, the server tree's CPU per request, 
 server's own success counter grew by exactly the requests h2load completed (h2load cannot read
 gRPC trailers, so this is how a failed answer would show).
 
-Run: ``python -m benchmarks.serving_grpc [--duration 20] [--streams 64]
+Run: ``python -m bastion.benchmarks.serving_grpc [--duration 20] [--streams 64]
 [--servers bastion,pytriton]``. Needs h2load (``apt-get install nghttp2-client``).
 """
 
@@ -24,11 +24,11 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks import procs
-from benchmarks.h2load import grpc_infer_body, run_h2load
-from benchmarks.machine import describe_machine
-from benchmarks.serving import COMMON_ENV, LAUNCHERS, MODEL, Launch, infer_probe
-from benchmarks.workload import REPO_ROOT, build_request, digit_images, load_served
+from bastion.benchmarks import procs
+from bastion.benchmarks.h2load import grpc_infer_body, run_h2load
+from bastion.benchmarks.machine import describe_machine
+from bastion.benchmarks.serving import COMMON_ENV, LAUNCHERS, MODEL, Launch, infer_probe
+from bastion.benchmarks.workload import REPO_ROOT, build_request, digit_images, load_served
 
 GRPC_HEADERS = {"content-type": "application/grpc", "te": "trailers"}
 _SUCCESS = re.compile(r'^nv_inference_request_success\{[^}]*model="digits"[^}]*\}\s+(\S+)')
@@ -181,7 +181,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"serving_grpc: {name} failed: {results[name]['error']}", file=sys.stderr)
     report = {
         "machine": describe_machine(),
-        "command": shlex.join(["python", "-m", "benchmarks.serving_grpc", *(argv or sys.argv[1:])]),
+        "command": shlex.join(
+            ["python", "-m", "bastion.benchmarks.serving_grpc", *(argv or sys.argv[1:])]
+        ),
         "settings": {"duration_s": args.duration, "streams": args.streams},
         "servers": results,
         "ratios": ratios(results, args.streams),

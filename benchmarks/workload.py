@@ -40,11 +40,11 @@ def set_single_thread() -> None:
 def load_digits_net() -> tuple[nn.Module, str]:
     """The trained DigitsNet when its weights are committed, else an untrained one (and says so)."""
     _ensure_repo_on_path()
-    from models import weights
+    from bastion.models import weights
 
     if weights.digits_weights_path().exists():
         return weights.load_digits(), "trained (models/repository/digits/1/model.safetensors)"
-    from models.zoo import build
+    from bastion.models.zoo import build
 
     return build("digits_cnn").eval(), "untrained (random init: weights file missing)"
 
@@ -58,7 +58,7 @@ def load_served(
     as a team would write them, and can be switched to it to compare serving stacks alone.
     """
     _ensure_repo_on_path()
-    from models.zoo import ServedClassifier, build
+    from bastion.models.zoo import ServedClassifier, build
 
     if architecture == "digits_cnn":
         net, source = load_digits_net()
@@ -76,7 +76,7 @@ def digit_images(count: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray | No
     _ensure_repo_on_path()
     rng = np.random.default_rng(seed)
     try:
-        from models.data import load_split, to_float
+        from bastion.models.data import load_split, to_float
 
         images, labels = load_split("test")
     except (ImportError, OSError):

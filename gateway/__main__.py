@@ -1,3 +1,3 @@
-from gateway.cli import app
+from bastion.gateway.cli import app
 
 app()

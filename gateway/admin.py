@@ -22,16 +22,16 @@ from fastapi.routing import APIRoute
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 from starlette.responses import Response
 
-from gateway.errors import InvalidInput, NotFound
-from gateway.http import json_response, plane, require_admin
-from gateway.incidents.audit import record as record_decision
-from gateway.protocol.dtypes import from_numpy
-from gateway.protocol.schema import error
-from gateway.quarantine.store import QUARANTINED, RELEASED, REVIEW, QuarantineRecord, Stats
-from gateway.registry import LoadedModel
-from gateway.repository import parse_version
-from gateway.screening.calibration import Calibration, threshold
-from gateway.screening.policy import ACTIONS, ADVERSARIAL, SUSPICIOUS
+from bastion.gateway.errors import InvalidInput, NotFound
+from bastion.gateway.http import json_response, plane, require_admin
+from bastion.gateway.incidents.audit import record as record_decision
+from bastion.gateway.protocol.dtypes import from_numpy
+from bastion.gateway.protocol.schema import error
+from bastion.gateway.quarantine.store import QUARANTINED, RELEASED, REVIEW, QuarantineRecord, Stats
+from bastion.gateway.registry import LoadedModel
+from bastion.gateway.repository import parse_version
+from bastion.gateway.screening.calibration import Calibration, threshold
+from bastion.gateway.screening.policy import ACTIONS, ADVERSARIAL, SUSPICIOUS
 
 ID_CHARS = 64  # ids are 32 hex digits; some slack for a future id scheme
 MAX_IDS = 1000

@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from gateway.errors import Unavailable
-from gateway.monitoring.metrics import Metrics
+from bastion.gateway.errors import Unavailable
+from bastion.gateway.monitoring.metrics import Metrics
 
 
 class InFlight:

@@ -14,34 +14,34 @@ from functools import partial
 
 from fastapi import FastAPI
 
-from gateway import __version__, admin, dashboard, openapi, routing_routes
-from gateway.admission import InFlight
-from gateway.asgi import Gateway
-from gateway.dataplane import DataPlane
-from gateway.decode_pool import DecodePool
-from gateway.defence import routes as defence_routes
-from gateway.defence.service import DefenceService
-from gateway.http import install_error_handlers, router
-from gateway.identity import routes as key_routes
-from gateway.identity.keys import KeyRing, SQLiteKeyStore
-from gateway.incidents import routes as incident_routes
-from gateway.incidents.grouping import Grouper
-from gateway.incidents.ledger import Ledger
-from gateway.incidents.log import IncidentLog
-from gateway.incidents.signing import Signer
-from gateway.incidents.store import IncidentStore
-from gateway.incidents.writer import LogWriter
-from gateway.monitoring.drift_monitor import DriftEvent
-from gateway.monitoring.metrics import Metrics
-from gateway.monitoring.timeseries import Sampler, read_totals
-from gateway.monitoring.window import FLAG_RATE
-from gateway.quarantine.factory import open_store, retention_sweep
-from gateway.registry import ModelRegistry
-from gateway.repository import ModelRepository
-from gateway.routing import RouteTable
-from gateway.rpc.server import GrpcServer
-from gateway.screening.service import ScreeningService
-from gateway.settings import Settings
+from bastion.gateway import __version__, admin, dashboard, openapi, routing_routes
+from bastion.gateway.admission import InFlight
+from bastion.gateway.asgi import Gateway
+from bastion.gateway.dataplane import DataPlane
+from bastion.gateway.decode_pool import DecodePool
+from bastion.gateway.defence import routes as defence_routes
+from bastion.gateway.defence.service import DefenceService
+from bastion.gateway.http import install_error_handlers, router
+from bastion.gateway.identity import routes as key_routes
+from bastion.gateway.identity.keys import KeyRing, SQLiteKeyStore
+from bastion.gateway.incidents import routes as incident_routes
+from bastion.gateway.incidents.grouping import Grouper
+from bastion.gateway.incidents.ledger import Ledger
+from bastion.gateway.incidents.log import IncidentLog
+from bastion.gateway.incidents.signing import Signer
+from bastion.gateway.incidents.store import IncidentStore
+from bastion.gateway.incidents.writer import LogWriter
+from bastion.gateway.monitoring.drift_monitor import DriftEvent
+from bastion.gateway.monitoring.metrics import Metrics
+from bastion.gateway.monitoring.timeseries import Sampler, read_totals
+from bastion.gateway.monitoring.window import FLAG_RATE
+from bastion.gateway.quarantine.factory import open_store, retention_sweep
+from bastion.gateway.registry import ModelRegistry
+from bastion.gateway.repository import ModelRepository
+from bastion.gateway.routing import RouteTable
+from bastion.gateway.rpc.server import GrpcServer
+from bastion.gateway.screening.service import ScreeningService
+from bastion.gateway.settings import Settings
 
 log = logging.getLogger(__name__)
 

@@ -24,21 +24,21 @@ from fastapi import FastAPI
 from starlette.exceptions import HTTPException
 from starlette.types import Message, Receive, Scope, Send
 
-from gateway.dataplane import DataPlane
-from gateway.errors import (
+from bastion.gateway.dataplane import DataPlane
+from bastion.gateway.errors import (
     BastionError,
     InvalidInput,
     MethodNotAllowed,
     PayloadTooLarge,
     Unavailable,
 )
-from gateway.http import HEALTH_PATHS, clip
-from gateway.identity.caller import resolve_caller
-from gateway.protocol.bounds import Limits, RawInput
-from gateway.protocol.codec import decode_infer_body, encode_response
-from gateway.protocol.content_encoding import compress
-from gateway.protocol.types import InferRequest
-from gateway.repository import parse_version
+from bastion.gateway.http import HEALTH_PATHS, clip
+from bastion.gateway.identity.caller import resolve_caller
+from bastion.gateway.protocol.bounds import Limits, RawInput
+from bastion.gateway.protocol.codec import decode_infer_body, encode_response
+from bastion.gateway.protocol.content_encoding import compress
+from bastion.gateway.protocol.types import InferRequest
+from bastion.gateway.repository import parse_version
 
 log = logging.getLogger(__name__)
 _JSON = b"application/json"

@@ -113,8 +113,8 @@ def generated_adversarial(seed: int = 0, count: int = 128) -> np.ndarray:
     """PGD digits from the test split that the bundled model misclassifies (all if none do)."""
     import torch
 
-    from models.data import load_split, to_float
-    from models.weights import load_digits
+    from bastion.models.data import load_split, to_float
+    from bastion.models.weights import load_digits
 
     net = load_digits()
     images, labels = load_split("test")
@@ -252,7 +252,7 @@ def simulate(
     """
     if rate_per_s <= 0 or duration_s <= 0 or clients < 1 or not 0 <= adversarial_fraction <= 1:
         raise ValueError("need rate > 0, duration > 0, clients >= 1 and a fraction in [0, 1]")
-    from models.data import load_split, to_float
+    from bastion.models.data import load_split, to_float
 
     adversarial = load_examples(examples) if examples else generated_adversarial(seed)
     source = str(examples) if examples else f"PGD-Linf eps 0.3, 20 steps (seed {seed})"

@@ -22,8 +22,8 @@ from typing import Protocol
 
 import numpy as np
 
-from gateway.errors import BackendError, DeadlineExceeded, Unavailable
-from gateway.monitoring.stats import BatchTimes
+from bastion.gateway.errors import BackendError, DeadlineExceeded, Unavailable
+from bastion.gateway.monitoring.stats import BatchTimes
 
 Arrays = dict[str, np.ndarray]
 RunBatch = Callable[[Sequence[Arrays]], tuple[Arrays, BatchTimes]]

@@ -8,9 +8,16 @@ from typing import Annotated
 
 import typer
 
-from gateway import cli_serve
-from gateway.cli_incidents import Token, Url, count, incidents, log_offline, quarantine_export
-from gateway.cli_incidents import admin_call as _admin
+from bastion.gateway import cli_serve
+from bastion.gateway.cli_incidents import (
+    Token,
+    Url,
+    count,
+    incidents,
+    log_offline,
+    quarantine_export,
+)
+from bastion.gateway.cli_incidents import admin_call as _admin
 
 app = typer.Typer(
     help="Bastion: a Triton-compatible inference gateway.",
@@ -123,7 +130,7 @@ def quarantine_stats(
     """Records by status, model and client; stored bytes; age range; quotas and drops."""
     import json
 
-    from gateway.admin_client import describe_stats
+    from bastion.gateway.admin_client import describe_stats
 
     stats = _admin(url, token, "GET", "/v2/quarantine/stats")
     typer.echo(json.dumps(stats, indent=1) if as_json else "\n".join(describe_stats(stats)))
@@ -227,11 +234,11 @@ def calibrate(
 ) -> None:
     """Fit the screening on clean data (class Gaussian on train, tails on calibration), report
     the tiers of config.pbtxt (and other rates) on the held-out test split, write the files."""
-    from gateway.repository import ModelRepository
-    from gateway.screening.calibrate import calibrate_model
-    from gateway.screening.policy import from_config
-    from gateway.screening.tail import UnsupportedTarget
-    from gateway.settings import DEFAULT_REPOSITORY
+    from bastion.gateway.repository import ModelRepository
+    from bastion.gateway.screening.calibrate import calibrate_model
+    from bastion.gateway.screening.policy import from_config
+    from bastion.gateway.screening.tail import UnsupportedTarget
+    from bastion.gateway.settings import DEFAULT_REPOSITORY
 
     repository = model_repository or DEFAULT_REPOSITORY
     try:
@@ -287,8 +294,8 @@ def profile(
 ) -> None:
     """Write the drift reference profile of a torch model (screened or not) beside its weights.
     (calibrate writes it too, for screened models.)"""
-    from gateway.monitoring.profile import profile_model
-    from gateway.settings import DEFAULT_REPOSITORY
+    from bastion.gateway.monitoring.profile import profile_model
+    from bastion.gateway.settings import DEFAULT_REPOSITORY
 
     path = profile_model(model_repository or DEFAULT_REPOSITORY, model, version, data, device)
     typer.echo(f"wrote {path}")
@@ -308,18 +315,18 @@ def evaluate(
 ) -> None:
     """White-box (ART) and adaptive evaluation of the screening on the test split.
 
-    Other arguments go to 'python -m benchmarks.adversarial.evaluate' (--seeds,
+    Other arguments go to 'python -m bastion.benchmarks.adversarial.evaluate' (--seeds,
     --attacks, --no-adaptive, --out, --save-examples; see 'bastion evaluate -- --help').
     Results: benchmarks/results/adversarial/.
     """
-    from benchmarks.adversarial import evaluate as white_box
+    from bastion.benchmarks.adversarial import evaluate as white_box
 
     args = list(ctx.args)
     if everything and "--save-examples" not in args:
         args.append("--save-examples")
     status = white_box.main(args)
     if everything:
-        from benchmarks.adversarial import blackbox, through_gateway
+        from bastion.benchmarks.adversarial import blackbox, through_gateway
 
         status = max(status, through_gateway.main([]), blackbox.main([]))
     raise typer.Exit(status)
@@ -343,7 +350,7 @@ def attack_sim(
     max_requests: Annotated[int | None, typer.Option(help="Stop after this many.")] = None,
 ) -> None:
     """Replay a mix of clean and adversarial traffic into a running gateway."""
-    from gateway.attack_sim import format_report, simulate
+    from bastion.gateway.attack_sim import format_report, simulate
 
     report = simulate(
         url,

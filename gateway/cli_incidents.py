@@ -30,7 +30,7 @@ Token = Annotated[str, typer.Option(envvar="BASTION_ADMIN_TOKEN", help="Admin to
 
 def admin_call(url: str, token: str, method: str, path: str, **kwargs: Any) -> Any:
     """One admin API call; its error printed and exit status 1 on failure."""
-    from gateway.admin_client import AdminError, call
+    from bastion.gateway.admin_client import AdminError, call
 
     try:
         return call(url, token, method, path, **kwargs)
@@ -132,9 +132,9 @@ def incidents_verify(
     last signed checkpoint; names the first bad entry. Exit status 1 when one was."""
     import json
 
-    from gateway.incidents.signing import load_public_key
-    from gateway.incidents.verify import verify
-    from gateway.settings import Settings
+    from bastion.gateway.incidents.signing import load_public_key
+    from bastion.gateway.incidents.verify import verify
+    from bastion.gateway.settings import Settings
 
     settings = Settings()
     try:
@@ -171,8 +171,8 @@ def incidents_public_key(
 ) -> None:
     """Prints the log's public key (PEM) and its id: keep a copy where whoever can write the
     database cannot, and give it to 'verify --public-key'."""
-    from gateway.incidents.signing import key_id, load_public_key, public_pem
-    from gateway.settings import Settings
+    from bastion.gateway.incidents.signing import key_id, load_public_key, public_pem
+    from bastion.gateway.settings import Settings
 
     try:
         public = load_public_key(key or Settings().incident_key_path)
@@ -197,8 +197,8 @@ def incidents_report(
     """Writes the impact report (JSON and an HTML page with plots): the clients involved,
     every served prediction linked to the campaign, what else they were served, the class
     mix against the reference, the model versions that answered. Offline, read-only."""
-    from gateway.incidents.report import build, write
-    from gateway.settings import Settings
+    from bastion.gateway.incidents.report import build, write
+    from bastion.gateway.settings import Settings
 
     settings = Settings()
     started = time.perf_counter()
@@ -234,9 +234,9 @@ def quarantine_export(
     """Exports the quarantined and reviewed inputs with their verdicts and labels (released:
     clean, quarantined: adversarial, review: unreviewed) as a dataset for retraining: NumPy
     .npz plus a CSV manifest. Offline; the export is an entry of the incident log."""
-    from gateway.incidents.export import export
-    from gateway.quarantine.sqlite import SQLiteQuarantineStore
-    from gateway.settings import Settings
+    from bastion.gateway.incidents.export import export
+    from bastion.gateway.quarantine.sqlite import SQLiteQuarantineStore
+    from bastion.gateway.settings import Settings
 
     settings = Settings()
     path = store or settings.quarantine_path
@@ -256,9 +256,9 @@ def quarantine_export(
 def log_offline(kind: str, subject: str, body: dict[str, Any]) -> None:
     """Appends a command's decision to the incident log from this process (the log takes
     appends from several); a warning, not a failure, when it cannot."""
-    from gateway.incidents.log import IncidentLog, TamperedLog
-    from gateway.incidents.signing import Signer
-    from gateway.settings import Settings
+    from bastion.gateway.incidents.log import IncidentLog, TamperedLog
+    from bastion.gateway.incidents.signing import Signer
+    from bastion.gateway.settings import Settings
 
     settings = Settings()
     try:

@@ -20,7 +20,7 @@ from typing import Annotated, Any
 import typer
 from pydantic.fields import FieldInfo
 
-from gateway.settings import Settings, unknown_environment
+from bastion.gateway.settings import Settings, unknown_environment
 
 _SECRETS = ("admin_token", "metrics_token")
 
@@ -60,8 +60,8 @@ def serve(config: Path | None = None, **flags: Any) -> None:
     """Serve the model repository over KServe v2 HTTP and gRPC (every setting is a flag)."""
     from pydantic import ValidationError
 
-    from gateway.server import PortInUse
-    from gateway.server import serve as run_server
+    from bastion.gateway.server import PortInUse
+    from bastion.gateway.server import serve as run_server
 
     if config is not None:
         os.environ["BASTION_CONFIG_FILE"] = str(config)
@@ -78,7 +78,7 @@ def serve(config: Path | None = None, **flags: Any) -> None:
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     for name in unknown_environment():
-        logging.getLogger("gateway").warning("%s is not a Bastion setting: ignored", name)
+        logging.getLogger("bastion.gateway").warning("%s is not a Bastion setting: ignored", name)
     try:
         run_server(settings)
     except PortInUse as exc:

@@ -15,10 +15,10 @@ from typing import Any
 from fastapi import APIRouter, Request
 from starlette.responses import HTMLResponse, Response
 
-from gateway.errors import NotFound
-from gateway.http import json_response, plane
-from gateway.identity.caller import token_matches
-from gateway.protocol.schema import error
+from bastion.gateway.errors import NotFound
+from bastion.gateway.http import json_response, plane
+from bastion.gateway.identity.caller import token_matches
+from bastion.gateway.protocol.schema import error
 
 router = APIRouter()
 STATIC = Path(__file__).parent / "monitoring" / "static"

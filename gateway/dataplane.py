@@ -14,12 +14,12 @@ from typing import Any
 
 import numpy as np
 
-from gateway import __version__
-from gateway.backends import FINGERPRINTS
-from gateway.decode_pool import DecodePool
-from gateway.defence.request_path import defend
-from gateway.defence.service import DefenceService
-from gateway.errors import (
+from bastion.gateway import __version__
+from bastion.gateway.backends import FINGERPRINTS
+from bastion.gateway.decode_pool import DecodePool
+from bastion.gateway.defence.request_path import defend
+from bastion.gateway.defence.service import DefenceService
+from bastion.gateway.errors import (
     BastionError,
     Blocked,
     Forbidden,
@@ -27,27 +27,32 @@ from gateway.errors import (
     PayloadTooLarge,
     Unavailable,
 )
-from gateway.identity.caller import SCREENING_REPORT_SCOPE
-from gateway.incidents.ledger import Ledger
-from gateway.inputs import prepare_inputs
-from gateway.limits import ModelLimits, model_limits
-from gateway.outputs import attach_screening, output_tensor, requested_outputs, tensor_metadata
-from gateway.protocol.bounds import Limits, RawInput
-from gateway.protocol.types import (
+from bastion.gateway.identity.caller import SCREENING_REPORT_SCOPE
+from bastion.gateway.incidents.ledger import Ledger
+from bastion.gateway.inputs import prepare_inputs
+from bastion.gateway.limits import ModelLimits, model_limits
+from bastion.gateway.outputs import (
+    attach_screening,
+    output_tensor,
+    requested_outputs,
+    tensor_metadata,
+)
+from bastion.gateway.protocol.bounds import Limits, RawInput
+from bastion.gateway.protocol.types import (
     Caller,
     InferRequest,
     InferResponse,
 )
-from gateway.registry import UNLOADED, LoadedModel, ModelRegistry
-from gateway.routing import RouteTable, point
-from gateway.screening.service import (
+from bastion.gateway.registry import UNLOADED, LoadedModel, ModelRegistry
+from bastion.gateway.routing import RouteTable, point
+from bastion.gateway.screening.service import (
     REPORT_PARAMETER,
     Screened,
     ScreeningService,
     refuse_if_withheld,
     tighten,
 )
-from gateway.settings import Settings
+from bastion.gateway.settings import Settings
 
 EXTENSIONS = [
     "classification",

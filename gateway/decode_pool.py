@@ -17,9 +17,9 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TypeVar
 
-from gateway.errors import Unavailable
-from gateway.monitoring.metrics import Metrics
-from gateway.protocol.budget import DecodeBudgetExceeded, run_within
+from bastion.gateway.errors import Unavailable
+from bastion.gateway.monitoring.metrics import Metrics
+from bastion.gateway.protocol.budget import DecodeBudgetExceeded, run_within
 
 T = TypeVar("T")
 

@@ -16,13 +16,13 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import PlainTextResponse, Response
 
-from gateway import model_control
-from gateway.dataplane import DataPlane
-from gateway.errors import BastionError, Forbidden
-from gateway.identity.caller import check_admin, token_matches
-from gateway.monitoring.metrics import CONTENT_TYPE, Metrics
-from gateway.protocol.schema import FRONT_DOOR, error
-from gateway.repository import parse_version
+from bastion.gateway import model_control
+from bastion.gateway.dataplane import DataPlane
+from bastion.gateway.errors import BastionError, Forbidden
+from bastion.gateway.identity.caller import check_admin, token_matches
+from bastion.gateway.monitoring.metrics import CONTENT_TYPE, Metrics
+from bastion.gateway.protocol.schema import FRONT_DOOR, error
+from bastion.gateway.repository import parse_version
 
 log = logging.getLogger(__name__)
 router = APIRouter(responses=FRONT_DOOR)

@@ -11,11 +11,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from gateway.errors import InvalidInput
-from gateway.protocol.dtypes import BY_V2
-from gateway.protocol.images import decode_images
-from gateway.protocol.types import InferRequest, InputTensor
-from gateway.repository import ModelConfig, TensorSpec
+from bastion.gateway.errors import InvalidInput
+from bastion.gateway.protocol.dtypes import BY_V2
+from bastion.gateway.protocol.images import decode_images
+from bastion.gateway.protocol.types import InferRequest, InputTensor
+from bastion.gateway.repository import ModelConfig, TensorSpec
 
 
 @dataclass(frozen=True, slots=True)

@@ -17,10 +17,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from gateway.inputs import ImageLimits
-from gateway.protocol.bounds import InputBound, Limits
-from gateway.repository import ConfigError, ModelConfig
-from gateway.settings import Settings
+from bastion.gateway.inputs import ImageLimits
+from bastion.gateway.protocol.bounds import InputBound, Limits
+from bastion.gateway.repository import ConfigError, ModelConfig
+from bastion.gateway.settings import Settings
 
 JSON_CHARS_PER_ELEMENT = 32  # "-1.2345678901234567e-308, " is 26; the rest for indentation
 IMAGE_SLACK_BYTES = 16 << 10  # headers and metadata chunks of a PNG/JPEG beyond its pixels

@@ -6,9 +6,9 @@ incident log before the caller is answered.
 
 from __future__ import annotations
 
-from gateway.incidents.audit import append_decision
-from gateway.incidents.log import IncidentLog
-from gateway.registry import ModelRegistry
+from bastion.gateway.incidents.audit import append_decision
+from bastion.gateway.incidents.log import IncidentLog
+from bastion.gateway.registry import ModelRegistry
 
 
 async def load_model(registry: ModelRegistry, incident_log: IncidentLog | None, name: str) -> None:

@@ -17,8 +17,8 @@ from fastapi.openapi.utils import get_openapi
 from pydantic.json_schema import models_json_schema
 from starlette.responses import Response
 
-from gateway.http import ADMIN_ERRORS, require_admin
-from gateway.protocol.schema import (
+from bastion.gateway.http import ADMIN_ERRORS, require_admin
+from bastion.gateway.protocol.schema import (
     FRONT_DOOR,
     ErrorBody,
     InferenceRequest,

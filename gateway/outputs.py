@@ -7,10 +7,15 @@ from typing import Any
 
 import numpy as np
 
-from gateway.errors import InvalidInput
-from gateway.protocol.types import InferRequest, InferResponse, OutputTensor, RequestedOutput
-from gateway.repository import ModelConfig, TensorSpec
-from gateway.screening.service import REPORT_PARAMETER, Screened, report_outputs
+from bastion.gateway.errors import InvalidInput
+from bastion.gateway.protocol.types import (
+    InferRequest,
+    InferResponse,
+    OutputTensor,
+    RequestedOutput,
+)
+from bastion.gateway.repository import ModelConfig, TensorSpec
+from bastion.gateway.screening.service import REPORT_PARAMETER, Screened, report_outputs
 
 
 def requested_outputs(config: ModelConfig, request: InferRequest) -> list[RequestedOutput]:

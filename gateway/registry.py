@@ -17,19 +17,19 @@ from typing import Any
 
 import numpy as np
 
-from gateway.backends import Backend, load_backend
-from gateway.batcher import Arrays, DeviceSlots, DynamicBatcher
-from gateway.errors import BastionError, NotFound, Unavailable
-from gateway.limits import ModelLimits, model_limits
-from gateway.monitoring.drift_monitor import DriftMonitor
-from gateway.monitoring.metrics import Metrics, ModelObserver
-from gateway.monitoring.reference import ReferenceProfile
-from gateway.monitoring.stats import BatchTimes, ModelStats
-from gateway.monitoring.window import DriftConfig
-from gateway.protocol.dtypes import BY_V2
-from gateway.repository import ConfigError, ModelConfig, ModelRepository
-from gateway.screening.policy import ADVERSARIAL, from_config
-from gateway.settings import Settings
+from bastion.gateway.backends import Backend, load_backend
+from bastion.gateway.batcher import Arrays, DeviceSlots, DynamicBatcher
+from bastion.gateway.errors import BastionError, NotFound, Unavailable
+from bastion.gateway.limits import ModelLimits, model_limits
+from bastion.gateway.monitoring.drift_monitor import DriftMonitor
+from bastion.gateway.monitoring.metrics import Metrics, ModelObserver
+from bastion.gateway.monitoring.reference import ReferenceProfile
+from bastion.gateway.monitoring.stats import BatchTimes, ModelStats
+from bastion.gateway.monitoring.window import DriftConfig
+from bastion.gateway.protocol.dtypes import BY_V2
+from bastion.gateway.repository import ConfigError, ModelConfig, ModelRepository
+from bastion.gateway.screening.policy import ADVERSARIAL, from_config
+from bastion.gateway.settings import Settings
 
 log = logging.getLogger(__name__)
 

@@ -17,8 +17,8 @@ from typing import Any
 from google.protobuf import json_format, text_format
 from tritonclient.grpc import model_config_pb2
 
-from gateway.errors import InvalidInput, NotFound
-from gateway.protocol.dtypes import BY_CONFIG
+from bastion.gateway.errors import InvalidInput, NotFound
+from bastion.gateway.protocol.dtypes import BY_CONFIG
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 DEFAULT_MAX_QUEUE_SIZE = 1024

@@ -13,11 +13,11 @@ from fastapi import APIRouter, Path, Request
 from pydantic import Field
 from starlette.responses import Response
 
-from gateway.admin import AdminRoute, StrictBody, errors
-from gateway.errors import InvalidInput, NotFound, Unavailable
-from gateway.http import json_response, plane
-from gateway.incidents.audit import record as record_decision
-from gateway.routing import MAX_VERSIONS, Route, RouteTable, entry_body, make_route
+from bastion.gateway.admin import AdminRoute, StrictBody, errors
+from bastion.gateway.errors import InvalidInput, NotFound, Unavailable
+from bastion.gateway.http import json_response, plane
+from bastion.gateway.incidents.audit import record as record_decision
+from bastion.gateway.routing import MAX_VERSIONS, Route, RouteTable, entry_body, make_route
 
 router = APIRouter(route_class=AdminRoute, tags=["admin"])
 ModelPath = Annotated[str, Path(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.-]+$")]

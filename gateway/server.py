@@ -32,9 +32,9 @@ import httptools
 import orjson
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
-from gateway.http import HEALTH_PATHS
-from gateway.monitoring.metrics import Metrics
-from gateway.settings import Settings
+from bastion.gateway.http import HEALTH_PATHS
+from bastion.gateway.monitoring.metrics import Metrics
+from bastion.gateway.settings import Settings
 
 log = logging.getLogger(__name__)
 _END_OF_HEAD = b"\r\n\r\n"
@@ -359,7 +359,7 @@ def serve(settings: Settings) -> None:
     import uvicorn
 
     check_ports(settings)
-    from gateway.app import create_app
+    from bastion.gateway.app import create_app
 
     app = create_app(settings, grpc=settings.allow_grpc)
     limits = FrontDoorLimits.from_settings(settings, raise_fd_limit())

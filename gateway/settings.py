@@ -16,7 +16,7 @@ import tomllib
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-import models
+from bastion import models
 
 DEFAULT_REPOSITORY = Path(models.__file__).parent / "repository"
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9a-z-]+")  # RFC 9110 §5.6.2 token, lower case

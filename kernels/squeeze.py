@@ -113,6 +113,6 @@ def squeeze(x: Tensor, spec: SqueezeSpec, use_triton: bool | None = None) -> Ten
         use_triton = use_triton and triton_available()
     if not use_triton:
         return squeeze_reference(x, spec)
-    from kernels.squeeze_triton import squeeze_triton
+    from bastion.kernels.squeeze_triton import squeeze_triton
 
     return squeeze_triton(x, spec)

@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from kernels.squeeze import SqueezeSpec, window_offsets
+from bastion.kernels.squeeze import SqueezeSpec, window_offsets
 
 MAX_BLOCK = 256
 # Elements of the (BLOCK, TAPS) neighbourhood tile. Offline sm_90 builds (ptxas resource usage):

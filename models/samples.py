@@ -9,7 +9,7 @@ in three sets chosen with the committed screening of the bundled ``digits`` mode
 - ``adversarial``: 2 PGD examples (L-inf 0.3, from ``benchmarks/results/adversarial``) the block
   tier withholds.
 
-Rebuild after recalibrating: ``python -m models.samples``.
+Rebuild after recalibrating: ``python -m bastion.models.samples``.
 """
 
 from __future__ import annotations
@@ -33,9 +33,9 @@ def load(kind: str = "clean") -> tuple[np.ndarray, np.ndarray]:
 
 def build() -> Path:
     """Chooses the samples with the committed screening and writes ``PATH``."""
-    from benchmarks.adversarial.scoring import build_job, score
-    from gateway.screening.policy import ADVERSARIAL, SUSPICIOUS
-    from models.data import load_split
+    from bastion.benchmarks.adversarial.scoring import build_job, score
+    from bastion.gateway.screening.policy import ADVERSARIAL, SUSPICIOUS
+    from bastion.models.data import load_split
 
     job, _ = build_job()
     assert job.thresholds is not None

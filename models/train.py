@@ -1,6 +1,6 @@
 """Trains DigitsNet on the train split and writes the bundled model repository.
 
-Usage: ``python -m models.train [--epochs N] [--seed S] [--out models/repository]``
+Usage: ``python -m bastion.models.train [--epochs N] [--seed S] [--out models/repository]``
 
 Everything random (initialisation, batch order, augmentation) is drawn from generators seeded by
 ``--seed`` on the CPU, so a run is reproducible and does not depend on the device it trains on.
@@ -26,10 +26,10 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
 
-from models.data import SplitName, load_split, to_float
-from models.digits import DigitsNet
-from models.weights import DEFAULT_REPOSITORY, digits_weights_path
-from models.zoo import ServedClassifier
+from bastion.models.data import SplitName, load_split, to_float
+from bastion.models.digits import DigitsNet
+from bastion.models.weights import DEFAULT_REPOSITORY, digits_weights_path
+from bastion.models.zoo import ServedClassifier
 
 ONNX_MODEL = "digits_onnx"
 ONNX_OPSET = 17
@@ -41,7 +41,7 @@ SCALE_RANGE = (0.9, 1.1)
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m models.train", description=__doc__.split("\n")[0]
+        prog="python -m bastion.models.train", description=__doc__.split("\n")[0]
     )
     parser.add_argument("--epochs", type=int, default=40)
     parser.add_argument("--seed", type=int, default=0)
@@ -175,7 +175,7 @@ def verify_onnx(net: nn.Module, images: torch.Tensor, path: Path) -> float:
 def main(argv: Sequence[str] | None = None) -> dict[str, object]:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
-    args.command = shlex.join(["python", "-m", "models.train", *argv])
+    args.command = shlex.join(["python", "-m", "bastion.models.train", *argv])
     torch.set_num_threads(2)
     torch.manual_seed(args.seed)
     generator = torch.Generator().manual_seed(args.seed)

@@ -12,7 +12,7 @@ from pathlib import Path
 from safetensors.torch import load_file
 from torch import nn
 
-from models.digits import DigitsNet
+from bastion.models.digits import DigitsNet
 
 DEFAULT_REPOSITORY = Path(__file__).parent / "repository"
 DIGITS_MODEL = "digits"

@@ -15,7 +15,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from models.digits import DigitsNet
+from bastion.models.digits import DigitsNet
 
 
 def _resnet(depth: int) -> Callable[[], nn.Module]:

@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from gateway.settings import DEFAULT_REPOSITORY
+from bastion.gateway.settings import DEFAULT_REPOSITORY
 
 
 @pytest.fixture
@@ -153,7 +153,7 @@ def start_server(log_dir: Path, *args: str, env: dict[str, str] | None = None) -
     }
     with log.open("wb") as sink:
         process = subprocess.Popen(
-            [sys.executable, "-m", "gateway", "serve", "--port", str(port), *args],
+            [sys.executable, "-m", "bastion.gateway", "serve", "--port", str(port), *args],
             stdout=sink,
             stderr=subprocess.STDOUT,
             env=full_env,

@@ -24,14 +24,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from benchmarks.adversarial.attacks import discretise, distortion
-from gateway.screening import detectors as registry
-from gateway.screening.calibration import Calibration, Combiner
-from gateway.screening.detectors import ScreenInputs
-from gateway.screening.pipeline import ScreenedClassifier
-from gateway.screening.policy import ADVERSARIAL
-from kernels.squeeze import bit_depth, median_smooth
-from models.data import to_float
+from bastion.benchmarks.adversarial.attacks import discretise, distortion
+from bastion.gateway.screening import detectors as registry
+from bastion.gateway.screening.calibration import Calibration, Combiner
+from bastion.gateway.screening.detectors import ScreenInputs
+from bastion.gateway.screening.pipeline import ScreenedClassifier
+from bastion.gateway.screening.policy import ADVERSARIAL
+from bastion.kernels.squeeze import bit_depth, median_smooth
+from bastion.models.data import to_float
 
 BUDGETS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5)
 LAMBDAS = (0.0, 1.0, 10.0)
@@ -270,10 +270,10 @@ def main(argv: list[str] | None = None) -> int:
     (``evaluate`` runs it at every budget with the per-detector hinge)."""
     import argparse
 
-    from benchmarks.adversarial import attacks as zoo
-    from benchmarks.adversarial import scoring
-    from models.data import load_split
-    from models.weights import load_digits
+    from bastion.benchmarks.adversarial import attacks as zoo
+    from bastion.benchmarks.adversarial import scoring
+    from bastion.models.data import load_split
+    from bastion.models.weights import load_digits
 
     parser = argparse.ArgumentParser(description=main.__doc__)
     parser.add_argument("--eps", type=float, nargs="+", default=[0.3])

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from models.data import to_float
+from bastion.models.data import to_float
 
 INPUT_SHAPE = (1, 28, 28)
 NUM_CLASSES = 10

@@ -17,7 +17,8 @@ starts from the nearest such digit of another class (the attacker owns natural d
 means the final image, rounded to 8-bit pixels, is misclassified by the real model and, with
 screening on, answered 200. Queries are images sent; judging the final images is not counted.
 
-Run: ``python -m benchmarks.adversarial.blackbox [--seeds 10] [--max-queries 3000] [--out DIR]``.
+Run: ``python -m bastion.benchmarks.adversarial.blackbox [--seeds 10] [--max-queries 3000]
+[--out DIR]``.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.adversarial.through_gateway import (
+from bastion.benchmarks.adversarial.through_gateway import (
     MODEL,
     RESULTS,
     gateway_rule,
@@ -117,9 +118,9 @@ def eligible_digits() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     start from: correctly classified, and passed by the screened gateway (scored offline)."""
     import torch
 
-    from gateway.settings import DEFAULT_REPOSITORY
-    from models.data import load_split, to_float
-    from models.weights import load_digits
+    from bastion.gateway.settings import DEFAULT_REPOSITORY
+    from bastion.models.data import load_split, to_float
+    from bastion.models.weights import load_digits
 
     images, labels = load_split("test")
     x = to_float(images)
@@ -221,7 +222,7 @@ def run_setting(
     """Every attack on every seed against one gateway, as one kind of attacker."""
     from art.estimators.classification import BlackBoxClassifierNeuralNetwork
 
-    from models.weights import load_digits
+    from bastion.models.weights import load_digits
 
     net = load_digits()
     blocked_as = "label" if setting == "on-adaptive" else "uniform"
@@ -370,8 +371,8 @@ def _against(
     args: argparse.Namespace,
 ) -> list[dict[str, Any]]:
     """Starts the gateway for one screening mode and runs each of its attacker settings."""
-    from benchmarks.serving import bastion_repository
-    from gateway.settings import DEFAULT_REPOSITORY
+    from bastion.benchmarks.serving import bastion_repository
+    from bastion.gateway.settings import DEFAULT_REPOSITORY
 
     if not settings:
         return []

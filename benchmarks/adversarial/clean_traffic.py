@@ -7,7 +7,7 @@ the verdict of every image (read from the ``bastion_screening_verdicts_total`` c
 after). One flagged image refuses its whole request, so the refused share of batch-b requests is
 about ``1 - (1 - block FPR) ** b``.
 
-Run: ``python -m benchmarks.adversarial.clean_traffic`` (about 1 minute).
+Run: ``python -m bastion.benchmarks.adversarial.clean_traffic`` (about 1 minute).
 """
 
 from __future__ import annotations
@@ -22,9 +22,9 @@ from typing import Any
 import httpx
 import numpy as np
 
-from benchmarks.adversarial.through_gateway import RESULTS, running_gateway
-from gateway.settings import DEFAULT_REPOSITORY
-from models.data import load_split, to_float
+from bastion.benchmarks.adversarial.through_gateway import RESULTS, running_gateway
+from bastion.gateway.settings import DEFAULT_REPOSITORY
+from bastion.models.data import load_split, to_float
 
 BATCHES = (1, 16, 64)
 VERDICT = re.compile(

@@ -9,7 +9,7 @@ clean test digits are reported beside it, never used to choose.
 Raw detector scores are computed once per image set (one screening job per Mahalanobis layer,
 all four detectors), so each candidate is a column subset and a calibration fit.
 
-Run: ``python -m benchmarks.adversarial.combiner [--seeds 300] [--examples PATH]``
+Run: ``python -m bastion.benchmarks.adversarial.combiner [--seeds 300] [--examples PATH]``
 (about 6 minutes on 2 CPU cores; the development attacks are cached in ``--cache``).
 """
 
@@ -24,17 +24,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.adversarial import attacks as zoo
-from benchmarks.adversarial.evaluate import EXAMPLES, RESULTS
-from benchmarks.adversarial.scoring import auc
-from gateway.screening import mahalanobis
-from gateway.screening.calibrate import layer_features
-from gateway.screening.calibration import RULES, combined_numpy, fit, threshold
-from gateway.screening.pipeline import ScreenedClassifier
-from kernels.squeeze import SqueezeSpec
-from models.data import load_split, to_float
-from models.weights import load_digits
-from models.zoo import ServedClassifier
+from bastion.benchmarks.adversarial import attacks as zoo
+from bastion.benchmarks.adversarial.evaluate import EXAMPLES, RESULTS
+from bastion.benchmarks.adversarial.scoring import auc
+from bastion.gateway.screening import mahalanobis
+from bastion.gateway.screening.calibrate import layer_features
+from bastion.gateway.screening.calibration import RULES, combined_numpy, fit, threshold
+from bastion.gateway.screening.pipeline import ScreenedClassifier
+from bastion.kernels.squeeze import SqueezeSpec
+from bastion.models.data import load_split, to_float
+from bastion.models.weights import load_digits
+from bastion.models.zoo import ServedClassifier
 
 ALL = ("feature_squeezing", "confidence_margin", "gradient_norm", "mahalanobis")
 LAYERS = ("penultimate", "net.features.2", "net.features.5")

@@ -5,7 +5,7 @@ successes (after rounding to 8-bit pixels), scores them and the clean test split
 gateway's own screening job and committed calibration, then runs the adaptive attack. Writes
 ``adversarial.md``, ``adversarial.json`` and ROC plots under ``--out``.
 
-Run: ``python -m benchmarks.adversarial.evaluate [--seeds 500]
+Run: ``python -m bastion.benchmarks.adversarial.evaluate [--seeds 500]
 [--attacks fgsm,bim,pgd,cw,deepfool] [--no-adaptive] [--out benchmarks/results/adversarial]
 [--save-examples]``.
 """
@@ -20,12 +20,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from benchmarks.adversarial import adaptive as adaptive_attack
-from benchmarks.adversarial import attacks as zoo
-from benchmarks.adversarial import report, scoring
-from benchmarks.adversarial.scoring import COMBINED, Scores
-from models.data import load_split
-from models.weights import load_digits
+from bastion.benchmarks.adversarial import adaptive as adaptive_attack
+from bastion.benchmarks.adversarial import attacks as zoo
+from bastion.benchmarks.adversarial import report, scoring
+from bastion.benchmarks.adversarial.scoring import COMBINED, Scores
+from bastion.models.data import load_split
+from bastion.models.weights import load_digits
 
 RESULTS = Path(__file__).resolve().parents[1] / "results" / "adversarial"
 EXAMPLES = "examples.npz"

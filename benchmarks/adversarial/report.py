@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.adversarial.scoring import COMBINED
+from bastion.benchmarks.adversarial.scoring import COMBINED
 
 POOLED = "pooled"
 

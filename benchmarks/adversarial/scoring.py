@@ -18,16 +18,16 @@ import numpy as np
 import torch
 from sklearn.metrics import roc_auc_score, roc_curve
 
-from gateway.repository import ModelRepository
-from gateway.screening import tail
-from gateway.screening.calibration import Calibration
-from gateway.screening.mahalanobis import ClassGaussian
-from gateway.screening.pipeline import ScreenedClassifier
-from gateway.screening.policy import ADVERSARIAL, SUSPICIOUS, from_config
-from gateway.settings import DEFAULT_REPOSITORY
-from models.data import to_float
-from models.weights import load_digits
-from models.zoo import ServedClassifier
+from bastion.gateway.repository import ModelRepository
+from bastion.gateway.screening import tail
+from bastion.gateway.screening.calibration import Calibration
+from bastion.gateway.screening.mahalanobis import ClassGaussian
+from bastion.gateway.screening.pipeline import ScreenedClassifier
+from bastion.gateway.screening.policy import ADVERSARIAL, SUSPICIOUS, from_config
+from bastion.gateway.settings import DEFAULT_REPOSITORY
+from bastion.models.data import to_float
+from bastion.models.weights import load_digits
+from bastion.models.zoo import ServedClassifier
 
 COMBINED = "combined"
 TIERS = {"block": ADVERSARIAL, "review": SUSPICIOUS}

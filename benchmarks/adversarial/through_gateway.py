@@ -13,7 +13,7 @@ Examples come from ``--examples`` (an ``.npz`` with ``clean`` and one (n, 1, 28,
 attack, pixels already 8-bit) when it exists, else they are made here with ART (FGSM, PGD,
 DeepFool) on correctly classified test digits, kept where the rounded image fools the model.
 
-Run: ``python -m benchmarks.adversarial.through_gateway [--examples PATH] [--out DIR]``.
+Run: ``python -m bastion.benchmarks.adversarial.through_gateway [--examples PATH] [--out DIR]``.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks import procs
+from bastion.benchmarks import procs
 
 RESULTS = Path(__file__).resolve().parents[1] / "results" / "adversarial"
 MODEL = "digits"
@@ -47,7 +47,16 @@ def running_gateway(
     """A ``bastion serve`` on a free port of 127.0.0.1, stopped on exit; yields ``host:port``.
     ``env`` adds (or overrides) the server's environment, e.g. ``BASTION_DEFENCE``."""
     port = procs.free_port_block(1)
-    command = [sys.executable, "-m", "gateway", "serve", "--host", "127.0.0.1", "--port", str(port)]
+    command = [
+        sys.executable,
+        "-m",
+        "bastion.gateway",
+        "serve",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    ]
     command += ["--model-repository", str(repository)]
     server_env = {"BASTION_TORCH_THREADS": "1", **procs.private_state(workdir)}
     server_env.update(env or {})
@@ -66,8 +75,8 @@ def make_examples(seeds: int = 200, seed: int = 0) -> dict[str, np.ndarray]:
     from art.attacks.evasion import DeepFool, FastGradientMethod, ProjectedGradientDescent
     from art.estimators.classification import PyTorchClassifier
 
-    from models.data import load_split, to_float
-    from models.weights import load_digits
+    from bastion.models.data import load_split, to_float
+    from bastion.models.weights import load_digits
 
     net = load_digits()
     classifier = PyTorchClassifier(
@@ -98,7 +107,7 @@ def load_sets(path: Path) -> dict[str, np.ndarray]:
     if not set(sets) - {"clean"}:
         raise ValueError(f"{path}: need at least one attack array (n, 1, 28, 28)")
     if "clean" not in sets:  # the offline evaluation's negatives: the clean test split
-        from models.data import load_split, to_float
+        from bastion.models.data import load_split, to_float
 
         sets = {"clean": to_float(load_split("test")[0]), **sets}
     return sets
@@ -106,7 +115,7 @@ def load_sets(path: Path) -> dict[str, np.ndarray]:
 
 def _as_float(images: np.ndarray) -> np.ndarray:
     """8-bit pixels stored as uint8 become k / 255, as the offline evaluation reads them."""
-    from models.data import to_float
+    from bastion.models.data import to_float
 
     return to_float(images) if images.dtype == np.uint8 else images.astype(np.float32)
 
@@ -118,9 +127,9 @@ def offline_scores(
     (n, D + 1), one column per detector, then the combined score."""
     import torch
 
-    from gateway.backends import COMBINED, SCORES, load_backend
-    from gateway.registry import run_batch
-    from gateway.repository import ModelRepository
+    from bastion.gateway.backends import COMBINED, SCORES, load_backend
+    from bastion.gateway.registry import run_batch
+    from bastion.gateway.repository import ModelRepository
 
     torch.set_num_threads(1)  # as the server runs (BASTION_TORCH_THREADS=1): same reductions
     backend = load_backend(ModelRepository(repository).config(MODEL), 1, "cpu", threads=1)
@@ -131,7 +140,7 @@ def offline_scores(
             out = run_batch(backend, [{"images": images[i : i + batch]}])[0]
             parts.append(np.column_stack([out[SCORES], out[COMBINED]]))
         scores[name] = np.concatenate(parts)
-    from gateway.screening.policy import ADVERSARIAL
+    from bastion.gateway.screening.policy import ADVERSARIAL
 
     return scores, float(backend.screening.thresholds[ADVERSARIAL])
 
@@ -177,7 +186,7 @@ def gateway_rule(combined: np.ndarray, threshold: float) -> np.ndarray:
     """The gateway's own decision (``gateway.screening.policy.decide``), applied offline: it
     compares in the scores' float32 precision, so a score equal to the threshold passes, as it
     does in numpy (it refused such ties before 2026-11-25, 4 of the 1,000 clean test digits)."""
-    from gateway.screening.policy import ADVERSARIAL, SUSPICIOUS, decide
+    from bastion.gateway.screening.policy import ADVERSARIAL, SUSPICIOUS, decide
 
     # the review threshold only splits the served images; a withheld one is above the block
     cuts = {ADVERSARIAL: threshold, SUSPICIOUS: threshold}
@@ -253,7 +262,7 @@ def compare(url: str, sets: dict[str, np.ndarray], repository: Path) -> dict[str
 
 def calibration_ties(repository: Path) -> dict[str, Any]:
     """The calibration split under both comparisons: the rate the gateway really realises."""
-    from models.data import load_split, to_float
+    from bastion.models.data import load_split, to_float
 
     scores, threshold = offline_scores(
         {"calibration": to_float(load_split("calibration")[0])}, OFFLINE_BATCH, repository
@@ -363,7 +372,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--offline", type=Path, default=RESULTS / "evaluation.json")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
-    from gateway.settings import DEFAULT_REPOSITORY
+    from bastion.gateway.settings import DEFAULT_REPOSITORY
 
     started = time.perf_counter()
     if args.examples.is_file():

@@ -11,8 +11,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from gateway.errors import NotFound
-from gateway.repository import ConfigError, ModelConfig
+from bastion.gateway.errors import NotFound
+from bastion.gateway.repository import ConfigError, ModelConfig
 
 SCORES = "bastion.screening.scores"  # (n, D) detector scores, beside the model's outputs
 COMBINED = "bastion.screening.combined"  # (n,) combined score; -1 when uncalibrated
@@ -35,12 +35,12 @@ class Backend(Protocol):
 
 def load_backend(config: ModelConfig, version: int, device: str, threads: int) -> Backend:
     """Builds the backend a model's config names, for one version folder."""
-    from gateway.screening.policy import from_config
+    from bastion.gateway.screening.policy import from_config
 
     folder = config.version_path(version)
     policy = from_config(config)
     if config.backend == "pytorch":
-        from gateway.backends.torch_backend import TorchBackend
+        from bastion.gateway.backends.torch_backend import TorchBackend
 
         return TorchBackend(config, folder, device, policy)
     if policy is not None:
@@ -49,7 +49,7 @@ def load_backend(config: ModelConfig, version: int, device: str, threads: int) -
             "gradient); set parameter screening to off"
         )
     if config.backend == "onnxruntime":
-        from gateway.backends.onnx_backend import OnnxBackend
+        from bastion.gateway.backends.onnx_backend import OnnxBackend
 
         return OnnxBackend(config, folder, device, threads)
     raise NotFound(f"model {config.name!r}: no backend named {config.backend!r}")

@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from gateway.backends import weights_file
-from gateway.repository import ConfigError, ModelConfig
+from bastion.gateway.backends import weights_file
+from bastion.gateway.repository import ConfigError, ModelConfig
 
 
 class OnnxBackend:

@@ -13,15 +13,15 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from gateway.backends import COMBINED, EMBEDDINGS, FINGERPRINTS, SCORES, weights_file
-from gateway.defence.knn import KnnSpec
-from gateway.monitoring.drift_monitor import DriftMonitor
-from gateway.repository import ConfigError, ModelConfig
-from gateway.screening.calibration import Calibration
-from gateway.screening.mahalanobis import ClassGaussian
-from gateway.screening.pipeline import ScreenedClassifier, ScreenResult
-from gateway.screening.policy import ADVERSARIAL, ScreeningPolicy
-from models.zoo import ServedClassifier, build
+from bastion.gateway.backends import COMBINED, EMBEDDINGS, FINGERPRINTS, SCORES, weights_file
+from bastion.gateway.defence.knn import KnnSpec
+from bastion.gateway.monitoring.drift_monitor import DriftMonitor
+from bastion.gateway.repository import ConfigError, ModelConfig
+from bastion.gateway.screening.calibration import Calibration
+from bastion.gateway.screening.mahalanobis import ClassGaussian
+from bastion.gateway.screening.pipeline import ScreenedClassifier, ScreenResult
+from bastion.gateway.screening.policy import ADVERSARIAL, ScreeningPolicy
+from bastion.models.zoo import ServedClassifier, build
 
 
 class TorchBackend:

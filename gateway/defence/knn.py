@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from gateway.defence.jit import JIT, compiled
+from bastion.gateway.defence.jit import JIT, compiled
 
 FILENAME = "knn.json"
 

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from gateway.defence.knn import KnnSpec
+from bastion.gateway.defence.knn import KnnSpec
 
 
 @dataclass(frozen=True)

@@ -27,8 +27,8 @@ from typing import Any
 
 import numpy as np
 
-from gateway.defence import probe_table
-from gateway.defence.fingerprint import EMPTY
+from bastion.gateway.defence import probe_table
+from bastion.gateway.defence.fingerprint import EMPTY
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from gateway.defence.jit import JIT, compiled
+from bastion.gateway.defence.jit import JIT, compiled
 
 
 def search(keys: Any, holders: Any, times: Any, values: Any, positions: Any, shift: int,

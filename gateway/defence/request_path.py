@@ -7,17 +7,17 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from gateway.backends import EMBEDDINGS
-from gateway.defence.answers import put_back, served_answers
-from gateway.defence.evidence import STRICT
-from gateway.defence.observation import Embedded
-from gateway.defence.service import DefenceService
-from gateway.protocol.types import InferRequest
-from gateway.screening.policy import ADVERSARIAL, SUSPICIOUS
-from gateway.screening.service import REPORT_PARAMETER, Screened, tighten
+from bastion.gateway.backends import EMBEDDINGS
+from bastion.gateway.defence.answers import put_back, served_answers
+from bastion.gateway.defence.evidence import STRICT
+from bastion.gateway.defence.observation import Embedded
+from bastion.gateway.defence.service import DefenceService
+from bastion.gateway.protocol.types import InferRequest
+from bastion.gateway.screening.policy import ADVERSARIAL, SUSPICIOUS
+from bastion.gateway.screening.service import REPORT_PARAMETER, Screened, tighten
 
 if TYPE_CHECKING:
-    from gateway.registry import LoadedModel
+    from bastion.gateway.registry import LoadedModel
 
 
 def defend(

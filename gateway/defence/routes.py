@@ -7,12 +7,12 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Path, Query, Request
 from starlette.responses import Response
 
-from gateway.admin import AdminRoute, errors
-from gateway.defence.evidence import RUNGS
-from gateway.defence.service import DefenceService
-from gateway.errors import NotFound
-from gateway.http import json_response, plane
-from gateway.incidents.audit import record as record_decision
+from bastion.gateway.admin import AdminRoute, errors
+from bastion.gateway.defence.evidence import RUNGS
+from bastion.gateway.defence.service import DefenceService
+from bastion.gateway.errors import NotFound
+from bastion.gateway.http import json_response, plane
+from bastion.gateway.incidents.audit import record as record_decision
 
 router = APIRouter(route_class=AdminRoute, tags=["admin"])
 ClientPath = Annotated[str, Path(min_length=1, max_length=128)]

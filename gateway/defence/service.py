@@ -42,15 +42,15 @@ from typing import Any
 
 import numpy as np
 
-from gateway.defence import knn, probe_table
-from gateway.defence.evidence import OBSERVE, REFUSE, STRICT, THROTTLE, Ladder, LadderSpec
-from gateway.defence.fingerprint import FingerprintSpec, picture_hash
-from gateway.defence.knn import Histories
-from gateway.defence.observation import Embedded, Observation
-from gateway.defence.probe_index import ProbeIndex
-from gateway.errors import Forbidden, TooManyRequests
-from gateway.monitoring.metrics import Metrics
-from gateway.settings import Settings
+from bastion.gateway.defence import knn, probe_table
+from bastion.gateway.defence.evidence import OBSERVE, REFUSE, STRICT, THROTTLE, Ladder, LadderSpec
+from bastion.gateway.defence.fingerprint import FingerprintSpec, picture_hash
+from bastion.gateway.defence.knn import Histories
+from bastion.gateway.defence.observation import Embedded, Observation
+from bastion.gateway.defence.probe_index import ProbeIndex
+from bastion.gateway.errors import Forbidden, TooManyRequests
+from bastion.gateway.monitoring.metrics import Metrics
+from bastion.gateway.settings import Settings
 
 FLAGGED = frozenset({"suspicious", "adversarial"})
 log = logging.getLogger(__name__)

@@ -10,10 +10,10 @@ import hmac
 import re
 from collections.abc import Callable, Mapping
 
-from gateway.errors import Forbidden, InvalidInput, Unauthorized
-from gateway.identity.keys import KeyRing
-from gateway.protocol.types import Caller
-from gateway.settings import Settings
+from bastion.gateway.errors import Forbidden, InvalidInput, Unauthorized
+from bastion.gateway.identity.keys import KeyRing
+from bastion.gateway.protocol.types import Caller
+from bastion.gateway.settings import Settings
 
 SCREENING_REPORT_SCOPE = "screening_report"
 ADMIN_CLIENT = "admin"

@@ -10,11 +10,11 @@ from fastapi import APIRouter, Path, Request
 from pydantic import Field
 from starlette.responses import Response
 
-from gateway.admin import AdminRoute, StrictBody, errors
-from gateway.errors import InvalidInput, NotFound
-from gateway.http import json_response
-from gateway.identity.keys import CLIENT_NAME, NOTE_CHARS, KeyRecord, KeyRing
-from gateway.incidents.audit import record as record_decision
+from bastion.gateway.admin import AdminRoute, StrictBody, errors
+from bastion.gateway.errors import InvalidInput, NotFound
+from bastion.gateway.http import json_response
+from bastion.gateway.identity.keys import CLIENT_NAME, NOTE_CHARS, KeyRecord, KeyRing
+from bastion.gateway.incidents.audit import record as record_decision
 
 router = APIRouter(route_class=AdminRoute, tags=["admin"])
 KeyPath = Annotated[str, Path(min_length=12, max_length=12, pattern="^[0-9a-f]{12}$")]

@@ -10,8 +10,8 @@ from typing import Any
 
 from fastapi import Request
 
-from gateway.errors import Unavailable
-from gateway.incidents.log import BODY_BYTES, IncidentLog, TamperedLog, canonical
+from bastion.gateway.errors import Unavailable
+from bastion.gateway.incidents.log import BODY_BYTES, IncidentLog, TamperedLog, canonical
 
 log = logging.getLogger(__name__)
 

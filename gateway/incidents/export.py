@@ -21,8 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from gateway.quarantine.sqlite import SQLiteQuarantineStore
-from gateway.quarantine.store import QUARANTINED, RELEASED, REVIEW
+from bastion.gateway.quarantine.sqlite import SQLiteQuarantineStore
+from bastion.gateway.quarantine.store import QUARANTINED, RELEASED, REVIEW
 
 LABELS = {RELEASED: "clean", QUARANTINED: "adversarial", REVIEW: "unreviewed"}
 PAGE = 1000

@@ -14,8 +14,8 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from gateway.incidents.log import Entry, IncidentLog
-from gateway.incidents.store import IncidentStore
+from bastion.gateway.incidents.log import Entry, IncidentLog
+from bastion.gateway.incidents.store import IncidentStore
 
 log = logging.getLogger(__name__)
 LOOKBACK_S = 3600.0

@@ -34,8 +34,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from gateway.defence.fingerprint import content_hash
-from gateway.incidents.sqlite import connect, transaction
+from bastion.gateway.defence.fingerprint import content_hash
+from bastion.gateway.incidents.sqlite import connect, transaction
 
 log = logging.getLogger(__name__)
 SKETCH = 16

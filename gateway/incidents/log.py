@@ -26,8 +26,8 @@ from typing import Any, Final
 from pymerkle import BaseMerkleTree
 from pymerkle.hasher import MerkleHasher
 
-from gateway.incidents.signing import Checkpoint, Signer, read_witness, valid, witness
-from gateway.incidents.sqlite import connect
+from bastion.gateway.incidents.signing import Checkpoint, Signer, read_witness, valid, witness
+from bastion.gateway.incidents.sqlite import connect
 
 log = logging.getLogger(__name__)
 

@@ -31,9 +31,9 @@ from typing import Any
 
 import numpy as np
 
-from gateway.incidents.grouping import LOOKBACK_S
-from gateway.incidents.ledger import SKETCH, SKETCH_MATCH
-from gateway.incidents.store import IncidentStore
+from bastion.gateway.incidents.grouping import LOOKBACK_S
+from bastion.gateway.incidents.ledger import SKETCH, SKETCH_MATCH
+from bastion.gateway.incidents.store import IncidentStore
 
 STATIC = Path(__file__).parents[1] / "monitoring" / "static"
 EMPTY = np.iinfo(np.int64).min  # a fingerprint's padding: never a match
@@ -118,7 +118,7 @@ def _reference(repository: Path | None, versions: list[dict[str, Any]]) -> dict 
     """The reference profile's class mix and mean confidence of the version that answered most."""
     if repository is None or not versions:
         return None
-    from gateway.monitoring.reference import STATISTICS, ReferenceProfile
+    from bastion.gateway.monitoring.reference import STATISTICS, ReferenceProfile
 
     top = max(versions, key=lambda v: v["requests"])
     profile = ReferenceProfile.load(repository / top["model"] / top["version"])

@@ -9,12 +9,12 @@ from fastapi import APIRouter, Path, Query, Request
 from pydantic import Field
 from starlette.responses import Response
 
-from gateway.admin import AdminRoute, StrictBody, errors
-from gateway.errors import InvalidInput, NotFound, Unavailable
-from gateway.http import json_response
-from gateway.incidents.grouping import Grouper
-from gateway.incidents.log import TamperedLog
-from gateway.incidents.store import CLOSED, OPEN
+from bastion.gateway.admin import AdminRoute, StrictBody, errors
+from bastion.gateway.errors import InvalidInput, NotFound, Unavailable
+from bastion.gateway.http import json_response
+from bastion.gateway.incidents.grouping import Grouper
+from bastion.gateway.incidents.log import TamperedLog
+from bastion.gateway.incidents.store import CLOSED, OPEN
 
 router = APIRouter(route_class=AdminRoute, tags=["admin"])
 IncidentPath = Annotated[int, Path(ge=1, le=2**62)]
@@ -116,7 +116,7 @@ async def incident_report(
     format: Annotated[str, Query(pattern="^(json|html)$")] = "json",
 ) -> Response:
     """The impact report (``bastion incidents report``): JSON, or the HTML page."""
-    from gateway.incidents.report import build, page
+    from bastion.gateway.incidents.report import build, page
 
     settings = request.app.state.settings
     try:

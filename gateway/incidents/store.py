@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gateway.incidents.log import Entry
-from gateway.incidents.sqlite import connect, transaction
+from bastion.gateway.incidents.log import Entry
+from bastion.gateway.incidents.sqlite import connect, transaction
 
 OPEN, CLOSED = "open", "closed"
 MAX_SUBJECTS = 10_000  # per incident: a rotating attacker's identities, bounded

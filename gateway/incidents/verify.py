@@ -19,8 +19,8 @@ from pathlib import Path
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from pymerkle import InmemoryTree
 
-from gateway.incidents.log import Entry, canonical, leaf_hash
-from gateway.incidents.signing import Checkpoint, read_witness, valid
+from bastion.gateway.incidents.log import Entry, canonical, leaf_hash
+from bastion.gateway.incidents.signing import Checkpoint, read_witness, valid
 
 
 @dataclass

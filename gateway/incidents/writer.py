@@ -16,7 +16,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from gateway.incidents.log import IncidentLog
+from bastion.gateway.incidents.log import IncidentLog
 
 log = logging.getLogger(__name__)
 _STOP = object()

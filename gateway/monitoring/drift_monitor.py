@@ -32,10 +32,10 @@ from typing import Any
 
 import torch
 
-from gateway.monitoring import drift
-from gateway.monitoring.metrics import Metrics
-from gateway.monitoring.reference import STATISTICS, ReferenceProfile
-from gateway.monitoring.window import (
+from bastion.gateway.monitoring import drift
+from bastion.gateway.monitoring.metrics import Metrics
+from bastion.gateway.monitoring.reference import STATISTICS, ReferenceProfile
+from bastion.gateway.monitoring.window import (
     MMD,
     DeviceHop,
     DriftConfig,

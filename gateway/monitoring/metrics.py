@@ -12,7 +12,7 @@ from collections.abc import Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from gateway.monitoring.stats import BatchTimes, ModelStats
+from bastion.gateway.monitoring.stats import BatchTimes, ModelStats
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 # fine enough between 1 and 100 ms that interpolated quantiles (the dashboard's, PromQL's) are

@@ -10,13 +10,13 @@ from pathlib import Path
 
 import torch
 
-from gateway.backends.torch_backend import TorchBackend
-from gateway.monitoring.reference import build_profile
-from gateway.registry import pick_device
-from gateway.repository import ConfigError, ModelRepository
-from gateway.screening.calibrate import clean_images
-from gateway.screening.calibration import Calibration
-from gateway.screening.policy import from_config
+from bastion.gateway.backends.torch_backend import TorchBackend
+from bastion.gateway.monitoring.reference import build_profile
+from bastion.gateway.registry import pick_device
+from bastion.gateway.repository import ConfigError, ModelRepository
+from bastion.gateway.screening.calibrate import clean_images
+from bastion.gateway.screening.calibration import Calibration
+from bastion.gateway.screening.policy import from_config
 
 
 def profile_model(

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from gateway.monitoring import drift
+from bastion.gateway.monitoring import drift
 
 FILENAME = "reference.safetensors"
 STATISTICS = ("confidence", "margin", "pixel_mean", "pixel_std")

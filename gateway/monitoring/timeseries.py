@@ -18,8 +18,8 @@ from typing import Any
 
 from prometheus_client import Metric
 
-from gateway.monitoring.metrics import Metrics
-from gateway.monitoring.stats import ModelStats
+from bastion.gateway.monitoring.metrics import Metrics
+from bastion.gateway.monitoring.stats import ModelStats
 
 log = logging.getLogger(__name__)
 

@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from gateway.monitoring import drift
-from gateway.monitoring.reference import STATISTICS, ReferenceProfile, scalar_statistics
+from bastion.gateway.monitoring import drift
+from bastion.gateway.monitoring.reference import STATISTICS, ReferenceProfile, scalar_statistics
 
 PSI = tuple(f"psi_{name}" for name in STATISTICS)
 JS_CLASSES = "js_classes"

@@ -11,7 +11,7 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from gateway.errors import InvalidInput
+from bastion.gateway.errors import InvalidInput
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TypeVar
 
-from gateway.errors import PayloadTooLarge, Unavailable
+from bastion.gateway.errors import PayloadTooLarge, Unavailable
 
 T = TypeVar("T")
 _local = threading.local()

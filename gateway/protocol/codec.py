@@ -14,12 +14,12 @@ from typing import Any
 import numpy as np
 import orjson
 
-from gateway.errors import InvalidInput, PayloadTooLarge
-from gateway.protocol.bounds import Limits, RawInput, check_bound
-from gateway.protocol.budget import checkpoint
-from gateway.protocol.content_encoding import decompress
-from gateway.protocol.dtypes import BY_V2, DType
-from gateway.protocol.types import InferRequest, InferResponse, InputTensor, RequestedOutput
+from bastion.gateway.errors import InvalidInput, PayloadTooLarge
+from bastion.gateway.protocol.bounds import Limits, RawInput, check_bound
+from bastion.gateway.protocol.budget import checkpoint
+from bastion.gateway.protocol.content_encoding import decompress
+from bastion.gateway.protocol.dtypes import BY_V2, DType
+from bastion.gateway.protocol.types import InferRequest, InferResponse, InputTensor, RequestedOutput
 
 MAX_RANK = 16
 _U32 = struct.Struct("<I")

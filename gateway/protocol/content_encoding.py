@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import zlib
 
-from gateway.errors import InvalidInput, PayloadTooLarge
-from gateway.protocol.budget import checkpoint
+from bastion.gateway.errors import InvalidInput, PayloadTooLarge
+from bastion.gateway.protocol.budget import checkpoint
 
 _INFLATE_STEP = 1 << 20
 

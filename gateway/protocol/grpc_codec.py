@@ -18,11 +18,11 @@ import numpy as np
 from google.protobuf.message import DecodeError
 from tritonclient.grpc import service_pb2 as pb
 
-from gateway.errors import InvalidInput
-from gateway.protocol.bounds import Limits, check_bound
-from gateway.protocol.codec import binary_tensor, parse_dtype, parse_shape, tensor_bytes
-from gateway.protocol.dtypes import BY_V2
-from gateway.protocol.types import InferRequest, InferResponse, InputTensor, RequestedOutput
+from bastion.gateway.errors import InvalidInput
+from bastion.gateway.protocol.bounds import Limits, check_bound
+from bastion.gateway.protocol.codec import binary_tensor, parse_dtype, parse_shape, tensor_bytes
+from bastion.gateway.protocol.dtypes import BY_V2
+from bastion.gateway.protocol.types import InferRequest, InferResponse, InputTensor, RequestedOutput
 
 # the typed-contents field of each datatype (FP16 and BF16 have none: raw contents only)
 CONTENTS_FIELD = {

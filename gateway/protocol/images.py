@@ -16,8 +16,8 @@ import warnings
 import numpy as np
 from PIL import Image, PngImagePlugin, UnidentifiedImageError
 
-from gateway.errors import InvalidInput
-from gateway.protocol.budget import checkpoint
+from bastion.gateway.errors import InvalidInput
+from bastion.gateway.protocol.budget import checkpoint
 
 _MODES = {1: "L", 3: "RGB"}
 # Pillow inflates PNG text chunks (zTXt, iTXt) while opening, up to 1 MiB each and 64 MiB in all

@@ -1,7 +1,7 @@
 """Durable storage for inputs the screening policy quarantines, and the admin operations on them."""
 
-from gateway.quarantine.sqlite import SQLiteQuarantineStore
-from gateway.quarantine.store import (
+from bastion.gateway.quarantine.sqlite import SQLiteQuarantineStore
+from bastion.gateway.quarantine.store import (
     BYTES_QUOTA,
     CLIENT_QUOTA,
     DROP_REASONS,

@@ -5,12 +5,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from gateway.quarantine.retention import RetentionSweep
-from gateway.quarantine.sqlite import SQLiteQuarantineStore
-from gateway.quarantine.store import Caps, QuarantineStore, Quota, Usage
+from bastion.gateway.quarantine.retention import RetentionSweep
+from bastion.gateway.quarantine.sqlite import SQLiteQuarantineStore
+from bastion.gateway.quarantine.store import Caps, QuarantineStore, Quota, Usage
 
 if TYPE_CHECKING:
-    from gateway.settings import Settings
+    from bastion.gateway.settings import Settings
 
 
 def open_store(settings: Settings) -> SQLiteQuarantineStore:

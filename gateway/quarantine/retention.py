@@ -8,8 +8,8 @@ import threading
 import time
 from collections.abc import Awaitable, Callable
 
-from gateway.monitoring.metrics import Metrics
-from gateway.quarantine.store import QuarantineStore, Usage
+from bastion.gateway.monitoring.metrics import Metrics
+from bastion.gateway.quarantine.store import QuarantineStore, Usage
 
 log = logging.getLogger(__name__)
 

@@ -15,8 +15,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from gateway.quarantine.schema import MIGRATIONS, SCHEMA_VERSION
-from gateway.quarantine.store import (
+from bastion.gateway.quarantine.schema import MIGRATIONS, SCHEMA_VERSION
+from bastion.gateway.quarantine.store import (
     BYTES_QUOTA,
     CLIENT_QUOTA,
     DROP_REASONS,
@@ -35,7 +35,7 @@ from gateway.quarantine.store import (
     check_page,
     check_status,
 )
-from gateway.quarantine.tensors import decode_array, encode_array
+from bastion.gateway.quarantine.tensors import decode_array, encode_array
 
 __all__ = ["SCHEMA_VERSION", "SQLiteQuarantineStore", "decode_array", "encode_array"]
 

@@ -23,7 +23,7 @@ from typing import Any
 
 import grpc
 
-from gateway.errors import BastionError, InvalidInput, Unavailable
+from bastion.gateway.errors import BastionError, InvalidInput, Unavailable
 
 Context = grpc.aio.ServicerContext
 Abort = Callable[[Context, BastionError], Awaitable[None]]

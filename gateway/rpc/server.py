@@ -23,10 +23,10 @@ from google.protobuf.message import DecodeError
 from grpc_health.v1 import health_pb2
 from grpc_health.v1.health import aio as health_aio
 
-from gateway.errors import InvalidInput, PayloadTooLarge
-from gateway.rpc.calls import CallGate
-from gateway.rpc.service import SERVICE, InferenceService
-from gateway.settings import Settings
+from bastion.gateway.errors import InvalidInput, PayloadTooLarge
+from bastion.gateway.rpc.calls import CallGate
+from bastion.gateway.rpc.service import SERVICE, InferenceService
+from bastion.gateway.settings import Settings
 
 log = logging.getLogger(__name__)
 _COMPRESSION = {

@@ -24,16 +24,26 @@ from google.protobuf.message import DecodeError, Message
 from tritonclient.grpc import model_config_pb2
 from tritonclient.grpc import service_pb2 as pb
 
-from gateway import model_control
-from gateway.dataplane import DataPlane
-from gateway.errors import BastionError, InvalidInput, NotFound, PayloadTooLarge, Unavailable
-from gateway.identity.caller import check_admin, resolve_caller
-from gateway.protocol.bounds import Limits, RawInput
-from gateway.protocol.grpc_codec import parse_infer_request, to_infer_request, to_infer_response
-from gateway.protocol.types import Caller, InferRequest, InferResponse
-from gateway.repository import parse_version
-from gateway.rpc.calls import CallGate
-from gateway.rpc.status import clip, to_status
+from bastion.gateway import model_control
+from bastion.gateway.dataplane import DataPlane
+from bastion.gateway.errors import (
+    BastionError,
+    InvalidInput,
+    NotFound,
+    PayloadTooLarge,
+    Unavailable,
+)
+from bastion.gateway.identity.caller import check_admin, resolve_caller
+from bastion.gateway.protocol.bounds import Limits, RawInput
+from bastion.gateway.protocol.grpc_codec import (
+    parse_infer_request,
+    to_infer_request,
+    to_infer_response,
+)
+from bastion.gateway.protocol.types import Caller, InferRequest, InferResponse
+from bastion.gateway.repository import parse_version
+from bastion.gateway.rpc.calls import CallGate
+from bastion.gateway.rpc.status import clip, to_status
 
 log = logging.getLogger(__name__)
 SERVICE = "inference.GRPCInferenceService"

@@ -21,7 +21,7 @@ from google.protobuf.duration_pb2 import Duration
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from gateway.errors import BastionError
+from bastion.gateway.errors import BastionError
 
 DOMAIN = "bastion"
 MAX_MESSAGE_CHARS = 1024

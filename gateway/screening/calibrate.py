@@ -20,17 +20,22 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from gateway.backends.torch_backend import TorchBackend
-from gateway.defence import knn
-from gateway.monitoring.reference import build_profile
-from gateway.registry import pick_device
-from gateway.repository import ConfigError, ModelRepository
-from gateway.screening import mahalanobis
-from gateway.screening.calibration import Calibration, fit, held_out
-from gateway.screening.mahalanobis import PENULTIMATE, ClassGaussian, LayerTap
-from gateway.screening.pipeline import ScreenedClassifier, ScreenResult
-from gateway.screening.policy import from_config
-from gateway.screening.tail import UnsupportedTarget, check_target, samples_needed, smallest_fpr
+from bastion.gateway.backends.torch_backend import TorchBackend
+from bastion.gateway.defence import knn
+from bastion.gateway.monitoring.reference import build_profile
+from bastion.gateway.registry import pick_device
+from bastion.gateway.repository import ConfigError, ModelRepository
+from bastion.gateway.screening import mahalanobis
+from bastion.gateway.screening.calibration import Calibration, fit, held_out
+from bastion.gateway.screening.mahalanobis import PENULTIMATE, ClassGaussian, LayerTap
+from bastion.gateway.screening.pipeline import ScreenedClassifier, ScreenResult
+from bastion.gateway.screening.policy import from_config
+from bastion.gateway.screening.tail import (
+    UnsupportedTarget,
+    check_target,
+    samples_needed,
+    smallest_fpr,
+)
 
 GRID = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1)
 KNN_FPR = 0.001  # Chen, Carlini & Wagner's 0.1th percentile of benign k-NN distances
@@ -49,7 +54,7 @@ def clean_images(
             labels = archive["labels"] if "labels" in archive.files else None
         source = str(data)
     elif dims == (1, 28, 28):
-        from models.data import load_split
+        from bastion.models.data import load_split
 
         images, labels = load_split(split)  # type: ignore[arg-type]
         source = f"models.data {split} split ({SPLIT_NAMES[split]} MNIST digits, seed 0)"

@@ -26,9 +26,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from gateway.screening import tail
-from gateway.screening.detectors import DETECTORS
-from gateway.screening.tail import TailModel, TailTensors
+from bastion.gateway.screening import tail
+from bastion.gateway.screening.detectors import DETECTORS
+from bastion.gateway.screening.tail import TailModel, TailTensors
 
 FILENAME = "calibration.json"
 FORMAT = 2

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
-from gateway.screening import mahalanobis
-from gateway.screening.mahalanobis import ClassGaussian
+from bastion.gateway.screening import mahalanobis
+from bastion.gateway.screening.mahalanobis import ClassGaussian
 
 
 @dataclass(frozen=True, slots=True)

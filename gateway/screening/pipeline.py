@@ -15,13 +15,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gateway.defence.fingerprint import FingerprintSpec, fingerprints
-from gateway.defence.knn import KnnSpec
-from gateway.screening import detectors as registry
-from gateway.screening.calibration import Calibration, Combiner
-from gateway.screening.detectors import Detector, ScreenInputs
-from gateway.screening.mahalanobis import PENULTIMATE, ClassGaussian, LayerTap
-from kernels.squeeze import SqueezeSpec, squeeze
+from bastion.gateway.defence.fingerprint import FingerprintSpec, fingerprints
+from bastion.gateway.defence.knn import KnnSpec
+from bastion.gateway.screening import detectors as registry
+from bastion.gateway.screening.calibration import Calibration, Combiner
+from bastion.gateway.screening.detectors import Detector, ScreenInputs
+from bastion.gateway.screening.mahalanobis import PENULTIMATE, ClassGaussian, LayerTap
+from bastion.kernels.squeeze import SqueezeSpec, squeeze
 
 
 @dataclass(frozen=True, slots=True)

@@ -28,11 +28,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from gateway.repository import ConfigError, ModelConfig
-from gateway.screening.calibration import RULES, threshold
-from gateway.screening.detectors import DETECTORS
-from gateway.screening.mahalanobis import PENULTIMATE
-from kernels.squeeze import SqueezeSpec
+from bastion.gateway.repository import ConfigError, ModelConfig
+from bastion.gateway.screening.calibration import RULES, threshold
+from bastion.gateway.screening.detectors import DETECTORS
+from bastion.gateway.screening.mahalanobis import PENULTIMATE
+from bastion.kernels.squeeze import SqueezeSpec
 
 ACTIONS = ("allow", "flag", "block", "quarantine")
 REVIEW_ACTIONS = ("review", "allow")

@@ -17,8 +17,8 @@ import threading
 from collections.abc import Callable
 from typing import Final
 
-from gateway.monitoring.metrics import Metrics
-from gateway.quarantine.store import REVIEW, NewItem, QuarantineStore, Usage
+from bastion.gateway.monitoring.metrics import Metrics
+from bastion.gateway.quarantine.store import REVIEW, NewItem, QuarantineStore, Usage
 
 log = logging.getLogger(__name__)
 

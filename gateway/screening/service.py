@@ -17,15 +17,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from gateway.backends import COMBINED, SCORES
-from gateway.errors import Blocked
-from gateway.monitoring.metrics import Metrics
-from gateway.protocol.types import InferRequest, OutputTensor
-from gateway.quarantine.retention import UsageMetrics
-from gateway.quarantine.store import QUARANTINED, REVIEW, NewItem, QuarantineStore, Usage
-from gateway.screening.pipeline import ScreenedClassifier
-from gateway.screening.policy import CLEAN, SUSPICIOUS, Decision, decide
-from gateway.screening.review import ReviewWriter
+from bastion.gateway.backends import COMBINED, SCORES
+from bastion.gateway.errors import Blocked
+from bastion.gateway.monitoring.metrics import Metrics
+from bastion.gateway.protocol.types import InferRequest, OutputTensor
+from bastion.gateway.quarantine.retention import UsageMetrics
+from bastion.gateway.quarantine.store import QUARANTINED, REVIEW, NewItem, QuarantineStore, Usage
+from bastion.gateway.screening.pipeline import ScreenedClassifier
+from bastion.gateway.screening.policy import CLEAN, SUSPICIOUS, Decision, decide
+from bastion.gateway.screening.review import ReviewWriter
 
 REPORT_PARAMETER = "screening_report"
 VERDICT_OUTPUT = "screening_verdict"

@@ -10,7 +10,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from gateway.attack_sim import format_report, simulate
+from bastion.gateway.attack_sim import format_report, simulate
 from tests.conftest import ServerProcess, start_server
 
 pytestmark = pytest.mark.e2e

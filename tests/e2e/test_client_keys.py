@@ -16,7 +16,7 @@ import tritonclient.grpc as tg
 import tritonclient.http as th
 from tritonclient.utils import InferenceServerException
 
-from models import samples
+from bastion.models import samples
 from tests.conftest import ServerProcess, start_server
 
 pytestmark = pytest.mark.e2e
@@ -33,7 +33,7 @@ def keyed(tmp_path: Path) -> Iterator[ServerProcess]:
 def cli(server: ServerProcess, *args: str) -> str:
     env = {**os.environ, "BASTION_URL": server.url, "BASTION_ADMIN_TOKEN": TOKEN}
     done = subprocess.run(
-        [sys.executable, "-m", "gateway", "keys", *args],
+        [sys.executable, "-m", "bastion.gateway", "keys", *args],
         env=env,
         capture_output=True,
         text=True,
@@ -138,7 +138,7 @@ def test_the_key_names_the_client_in_the_evidence(keyed: ServerProcess) -> None:
 
 
 def test_behind_an_authenticating_proxy_the_client_header_is_believed(tmp_path: Path) -> None:
-    from gateway.identity.keys import SQLiteKeyStore
+    from bastion.gateway.identity.keys import SQLiteKeyStore
 
     keys = tmp_path / "keys.db"
     store = SQLiteKeyStore(keys)

@@ -17,8 +17,8 @@ import pytest
 import tritonclient.http as th
 from tritonclient.utils import InferenceServerException
 
-from models import samples
-from models.data import load_split, to_float
+from bastion.models import samples
+from bastion.models.data import load_split, to_float
 from tests.conftest import ARTIFACTS, CHROMIUM_FLAGS, ServerProcess, start_server, tool
 
 pytestmark = pytest.mark.e2e
@@ -96,7 +96,7 @@ def test_an_admin_sees_the_campaign_and_lifts_it(defended: ServerProcess) -> Non
     """After the campaign above: the CLI lists it on the refuse rung, shows its evidence, and
     a release lets its clients in again (the token gates all of it)."""
     env = {**os.environ, "BASTION_URL": defended.url, "BASTION_ADMIN_TOKEN": TOKEN}
-    cli = [sys.executable, "-m", "gateway", "clients"]
+    cli = [sys.executable, "-m", "bastion.gateway", "clients"]
 
     def run(*args: str) -> str:
         done = subprocess.run([*cli, *args], env=env, capture_output=True, text=True, timeout=60)
@@ -127,7 +127,7 @@ def test_the_campaign_and_its_release_are_in_the_incident_log_which_verifies(
     joining the campaign and the release are entries of a log that verifies offline."""
     env = {**os.environ, **defended.incident_env()}
     done = subprocess.run(
-        [sys.executable, "-m", "gateway", "incidents", "verify", "--json"],
+        [sys.executable, "-m", "bastion.gateway", "incidents", "verify", "--json"],
         env=env,
         capture_output=True,
         text=True,
@@ -168,7 +168,7 @@ def test_the_impact_report_lists_exactly_what_the_attacker_was_served(
     involved; its page renders in headless Chromium (a screenshot is kept)."""
     env = {**os.environ, **defended.incident_env(), "BASTION_URL": defended.url}
     env["BASTION_ADMIN_TOKEN"] = TOKEN
-    cli = [sys.executable, "-m", "gateway", "incidents"]
+    cli = [sys.executable, "-m", "bastion.gateway", "incidents"]
     listed = subprocess.run([*cli, "list"], env=env, capture_output=True, text=True, timeout=60)
     line = next(row for row in listed.stdout.splitlines() if "contained" in row)
     incident = line.split()[0]

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import fuzz
+from bastion.benchmarks import fuzz
 
 pytestmark = pytest.mark.e2e
 

@@ -22,7 +22,7 @@ from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
-from models.data import load_split, to_float
+from bastion.models.data import load_split, to_float
 from tests.conftest import ServerProcess, flag_every_image, start_server
 from tests.e2e.test_tritonclient import delayed_batching_server
 

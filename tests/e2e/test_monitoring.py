@@ -21,7 +21,7 @@ import pytest
 import tritonclient.http as th
 from tritonclient.utils import InferenceServerException
 
-from models.data import load_split, to_float
+from bastion.models.data import load_split, to_float
 from tests.conftest import ARTIFACTS, CHROMIUM_FLAGS, ServerProcess, free_port, start_server, tool
 
 pytestmark = pytest.mark.e2e

@@ -16,7 +16,7 @@ import pytest
 import tritonclient.http as th
 from tritonclient.utils import InferenceServerException
 
-from models.data import load_split, to_float
+from bastion.models.data import load_split, to_float
 from tests.conftest import ServerProcess, flag_every_image, start_server
 
 pytestmark = pytest.mark.e2e
@@ -88,7 +88,7 @@ def test_quotas_drop_records_but_never_serve_the_input_and_stats_show_it(
     assert "bastion_quarantine_records 3.0" in metrics
     assert 'bastion_quarantine_dropped_total{reason="client_quota"} 1.0' in metrics
     assert 'bastion_quarantine_dropped_total{reason="records_quota"} 2.0' in metrics
-    cli = [sys.executable, "-m", "gateway", "quarantine", "stats"]
+    cli = [sys.executable, "-m", "bastion.gateway", "quarantine", "stats"]
     env = {**os.environ, "BASTION_URL": url, "BASTION_ADMIN_TOKEN": TOKEN}
     shown = subprocess.run(cli, env=env, capture_output=True, text=True, timeout=60)
     assert shown.returncode == 0, shown.stderr

@@ -19,9 +19,9 @@ import pytest
 import tritonclient.http as th
 from tritonclient.utils import InferenceServerException
 
-from gateway.settings import DEFAULT_REPOSITORY
-from models import samples
-from models.data import load_split, to_float
+from bastion.gateway.settings import DEFAULT_REPOSITORY
+from bastion.models import samples
+from bastion.models.data import load_split, to_float
 from tests.conftest import start_server
 
 pytestmark = pytest.mark.e2e
@@ -126,7 +126,7 @@ def test_a_rollback_under_load_fails_no_request_and_moves_all_traffic_at_once(
 
 def cli(server_url: str, env: dict[str, str], *args: str) -> str:
     done = subprocess.run(
-        [sys.executable, "-m", "gateway", *args], env=env, capture_output=True, text=True,
+        [sys.executable, "-m", "bastion.gateway", *args], env=env, capture_output=True, text=True,
         timeout=120,
     )  # fmt: skip
     assert done.returncode == 0, f"{args}: {done.stdout}{done.stderr}"

@@ -20,9 +20,9 @@ import torch.nn.functional as F
 import tritonclient.http as th
 from tritonclient.utils import InferenceServerException
 
-from gateway.quarantine.sqlite import SQLiteQuarantineStore
-from models.data import load_split, to_float
-from models.weights import load_digits
+from bastion.gateway.quarantine.sqlite import SQLiteQuarantineStore
+from bastion.models.data import load_split, to_float
+from bastion.models.weights import load_digits
 from tests.conftest import ServerProcess, start_server
 
 pytestmark = pytest.mark.e2e
@@ -205,7 +205,7 @@ def test_quarantined_input_is_stored_and_managed_by_the_admin_api_and_cli(
     record = httpx.get(f"{url}/v2/quarantine/{item['id']}", headers=ADMIN, timeout=10).json()
     stored = np.asarray(record["input"]["data"], np.float32).reshape(record["input"]["shape"])
     np.testing.assert_array_equal(stored, image[0])
-    cli = [sys.executable, "-m", "gateway", "quarantine"]
+    cli = [sys.executable, "-m", "bastion.gateway", "quarantine"]
     env = {**os.environ, "BASTION_URL": url, "BASTION_ADMIN_TOKEN": TOKEN}
     shown = subprocess.run([*cli, "list"], env=env, capture_output=True, text=True, timeout=60)
     assert item["id"] in shown.stdout, shown.stderr

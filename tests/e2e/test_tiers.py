@@ -13,13 +13,13 @@ import pytest
 import tritonclient.http as th
 from tritonclient.utils import InferenceServerException
 
-from gateway.backends import COMBINED, load_backend
-from gateway.registry import run_batch
-from gateway.repository import ModelRepository
-from gateway.screening.policy import ADVERSARIAL, SUSPICIOUS
-from gateway.settings import DEFAULT_REPOSITORY
-from models import samples
-from models.data import load_split, to_float
+from bastion.gateway.backends import COMBINED, load_backend
+from bastion.gateway.registry import run_batch
+from bastion.gateway.repository import ModelRepository
+from bastion.gateway.screening.policy import ADVERSARIAL, SUSPICIOUS
+from bastion.gateway.settings import DEFAULT_REPOSITORY
+from bastion.models import samples
+from bastion.models.data import load_split, to_float
 from tests.conftest import ServerProcess, start_server
 from tests.e2e.test_screening import ADMIN, adversarial_digits, infer
 

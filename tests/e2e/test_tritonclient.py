@@ -15,8 +15,8 @@ import torch
 import tritonclient.http as th
 from tritonclient.utils import InferenceServerException
 
-from models.data import load_split, to_float
-from models.weights import load_digits
+from bastion.models.data import load_split, to_float
+from bastion.models.weights import load_digits
 from tests.conftest import ServerProcess, start_server
 
 pytestmark = pytest.mark.e2e

@@ -12,9 +12,9 @@ import pytest
 from fastapi.openapi.utils import get_openapi
 from fastapi.testclient import TestClient
 
-from gateway.app import create_app
-from gateway.settings import Settings
-from models.data import load_split, to_float
+from bastion.gateway.app import create_app
+from bastion.gateway.settings import Settings
+from bastion.models.data import load_split, to_float
 from tests.conftest import flag_every_image
 
 ADMIN = {"Authorization": "Bearer tok"}

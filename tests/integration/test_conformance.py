@@ -11,10 +11,10 @@ import orjson
 import pytest
 from fastapi.testclient import TestClient
 
-from gateway.app import create_app
-from gateway.protocol.content_encoding import preferred_coding
-from gateway.settings import Settings
-from models.data import load_split, to_float
+from bastion.gateway.app import create_app
+from bastion.gateway.protocol.content_encoding import preferred_coding
+from bastion.gateway.settings import Settings
+from bastion.models.data import load_split, to_float
 
 INFER = "/v2/models/digits/infer"
 ADMIN = {"Authorization": "Bearer tok"}

@@ -14,9 +14,9 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from gateway.app import create_app
-from gateway.settings import Settings
-from models.data import load_split, to_float
+from bastion.gateway.app import create_app
+from bastion.gateway.settings import Settings
+from bastion.models.data import load_split, to_float
 
 INFER = "/v2/models/digits/infer"
 

@@ -8,15 +8,15 @@ import subprocess
 import sys
 from pathlib import Path
 
-from gateway.incidents.log import IncidentLog
-from gateway.incidents.signing import Signer
-from gateway.incidents.verify import verify
+from bastion.gateway.incidents.log import IncidentLog
+from bastion.gateway.incidents.signing import Signer
+from bastion.gateway.incidents.verify import verify
 
 APPENDER = """
 import sys
 from pathlib import Path
-from gateway.incidents.log import IncidentLog
-from gateway.incidents.signing import Signer
+from bastion.gateway.incidents.log import IncidentLog
+from bastion.gateway.incidents.signing import Signer
 db, key, witness, name = sys.argv[1:5]
 log = IncidentLog(Path(db), Signer.from_file(Path(key)), Path(witness))
 for i in range(int(sys.argv[5])):

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from gateway.errors import NotFound, Unavailable
-from gateway.monitoring.metrics import Metrics
-from gateway.registry import ModelRegistry
-from gateway.repository import ModelRepository
-from gateway.settings import Settings
+from bastion.gateway.errors import NotFound, Unavailable
+from bastion.gateway.monitoring.metrics import Metrics
+from bastion.gateway.registry import ModelRegistry
+from bastion.gateway.repository import ModelRepository
+from bastion.gateway.settings import Settings
 
 
 @pytest.mark.parametrize(

@@ -17,8 +17,8 @@ from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gateway.app import create_app
-from gateway.settings import Settings
+from bastion.gateway.app import create_app
+from bastion.gateway.settings import Settings
 
 TOKEN = "tok"
 ASCII = st.characters(min_codepoint=0x21, max_codepoint=0x7E)

@@ -22,7 +22,7 @@ from typing import TypeVar
 import httpx
 import numpy as np
 
-from benchmarks.hostile import HEADER_LENGTH, Reply, read_reply
+from bastion.benchmarks.hostile import HEADER_LENGTH, Reply, read_reply
 from tests.conftest import ServerProcess
 
 T = TypeVar("T")
@@ -163,7 +163,7 @@ def wait_closed(sock: socket.socket, timeout_s: float) -> tuple[float, bytes]:
 
 def digit_body(index: int = 0) -> tuple[bytes, dict[str, str]]:
     """One real test digit as a binary-extension infer body (FP32 [1, 1, 28, 28])."""
-    from models.data import load_split, to_float
+    from bastion.models.data import load_split, to_float
 
     image = to_float(load_split("test")[0][index : index + 1])
     header = {
@@ -183,7 +183,7 @@ def digit_body(index: int = 0) -> tuple[bytes, dict[str, str]]:
 
 def digit_json(index: int = 0, **extra: object) -> dict[str, object]:
     """One real test digit as a JSON infer request, with extra top-level keys."""
-    from models.data import load_split, to_float
+    from bastion.models.data import load_split, to_float
 
     image = to_float(load_split("test")[0][index : index + 1])
     tensor = {"name": "images", "datatype": "FP32", "shape": list(image.shape)}

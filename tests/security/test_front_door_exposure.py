@@ -14,7 +14,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from benchmarks import hostile
+from bastion.benchmarks import hostile
 from tests.conftest import ServerProcess, start_server
 from tests.security.harness import (
     ADMIN,

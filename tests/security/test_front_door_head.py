@@ -13,7 +13,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from benchmarks import hostile
+from bastion.benchmarks import hostile
 from tests.conftest import ServerProcess, start_server
 from tests.security.harness import (
     HOST,

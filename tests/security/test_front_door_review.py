@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from benchmarks import hostile
+from bastion.benchmarks import hostile
 from tests.conftest import ServerProcess, start_server
 from tests.security.harness import HOST, assert_live, reply_error, under_attack
 

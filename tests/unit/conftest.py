@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.quarantine import SQLiteQuarantineStore
+from bastion.gateway.quarantine import SQLiteQuarantineStore
 from tests.unit.quarantine_helpers import Clock
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from gateway.quarantine import NewItem
+from bastion.gateway.quarantine import NewItem
 
 
 class Clock:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from gateway.admin_client import describe_stats
+from bastion.gateway.admin_client import describe_stats
 
 QUOTA = {"max_records": 100, "max_records_per_client": 10, "max_bytes": 1000}
 DROPPED = {"records_quota": 0, "bytes_quota": 0, "client_quota": 4}

@@ -17,10 +17,10 @@ import pytest
 pytest.importorskip("art")
 pytest.importorskip("sklearn")
 
-from benchmarks.adversarial import attacks as zoo
-from benchmarks.adversarial import scoring
-from models.data import load_split
-from models.weights import load_digits
+from bastion.benchmarks.adversarial import attacks as zoo
+from bastion.benchmarks.adversarial import scoring
+from bastion.models.data import load_split
+from bastion.models.weights import load_digits
 
 SEED = 0
 SEEDS = 60

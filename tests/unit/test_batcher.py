@@ -10,9 +10,9 @@ from collections.abc import Sequence
 import numpy as np
 import pytest
 
-from gateway.batcher import Arrays, DeviceSlots, DynamicBatcher
-from gateway.errors import BackendError, DeadlineExceeded, Unavailable
-from gateway.monitoring.stats import BatchTimes
+from bastion.gateway.batcher import Arrays, DeviceSlots, DynamicBatcher
+from bastion.gateway.errors import BackendError, DeadlineExceeded, Unavailable
+from bastion.gateway.monitoring.stats import BatchTimes
 
 
 class Device:

@@ -11,8 +11,8 @@ import pytest
 import torch
 from scipy import stats
 
-from gateway.screening import tail
-from gateway.screening.calibration import (
+from bastion.gateway.screening import tail
+from bastion.gateway.screening.calibration import (
     Calibration,
     Combiner,
     clopper_pearson_upper,
@@ -21,7 +21,7 @@ from gateway.screening.calibration import (
     held_out,
     threshold,
 )
-from gateway.screening.tail import UnsupportedTarget
+from bastion.gateway.screening.tail import UnsupportedTarget
 
 # Known clean distributions: light (exponential, xi = 0), heavy (Pareto-like Student t, xi > 0)
 # and bounded (beta, xi < 0), each with its exact survival function to score the threshold by.

@@ -8,7 +8,7 @@ import typer
 from typer.core import TyperArgument, TyperGroup, TyperOption
 from typer.testing import CliRunner
 
-from gateway.cli import app
+from bastion.gateway.cli import app
 
 
 def commands(command, path: tuple[str, ...] = ()) -> list[tuple[tuple[str, ...], object]]:
@@ -39,7 +39,7 @@ def test_every_option_has_help_and_every_argument_is_shown_upper_case() -> None:
 
 
 def test_admin_errors_speak_cli_words() -> None:
-    from gateway.cli_incidents import cli_words
+    from bastion.gateway.cli_incidents import cli_words
 
     assert cli_words("400: invalid request: query.status: Input should be 'a'") == (
         "400: invalid request: --status: Input should be 'a'"

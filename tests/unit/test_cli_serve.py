@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 from typer.testing import CliRunner
 
-from gateway import server
-from gateway.cli import app
-from gateway.settings import Settings
+from bastion.gateway import server
+from bastion.gateway.cli import app
+from bastion.gateway.settings import Settings
 
 runner = CliRunner()
 
@@ -67,7 +67,7 @@ def test_a_bad_flag_value_is_a_usage_error_in_flag_words(captured: list[Settings
 def test_a_port_in_use_is_one_clear_line() -> None:
     import socket
 
-    from gateway.server import PortInUse, check_ports
+    from bastion.gateway.server import PortInUse, check_ports
 
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))

@@ -14,12 +14,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from gateway.errors import InvalidInput, PayloadTooLarge
-from gateway.protocol.bounds import InputBound, Limits, RawInput
-from gateway.protocol.codec import decode_infer_body, decode_request, encode_response
-from gateway.protocol.content_encoding import compress, decompress
-from gateway.protocol.dtypes import from_numpy
-from gateway.protocol.types import InferResponse, OutputTensor
+from bastion.gateway.errors import InvalidInput, PayloadTooLarge
+from bastion.gateway.protocol.bounds import InputBound, Limits, RawInput
+from bastion.gateway.protocol.codec import decode_infer_body, decode_request, encode_response
+from bastion.gateway.protocol.content_encoding import compress, decompress
+from bastion.gateway.protocol.dtypes import from_numpy
+from bastion.gateway.protocol.types import InferResponse, OutputTensor
 
 LIMITS = Limits()
 NUMERIC = st.sampled_from(
@@ -245,7 +245,7 @@ def binary_header(name: str, datatype: str, shape: list[int], size: object) -> b
 def test_a_tensor_larger_than_the_model_takes_is_refused_before_its_data_is_read(
     datatype: str, shape: list[int], message: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import gateway.protocol.codec as codec
+    import bastion.gateway.protocol.codec as codec
 
     def must_not_split(*args: object) -> None:
         raise AssertionError("BYTES data was split before the element count was checked")
@@ -272,7 +272,7 @@ def test_a_request_id_over_the_limit_is_refused() -> None:
 def test_splitting_bytes_elements_stops_at_the_decode_budget() -> None:
     import time
 
-    from gateway.protocol.budget import budget
+    from bastion.gateway.protocol.budget import budget
 
     count = 10_000
     raw = struct.pack("<I", 0) * count

@@ -8,10 +8,10 @@ from collections.abc import Iterator
 
 import pytest
 
-from gateway.decode_pool import DecodePool
-from gateway.errors import PayloadTooLarge, Unavailable
-from gateway.monitoring.metrics import Metrics
-from gateway.protocol.budget import checkpoint
+from bastion.gateway.decode_pool import DecodePool
+from bastion.gateway.errors import PayloadTooLarge, Unavailable
+from bastion.gateway.monitoring.metrics import Metrics
+from bastion.gateway.protocol.budget import checkpoint
 
 
 @pytest.fixture

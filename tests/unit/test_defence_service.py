@@ -9,13 +9,13 @@ import pytest
 import torch
 from prometheus_client import CollectorRegistry
 
-from gateway.defence.evidence import OBSERVE, REFUSE
-from gateway.defence.fingerprint import fingerprints
-from gateway.defence.service import Contained, DefenceService
-from gateway.errors import Forbidden, TooManyRequests
-from gateway.monitoring.metrics import Metrics
-from gateway.settings import Settings
-from models.data import load_split, to_float
+from bastion.gateway.defence.evidence import OBSERVE, REFUSE
+from bastion.gateway.defence.fingerprint import fingerprints
+from bastion.gateway.defence.service import Contained, DefenceService
+from bastion.gateway.errors import Forbidden, TooManyRequests
+from bastion.gateway.monitoring.metrics import Metrics
+from bastion.gateway.settings import Settings
+from bastion.models.data import load_split, to_float
 
 
 def service() -> DefenceService:

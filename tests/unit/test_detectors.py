@@ -10,7 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway.screening.detectors import (
+from bastion.gateway.screening.detectors import (
     DETECTORS,
     ScreenInputs,
     confidence_margin,
@@ -20,8 +20,8 @@ from gateway.screening.detectors import (
     mahalanobis_distance,
     run,
 )
-from gateway.screening.mahalanobis import fit
-from gateway.screening.policy import decide
+from bastion.gateway.screening.mahalanobis import fit
+from bastion.gateway.screening.policy import decide
 
 THREE = ("feature_squeezing", "confidence_margin", "gradient_norm")
 

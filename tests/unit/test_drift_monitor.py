@@ -11,19 +11,19 @@ import pytest
 import torch
 from prometheus_client import generate_latest
 
-from gateway.monitoring import drift
-from gateway.monitoring.drift_monitor import DriftMonitor
-from gateway.monitoring.metrics import Metrics
-from gateway.monitoring.reference import (
+from bastion.gateway.monitoring import drift
+from bastion.gateway.monitoring.drift_monitor import DriftMonitor
+from bastion.gateway.monitoring.metrics import Metrics
+from bastion.gateway.monitoring.reference import (
     ReferenceProfile,
     build_profile,
     scalar_statistics,
 )
-from gateway.monitoring.window import FLAG_RATE, MMD, DeviceHop, DriftConfig
-from gateway.settings import DEFAULT_REPOSITORY
-from models.data import load_split, to_float
-from models.weights import load_digits
-from models.zoo import ServedClassifier
+from bastion.gateway.monitoring.window import FLAG_RATE, MMD, DeviceHop, DriftConfig
+from bastion.gateway.settings import DEFAULT_REPOSITORY
+from bastion.models.data import load_split, to_float
+from bastion.models.weights import load_digits
+from bastion.models.zoo import ServedClassifier
 
 CPU = torch.device("cpu")
 CONFIG = DriftConfig(

@@ -10,7 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway.monitoring import drift
+from bastion.gateway.monitoring import drift
 
 
 def test_psi_matches_the_hand_computed_sum() -> None:

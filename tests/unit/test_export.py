@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gateway.incidents.export import export
-from gateway.quarantine.sqlite import SQLiteQuarantineStore
-from gateway.quarantine.store import REVIEW, NewItem
+from bastion.gateway.incidents.export import export
+from bastion.gateway.quarantine.sqlite import SQLiteQuarantineStore
+from bastion.gateway.quarantine.store import REVIEW, NewItem
 
 
 def item(i: int, status: str = "quarantined", shape: tuple[int, ...] = (1, 28, 28)) -> NewItem:

@@ -6,16 +6,16 @@ import numpy as np
 import pytest
 import torch
 
-from gateway.defence import probe_table
-from gateway.defence.fingerprint import (
+from bastion.gateway.defence import probe_table
+from bastion.gateway.defence.fingerprint import (
     EMPTY,
     FingerprintSpec,
     fingerprint_reference,
     fingerprints,
 )
-from gateway.defence.probe_index import ProbeIndex
-from models import samples
-from models.data import load_split, to_float
+from bastion.gateway.defence.probe_index import ProbeIndex
+from bastion.models import samples
+from bastion.models.data import load_split, to_float
 
 SPEC = FingerprintSpec(salt=20261130)
 

@@ -9,12 +9,12 @@ from google.rpc import error_details_pb2, status_pb2
 from tritonclient.grpc import InferResult
 from tritonclient.grpc import service_pb2 as pb
 
-from gateway.errors import Blocked, InvalidInput, NotFound, TooManyRequests, Unavailable
-from gateway.protocol.bounds import InputBound, Limits
-from gateway.protocol.codec import tensor_bytes
-from gateway.protocol.grpc_codec import to_infer_request, to_infer_response
-from gateway.protocol.types import InferResponse, OutputTensor
-from gateway.rpc.status import to_status
+from bastion.gateway.errors import Blocked, InvalidInput, NotFound, TooManyRequests, Unavailable
+from bastion.gateway.protocol.bounds import InputBound, Limits
+from bastion.gateway.protocol.codec import tensor_bytes
+from bastion.gateway.protocol.grpc_codec import to_infer_request, to_infer_response
+from bastion.gateway.protocol.types import InferResponse, OutputTensor
+from bastion.gateway.rpc.status import to_status
 
 LIMITS = Limits(inputs={"x": InputBound("INT16", 4, 16)})
 

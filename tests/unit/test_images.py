@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from gateway.errors import InvalidInput
-from gateway.protocol.images import decode_image, decode_images
+from bastion.gateway.errors import InvalidInput
+from bastion.gateway.protocol.images import decode_image, decode_images
 
 
 def encode(pixels: np.ndarray, fmt: str = "PNG") -> bytes:
@@ -75,8 +75,8 @@ def test_an_image_of_the_wrong_size_is_refused_from_its_header_alone() -> None:
 def test_decoding_a_batch_of_images_stops_at_the_decode_budget() -> None:
     import time
 
-    from gateway.errors import PayloadTooLarge
-    from gateway.protocol.budget import budget
+    from bastion.gateway.errors import PayloadTooLarge
+    from bastion.gateway.protocol.budget import budget
 
     items = np.array([encode(np.zeros((28, 28), dtype=np.uint8))] * 4, dtype=object)
     with budget(time.monotonic() - 1, 5), pytest.raises(PayloadTooLarge, match="decode budget"):

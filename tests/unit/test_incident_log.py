@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from gateway.incidents.log import Entry, IncidentLog, TamperedLog, _StoredTree, leaf_hash
-from gateway.incidents.signing import Checkpoint, Signer, read_witness, witness
-from gateway.incidents.verify import Verdict, verify
-from gateway.incidents.writer import LogWriter
+from bastion.gateway.incidents.log import Entry, IncidentLog, TamperedLog, _StoredTree, leaf_hash
+from bastion.gateway.incidents.signing import Checkpoint, Signer, read_witness, witness
+from bastion.gateway.incidents.verify import Verdict, verify
+from bastion.gateway.incidents.writer import LogWriter
 
 # RFC 6962's test leaves and the roots of their first 1..8 (certificate-transparency's
 # merkle tree test vectors, also in RFC 9162's reference code)

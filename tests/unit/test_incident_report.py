@@ -6,7 +6,7 @@ import json
 import re
 from pathlib import Path
 
-from gateway.incidents.report import write
+from bastion.gateway.incidents.report import write
 
 
 def test_chosen_strings_cannot_end_the_data_block_nor_reach_the_title_as_markup(

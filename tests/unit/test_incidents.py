@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from gateway.incidents.grouping import Grouper
-from gateway.incidents.log import IncidentLog
-from gateway.incidents.signing import Signer
-from gateway.incidents.store import CLOSED, OPEN, IncidentStore
+from bastion.gateway.incidents.grouping import Grouper
+from bastion.gateway.incidents.log import IncidentLog
+from bastion.gateway.incidents.signing import Signer
+from bastion.gateway.incidents.store import CLOSED, OPEN, IncidentStore
 
 
 @pytest.fixture

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.identity.keys import KeyRing, SQLiteKeyStore, digest, key_id
+from bastion.gateway.identity.keys import KeyRing, SQLiteKeyStore, digest, key_id
 
 
 class Clock:

@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-from gateway.defence import knn
-from gateway.defence.jit import JIT
-from gateway.defence.knn import FILENAME, Histories, KnnSpec, calibrate, mean_knn_distance
-from models.data import load_split, to_float
-from models.weights import load_digits
-from models.zoo import ServedClassifier
+from bastion.gateway.defence import knn
+from bastion.gateway.defence.jit import JIT
+from bastion.gateway.defence.knn import FILENAME, Histories, KnnSpec, calibrate, mean_knn_distance
+from bastion.models.data import load_split, to_float
+from bastion.models.weights import load_digits
+from bastion.models.zoo import ServedClassifier
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from gateway.defence.evidence import OBSERVE, REFUSE, STRICT, THROTTLE, Ladder, LadderSpec
+from bastion.gateway.defence.evidence import OBSERVE, REFUSE, STRICT, THROTTLE, Ladder, LadderSpec
 
 
 def test_simulated_honest_clients_are_never_contained() -> None:

@@ -8,9 +8,16 @@ import numpy as np
 import pytest
 import torch
 
-from gateway.defence.fingerprint import FingerprintSpec, fingerprints
-from gateway.incidents.ledger import SKETCH_MATCH, Ledger, Row, ledger_rows, shared, sketches
-from models.data import load_split, to_float
+from bastion.gateway.defence.fingerprint import FingerprintSpec, fingerprints
+from bastion.gateway.incidents.ledger import (
+    SKETCH_MATCH,
+    Ledger,
+    Row,
+    ledger_rows,
+    shared,
+    sketches,
+)
+from bastion.models.data import load_split, to_float
 
 
 def rows_for(n: int, client: str = "lab", t: float = 0.0) -> list[Row]:

@@ -6,9 +6,9 @@ import dataclasses
 
 import pytest
 
-from gateway.limits import model_limits
-from gateway.repository import ConfigError, ModelRepository
-from gateway.settings import DEFAULT_REPOSITORY, Settings
+from bastion.gateway.limits import model_limits
+from bastion.gateway.repository import ConfigError, ModelRepository
+from bastion.gateway.settings import DEFAULT_REPOSITORY, Settings
 
 
 @pytest.fixture

@@ -8,9 +8,9 @@ import pytest
 import torch
 from torch import nn
 
-from models.data import load_split, to_float
-from models.weights import DEFAULT_REPOSITORY, load_digits
-from models.zoo import ServedClassifier
+from bastion.models.data import load_split, to_float
+from bastion.models.weights import DEFAULT_REPOSITORY, load_digits
+from bastion.models.zoo import ServedClassifier
 
 ONNX_PATH = DEFAULT_REPOSITORY / "digits_onnx" / "1" / "model.onnx"
 MIN_TEST_ACCURACY = 0.975

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from models.data import PER_CLASS, SPLITS, load_split, split_indices, to_float
+from bastion.models.data import PER_CLASS, SPLITS, load_split, split_indices, to_float
 
 SIZES = {"train": 3000, "calibration": 1000, "test": 1000}
 PINNED_TEST_HEAD = [3, 7, 21, 22, 24]

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gateway.quarantine import (
+from bastion.gateway.quarantine import (
     BYTES_QUOTA,
     CLIENT_QUOTA,
     QUARANTINED,
@@ -24,10 +24,10 @@ from gateway.quarantine import (
     Quota,
     SQLiteQuarantineStore,
 )
-from gateway.quarantine.schema import MIGRATIONS
-from gateway.quarantine.sqlite import _CLIENT_REVIEWS, _CLIENT_WITHHELD, SCHEMA_VERSION
-from gateway.quarantine.store import TRUNCATED
-from gateway.quarantine.tensors import encode_array
+from bastion.gateway.quarantine.schema import MIGRATIONS
+from bastion.gateway.quarantine.sqlite import _CLIENT_REVIEWS, _CLIENT_WITHHELD, SCHEMA_VERSION
+from bastion.gateway.quarantine.store import TRUNCATED
+from bastion.gateway.quarantine.tensors import encode_array
 from tests.unit.quarantine_helpers import Clock
 
 # -- bounds: caps on stored strings, quotas, stats -------------------------------------------

@@ -10,8 +10,8 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 
-from gateway.monitoring.metrics import Metrics
-from gateway.quarantine import (
+from bastion.gateway.monitoring.metrics import Metrics
+from bastion.gateway.quarantine import (
     BYTES_QUOTA,
     CLIENT_QUOTA,
     RECORDS_QUOTA,
@@ -19,7 +19,7 @@ from gateway.quarantine import (
     SQLiteQuarantineStore,
     Usage,
 )
-from gateway.quarantine.retention import RetentionSweep, UsageMetrics
+from bastion.gateway.quarantine.retention import RetentionSweep, UsageMetrics
 
 DAY = 86400.0
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gateway.quarantine import (
+from bastion.gateway.quarantine import (
     QUARANTINED,
     RELEASED,
     REVIEW,
@@ -24,7 +24,7 @@ from gateway.quarantine import (
     QuarantineStore,
     SQLiteQuarantineStore,
 )
-from gateway.quarantine.sqlite import SCHEMA_VERSION
+from bastion.gateway.quarantine.sqlite import SCHEMA_VERSION
 from tests.unit.quarantine_helpers import item
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -270,7 +270,7 @@ def test_schema_newer_than_the_code_is_refused(tmp_path: Path) -> None:
 WRITER = """
 import sys
 import numpy as np
-from gateway.quarantine import NewItem, SQLiteQuarantineStore
+from bastion.gateway.quarantine import NewItem, SQLiteQuarantineStore
 
 store = SQLiteQuarantineStore(sys.argv[1])
 x = np.arange(3 * 16 * 16, dtype=np.uint8).reshape(3, 16, 16)

@@ -8,11 +8,11 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from gateway.cli import app
-from gateway.monitoring.profile import profile_model
-from gateway.monitoring.reference import FILENAME, ReferenceProfile
-from gateway.repository import ConfigError
-from gateway.settings import DEFAULT_REPOSITORY
+from bastion.gateway.cli import app
+from bastion.gateway.monitoring.profile import profile_model
+from bastion.gateway.monitoring.reference import FILENAME, ReferenceProfile
+from bastion.gateway.repository import ConfigError
+from bastion.gateway.settings import DEFAULT_REPOSITORY
 
 
 def test_profile_of_an_unscreened_model_matches_calibrations_but_has_no_flag_rate(

@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gateway.backends import load_backend
-from gateway.errors import NotFound
-from gateway.registry import run_batch
-from gateway.repository import ConfigError, ModelRepository, parse_version, read_config
+from bastion.gateway.backends import load_backend
+from bastion.gateway.errors import NotFound
+from bastion.gateway.registry import run_batch
+from bastion.gateway.repository import ConfigError, ModelRepository, parse_version, read_config
 
 BENCH_REPOSITORY = Path(__file__).parents[2] / "benchmarks" / "repository"
 

@@ -10,9 +10,9 @@ from dataclasses import replace
 import numpy as np
 from prometheus_client import CollectorRegistry
 
-from gateway.monitoring.metrics import Metrics
-from gateway.quarantine import REVIEW, NewItem, Quota, SQLiteQuarantineStore
-from gateway.screening.review import ReviewWriter
+from bastion.gateway.monitoring.metrics import Metrics
+from bastion.gateway.quarantine import REVIEW, NewItem, Quota, SQLiteQuarantineStore
+from bastion.gateway.screening.review import ReviewWriter
 from tests.unit.quarantine_helpers import Clock
 
 

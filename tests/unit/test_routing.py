@@ -7,8 +7,8 @@ from dataclasses import replace
 
 import pytest
 
-from gateway.incidents.log import Entry
-from gateway.routing import RouteTable, make_route
+from bastion.gateway.incidents.log import Entry
+from bastion.gateway.routing import RouteTable, make_route
 
 
 def entry(kind: str, subject: str, **body: object) -> Entry:

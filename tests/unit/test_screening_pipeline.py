@@ -7,14 +7,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from gateway.screening import mahalanobis
-from gateway.screening.calibrate import layer_features
-from gateway.screening.calibration import fit, threshold
-from gateway.screening.pipeline import ScreenedClassifier
-from kernels.squeeze import SqueezeSpec, squeeze_reference
-from models.data import load_split, to_float
-from models.weights import load_digits
-from models.zoo import ServedClassifier
+from bastion.gateway.screening import mahalanobis
+from bastion.gateway.screening.calibrate import layer_features
+from bastion.gateway.screening.calibration import fit, threshold
+from bastion.gateway.screening.pipeline import ScreenedClassifier
+from bastion.kernels.squeeze import SqueezeSpec, squeeze_reference
+from bastion.models.data import load_split, to_float
+from bastion.models.weights import load_digits
+from bastion.models.zoo import ServedClassifier
 
 NAMES = ("feature_squeezing", "confidence_margin", "gradient_norm")
 SPEC = SqueezeSpec(bits=(1,), medians=(2, 3))

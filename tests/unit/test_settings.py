@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from gateway.settings import DEFAULT_REPOSITORY, Settings
+from bastion.gateway.settings import DEFAULT_REPOSITORY, Settings
 
 
 def test_defaults_serve_the_bundled_repository_on_localhost(
@@ -61,7 +61,7 @@ def test_drift_settings_under_which_no_alarm_could_fire_are_refused(
 
 
 def test_the_client_id_header_is_matched_in_lower_case() -> None:
-    from gateway.settings import Settings
+    from bastion.gateway.settings import Settings
 
     assert Settings(client_id_header="X-Tenant").client_id_header == "x-tenant"
     with pytest.raises(ValueError, match="not a header name"):
@@ -69,7 +69,7 @@ def test_the_client_id_header_is_matched_in_lower_case() -> None:
 
 
 def test_a_misspelt_bastion_variable_is_reported() -> None:
-    from gateway.settings import unknown_environment
+    from bastion.gateway.settings import unknown_environment
 
     environ = {"BASTION_MAX_BODY_BYTE": "5", "BASTION_MAX_BODY_BYTES": "5", "BASTION_URL": "x"}
     assert unknown_environment(environ) == ["BASTION_MAX_BODY_BYTE"]

@@ -17,7 +17,7 @@ import pytest
 import torch
 from scipy import ndimage
 
-from kernels.squeeze import (
+from bastion.kernels.squeeze import (
     SqueezeSpec,
     bit_depth,
     median_smooth,
@@ -26,7 +26,7 @@ from kernels.squeeze import (
     triton_available,
 )
 
-kst = importlib.import_module("kernels.squeeze_triton") if triton_available() else None
+kst = importlib.import_module("bastion.kernels.squeeze_triton") if triton_available() else None
 needs_interpreter = pytest.mark.skipif(
     kst is None or not kst.INTERPRETED,
     reason="no triton, or triton was imported before TRITON_INTERPRET=1 (set it in the env)",

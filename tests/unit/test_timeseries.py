@@ -6,9 +6,9 @@ import math
 
 import pytest
 
-from gateway.monitoring.metrics import Metrics
-from gateway.monitoring.stats import ModelStats
-from gateway.monitoring.timeseries import Sampler, histogram_quantile, read_totals
+from bastion.gateway.monitoring.metrics import Metrics
+from bastion.gateway.monitoring.stats import ModelStats
+from bastion.gateway.monitoring.timeseries import Sampler, histogram_quantile, read_totals
 
 INF = math.inf
 
