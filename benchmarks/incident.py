@@ -54,6 +54,7 @@ import argparse
 import json
 import multiprocessing as mp
 import shlex
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -311,8 +312,13 @@ def incident(args: Any) -> dict[str, Any]:
         logged = transitions(Path(tmp) / "bastion.log")
         acted = probe_actions(Path(tmp) / "bastion.log")
         honest = honest_probes(Path(tmp) / "bastion.log")
+        if args.keep_log is not None:  # every probe and rung change, by request id
+            shutil.copyfile(Path(tmp) / "bastion.log", args.keep_log)
     for row in rows:  # scored after the gateway is gone, so the CPUs were the gateway's
-        gateway_view(row, row.pop("_request_ids"), acted)
+        request_ids = row.pop("_request_ids")
+        gateway_view(row, request_ids, acted)
+        if args.keep_log is not None:  # to read each query's line in the log beside its trace
+            row["request_ids"] = request_ids
         row["withheld_by_screening_alone"] = attacker.screening_alone(row.pop("_withheld"))
     return {
         "rows": rows,
@@ -369,6 +375,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument(
+        "--keep-log", type=Path, help="copy the gateway's debug log (each probe, by request) here"
+    )
     args = parser.parse_args(argv)
     unknown = set(args.attacks.split(",")) - {*ATTACKS, ADAPTIVE}
     if unknown:
@@ -404,7 +413,7 @@ def main(argv: list[str] | None = None) -> int:
         "commit": _git("rev-parse", "--short", "HEAD"),
         "uncommitted": _git("status", "--porcelain", "--", "gateway", "models").splitlines(),
         "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "settings": {**vars(args), "out": str(args.out)},
+        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "elapsed_s": time.perf_counter() - started,
         **result,
     }
