@@ -36,11 +36,13 @@ TRANSITION_LINE = re.compile(r"client (\S+) now (throttle|strict|refuse) at requ
 
 def probe_actions(log: Path) -> dict[str, str]:
     """What the gateway's log says it did with each probe, by request id, and which requests
-    moved their client up the ladder (``"rung"``)."""
+    moved their client up the ladder (``"rung"``, unless the probe's own action says more: a
+    probe that was repeated and moved its client is a repeat, not a fresh answer)."""
     text = log.read_text(errors="replace") if log.is_file() else ""
     actions = {request: action for _, request, action in PROBE_LINE.findall(text)}
     for _, _, request in TRANSITION_LINE.findall(text):
-        actions[request] = "rung"
+        if actions.get(request, "answered") == "answered":  # a repeat stays a repeat
+            actions[request] = "rung"
     return actions
 
 

@@ -240,6 +240,11 @@ class Ladder:
         account = self._accounts.get(client)
         return account is not None and account.probes >= 2 and 2 * account.probes > account.images
 
+    def probed(self, client: str) -> bool:
+        """Whether the client has sent a probe since it was last released."""
+        account = self._accounts.get(client)
+        return account is not None and bool(account.window.probes)  # a release empties it
+
     def rung(self, client: str) -> str:
         """The client's rung: its own, or its campaign's when the campaign binds it."""
         account = self._accounts.get(client)

@@ -24,8 +24,10 @@ A probe is answered with what the query it nearly duplicates got (the repeat, Bl
 "respond with the earlier answer"): its remembered prediction, or a 403 (reason ``repeat``)
 when that query was refused, so an attack learns nothing new from its first probe on, while an
 honest re-encode gets the answer its picture got before. ``probe_response = "repeat"`` extends
-this to every near-duplicate, one-offs too; from the throttle rung up a suspect's one-offs are
-repeated as well.
+this to every near-duplicate, one-offs too; a suspect's one-offs are repeated as well: a
+client that has sent a probe (honest clients essentially never do: none in 100,000 honest
+requests), or one at the throttle rung or above, or a query that continues a campaign above
+``observe``.
 """
 
 from __future__ import annotations
@@ -355,8 +357,9 @@ class DefenceService:
                 given = None
                 # a probe gets the remembered answer (``repeat``: every near-duplicate does), and
                 # so does any near-duplicate once its sender or the campaign it continues is
-                # throttled or worse: a suspect learns nothing new from a probe
-                suspect = rung != OBSERVE or campaign != OBSERVE
+                # throttled or worse, or has sent a probe: a suspect learns nothing new from a
+                # near-duplicate (an attack's step that lands on a lone query is a one-off)
+                suspect = rung != OBSERVE or campaign != OBSERVE or self.ladder.probed(key)
                 if (self.repeat or probe or suspect) and match is not None and answers is not None:
                     if self.index.refused(match.slot, answer_key):
                         refused.append(i)

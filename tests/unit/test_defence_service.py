@@ -162,6 +162,30 @@ def test_from_its_first_probe_a_chain_gets_the_remembered_answer_without_repeat(
     assert defence.ladder.account("walker").probes == 2
 
 
+def test_after_its_first_probe_a_clients_one_offs_get_the_remembered_answer() -> None:
+    """An attack's step that lands next to a lone remembered query (not a chain: a one-off,
+    the honest re-encode's allowance) is answered with that query's answer once its sender has
+    probed; a client that never probed gets its one-off answered fresh."""
+    defence = service()
+    spec = defence.fingerprint_spec
+    images = to_float(load_split("test")[0][:3])
+    for i, step in enumerate(walk(images[:1], 3)):  # a fresh picture, a one-off, a probe
+        prints = fingerprints(torch.from_numpy(step), spec).numpy()
+        defence.observe("walker", prints, ["clean"], step, np.full((1, 4), float(i), np.float32), 7)
+    assert defence.ladder.probed("walker")
+    given = {}
+    for client, lone in (("walker", images[1:2]), ("honest", images[2:3])):
+        prints = fingerprints(torch.from_numpy(lone), spec).numpy()
+        defence.observe("someone", prints, ["clean"], lone, np.full((1, 4), 5.0, np.float32), 7)
+        step = walk(lone, 2)[1]  # a near-duplicate of that lone picture
+        prints = fingerprints(torch.from_numpy(step), spec).numpy()
+        fresh = np.full((1, 4), 9.0, np.float32)
+        observed = defence.observe(client, prints, ["clean"], step, fresh, 7)
+        given[client] = (observed.probes, observed.repeats.get(0, fresh[0])[0])
+    assert given == {"walker": (0, 5.0), "honest": (0, 9.0)}
+    assert not defence.ladder.probed("honest")
+
+
 def test_a_probe_of_a_refused_query_is_refused_again_with_reason_repeat() -> None:
     defence = service()
     image = to_float(load_split("test")[0][:1])
