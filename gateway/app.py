@@ -23,7 +23,7 @@ from bastion.gateway.defence import routes as defence_routes
 from bastion.gateway.defence.service import DefenceService
 from bastion.gateway.http import install_error_handlers, router
 from bastion.gateway.identity import routes as key_routes
-from bastion.gateway.identity.keys import KeyRing, SQLiteKeyStore
+from bastion.gateway.identity.keys import KeyRing, open_key_store
 from bastion.gateway.incidents import routes as incident_routes
 from bastion.gateway.incidents.grouping import Grouper
 from bastion.gateway.incidents.ledger import Ledger
@@ -111,7 +111,9 @@ def create_app(settings: Settings | None = None, grpc: bool = False) -> Gateway:
             torch.set_num_threads(settings.torch_threads)
         registry = ModelRegistry(ModelRepository(settings.model_repository), settings, metrics)
         store = open_store(settings)
-        app.state.keys = KeyRing(SQLiteKeyStore(settings.keys_path), settings.keys_refresh_s)
+        keys = open_key_store(settings.database_url, settings.keys_path)
+        remote = settings.database_url is not None  # never read over the network on the loop
+        app.state.keys = KeyRing(keys, settings.keys_refresh_s, background=remote)
         screening = ScreeningService(store, metrics, settings.review_backlog)
         registry.on_screening = screening.publish_calibration
         decoder = DecodePool(
@@ -174,7 +176,7 @@ def create_app(settings: Settings | None = None, grpc: bool = False) -> Gateway:
             with contextlib.suppress(asyncio.CancelledError):
                 await retention
             store.close()
-            app.state.keys.store.close()
+            app.state.keys.close()
             await asyncio.to_thread(writer.close)  # what the defence decided is written
             if ledger is not None:
                 await asyncio.to_thread(ledger.close)  # what was served is written

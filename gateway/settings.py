@@ -53,6 +53,12 @@ class Settings(BaseSettings):
     grpc_stream_window: int = Field(
         64, ge=1, description="Requests of one ModelStreamInfer stream answered at once."
     )
+    grpc_stream_idle_timeout_s: float = Field(
+        60.0,
+        gt=0,
+        description="A ModelStreamInfer stream that sends no request for this long is ended "
+        "(DEADLINE_EXCEEDED), freeing its call slot; its first request has the body timeout.",
+    )
     grpc_infer_response_compression: Literal["none", "gzip", "deflate"] = Field(
         "none", description="Compression of gRPC responses (for clients that accept it)."
     )
@@ -191,6 +197,14 @@ class Settings(BaseSettings):
     )
     quarantine_retention_interval_s: float = Field(
         600.0, gt=0, description="How often the retention sweep runs."
+    )
+    database_url: str | None = Field(
+        None,
+        max_length=2048,
+        pattern=r"^postgres(ql)?://",
+        description="PostgreSQL for the state replicas share (client keys so far), e.g. "
+        "postgresql://bastion@db:5432/bastion; unset: SQLite files. Give the password in the "
+        "environment (BASTION_DATABASE_URL) or PGPASSWORD, not on the command line.",
     )
     keys_path: Path = Field(
         Path.home() / ".local" / "share" / "bastion" / "keys.db",

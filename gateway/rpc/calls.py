@@ -10,7 +10,8 @@ gate:
   ``Check`` is never counted (a probe must answer while the port is flooded);
 - give a call ``http_body_timeout_s`` to deliver its message (then DEADLINE_EXCEEDED, and the
   part received is freed), and answer a call that ends with no message INVALID_ARGUMENT (gRPC
-  itself would leave it open);
+  itself would leave it open); a stream gets the same for its first message, then
+  ``grpc_stream_idle_timeout_s`` between messages;
 - give a reply ``http_write_timeout_s`` to be taken by a client that does not read (streams).
 """
 
@@ -46,9 +47,11 @@ class CallGate:
         write_timeout_s: float,
         abort: Abort,
         on_reject: Callable[[str], None],
+        idle_timeout_s: float = 60.0,
     ) -> None:
         self.limit, self.calls = limit, 0
         self.body_timeout_s, self.write_timeout_s = body_timeout_s, write_timeout_s
+        self.idle_timeout_s = idle_timeout_s
         self._abort, self._reject = abort, on_reject
 
     @contextlib.contextmanager
@@ -65,17 +68,18 @@ class CallGate:
     async def message(self, context: Context) -> bytes:
         """The call's next message, within the body timeout. Raises ``RequestTimeout``, and
         ``InvalidInput`` when the call ends without one."""
-        try:
-            async with asyncio.timeout(self.body_timeout_s):
-                raw = await context.read()
-        except TimeoutError:
-            self._reject("grpc_body_timeout")
-            raise RequestTimeout(
-                f"the request message did not arrive within {self.body_timeout_s:g} s"
-            ) from None
+        raw = await self._read(context, self.body_timeout_s, "grpc_body_timeout")
         if raw is grpc.aio.EOF:
             raise InvalidInput("the call ended without a request message")
         return raw
+
+    async def _read(self, context: Context, seconds: float, reason: str) -> Any:
+        try:
+            async with asyncio.timeout(seconds):
+                return await context.read()
+        except TimeoutError:
+            self._reject(reason)
+            raise RequestTimeout(f"no request message arrived within {seconds:g} s") from None
 
     async def write(self, context: Context, reply: bytes) -> bool:
         """Sends one reply of a stream; False when the client is gone or does not read it in
@@ -122,6 +126,10 @@ class CallGate:
         return handler
 
     async def messages(self, context: Context) -> AsyncIterator[bytes]:
-        """A stream's messages until the client half-closes (a stream may idle between them)."""
-        while (raw := await context.read()) is not grpc.aio.EOF:
+        """A stream's messages until the client half-closes: the first within the body timeout,
+        each next within the idle timeout (``RequestTimeout`` past either), so a stream that
+        sends nothing does not hold its call slot for ever."""
+        seconds, reason = self.body_timeout_s, "grpc_body_timeout"
+        while (raw := await self._read(context, seconds, reason)) is not grpc.aio.EOF:
             yield raw
+            seconds, reason = self.idle_timeout_s, "grpc_stream_idle"

@@ -65,6 +65,7 @@ class InferenceService:
             settings.http_write_timeout_s,
             self._abort,
             self._reject,
+            settings.grpc_stream_idle_timeout_s,
         )
 
     @property
@@ -219,7 +220,10 @@ class InferenceService:
 
         def parse() -> tuple[str, int | None, int, Any]:
             message = parse_infer_request(raw)
-            named.append((message.model_name, message.model_version, message.id))
+            bound = self.plane.settings.max_request_id_chars  # echoed on a stream's error
+            named.append(
+                tuple(v[:bound] for v in (message.model_name, message.model_version, message.id))
+            )
 
             def decode(_raw: RawInput | None, limits: Limits) -> InferRequest:
                 return to_infer_request(message, limits)
@@ -247,6 +251,7 @@ class InferenceService:
         request, so a key revoked mid-stream stops working at once. A reply the client does
         not take within ``http_write_timeout_s`` ends the stream."""
         meta = metadata(context)
+        self._caller(meta, context)  # with keys on, a stream without one is refused at once
         window = asyncio.Semaphore(self.plane.settings.grpc_stream_window)
         answers: asyncio.Queue[bytes | None] = asyncio.Queue()
         tasks: set[asyncio.Task[None]] = set()
@@ -287,6 +292,10 @@ class InferenceService:
                 if not await self.gate.write(context, reply):
                     break
                 window.release()
+            else:  # the client's side ended: a timeout there ends the stream with its status
+                (ended,) = await asyncio.gather(reader, return_exceptions=True)
+                if isinstance(ended, BastionError):
+                    raise ended
         finally:
             reader.cancel()
             for task in list(tasks):

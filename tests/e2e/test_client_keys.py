@@ -152,3 +152,65 @@ def test_behind_an_authenticating_proxy_the_client_header_is_believed(tmp_path: 
             infer(proxied)
     finally:
         proxied.stop()
+
+
+def test_two_gateways_on_one_postgres_share_their_keys(tmp_path: Path, postgres_db: str) -> None:
+    """Replicas with ``BASTION_DATABASE_URL``: a key made through one works on the other, and
+    its revocation through that one stops it on the first within the refresh (1 s)."""
+    import time
+
+    env = {"BASTION_ADMIN_TOKEN": TOKEN, "BASTION_DATABASE_URL": postgres_db}
+    first = start_server(tmp_path, env=env)
+    second = start_server(tmp_path, env=env)
+    try:
+        made = cli(first, "create", "--client", "orders-service")
+        fields = dict(line.split(maxsplit=1) for line in made.splitlines())
+        bearer = {"Authorization": f"Bearer {fields['key']}"}
+        deadline = time.monotonic() + 5
+        while grpc_status(second) != "StatusCode.UNAUTHENTICATED":  # it re-reads within 1 s
+            assert time.monotonic() < deadline, "the key never reached the other replica"
+            time.sleep(0.1)
+        grpc_bearer = {"authorization": bearer["Authorization"]}  # gRPC metadata is lower case
+        assert grpc_status(second, grpc_bearer) == "OK"  # made on the first, valid here
+        with pytest.raises(InferenceServerException, match="401"):
+            infer(second)  # keys configured on both: a request without one is refused
+        assert "revoked" in cli(second, "revoke", fields["id"])
+        revoked_at = time.monotonic()
+        while True:
+            try:
+                infer(first, bearer)
+            except InferenceServerException as exc:
+                assert exc.status() == "401"
+                break
+            assert time.monotonic() - revoked_at < 2.0, "revocation did not reach the replica"
+            time.sleep(0.05)
+    finally:
+        first.stop()
+        second.stop()
+    assert not list(tmp_path.glob("keys-*.db"))  # no replica kept keys of its own
+
+
+def test_with_keys_on_a_stream_without_one_is_refused_when_it_opens(keyed: ServerProcess) -> None:
+    """A keyless ModelStreamInfer is UNAUTHENTICATED at once, before any request: it never
+    holds one of the gateway's gRPC call slots."""
+    import time
+
+    import grpc
+
+    cli(keyed, "create", "--client", "orders-service")
+
+    def nothing() -> Iterator[bytes]:
+        time.sleep(5)
+        yield from ()
+
+    with grpc.insecure_channel(keyed.grpc_url) as channel:
+        stream = channel.stream_stream(
+            "/inference.GRPCInferenceService/ModelStreamInfer",
+            request_serializer=lambda raw: raw,
+            response_deserializer=lambda raw: raw,
+        )
+        started = time.monotonic()
+        with pytest.raises(grpc.RpcError) as err:
+            list(stream(nothing(), timeout=20))
+    assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert time.monotonic() - started < 4

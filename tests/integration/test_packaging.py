@@ -89,6 +89,9 @@ def test_wheel_holds_every_package_and_its_data(wheel: Path) -> None:
     assert any(n.startswith("bastion/models/samples/") and n.endswith(".npz") for n in names)
     assert any(n.startswith("bastion/gateway/monitoring/static/") for n in names)
     assert any(n.startswith("bastion/gateway/incidents/") and n.endswith(".html") for n in names)
+    assert any(
+        n.startswith("bastion/gateway/state/migrations/") and n.endswith(".sql") for n in names
+    )
 
 
 def test_installed_wheel_imports_and_runs_without_the_checkout(wheel: Path, tmp_path: Path) -> None:

@@ -117,7 +117,11 @@ def test_oversized_and_compression_bomb_messages_are_refused(server: ServerProce
 
 @pytest.fixture
 def tight(tmp_path: Path) -> Iterator[ServerProcess]:
-    env = {"BASTION_HTTP_BODY_TIMEOUT_S": "2", "BASTION_GRPC_MAX_CONCURRENT_RPCS": "4"}
+    env = {
+        "BASTION_HTTP_BODY_TIMEOUT_S": "2",
+        "BASTION_GRPC_MAX_CONCURRENT_RPCS": "4",
+        "BASTION_GRPC_STREAM_IDLE_TIMEOUT_S": "2",
+    }
     proc = start_server(tmp_path, env=env)
     yield proc
     proc.stop()
@@ -157,6 +161,50 @@ def test_calls_that_send_nothing_are_bounded_and_never_block_the_health_check(
         assert codes == [grpc.StatusCode.DEADLINE_EXCEEDED] * 4
         client = tg.InferenceServerClient(tight.grpc_url)
         assert client.infer("digits", [tensor(digits(1))]).as_numpy("logits").shape == (1, 10)
+        client.close()
+
+
+def test_streams_that_send_nothing_or_go_idle_are_ended_and_free_their_slots(
+    tight: ServerProcess,
+) -> None:
+    """Every slot taken by a stream that sends nothing, or sends one request and then
+    nothing: each ends with DEADLINE_EXCEEDED (the body timeout, then the idle timeout, 2 s
+    each here), and the slots serve again."""
+    import concurrent.futures
+
+    with grpc.insecure_channel(tight.grpc_url) as channel:
+        stream = channel.stream_stream(
+            "/inference.GRPCInferenceService/ModelStreamInfer",
+            request_serializer=lambda raw: raw,
+            response_deserializer=pb.ModelStreamInferResponse.FromString,
+        )
+        x = digits(1)
+        one = pb.ModelInferRequest(model_name="digits", id="first")
+        one.inputs.add(name="images", datatype="FP32", shape=x.shape)
+        one.raw_input_contents.append(x.tobytes())
+
+        def then_idle(first: list[bytes]) -> Iterator[bytes]:
+            yield from first
+            time.sleep(8)  # well past both timeouts
+
+        def drain(first: list[bytes]) -> tuple[list[str], grpc.StatusCode]:
+            replies = []
+            try:
+                for reply in stream(then_idle(first), timeout=30):
+                    replies.append(reply.infer_response.id)
+            except grpc.RpcError as exc:
+                return replies, exc.code()
+            return replies, grpc.StatusCode.OK
+
+        started = time.monotonic()
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            held = [pool.submit(drain, [one.SerializeToString()] * (i % 2)) for i in range(4)]
+            outcomes = [call.result(timeout=30) for call in held]
+        assert time.monotonic() - started < 7  # cut at the timeouts, not at the client's 8 s
+        deadline = grpc.StatusCode.DEADLINE_EXCEEDED
+        assert sorted(outcomes) == sorted([([], deadline), (["first"], deadline)] * 2)
+        client = tg.InferenceServerClient(tight.grpc_url)
+        assert client.infer("digits", [tensor(x)]).as_numpy("logits").shape == (1, 10)
         client.close()
 
 
