@@ -114,6 +114,9 @@ def create_app(settings: Settings | None = None, grpc: bool = False) -> Gateway:
         keys = open_key_store(settings.database_url, settings.keys_path)
         remote = settings.database_url is not None  # never read over the network on the loop
         app.state.keys = KeyRing(keys, settings.keys_refresh_s, background=remote)
+        if app.state.keys.enabled:  # say so: every inference request now needs a key
+            where = "the database" if remote else str(settings.keys_path)
+            log.info("client keys required (keys in %s): requests without one get 401", where)
         screening = ScreeningService(store, metrics, settings.review_backlog)
         registry.on_screening = screening.publish_calibration
         decoder = DecodePool(

@@ -45,6 +45,7 @@ def cli_words(message: str) -> str:
     message = re.sub(
         r"\b(?:query|body)\.([a-z_]+)", lambda m: "--" + m.group(1).replace("_", "-"), message
     )
+    message = re.sub(r"\bpath\.([a-z_]+)", lambda m: m.group(1).upper(), message)  # an argument
     if message.startswith(("401", "403")) and "token" in message.lower():
         message += " (pass --token, or set BASTION_ADMIN_TOKEN)"
     return message

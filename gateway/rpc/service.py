@@ -45,6 +45,8 @@ from bastion.gateway.repository import parse_version
 from bastion.gateway.rpc.calls import CallGate
 from bastion.gateway.rpc.status import clip, to_status
 
+FINAL_ASKED = "triton_enable_empty_final_response"  # tritonclient's enable_empty_final_response
+FINAL = "triton_final_response"  # Triton's flag on a stream's last response for a request
 log = logging.getLogger(__name__)
 SERVICE = "inference.GRPCInferenceService"
 MAX_METADATA_VALUE_CHARS = 8192
@@ -215,7 +217,11 @@ class InferenceService:
             self.plane.settings, self.state.keys, meta, peer_address(context), self._reject
         )
 
-    async def _infer(self, raw: bytes, caller: Caller, deadline_ns: int | None) -> InferResponse:
+    async def _infer(
+        self, raw: bytes, caller: Caller, deadline_ns: int | None, final: list[bool] | None = None
+    ) -> InferResponse:
+        """One ModelInfer message through the data plane. ``final`` (a stream's) receives
+        whether the request asked for ``triton_enable_empty_final_response``."""
         named: list[Any] = []  # the parsed message's model, version and id, for a stream error
 
         def parse() -> tuple[str, int | None, int, Any]:
@@ -224,6 +230,13 @@ class InferenceService:
             named.append(
                 tuple(v[:bound] for v in (message.model_name, message.model_version, message.id))
             )
+            if final is not None:
+                asked = message.parameters.get(FINAL_ASKED)
+                final.append(
+                    asked is not None
+                    and asked.WhichOneof("parameter_choice") == "bool_param"
+                    and asked.bool_param
+                )
 
             def decode(_raw: RawInput | None, limits: Limits) -> InferRequest:
                 return to_infer_request(message, limits)
@@ -247,7 +260,10 @@ class InferenceService:
         """Each request of the stream is answered, in the order they finish (match them by
         request id), with at most ``grpc_stream_window`` of them in flight; a failed request is
         an ``error_message`` on the stream (which stays open), as Triton answers, with its
-        ``infer_response`` naming the model and the request id. The caller is resolved per
+        ``infer_response`` naming the model and the request id. A request that sets
+        ``triton_enable_empty_final_response`` (tritonclient's ``enable_empty_final_response``)
+        gets ``triton_final_response`` true on its answer: these models are not decoupled,
+        so their one answer is the final one, as Triton marks it. The caller is resolved per
         request, so a key revoked mid-stream stops working at once. A reply the client does
         not take within ``http_write_timeout_s`` ends the stream."""
         meta = metadata(context)
@@ -259,8 +275,11 @@ class InferenceService:
         async def answer(raw: bytes) -> None:
             try:
                 caller = self._caller(meta, context)
-                response = await self._infer(raw, caller, deadline_of(context))
+                final: list[bool] = []
+                response = await self._infer(raw, caller, deadline_of(context), final)
                 reply = pb.ModelStreamInferResponse(infer_response=to_infer_response(response))
+                if final and final[0]:  # a model that is not decoupled: its one answer is final
+                    reply.infer_response.parameters[FINAL].bool_param = True
             except BastionError as exc:
                 self.state.metrics.errors.labels(str(exc.status)).inc()
                 name, version, request_id = getattr(exc, "request", ("", "", ""))

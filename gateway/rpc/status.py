@@ -52,7 +52,8 @@ def clip(message: str, limit: int = MAX_MESSAGE_CHARS) -> str:
 def to_status(exc: BastionError) -> grpc.Status:
     """The status for ``abort``: code, clipped message, and the details trailer."""
     code = code_of(exc)
-    message = clip(exc.message)
+    # HTTP's header is gRPC metadata, whose keys are lower case (tritonclient refuses others)
+    message = clip(exc.message.replace("'Authorization: Bearer", "metadata 'authorization: Bearer"))
     status = status_pb2.Status(code=getattr(code_pb2, code.name), message=message)
     if exc.details:
         reason = str(exc.details.get("reason") or type(exc).__name__)

@@ -137,12 +137,25 @@ def test_async_and_streaming_inference(client: tg.InferenceServerClient) -> None
     bad = tg.InferInput("images", [1, 1, 28, 28], "FP32")
     bad.set_data_from_numpy(np.full((1, 1, 28, 28), np.nan, np.float32))
     client.async_stream_infer("digits", [bad], request_id="nan")
-    got = [answers.get(timeout=60) for _ in range(21)]
+    client.async_stream_infer(
+        "digits", [tensor(x)], request_id="last", enable_empty_final_response=True
+    )
+    got = [answers.get(timeout=60) for _ in range(22)]
     client.stop_stream()
     ids = sorted(r.get_response().id for r, e in got if e is None)
     errors = [e.message() for r, e in got if e is not None]
-    assert ids == sorted(f"s{i}" for i in range(20))  # the stream stayed open past the error
+    assert ids == sorted([*(f"s{i}" for i in range(20)), "last"])  # open past the error
     assert len(errors) == 1 and "NaN" in errors[0]
+    # as Triton answers a model that is not decoupled: the one answer carries the final flag,
+    # only when asked for
+    final = {
+        r.get_response().id: r.get_response().parameters["triton_final_response"].bool_param
+        for r, e in got
+        if e is None and "triton_final_response" in r.get_response().parameters
+    }
+    assert final == {"last": True}
+    last = next(r for r, e in got if e is None and r.get_response().id == "last")
+    assert last.as_numpy("probabilities").shape == (1, 10)
 
 
 def test_a_stream_error_names_its_request(server: ServerProcess) -> None:

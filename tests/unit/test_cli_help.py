@@ -45,5 +45,41 @@ def test_admin_errors_speak_cli_words() -> None:
         "400: invalid request: --status: Input should be 'a'"
     )
     assert cli_words("400: body.older_than_s: bad").startswith("400: --older-than-s")
+    assert cli_words("400: invalid request: path.key: too short") == (
+        "400: invalid request: KEY: too short"  # a path parameter is the command's argument
+    )
     refused = cli_words("403: this action needs 'Authorization: Bearer <admin token>'")
     assert refused.endswith("(pass --token, or set BASTION_ADMIN_TOKEN)")
+
+
+def test_without_a_token_the_cli_sends_no_authorization_header() -> None:
+    """No token given: no ``Bearer`` header, so the server says a token is needed rather
+    than that the (empty) token is wrong."""
+    import http.server
+    import threading
+
+    from bastion.gateway.admin_client import call
+
+    seen: list[str | None] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # the stdlib calls it by this name
+            seen.append(self.headers.get("Authorization"))
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            self.wfile.write(b"[]")
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"127.0.0.1:{server.server_port}"
+    try:
+        call(url, "", "GET", "/v2/admin/keys")
+        call(url, "s3cret", "GET", "/v2/admin/keys")
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert seen == [None, "Bearer s3cret"]

@@ -9,7 +9,14 @@ from google.rpc import error_details_pb2, status_pb2
 from tritonclient.grpc import InferResult
 from tritonclient.grpc import service_pb2 as pb
 
-from bastion.gateway.errors import Blocked, InvalidInput, NotFound, TooManyRequests, Unavailable
+from bastion.gateway.errors import (
+    Blocked,
+    InvalidInput,
+    NotFound,
+    TooManyRequests,
+    Unauthorized,
+    Unavailable,
+)
 from bastion.gateway.protocol.bounds import InputBound, Limits
 from bastion.gateway.protocol.codec import tensor_bytes
 from bastion.gateway.protocol.grpc_codec import to_infer_request, to_infer_response
@@ -120,6 +127,10 @@ def test_errors_map_to_tritons_codes_with_the_http_bodys_details() -> None:
     info = error_details_pb2.ErrorInfo()
     assert details(blocked).details[0].Unpack(info)
     assert info.reason == "ADVERSARIAL" and dict(info.metadata)["withheld"] == "[0,2]"
+    keyless = to_status(
+        Unauthorized("a valid client key is required: 'Authorization: Bearer <key>'")
+    )
+    assert "metadata 'authorization: Bearer <key>'" in keyless.details  # gRPC's lower-case key
     throttled = to_status(TooManyRequests("slow down", 7))
     assert throttled.code == grpc.StatusCode.RESOURCE_EXHAUSTED
     retry = error_details_pb2.RetryInfo()
