@@ -13,6 +13,7 @@ CLI for key and quarantine commands). ``gateway.incidents.verify`` checks it off
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sqlite3
@@ -26,7 +27,14 @@ from typing import Any, Final
 from pymerkle import BaseMerkleTree
 from pymerkle.hasher import MerkleHasher
 
-from bastion.gateway.incidents.signing import Checkpoint, Signer, read_witness, valid, witness
+from bastion.gateway.incidents.signing import (
+    Checkpoint,
+    Signer,
+    read_witness,
+    valid,
+    witness,
+    witness_lock,
+)
 from bastion.gateway.incidents.sqlite import connect
 
 log = logging.getLogger(__name__)
@@ -190,7 +198,12 @@ class IncidentLog:
         text = canonical(body)
         if len(text) > BODY_BYTES:
             raise ValueError(f"an entry's body takes at most {BODY_BYTES} bytes")
-        with self._lock:
+        held = (
+            contextlib.nullcontext()
+            if self.witness_path is None
+            else witness_lock(self.witness_path)
+        )
+        with self._lock, held:  # the witness's lock first: checked head to witnessed head
             self._conn.execute("BEGIN IMMEDIATE")  # one writer at a time, across processes
             try:
                 self._check_head()  # never sign over entries someone else changed
@@ -219,7 +232,7 @@ class IncidentLog:
                 self._tree.cache_clear()  # a cached subtree may hold the leaf rolled back
                 raise
             if self.witness_path is not None:
-                witness(self.witness_path, head)
+                witness(self.witness_path, head, held=True)
         for listener in self.listeners:
             try:
                 listener(entry)

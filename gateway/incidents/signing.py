@@ -15,12 +15,15 @@ outside the database, so that an edit of the database alone cannot drop the entr
 from __future__ import annotations
 
 import base64
+import contextlib
 import fcntl
 import hashlib
 import json
 import logging
 import os
 import secrets
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -177,14 +180,24 @@ def read_witness(path: Path) -> Checkpoint | None:
     return Checkpoint.from_json(data)
 
 
-def witness(path: Path, checkpoint: Checkpoint) -> None:
-    """Writes ``checkpoint`` to the witness file when it is larger than the one there (another
-    process may have witnessed a later one): atomically (rename), under an advisory lock. The
-    appender has checked that the log extends the witnessed head (``IncidentLog``): an
-    unreadable witness is never replaced here (``read_witness`` raises)."""
+@contextmanager
+def witness_lock(path: Path) -> Iterator[None]:
+    """The witness file's advisory lock (``flock`` on ``<path>.lock``), across processes. An
+    appender holds it from its check of the head to its witness write, so no other process
+    checks a head whose checkpoint is committed but not yet witnessed."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path.with_name(path.name + ".lock"), "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def witness(path: Path, checkpoint: Checkpoint, held: bool = False) -> None:
+    """Writes ``checkpoint`` to the witness file when it is larger than the one there (another
+    process may have witnessed a later one): atomically (rename), under the advisory lock
+    (``held``: the caller holds ``witness_lock`` already). The appender has checked that the
+    log extends the witnessed head (``IncidentLog``): an unreadable witness is never replaced
+    here (``read_witness`` raises)."""
+    with contextlib.nullcontext() if held else witness_lock(path):
         current = read_witness(path)
         if current is not None and current.size >= checkpoint.size:
             return

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -15,11 +16,30 @@ def connect(path: str | Path, synchronous: str, schema: str) -> sqlite3.Connecti
     if str(path) != ":memory:":
         Path(path).parent.mkdir(parents=True, exist_ok=True)
     conn = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
-    conn.execute("PRAGMA busy_timeout = 10000")
-    conn.execute("PRAGMA journal_mode = WAL")
+    conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+    _retry_busy(lambda: conn.execute("PRAGMA journal_mode = WAL"))
     conn.execute(f"PRAGMA synchronous = {synchronous}")
-    conn.executescript(schema)
+    _retry_busy(lambda: conn.executescript(schema))
     return conn
+
+
+BUSY_TIMEOUT_MS = 10_000
+
+
+def _retry_busy(run: Callable[[], object]) -> None:
+    """Runs ``run``, again while another process holds the lock it needs, for up to the busy
+    timeout: switching a new file to WAL can fail at once with "database is locked", without
+    SQLite's busy handler, when two processes open it together (the gateway and the CLI)."""
+    delay, deadline = 0.01, time.monotonic() + BUSY_TIMEOUT_MS / 1000
+    while True:
+        try:
+            run()
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() >= deadline:
+                raise
+        time.sleep(delay)
+        delay = min(delay * 2, 0.5)
 
 
 @contextmanager
