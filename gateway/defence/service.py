@@ -24,10 +24,8 @@ A probe is answered with what the query it nearly duplicates got (the repeat, Bl
 "respond with the earlier answer"): its remembered prediction, or a 403 (reason ``repeat``)
 when that query was refused, so an attack learns nothing new from its first probe on, while an
 honest re-encode gets the answer its picture got before. ``probe_response = "repeat"`` extends
-this to every near-duplicate, one-offs too; a suspect's one-offs are repeated as well: a
-client that has sent a probe (honest clients essentially never do: none in 100,000 honest
-requests), or one at the throttle rung or above, or a query that continues a campaign above
-``observe``.
+this to every near-duplicate, one-offs too; a suspect's one-offs are repeated as well: from a
+client that has probed (no honest one did in 100,000 requests) or is throttled or above.
 """
 
 from __future__ import annotations

@@ -142,11 +142,7 @@ class SQLiteKeyStore:
         """id -> (digest, client) of every key not revoked, and whether any key (revoked ones
         included) was ever made: one snapshot."""
         with self._lock:
-            rows = self._conn.execute(
-                "SELECT id, digest, client, revoked_at FROM api_keys"
-            ).fetchall()
-        active = {id_: (bytes(d), client) for id_, d, client, revoked in rows if revoked is None}
-        return active, bool(rows)
+            return _snapshot(self._conn.execute(_SNAPSHOT).fetchall())
 
     def close(self) -> None:
         with self._lock:
@@ -219,13 +215,7 @@ class PostgresKeyStore:
 
     def active_digests(self) -> tuple[dict[str, tuple[bytes, str]], bool]:
         """As ``SQLiteKeyStore.active_digests``: one snapshot (one statement)."""
-        rows = self._call(
-            lambda conn: conn.execute(
-                "SELECT id, digest, client, revoked_at FROM api_keys"
-            ).fetchall()
-        )
-        active = {id_: (bytes(d), client) for id_, d, client, revoked in rows if revoked is None}
-        return active, bool(rows)
+        return _snapshot(self._call(lambda conn: conn.execute(_SNAPSHOT).fetchall()))
 
     def close(self) -> None:
         with self._lock:
@@ -240,6 +230,15 @@ def open_key_store(database_url: str | None, keys_path: Path) -> KeyStore:
     if database_url:
         return PostgresKeyStore(database_url)
     return SQLiteKeyStore(keys_path)
+
+
+_SNAPSHOT = "SELECT id, digest, client, revoked_at FROM api_keys"
+
+
+def _snapshot(rows: list[Any]) -> tuple[dict[str, tuple[bytes, str]], bool]:
+    """``_SNAPSHOT``'s rows -> (id -> (digest, client) of the active keys, any key ever made)."""
+    active = {id_: (bytes(d), client) for id_, d, client, revoked in rows if revoked is None}
+    return active, bool(rows)
 
 
 def _check(client: str, note: str | None) -> None:

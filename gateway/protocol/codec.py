@@ -326,10 +326,8 @@ def parse_shape(value: Any, name: str, limits: Limits) -> tuple[int, ...]:
         if dim < 0:
             raise InvalidInput(f"input {name!r}: shape {value} has a negative dimension")
         if dim > limits.max_elements:  # only a zero dimension beside it keeps the count small
-            raise InvalidInput(
-                f"input {name!r}: shape {str(value)[:200]} has a dimension over the limit of "
-                f"{limits.max_elements} elements"
-            )
+            shown = str(value)[:200]
+            raise InvalidInput(f"input {name!r}: shape {shown} has a dimension over the limit")
     count = math.prod(value)
     if count > limits.max_elements:
         raise InvalidInput(
