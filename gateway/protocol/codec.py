@@ -326,8 +326,9 @@ def parse_shape(value: Any, name: str, limits: Limits) -> tuple[int, ...]:
         if dim < 0:
             raise InvalidInput(f"input {name!r}: shape {value} has a negative dimension")
         if dim > limits.max_elements:  # only a zero dimension beside it keeps the count small
-            shown = str(value)[:200]
-            raise InvalidInput(f"input {name!r}: shape {shown} has a dimension over the limit")
+            raise InvalidInput(
+                f"input {name!r}: a dimension of {dim} is over the limit on elements"
+            )
     count = math.prod(value)
     if count > limits.max_elements:
         raise InvalidInput(
