@@ -154,7 +154,11 @@ def keys_list(url: Url = "127.0.0.1:8000", token: Token = "") -> None:
     """Every key's id, client, note, creation time and state (never the key)."""
     import time
 
-    for k in _admin(url, token, "GET", "/v2/admin/keys")["keys"]:
+    listed = _admin(url, token, "GET", "/v2/admin/keys")["keys"]
+    typer.echo(f"{'id':<12}  {'client':<24} {'state':<8} {'created':<20} note")
+    if not listed:
+        typer.echo("(no keys: inference needs none until one is made)")
+    for k in listed:
         made = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(k["created_at"]))
         state = "active" if k["active"] else "revoked"
         typer.echo(f"{k['id']}  {k['client']:<24} {state:<8} {made}Z  {k['note'] or ''}")
@@ -180,18 +184,18 @@ def clients_list(
     rung: Annotated[str | None, typer.Option(help="observe | throttle | strict | refuse")] = None,
     limit: Limit = 50,
 ) -> None:
-    """Tracked clients, most recently seen first, with their rung and evidence (S: the
-    client's own CUSUM statistic; campaign S: its campaign's pooled one)."""
+    """Tracked clients, most recently seen first, with their rung and evidence (evidence: the
+    client's own CUSUM statistic; campaign: its campaign's pooled one, over its members)."""
     query = {"rung": rung, "limit": limit}
     rows = _admin(url, token, "GET", "/v2/admin/clients", query=query)["clients"]
     typer.echo(
-        f"{'client':<32} {'rung':<8} {'S':>6} {'campaign S':>10} {'campaign':>8} {'images':>7} "
-        f"{'flagged':>7} {'probes':>6}"
+        f"{'client':<32} {'rung':<8} {'evidence':>8} {'campaign':>8} {'members':>7} "
+        f"{'images':>7} {'flagged':>7} {'probes':>6}"
     )
     for c in rows:
         typer.echo(
-            f"{c['client']:<32} {c['rung']:<8} {c['statistic']:6.1f} "
-            f"{c['campaign_statistic']:10.1f} {c['campaign_size']:>8} {c['images']:>7} "
+            f"{c['client']:<32} {c['rung']:<8} {c['statistic']:8.1f} "
+            f"{c['campaign_statistic']:8.1f} {c['campaign_size']:>7} {c['images']:>7} "
             f"{c['flagged']:>7} {c['probes']:>6}"
         )
 

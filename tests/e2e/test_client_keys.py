@@ -70,6 +70,7 @@ def test_once_a_key_exists_inference_needs_one_and_revocation_bites_at_once(
     keyed: ServerProcess,
 ) -> None:
     assert infer(keyed).shape == (16, 10)  # no key configured: the embedded default is open
+    assert "no keys" in cli(keyed, "list")  # said, not an empty screen
     made = cli(keyed, "create", "--client", "orders-service", "--note", "e2e")
     fields = dict(line.split(maxsplit=1) for line in made.splitlines())
     key, key_id = fields["key"], fields["id"]
@@ -87,6 +88,7 @@ def test_once_a_key_exists_inference_needs_one_and_revocation_bites_at_once(
     with pytest.raises(InferenceServerException, match="401"):  # a claimed id is no key
         infer(keyed, {"X-Client-ID": "orders-service"})
     listed = cli(keyed, "list")
+    assert listed.startswith("id ") and "no keys" not in listed
     assert key_id in listed and "orders-service" in listed and key not in listed
     assert "revoked" in cli(keyed, "revoke", key_id)
     with pytest.raises(InferenceServerException, match="401"):
