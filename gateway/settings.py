@@ -245,6 +245,21 @@ class Settings(BaseSettings):
     throttle_interval_s: float = Field(
         1.0, gt=0, le=3600, description="A throttled client gets one request per interval."
     )
+    alert_s: float = Field(
+        900.0,
+        ge=0,
+        le=86_400,
+        description="How long policy stays tightened after a campaign's last decision: while "
+        "a campaign of linked identities is throttled or worse, a young identity's suspicious "
+        "images are withheld too (0: never tighten).",
+    )
+    alert_young_images: int = Field(
+        100,
+        ge=0,
+        le=1_000_000,
+        description="Images an identity must have sent before an alert leaves it alone: "
+        "fresh identities are what a rotating attacker sends from.",
+    )
     max_tracked_clients: int = Field(
         100_000, ge=1, description="Clients whose evidence is kept (least recently seen go)."
     )

@@ -19,6 +19,7 @@ class Observation:
     refused: tuple[int, ...] = ()  # images whose near-duplicate was refused: refused again
     slots: tuple[tuple[int, int], ...] = ()  # (slot, content) of each query remembered
     answer_key: int = 0
+    tightened: bool = False  # a young identity during an alert: its suspicious images withheld
 
 
 @dataclass(frozen=True)

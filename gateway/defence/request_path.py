@@ -61,7 +61,7 @@ def defend(
     try:
         # e.g. a new identity its probes just linked to a contained campaign: 403 or 429
         defence.enforce(request.client_id, observed, charged, shared)
-        if observed.rung == STRICT and not shared:  # suspicious is withheld too
+        if (observed.rung == STRICT or observed.tightened) and not shared:  # suspicious too
             tighten(screened)
         served = not screened.decision.withheld or request.parameters.get(REPORT_PARAMETER) is True
     finally:  # a refused query's near-duplicates are refused in turn

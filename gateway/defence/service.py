@@ -26,6 +26,13 @@ when that query was refused, so an attack learns nothing new from its first prob
 honest re-encode gets the answer its picture got before. ``probe_response = "repeat"`` extends
 this to every near-duplicate, one-offs too; a suspect's one-offs are repeated as well: from a
 client that has probed (no honest one did in 100,000 requests) or is throttled or above.
+
+A campaign that reaches a rung raises an **alert** (``alert_s`` after its last decision): policy
+is tightened for young identities (fewer than ``alert_young_images`` images), whose suspicious
+images are withheld as on the strict rung. A rotating attacker asks from fresh identities, and
+some of its queries (HopSkipJump's noisy steps at the start of an iteration) match nothing
+remembered, so no evidence can reach them; clients established before the attack are untouched,
+and an honest newcomer during an alert loses only its suspicious images (the review tier's FPR).
 """
 
 from __future__ import annotations
@@ -92,6 +99,11 @@ class DefenceService:
         self._rungs: dict[str, str] = {}  # the last rung logged per client (transitions only)
         self._campaign_rungs: OrderedDict[str, str] = OrderedDict()  # per campaign root
         self.audit = audit
+        self.alert_s = settings.alert_s
+        self.young_images = settings.alert_young_images
+        self._alert_until = 0.0  # time.monotonic() when the alert lapses
+        self._alert_by: str | None = None  # the campaign that raised it (None: no alert)
+        metrics.defence_alert.set_function(lambda: float(self.alert_active()))
 
     def refuse(self, campaign: bool = False) -> None:
         """Withholds a computed answer from a contained client, or (``campaign``) from a
@@ -120,8 +132,40 @@ class DefenceService:
             self._count_rung(self._rungs.pop(member, OBSERVE), -1)
             self._last_admitted.pop(member, None)
             self.histories.forget(member)
+        if self._alert_by is not None and self.ladder.root(client) in (self._alert_by, client):
+            self._alert_by = None  # the campaign that raised the alert was judged honest
         log.warning("containment lifted by an admin: %s", ", ".join(members[:20]))
         return members
+
+    def alert_active(self) -> bool:
+        """Whether policy is tightened for young identities now."""
+        return self._alert_by is not None and time.monotonic() < self._alert_until
+
+    def _raise_alert(self, root: str, request_id: str | None) -> None:
+        """A campaign's decision starts or extends the alert (caller holds ``lock``)."""
+        if self.alert_s <= 0:
+            return
+        active = self.alert_active()
+        self._alert_until = time.monotonic() + self.alert_s
+        if active:
+            return
+        self._alert_by = root
+        log.warning(
+            "alert: campaign %s at request %r; young identities' suspicious images withheld",
+            root,
+            request_id,
+        )
+        if self.audit is not None:
+            body = {"event": "alert", "campaign": root, "request": request_id}
+            body |= {"young_images": self.young_images, "for_s": self.alert_s}
+            self.audit("policy_change", root, body)
+
+    def _young(self, client: str) -> bool:
+        """A young identity while the alert is on: its suspicious images are withheld."""
+        if not self.alert_active():
+            return False
+        account = self.ladder.account(client)
+        return account is None or account.images < self.young_images
 
     def _count_rung(self, rung: str, step: int) -> None:
         if rung != OBSERVE:
@@ -307,6 +351,7 @@ class DefenceService:
         refused: list[int] = []
         slots: list[tuple[int, int]] = []
         with self.lock:
+            young = self._young(key)
             for i, (row, verdict, image) in enumerate(zip(prints, verdicts, inputs, strict=True)):
                 content = picture_hash(image)
                 same = self.index.resent(content)
@@ -351,6 +396,7 @@ class DefenceService:
                 campaign = self.ladder.campaign_rung(key) if probe else OBSERVE
                 if campaign != OBSERVE:
                     self._log_campaign(key, campaign, request_id, model)
+                    self._raise_alert(self.ladder.root(key), request_id)
                 contained += campaign == REFUSE  # it continues a contained campaign: refused
                 given = None
                 # a probe gets the remembered answer (``repeat``: every near-duplicate does), and
@@ -385,8 +431,17 @@ class DefenceService:
             self._log_transition(key, rung, request_id, model)
         if probes:
             self.metrics.defence_probes.inc(probes)
+        tightened = young and rung == OBSERVE
         return Observation(
-            rung, probes, repeats, nears, contained, tuple(refused), tuple(slots), answer_key
+            rung,
+            probes,
+            repeats,
+            nears,
+            contained,
+            tuple(refused),
+            tuple(slots),
+            answer_key,
+            tightened,
         )
 
     def settle(self, observed: Observation, served: bool) -> None:

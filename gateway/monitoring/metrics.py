@@ -230,6 +230,12 @@ class Metrics:
             ["state"],
             registry=self.private_registry,
         )
+        self.defence_alert = Gauge(
+            "bastion_defence_alert",
+            "1 while policy is tightened for young identities (a campaign is throttled or "
+            "worse), else 0",
+            registry=self.private_registry,
+        )
         self.incident_log_entries = Counter(
             "bastion_incident_log_entries",
             "Entries appended to the tamper-evident incident log, by kind",

@@ -45,6 +45,7 @@ def send(client: th.InferenceServerClient, image: np.ndarray, who: str) -> str:
 def defended(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     # a fixed salt: the walk below meets the same fingerprints on every run
     env = {"BASTION_DEFENCE": "true", "BASTION_ADMIN_TOKEN": TOKEN, "BASTION_FINGERPRINT_SALT": "7"}
+    env["BASTION_ALERT_YOUNG_IMAGES"] = "50"  # honest-lab below sends 60: established
     proc = start_server(tmp_path_factory.mktemp("defended"), env=env)
     yield proc
     proc.stop()
@@ -90,6 +91,32 @@ def test_an_honest_client_resending_the_same_digits_is_never_contained(
         for who in ("retrying-app", "other-app")
     ]
     assert "contained" not in statuses and "throttled" not in statuses, statuses
+
+
+def test_during_the_alert_a_fresh_identitys_suspicious_image_is_withheld(
+    defended: ServerProcess,
+) -> None:
+    """The campaign above raised an alert: an identity with no history is on the strict policy
+    (a suspicious image withheld), a client established before the attack is not."""
+    client = th.InferenceServerClient(defended.url)
+    images = to_float(load_split("test")[0])[600:1000]
+    verdicts: list[str] = []
+    for start in range(0, len(images), 50):  # the admin's report finds suspicious digits
+        tensor = th.InferInput("images", [50, 1, 28, 28], "FP32")
+        tensor.set_data_from_numpy(images[start : start + 50])
+        result = client.infer(
+            "digits",
+            [tensor],
+            parameters={"screening_report": True},
+            headers={"Authorization": f"Bearer {TOKEN}", "X-Client-ID": "ops"},
+        )
+        verdicts += [v.decode() for v in result.as_numpy("screening_verdict")]
+    suspicious = [i for i, v in enumerate(verdicts) if v.startswith("suspicious")]
+    assert suspicious, verdicts
+    assert "alert: campaign" in defended.log.read_text()
+    image = images[suspicious[0]]
+    assert send(client, image, "newcomer-during-alert") == "withheld"
+    assert send(client, image, "honest-lab") == "served"
 
 
 def test_an_admin_sees_the_campaign_and_lifts_it(defended: ServerProcess) -> None:

@@ -314,3 +314,37 @@ def test_a_campaign_of_one_query_identities_is_logged_when_it_reaches_a_rung() -
     assert campaign and all(body["scope"] == "campaign" for body in campaign)
     assert campaign[-1]["rung"] == REFUSE and campaign[-1]["campaign_size"] >= 3
     assert len({body["rung"] for body in campaign}) == len(campaign)  # once per rung
+
+
+def test_a_campaign_tightens_policy_for_young_identities_until_the_alert_lapses() -> None:
+    """While a campaign of rotating identities is throttled or worse, an identity with fewer
+    than ``alert_young_images`` images is on the strict policy (its suspicious images withheld);
+    an identity established before the attack is not, and the alert lapses after ``alert_s``."""
+    entries: list[tuple[str, str, dict]] = []
+    defence = DefenceService(
+        Settings(fingerprint_salt=1, throttle_interval_s=30, alert_young_images=5),
+        Metrics(CollectorRegistry()),
+        audit=lambda kind, subject, body: entries.append((kind, subject, body)),
+    )
+    digits = to_float(load_split("test")[0][20:40])
+    spec = defence.fingerprint_spec
+
+    def send(client: str, image: np.ndarray):
+        prints = fingerprints(torch.from_numpy(image), spec).numpy()
+        return defence.observe(client, prints, ["suspicious"], image)
+
+    for image in digits[:6]:  # an honest client with a history, before any attack
+        assert not send("regular", image[None]).tightened
+    assert not send("newcomer", digits[6:7]).tightened  # no alert: nobody is tightened
+    for n, step in enumerate(walk(to_float(load_split("test")[0][:1]), 16)):
+        send(f"rotating-{n}", step)
+    assert defence.alert_active()
+    alerts = [body for kind, _, body in entries if body.get("event") == "alert"]
+    assert len(alerts) == 1 and alerts[0]["campaign"] == defence.ladder.root("rotating-15")
+    assert send("fresh-identity", digits[7:8]).tightened
+    assert not send("regular", digits[8:9]).tightened  # established before: untouched
+    for image in digits[9:13]:
+        send("newcomer", image[None])
+    assert not send("newcomer", digits[13:14]).tightened  # five images: no longer young
+    defence._alert_until = 0.0  # the alert's time is up
+    assert not defence.alert_active() and not send("another", digits[14:15]).tightened
