@@ -11,6 +11,7 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from functools import partial
+from typing import Any
 
 from fastapi import FastAPI
 
@@ -36,12 +37,19 @@ from bastion.gateway.monitoring.metrics import Metrics
 from bastion.gateway.monitoring.timeseries import Sampler, read_totals
 from bastion.gateway.monitoring.window import FLAG_RATE
 from bastion.gateway.quarantine.factory import open_store, retention_sweep
+from bastion.gateway.rate_limit import (
+    LocalRateLimiter,
+    RateLimiter,
+    RateSpec,
+    RedisRateLimiter,
+)
 from bastion.gateway.registry import ModelRegistry
 from bastion.gateway.repository import ModelRepository
 from bastion.gateway.routing import RouteTable
 from bastion.gateway.rpc.server import GrpcServer
 from bastion.gateway.screening.service import ScreeningService
 from bastion.gateway.settings import Settings
+from bastion.gateway.state import redis as redis_state
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +104,18 @@ def log_drift_event(writer: LogWriter, event: DriftEvent) -> None:
     writer.submit(kind, f"{event.model}:{event.version}", body)
 
 
+def rate_limiter(
+    settings: Settings, redis: Any, shared: redis_state.RedisHealth | None
+) -> RateLimiter | None:
+    """The per-client rate limit: in Redis when there is one (shared by replicas), else here."""
+    if not settings.rate_limit:
+        return None
+    spec = RateSpec(settings.rate_limit, settings.rate_limit_burst)
+    if redis is None or shared is None:
+        return LocalRateLimiter(spec)
+    return RedisRateLimiter(redis, spec, settings.shared_state_failure, shared.failed)
+
+
 def create_app(settings: Settings | None = None, grpc: bool = False) -> Gateway:
     """The ASGI app: front-door checks and the inference fast path in front of the FastAPI app
     (``.app``). ``grpc``: its lifespan also serves gRPC (``bastion serve`` asks for it when
@@ -141,12 +161,18 @@ def create_app(settings: Settings | None = None, grpc: bool = False) -> Gateway:
                 settings.ledger_backlog,
                 on_drop=metrics.ledger_dropped.inc,
             )
+        redis, shared = None, None
+        if settings.redis_url is not None:
+            redis = redis_state.connect(settings.redis_url, settings.shared_state_timeout_s)
+            shared = redis_state.RedisHealth(redis, metrics, settings.shared_state_failure)
+            await shared.ping()  # readiness from the first request on
+        limiter = rate_limiter(settings, redis, shared)
         routes = RouteTable(audit=writer.submit)
         restore_state(incident_log, grouper, routes)
         incident_log.listeners.append(routes.on_entry)  # the rollback rules
         app.state.routes, app.state.log_writer = routes, writer
         app.state.dataplane = DataPlane(
-            registry, settings, screening, decoder, defence, ledger, routes
+            registry, settings, screening, decoder, defence, ledger, routes, limiter, shared
         )
         app.state.sampler = Sampler(
             lambda: read_totals(time.time(), metrics, [m.stats for m in registry.loaded()]),
@@ -154,6 +180,7 @@ def create_app(settings: Settings | None = None, grpc: bool = False) -> Gateway:
         )
         await registry.load_all()
         sampling = asyncio.create_task(app.state.sampler.run())
+        pinging = asyncio.create_task(shared.run()) if shared is not None else None
         retention = asyncio.create_task(
             retention_sweep(store, settings, screening.publish_usage).run()
         )
@@ -172,6 +199,12 @@ def create_app(settings: Settings | None = None, grpc: bool = False) -> Gateway:
             sampling.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await sampling
+            if pinging is not None:
+                pinging.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await pinging
+            if redis is not None:
+                await redis.aclose()
             await registry.close()
             decoder.close()
             await asyncio.to_thread(screening.close)

@@ -43,6 +43,7 @@ from bastion.gateway.protocol.types import (
     InferRequest,
     InferResponse,
 )
+from bastion.gateway.rate_limit import RateLimiter
 from bastion.gateway.registry import UNLOADED, LoadedModel, ModelRegistry
 from bastion.gateway.routing import RouteTable, point
 from bastion.gateway.screening.service import (
@@ -53,6 +54,7 @@ from bastion.gateway.screening.service import (
     tighten,
 )
 from bastion.gateway.settings import Settings
+from bastion.gateway.state.redis import RedisHealth
 
 EXTENSIONS = [
     "classification",
@@ -90,7 +92,12 @@ class DataPlane:
         defence: DefenceService | None = None,
         ledger: Ledger | None = None,
         routes: RouteTable | None = None,
+        limiter: RateLimiter | None = None,
+        shared: RedisHealth | None = None,
     ) -> None:
+        """``limiter``: the per-client rate limit (None: none); ``shared``: whether the shared
+        state answers (None: no Redis), which readiness follows under the closed policy."""
+        self.limiter, self.shared = limiter, shared
         self.registry = registry
         self.ledger = ledger
         self.routes = routes
@@ -107,6 +114,8 @@ class DataPlane:
         unloaded on purpose does not count, so unloading one model does not take the whole
         pod out of a Kubernetes Service; a model that failed to load does."""
         index = self.registry.index()
+        if self.shared is not None and not self.shared.serving():
+            return False  # the shared state is down and the policy is closed: 503 anyway
         return bool(index) and all(
             entry["state"] == "READY" or entry.get("reason") == UNLOADED for entry in index
         )
@@ -192,6 +201,8 @@ class DataPlane:
         client's; the request is answered DeadlineExceeded rather than run past it."""
         start = time.perf_counter_ns()
         model = self._route(name, version, caller.client_id)
+        if self.limiter is not None and caller.client_id is not None:
+            await self.limiter.check(caller.client_id)  # 429 over the client's rate limit
         charged = None
         if self.defence is not None and model.backend.screening is not None:
             # 429 / 403 before any work for a contained client
@@ -231,6 +242,8 @@ class DataPlane:
         try:
             if isinstance(prepared, BastionError):
                 raise prepared
+            if self.limiter is not None and caller.client_id is not None:
+                await self.limiter.check(caller.client_id)
             charged = None
             if self.defence is not None and model.backend.screening is not None:
                 charged = self.defence.admit(caller.client_id, caller.shared)

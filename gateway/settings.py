@@ -198,6 +198,32 @@ class Settings(BaseSettings):
     quarantine_retention_interval_s: float = Field(
         600.0, gt=0, description="How often the retention sweep runs."
     )
+    redis_url: str | None = Field(
+        None,
+        max_length=2048,
+        description="redis://host:port/db where replicas share hot state (the per-client rate "
+        "limit); unset: in this process. Put a password in the URL through the environment "
+        "(BASTION_REDIS_URL), not on the command line.",
+    )
+    shared_state_timeout_s: float = Field(
+        0.25, gt=0, le=30, description="How long one Redis command may take before it fails."
+    )
+    shared_state_failure: Literal["open", "closed"] = Field(
+        "open",
+        description="When Redis does not answer: open serves without the shared state "
+        "(counted in bastion_shared_state_errors_total); closed refuses with 503 and reports "
+        "the gateway not ready.",
+    )
+    rate_limit: float = Field(
+        0.0,
+        ge=0,
+        le=1e7,
+        description="Requests a minute each client may send (0: no limit); over it, 429 with "
+        "Retry-After. Shared by every replica when BASTION_REDIS_URL is set.",
+    )
+    rate_limit_burst: int = Field(
+        10, ge=1, le=100_000, description="Requests a client may send at once, within its limit."
+    )
     database_url: str | None = Field(
         None,
         max_length=2048,
@@ -329,6 +355,15 @@ class Settings(BaseSettings):
         self.client_id_header = self.client_id_header.lower()
         if not _TOKEN.fullmatch(self.client_id_header):
             raise ValueError(f"client_id_header {self.client_id_header!r} is not a header name")
+        return self
+
+    @model_validator(mode="after")
+    def _redis_scheme(self) -> Settings:
+        """A mistyped URL fails at start, not at the first request."""
+        if self.redis_url is not None and not self.redis_url.startswith(
+            ("redis://", "rediss://", "unix://")
+        ):
+            raise ValueError("redis_url starts with redis://, rediss:// or unix://")
         return self
 
     @model_validator(mode="after")

@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
 # Debian packages the tests drive for real: Prometheus (promtool, a scraping server), Chromium
-# (the dashboard test) and PostgreSQL (the shared state's backend; tests start their own cluster). Installs only what is missing, so a prepared machine pays nothing.
+# (the dashboard test), PostgreSQL and Redis (the shared state's backends; tests start their own
+# servers) and HAProxy (the multi-replica test bed). Installs only what is missing, so a prepared
+# machine pays nothing.
 set -euo pipefail
 missing=()
 command -v prometheus >/dev/null 2>&1 && command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
 command -v chromium >/dev/null 2>&1 || missing+=(chromium)
 compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || missing+=(postgresql)
+command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
+command -v haproxy >/dev/null 2>&1 || missing+=(haproxy)
 if ((${#missing[@]})); then
   sudo=""
   if [ "$(id -u)" != 0 ]; then sudo="sudo"; fi

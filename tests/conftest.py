@@ -12,6 +12,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -189,6 +190,16 @@ def postgres_url() -> Iterator[str]:
 
     with postgres_server() as url:
         yield url
+
+
+@pytest.fixture
+def redis_server() -> Iterator[Any]:
+    """A real Redis server for one test (``tests/services/redis.py``): ``.url``, ``.stop()``
+    and ``.start()`` again on the same port."""
+    from tests.services.redis import redis_server as start
+
+    with start() as server:
+        yield server
 
 
 @pytest.fixture

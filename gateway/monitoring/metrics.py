@@ -236,6 +236,18 @@ class Metrics:
             "worse), else 0",
             registry=self.private_registry,
         )
+        self.shared_state_up = Gauge(
+            "bastion_shared_state_up",
+            "1 while the shared-state backend answers (Redis: its last ping or command)",
+            ["backend"],
+            registry=self.private_registry,
+        )
+        self.shared_state_errors = Counter(
+            "bastion_shared_state_errors",
+            "Shared-state commands that failed (timeout, connection), by backend and operation",
+            ["backend", "op"],
+            registry=self.private_registry,
+        )
         self.incident_log_entries = Counter(
             "bastion_incident_log_entries",
             "Entries appended to the tamper-evident incident log, by kind",

@@ -407,14 +407,12 @@ def test_replicas_overlay_scales_three_to_ten_on_shared_postgres() -> None:
     assert (ref["name"], ref["key"], ref["optional"]) == ("bastion", "database-url", False)
 
 
-def test_replicas_overlay_wires_redis_once_the_setting_exists() -> None:
-    slot = yaml.safe_load((KUBE / "components" / "redis" / "kustomization.yaml").read_text())
+def test_replicas_overlay_takes_redis_from_the_secret_and_embedded_has_none() -> None:
     overlay = yaml.safe_load((KUBE / "overlays" / "replicas" / "kustomization.yaml").read_text())
     assert "../../components/redis" in overlay["components"]
-    if "redis_url" in Settings.model_fields:
-        assert "BASTION_REDIS_URL" in environment("overlays/replicas")
-    else:
-        assert slot["patches"] == [], "the Redis slot patches something no setting reads"
+    ref = environment("overlays/replicas")["BASTION_REDIS_URL"]["valueFrom"]["secretKeyRef"]
+    assert (ref["name"], ref["key"], ref["optional"]) == ("bastion", "redis-url", False)
+    assert "BASTION_REDIS_URL" not in environment("overlays/embedded")
 
 
 def test_kserve_runtime_serves_the_mounted_repository_over_v2(

@@ -1,0 +1,76 @@
+"""Redis, where replicas keep the hot state they share (rate limits), and whether it answers.
+
+One ``redis.asyncio`` client per gateway (a connection pool), with short socket timeouts: a
+Redis that stops answering costs a request ``timeout_s`` at most, then the configured failure
+policy decides (``open``: serve without the shared state; ``closed``: refuse with 503, and the
+gateway reports itself not ready). ``RedisHealth`` pings every second in the background, so
+readiness and the ``bastion_shared_state_up`` gauge follow Redis even when no request is
+touching it (a closed gateway sends none).
+
+Needs the ``redis`` extra: ``pip install 'bastion-gateway[redis]'``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any, Literal
+
+from bastion.gateway.monitoring.metrics import Metrics
+
+log = logging.getLogger(__name__)
+PING_INTERVAL_S = 1.0
+
+
+def connect(url: str, timeout_s: float) -> Any:
+    """A ``redis.asyncio.Redis`` for ``url`` (``redis://`` or ``rediss://``); it connects
+    lazily, on its first command."""
+    from redis.asyncio import Redis
+
+    return Redis.from_url(
+        url,
+        socket_timeout=timeout_s,
+        socket_connect_timeout=timeout_s,
+        retry_on_timeout=False,
+        max_connections=256,
+    )
+
+
+class RedisHealth:
+    """Whether Redis answers: the last ping's or command's outcome."""
+
+    def __init__(self, redis: Any, metrics: Metrics, on_failure: Literal["open", "closed"]) -> None:
+        self.redis, self.metrics, self.on_failure = redis, metrics, on_failure
+        self.up = False
+        metrics.shared_state_up.labels("redis").set_function(lambda: float(self.up))
+
+    def failed(self, op: str) -> None:
+        """A command failed: counted, and Redis is down until a ping answers."""
+        self.metrics.shared_state_errors.labels("redis", op).inc()
+        if self.up:
+            log.warning("Redis stopped answering (%s); failure policy %s", op, self.on_failure)
+        self.up = False
+
+    def serving(self) -> bool:
+        """Whether the gateway serves: always with ``open``, only while Redis is up with
+        ``closed``."""
+        return self.up or self.on_failure == "open"
+
+    async def ping(self) -> bool:
+        from redis.exceptions import RedisError
+
+        try:
+            await self.redis.ping()
+        except (RedisError, OSError):
+            self.failed("ping")
+            return False
+        if not self.up:
+            log.info("Redis answers")
+        self.up = True
+        return True
+
+    async def run(self) -> None:
+        """Pings every second until cancelled."""
+        while True:
+            await self.ping()
+            await asyncio.sleep(PING_INTERVAL_S)

@@ -1,0 +1,153 @@
+"""The rate limit shared in a real Redis: one limit across replicas, and Redis going away."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+from prometheus_client import CollectorRegistry
+
+from bastion.gateway.app import create_app
+from bastion.gateway.errors import TooManyRequests, Unavailable
+from bastion.gateway.monitoring.metrics import Metrics
+from bastion.gateway.rate_limit import RateSpec, RedisRateLimiter
+from bastion.gateway.settings import Settings
+from bastion.gateway.state import redis as redis_state
+from bastion.models.data import load_split, to_float
+
+INFER = "/v2/models/digits/infer"
+Replica = Callable[..., TestClient]
+
+
+def body() -> dict[str, Any]:
+    x = to_float(load_split("test")[0][:1])
+    return {"inputs": [{"name": "images", "datatype": "FP32", "shape": list(x.shape),
+                        "data": x.ravel().tolist()}]}  # fmt: skip
+
+
+@pytest.fixture
+def replica(repository: Path, tmp_path: Path) -> Iterator[Replica]:
+    """Gateways in this process, each with its own files: replicas that share only Redis."""
+    opened: list[TestClient] = []
+
+    def make(**overrides: Any) -> TestClient:
+        n = len(opened)
+        settings = Settings(
+            model_repository=repository,
+            torch_threads=1,
+            defence=False,
+            quarantine_path=tmp_path / f"quarantine-{n}.db",
+            keys_path=tmp_path / f"keys-{n}.db",
+            incident_log_path=tmp_path / f"incidents-{n}.db",
+            ledger_path=tmp_path / f"ledger-{n}.db",
+            **overrides,
+        )
+        client = TestClient(create_app(settings)).__enter__()
+        opened.append(client)
+        return client
+
+    yield make
+    for client in opened:
+        client.__exit__(None, None, None)
+
+
+def test_two_replicas_share_one_clients_limit(redis_server: Any, replica: Replica) -> None:
+    """Three a minute with a burst of three: whichever replica it asks, the client gets three."""
+    settings = {"redis_url": redis_server.url, "rate_limit": 3.0, "rate_limit_burst": 3}
+    replicas = [replica(**settings), replica(**settings)]
+    statuses = [
+        replicas[i % 2].post(INFER, json=body(), headers={"X-Client-ID": "app"}) for i in range(8)
+    ]
+    codes = [r.status_code for r in statuses]
+    assert codes.count(200) == 3 and codes.count(429) == 5, codes
+    refused = statuses[-1]
+    assert int(refused.headers["Retry-After"]) >= 15  # the next slot: 20 s from the first
+    assert refused.json()["reason"] == "rate_limited" and "rate limit" in refused.json()["error"]
+    other = replicas[1].post(INFER, json=body(), headers={"X-Client-ID": "other-app"})
+    assert other.status_code == 200  # a limit is per client
+
+
+def test_without_redis_the_limit_is_this_gateways_own(replica: Replica) -> None:
+    gateway = replica(rate_limit=3.0, rate_limit_burst=2)
+    codes = [
+        gateway.post(INFER, json=body(), headers={"X-Client-ID": "app"}).status_code
+        for _ in range(4)
+    ]
+    assert codes == [200, 200, 429, 429]
+
+
+def test_redis_time_decides_not_the_replicas_clocks(redis_server: Any) -> None:
+    """Two limiters (two replicas' worth) against one Redis, hammering for 2 s at 10 a second
+    allowed with a burst of 5: together they get 5 + 2 s x 10, within one request."""
+
+    async def hammer() -> int:
+        spec = RateSpec(per_minute=600, burst=5)
+        clients = [redis_state.connect(redis_server.url, 1.0) for _ in range(2)]
+        limiters = [RedisRateLimiter(c, spec) for c in clients]
+        admitted, deadline, i = 0, time.monotonic() + 2.0, 0
+        while time.monotonic() < deadline:
+            try:
+                await limiters[i % 2].check("hammer")
+                admitted += 1
+            except TooManyRequests:
+                pass
+            i += 1
+            await asyncio.sleep(0.002)
+        for client in clients:
+            await client.aclose()
+        return admitted
+
+    admitted = asyncio.run(hammer())
+    assert 24 <= admitted <= 26, admitted
+
+
+def test_when_redis_stops_open_serves_and_closed_refuses(redis_server: Any) -> None:
+    async def check(policy: str) -> tuple[bool, float]:
+        metrics = Metrics(CollectorRegistry())
+        client = redis_state.connect(redis_server.url, 0.2)
+        health = redis_state.RedisHealth(client, metrics, policy)  # type: ignore[arg-type]
+        limiter = RedisRateLimiter(client, RateSpec(600, 5), policy, health.failed)  # type: ignore[arg-type]
+        assert await health.ping() and health.serving()
+        await limiter.check("app")
+        redis_server.stop()
+        try:
+            await limiter.check("app")  # open: admitted; closed: 503
+            admitted = True
+        except Unavailable:
+            admitted = False
+        serving = health.serving()
+        failures = metrics.shared_state_errors.labels("redis", "rate_limit")._value.get()
+        redis_server.start()
+        assert await health.ping() and health.up  # back: a ping says so
+        await client.aclose()
+        return admitted and serving, failures
+
+    assert asyncio.run(check("open")) == (True, 1.0)
+    assert asyncio.run(check("closed")) == (False, 1.0)
+
+
+def test_closed_gateway_is_not_ready_while_redis_is_down(
+    redis_server: Any, replica: Replica
+) -> None:
+    gateway = replica(redis_url=redis_server.url, shared_state_failure="closed", rate_limit=600.0)
+    assert gateway.get("/v2/health/ready").status_code == 200
+    redis_server.stop()
+    deadline = time.monotonic() + 5
+    while gateway.get("/v2/health/ready").status_code == 200 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert gateway.get("/v2/health/ready").status_code == 503
+    refused = gateway.post(INFER, json=body(), headers={"X-Client-ID": "app"})
+    assert refused.status_code == 503 and "Redis" in refused.json()["error"]
+    assert gateway.get("/v2/health/live").status_code == 200  # alive: not to be restarted
+    redis_server.start()
+    deadline = time.monotonic() + 5
+    while gateway.get("/v2/health/ready").status_code == 503 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert gateway.get("/v2/health/ready").status_code == 200
+    served = gateway.post(INFER, json=body(), headers={"X-Client-ID": "app"})
+    assert served.status_code == 200
