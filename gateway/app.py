@@ -21,6 +21,7 @@ from bastion.gateway.asgi import Gateway
 from bastion.gateway.dataplane import DataPlane
 from bastion.gateway.decode_pool import DecodePool
 from bastion.gateway.defence import routes as defence_routes
+from bastion.gateway.defence.replication import Replication, shared_salt
 from bastion.gateway.defence.service import DefenceService
 from bastion.gateway.http import install_error_handlers, router
 from bastion.gateway.identity import routes as key_routes
@@ -104,6 +105,25 @@ def log_drift_event(writer: LogWriter, event: DriftEvent) -> None:
     writer.submit(kind, f"{event.model}:{event.version}", body)
 
 
+def fingerprint_salt(redis: Any, settings: Settings) -> int | None:
+    """The salt replicas share (their fingerprints must agree), from Redis; tried for 10 s.
+    With the ``open`` policy a replica that cannot reach Redis fingerprints with a salt of its
+    own (its queries match only its own until it restarts); with ``closed`` it does not start."""
+    from redis.exceptions import RedisError
+
+    for attempt in range(20):
+        try:
+            return shared_salt(redis)
+        except (RedisError, OSError) as exc:
+            if attempt == 19:
+                if settings.shared_state_failure == "closed":
+                    message = f"Redis did not answer for the fingerprint salt: {exc}"
+                    raise RuntimeError(message) from exc
+                log.error("Redis did not answer: fingerprints are this replica's own (%s)", exc)
+            time.sleep(0.5)
+    return None
+
+
 def rate_limiter(
     settings: Settings, redis: Any, shared: redis_state.RedisHealth | None
 ) -> RateLimiter | None:
@@ -148,9 +168,28 @@ def create_app(settings: Settings | None = None, grpc: bool = False) -> Gateway:
             incident_log, settings.incident_log_backlog, metrics.incident_log_dropped.inc
         )
         registry.on_drift_event = partial(log_drift_event, writer)
+        redis, shared, replicated = None, None, None
+        if settings.redis_url is not None:
+            redis = redis_state.connect(settings.redis_url, settings.shared_state_timeout_s)
+            shared = redis_state.RedisHealth(redis, metrics, settings.shared_state_failure)
+            await shared.ping()  # readiness from the first request on
+            if settings.defence:
+                replicated = redis_state.connect_sync(
+                    settings.redis_url, settings.shared_state_timeout_s
+                )
+        defence_settings = settings
+        if replicated is not None and settings.fingerprint_salt is None:
+            salt = await asyncio.to_thread(fingerprint_salt, replicated, settings)
+            defence_settings = settings.model_copy(update={"fingerprint_salt": salt})
         defence = (
-            DefenceService(settings, metrics, audit=writer.submit) if settings.defence else None
+            DefenceService(defence_settings, metrics, audit=writer.submit)
+            if settings.defence
+            else None
         )
+        replication = None
+        if defence is not None and replicated is not None and shared is not None:
+            replication = Replication(replicated, defence, metrics, failed=shared.failed)
+            replication.start()
         registry.fingerprint_spec = defence.fingerprint_spec if defence else None
         ledger = None
         if settings.ledger:
@@ -161,11 +200,6 @@ def create_app(settings: Settings | None = None, grpc: bool = False) -> Gateway:
                 settings.ledger_backlog,
                 on_drop=metrics.ledger_dropped.inc,
             )
-        redis, shared = None, None
-        if settings.redis_url is not None:
-            redis = redis_state.connect(settings.redis_url, settings.shared_state_timeout_s)
-            shared = redis_state.RedisHealth(redis, metrics, settings.shared_state_failure)
-            await shared.ping()  # readiness from the first request on
         limiter = rate_limiter(settings, redis, shared)
         routes = RouteTable(audit=writer.submit)
         restore_state(incident_log, grouper, routes)
@@ -203,6 +237,10 @@ def create_app(settings: Settings | None = None, grpc: bool = False) -> Gateway:
                 pinging.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await pinging
+            if replication is not None:
+                await asyncio.to_thread(replication.close)
+            if replicated is not None:
+                replicated.close()
             if redis is not None:
                 await redis.aclose()
             await registry.close()

@@ -3,6 +3,7 @@ and a remembered row put back in place of a probe's outputs."""
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Hashable, Sequence
 
 import numpy as np
@@ -16,7 +17,14 @@ def served_answers(
     queries of the same model."""
     parts = [results[name].reshape(len(results[name]), -1).astype(np.float32) for name in outputs]
     shape = tuple((name, part.shape[1]) for name, part in zip(outputs, parts, strict=True))
-    return np.concatenate(parts, axis=1), hash((model, shape)) or 1
+    return np.concatenate(parts, axis=1), answer_key(model, shape)
+
+
+def answer_key(model: Hashable, shape: tuple[tuple[str, int], ...]) -> int:
+    """A nonzero int64 naming model and outputs, the same in every process (replicas share the
+    answers they remember: Python's ``hash`` of a string differs from process to process)."""
+    digest = hashlib.blake2b(repr((model, shape)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little", signed=True) or 1
 
 
 def put_back(outputs: Sequence[str], results: dict[str, np.ndarray], repeats: dict) -> None:

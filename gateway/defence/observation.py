@@ -29,3 +29,26 @@ class Embedded:
     model: str  # name and version: histories are per embedding space
     spec: KnnSpec
     embeddings: np.ndarray  # (n, E) float32
+
+
+@dataclass(frozen=True)
+class Evidence:
+    """One image's evidence as its replica weighed it, for the other replicas to apply as if
+    they had seen it (``DefenceService.replay``): the query to remember, what it was answered,
+    and the ladder's observation (probe and link decided by the replica that saw it)."""
+
+    client: str
+    fingerprint: np.ndarray  # (S,) int64
+    content: int  # picture_hash of the input row
+    flagged: bool
+    adversarial: bool
+    probe: bool
+    linked: str | None
+    near: bool | None
+    flag_rate: float | None
+    block_rate: float | None
+    near_rate: float | None
+    answer_key: int = 0
+    answer: np.ndarray | None = None  # (A,) float32: what the query was answered
+    model: str | None = None  # the k-NN's embedding space ("name:version"), with ``embedding``
+    embedding: np.ndarray | None = None  # (E,) float32

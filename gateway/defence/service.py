@@ -53,7 +53,7 @@ from bastion.gateway.defence import knn, probe_table
 from bastion.gateway.defence.evidence import OBSERVE, REFUSE, STRICT, THROTTLE, Ladder, LadderSpec
 from bastion.gateway.defence.fingerprint import FingerprintSpec, picture_hash
 from bastion.gateway.defence.knn import Histories
-from bastion.gateway.defence.observation import Embedded, Observation
+from bastion.gateway.defence.observation import Embedded, Evidence, Observation
 from bastion.gateway.defence.probe_index import ProbeIndex
 from bastion.gateway.errors import Forbidden, TooManyRequests
 from bastion.gateway.monitoring.metrics import Metrics
@@ -104,6 +104,12 @@ class DefenceService:
         self._alert_until = 0.0  # time.monotonic() when the alert lapses
         self._alert_by: str | None = None  # the campaign that raised it (None: no alert)
         metrics.defence_alert.set_function(lambda: float(self.alert_active()))
+        # another replica's share: each request's evidence, a refusal's queries, a release
+        # (gateway.defence.replication sets these when replicas share Redis)
+        self.on_evidence: Callable[[list[Evidence]], None] | None = None
+        self.on_refusal: Callable[[int, list[int]], None] | None = None
+        self.on_release: Callable[[str], None] | None = None
+        self._knn_specs: dict[str, knn.KnnSpec] = {}  # per embedding space, for replays
 
     def refuse(self, campaign: bool = False) -> None:
         """Withholds a computed answer from a contained client, or (``campaign``) from a
@@ -121,9 +127,11 @@ class DefenceService:
             {"reason": "contained"},
         )
 
-    def release(self, client: str) -> list[str]:
+    def release(self, client: str, replicate: bool = True) -> list[str]:
         """Lifts containment from a client and its campaign; returns who was released. The
-        caller holds ``lock``."""
+        caller holds ``lock``. ``replicate``: tell the other replicas (not when replaying)."""
+        if replicate and self.on_release is not None:
+            self.on_release(client)
         members = self.ladder.campaign(client)
         self._campaign_rungs.pop(self.ladder.root(client), None)
         self.ladder.release(client)
@@ -141,13 +149,15 @@ class DefenceService:
         """Whether policy is tightened for young identities now."""
         return self._alert_by is not None and time.monotonic() < self._alert_until
 
-    def _raise_alert(self, root: str, request_id: str | None) -> None:
-        """A campaign's decision starts or extends the alert (caller holds ``lock``)."""
+    def _raise_alert(self, root: str, request_id: str | None, audit: bool = True) -> None:
+        """A campaign's decision starts or extends the alert (caller holds ``lock``);
+        ``audit``: log its start (not for another replica's evidence: that replica logs it)."""
         if self.alert_s <= 0:
             return
         active = self.alert_active()
         self._alert_until = time.monotonic() + self.alert_s
-        if active:
+        if active or not audit:
+            self._alert_by = self._alert_by or root
             return
         self._alert_by = root
         log.warning(
@@ -350,8 +360,11 @@ class DefenceService:
         rung, probes, nears, contained, repeats = OBSERVE, 0, 0, 0, {}
         refused: list[int] = []
         slots: list[tuple[int, int]] = []
+        shared: list[Evidence] = []  # for the other replicas
         with self.lock:
             young = self._young(key)
+            if embedded is not None:
+                self._knn_specs[embedded.model] = embedded.spec
             for i, (row, verdict, image) in enumerate(zip(prints, verdicts, inputs, strict=True)):
                 content = picture_hash(image)
                 same = self.index.resent(content)
@@ -425,12 +438,36 @@ class DefenceService:
                     )
                 slot = self.index.add(row, key, content, int(match is not None))
                 slots.append((slot, content))
+                kept = None
                 if answers is not None:  # what this query is answered: the repeat, if any
-                    self.index.keep_answer(slot, answer_key, answers[i] if given is None else given)
+                    kept = answers[i] if given is None else given
+                    self.index.keep_answer(slot, answer_key, kept)
+                if self.on_evidence is not None:
+                    shared.append(
+                        Evidence(
+                            key,
+                            row,
+                            content,
+                            verdict in FLAGGED,
+                            verdict == "adversarial",
+                            probe,
+                            linked,
+                            near,
+                            flag_rate,
+                            block_rate,
+                            embedded.spec.fpr if embedded is not None else None,
+                            answer_key if kept is not None else 0,
+                            kept,
+                            embedded.model if embedded is not None else None,
+                            embedded.embeddings[i] if embedded is not None else None,
+                        )
+                    )
             rung = self.ladder.rung(key)
             self._log_transition(key, rung, request_id, model)
         if probes:
             self.metrics.defence_probes.inc(probes)
+        if shared and self.on_evidence is not None:
+            self.on_evidence(shared)
         tightened = young and rung == OBSERVE
         return Observation(
             rung,
@@ -453,3 +490,45 @@ class DefenceService:
         with self.lock:
             for slot, content in observed.slots:
                 self.index.keep_refusal(slot, observed.answer_key, content)
+        if self.on_refusal is not None and observed.slots:
+            self.on_refusal(observed.answer_key, [content for _, content in observed.slots])
+
+    def replay(self, batch: list[Evidence]) -> None:
+        """Applies another replica's evidence as if this replica had weighed it: the queries
+        are remembered (with what they were answered) and the ladder observes what that
+        replica decided (probe, link, k-NN), so a client or campaign contained through one
+        replica is contained on all. Nothing is logged: the replica that saw it logs it."""
+        with self.lock:
+            for e in batch:
+                match = self.index.match(e.fingerprint)
+                if match is not None:
+                    self.index.link(match.slot)
+                slot = self.index.add(e.fingerprint, e.client, e.content, int(match is not None))
+                if e.answer is not None and e.answer_key:
+                    self.index.keep_answer(slot, e.answer_key, e.answer)
+                spec = self._knn_specs.get(e.model) if e.model is not None else None
+                if spec is not None and e.embedding is not None:
+                    vector = e.embedding.reshape(1, -1)
+                    self.histories.link(e.client, e.model, spec, vector)  # type: ignore[arg-type]
+                    self.histories.near(e.client, e.model, spec, vector)  # type: ignore[arg-type]
+                self.ladder.observe(
+                    e.client,
+                    e.flagged,
+                    e.probe,
+                    e.linked,
+                    e.flag_rate,
+                    e.near,
+                    e.near_rate,
+                    e.adversarial,
+                    e.block_rate,
+                )
+                if e.probe and self.ladder.campaign_rung(e.client) != OBSERVE:
+                    self._raise_alert(self.ladder.root(e.client), None, audit=False)
+
+    def replay_refusal(self, answer_key: int, contents: list[int]) -> None:
+        """Another replica refused these queries: a near-duplicate of one is refused here too."""
+        with self.lock:
+            for content in contents:
+                slot = self.index.resent(content)
+                if slot is not None:
+                    self.index.keep_refusal(slot, answer_key, content)

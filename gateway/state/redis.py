@@ -36,6 +36,14 @@ def connect(url: str, timeout_s: float) -> Any:
     )
 
 
+def connect_sync(url: str, timeout_s: float) -> Any:
+    """A thread-safe ``redis.Redis`` for ``url``, for threads (the defence's replication):
+    its reads block up to a second, so its socket waits that long more than ``timeout_s``."""
+    from redis import Redis
+
+    return Redis.from_url(url, socket_timeout=1.0 + timeout_s, socket_connect_timeout=timeout_s)
+
+
 class RedisHealth:
     """Whether Redis answers: the last ping's or command's outcome."""
 

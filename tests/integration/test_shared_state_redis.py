@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from prometheus_client import CollectorRegistry
@@ -37,14 +38,16 @@ def replica(repository: Path, tmp_path: Path) -> Iterator[Replica]:
 
     def make(**overrides: Any) -> TestClient:
         n = len(opened)
+        overrides.setdefault("defence", False)
         settings = Settings(
             model_repository=repository,
             torch_threads=1,
-            defence=False,
             quarantine_path=tmp_path / f"quarantine-{n}.db",
             keys_path=tmp_path / f"keys-{n}.db",
             incident_log_path=tmp_path / f"incidents-{n}.db",
             ledger_path=tmp_path / f"ledger-{n}.db",
+            incident_checkpoint_path=tmp_path / f"checkpoint-{n}.json",
+            incident_key_path=tmp_path / f"incident-{n}.key",
             **overrides,
         )
         client = TestClient(create_app(settings)).__enter__()
@@ -151,3 +154,79 @@ def test_closed_gateway_is_not_ready_while_redis_is_down(
     assert gateway.get("/v2/health/ready").status_code == 200
     served = gateway.post(INFER, json=body(), headers={"X-Client-ID": "app"})
     assert served.status_code == 200
+
+
+def walk(n: int) -> list[np.ndarray]:
+    """A decision-based attack's walk: tiny sparse steps from a test digit."""
+    rng = np.random.default_rng(0)
+    probe = to_float(load_split("test")[0][7:8])[0]
+    steps = []
+    for _ in range(n):
+        step = rng.random(probe.shape) < 0.005
+        probe = np.where(step, np.clip(probe + rng.choice([-0.1, 0.1], probe.shape), 0, 1), probe)
+        steps.append(probe.astype(np.float32))
+    return steps
+
+
+def infer_body(image: np.ndarray) -> dict[str, Any]:
+    return {"inputs": [{"name": "images", "datatype": "FP32", "shape": [1, *image.shape],
+                        "data": image.ravel().tolist()}]}  # fmt: skip
+
+
+def test_an_attack_spread_over_replicas_is_contained_on_all_of_them(
+    redis_server: Any, replica: Replica
+) -> None:
+    """The load balancer spreads a rotating attacker's queries over two replicas: its
+    identities add up to one campaign, contained on both; a replica started afterwards replays
+    the stream and refuses the campaign's clients too; a release through one lifts it on all."""
+    settings = {"redis_url": redis_server.url, "defence": True, "admin_token": "tok"}
+    replicas = [replica(**settings), replica(**settings)]
+    answers = []
+    for i, image in enumerate(walk(60)):
+        sent = replicas[i % 2].post(
+            INFER, json=infer_body(image), headers={"X-Client-ID": f"sybil-{i // 3}"}
+        )
+        answers.append(sent.json().get("reason", "served") if sent.status_code != 200 else "ok")
+    refused = [i for i, a in enumerate(answers) if a in ("contained", "throttled")]
+    assert refused and refused[0] <= 20, answers
+    assert sum(a in ("contained", "throttled") for a in answers[refused[0] + 3 :]) >= 0.9 * len(
+        answers[refused[0] + 3 :]
+    ), answers
+    late = f"sybil-{59 // 3}"
+    deadline = time.monotonic() + 1.0
+    shown = []
+    while time.monotonic() < deadline:  # both replicas hold the late identity's evidence
+        shown = [
+            r.get(f"/v2/admin/clients/{late}", headers={"Authorization": "Bearer tok"}).json()
+            for r in replicas
+        ]
+        if all(s.get("rung") == "refuse" for s in shown):
+            break
+        time.sleep(0.05)
+    assert [s.get("rung") for s in shown] == ["refuse", "refuse"], shown
+    fresh = replica(**settings)  # a new replica: replays the retained stream
+    deadline = time.monotonic() + 5.0
+    while time.monotonic() < deadline:
+        again = fresh.post(INFER, json=infer_body(walk(1)[0]), headers={"X-Client-ID": late})
+        if again.status_code == 403:
+            break
+        time.sleep(0.1)
+    assert again.status_code == 403 and again.json()["reason"] == "contained", again.text
+    released = replicas[0].post(
+        f"/v2/admin/clients/{late}/release", headers={"Authorization": "Bearer tok"}
+    )
+    assert released.status_code == 200
+    deadline = time.monotonic() + 1.0
+    while time.monotonic() < deadline:
+        rung = replicas[1].get(
+            f"/v2/admin/clients/{late}", headers={"Authorization": "Bearer tok"}
+        ).json()["rung"]
+        if rung == "observe":
+            break
+        time.sleep(0.05)
+    assert rung == "observe"
+    honest = replicas[1].post(
+        INFER, json=infer_body(to_float(load_split("test")[0][300:301])[0]),
+        headers={"X-Client-ID": "honest-lab"},
+    )  # fmt: skip
+    assert honest.status_code == 200

@@ -1,0 +1,123 @@
+"""A replica's evidence survives the trip through the stream's fields, and nothing else does."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from prometheus_client import CollectorRegistry
+
+from bastion.gateway.defence.answers import answer_key
+from bastion.gateway.defence.fingerprint import fingerprints
+from bastion.gateway.defence.observation import Evidence
+from bastion.gateway.defence.replication import decode_evidence, encode_evidence
+from bastion.gateway.defence.service import DefenceService
+from bastion.gateway.monitoring.metrics import Metrics
+from bastion.gateway.settings import Settings
+from bastion.models.data import load_split, to_float
+
+
+def evidence(n: int = 3, top: int = 50) -> list[Evidence]:
+    rng = np.random.default_rng(0)
+    return [
+        Evidence(
+            f"client-{i}",
+            rng.integers(-(2**62), 2**62, top, dtype=np.int64),
+            int(rng.integers(-(2**62), 2**62)),
+            i % 2 == 0,
+            i == 0,
+            i > 0,
+            "client-0" if i > 0 else None,
+            None if i == 0 else bool(i % 2),
+            0.05,
+            0.005,
+            0.001,
+            answer_key(("digits", 1), (("probabilities", 10),)),
+            rng.random(10).astype(np.float32),
+            "digits:1",
+            rng.random(64).astype(np.float32),
+        )
+        for i in range(n)
+    ]
+
+
+def as_stream_fields(fields: dict[str, bytes]) -> dict[bytes, bytes]:
+    return {k.encode(): v for k, v in fields.items()}
+
+
+def test_evidence_round_trips_through_the_entry_fields() -> None:
+    batch = evidence()
+    decoded = decode_evidence(as_stream_fields(encode_evidence("r1", batch)), 50)
+    for sent, got in zip(batch, decoded, strict=True):
+        for name in ("client", "content", "flagged", "adversarial", "probe", "linked", "near",
+                     "flag_rate", "block_rate", "near_rate", "answer_key", "model"):  # fmt: skip
+            assert getattr(sent, name) == getattr(got, name), name
+        np.testing.assert_array_equal(sent.fingerprint, got.fingerprint)
+        np.testing.assert_array_equal(sent.answer, got.answer)
+        np.testing.assert_array_equal(sent.embedding, got.embedding)
+
+
+def test_the_answer_key_is_the_same_in_every_process() -> None:
+    """Python's str hash is salted per process; replicas must agree on which answers match."""
+    code = (
+        "from bastion.gateway.defence.answers import answer_key;"
+        "print(answer_key(('digits', 1), (('probabilities', 10),)))"
+    )
+    keys = {
+        subprocess.run(
+            [sys.executable, "-c", code],
+            env={**os.environ, "PYTHONHASHSEED": seed},
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        for seed in ("1", "2")
+    }
+    assert keys == {str(answer_key(("digits", 1), (("probabilities", 10),)))}
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda f: f.update({b"prints": f[b"prints"][:-8]}),  # a fingerprint cut short
+        lambda f: f.update({b"scalars": b"[]"}),  # no images
+        lambda f: f.update({b"scalars": json.dumps([[1] * 12] * 3).encode()}),  # a number name
+        lambda f: f.update({b"answers": f[b"answers"][:-4]}),  # answers of the wrong size
+        lambda f: f.update({b"scalars": f[b"scalars"].replace(b"0.05", b"7.0")}),  # a bad rate
+        lambda f: f.pop(b"scalars"),
+    ],
+)
+def test_a_malformed_entry_is_refused(damage) -> None:  # type: ignore[no-untyped-def]
+    fields = as_stream_fields(encode_evidence("r1", evidence()))
+    damage(fields)
+    with pytest.raises((ValueError, KeyError, TypeError)):
+        decode_evidence(fields, 50)
+
+
+def test_a_replayed_walk_moves_the_other_replicas_ladder_as_its_own() -> None:
+    """Replica A weighs a walk; replica B replays A's evidence: same rung, same campaign, and
+    B remembers A's queries (a near-duplicate sent to B is a probe there)."""
+    settings = Settings(fingerprint_salt=3, throttle_interval_s=30)
+    a = DefenceService(settings, Metrics(CollectorRegistry()))
+    b = DefenceService(settings, Metrics(CollectorRegistry()))
+    shared: list[list[Evidence]] = []
+    a.on_evidence = shared.append
+    image = to_float(load_split("test")[0][:1])
+    for i in range(16):
+        step = image.copy()
+        step.flat[i] = 0.002 * (i + 1)
+        prints = fingerprints(torch.from_numpy(step), a.fingerprint_spec).numpy()
+        a.observe(f"walker-{i}", prints, ["clean"], step)
+    for batch in shared:
+        b.replay(batch)
+    assert b.ladder.campaign_rung("walker-15") == a.ladder.campaign_rung("walker-15") != "observe"
+    assert b.ladder.campaign("walker-15") == a.ladder.campaign("walker-15")
+    step = image.copy()
+    step.flat[40] = 0.5
+    prints = fingerprints(torch.from_numpy(step), b.fingerprint_spec).numpy()
+    assert b.observe("walker-new", prints, ["clean"], step).probes == 1
