@@ -51,6 +51,7 @@ from bastion.gateway.rpc.server import GrpcServer
 from bastion.gateway.screening.service import ScreeningService
 from bastion.gateway.settings import Settings
 from bastion.gateway.state import redis as redis_state
+from bastion.gateway.state.route_sync import RouteSync
 
 log = logging.getLogger(__name__)
 
@@ -173,12 +174,11 @@ def create_app(settings: Settings | None = None, grpc: bool = False) -> Gateway:
             redis = redis_state.connect(settings.redis_url, settings.shared_state_timeout_s)
             shared = redis_state.RedisHealth(redis, metrics, settings.shared_state_failure)
             await shared.ping()  # readiness from the first request on
-            if settings.defence:
-                replicated = redis_state.connect_sync(
-                    settings.redis_url, settings.shared_state_timeout_s
-                )
+            replicated = redis_state.connect_sync(
+                settings.redis_url, settings.shared_state_timeout_s
+            )
         defence_settings = settings
-        if replicated is not None and settings.fingerprint_salt is None:
+        if replicated is not None and settings.defence and settings.fingerprint_salt is None:
             salt = await asyncio.to_thread(fingerprint_salt, replicated, settings)
             defence_settings = settings.model_copy(update={"fingerprint_salt": salt})
         defence = (
@@ -203,6 +203,10 @@ def create_app(settings: Settings | None = None, grpc: bool = False) -> Gateway:
         limiter = rate_limiter(settings, redis, shared)
         routes = RouteTable(audit=writer.submit)
         restore_state(incident_log, grouper, routes)
+        route_sync = None
+        if replicated is not None and shared is not None:  # Redis holds the current table
+            route_sync = RouteSync(replicated, routes, shared.failed)
+            route_sync.start()
         incident_log.listeners.append(routes.on_entry)  # the rollback rules
         app.state.routes, app.state.log_writer = routes, writer
         app.state.dataplane = DataPlane(
@@ -239,6 +243,8 @@ def create_app(settings: Settings | None = None, grpc: bool = False) -> Gateway:
                     await pinging
             if replication is not None:
                 await asyncio.to_thread(replication.close)
+            if route_sync is not None:
+                await asyncio.to_thread(route_sync.close)
             if replicated is not None:
                 replicated.close()
             if redis is not None:

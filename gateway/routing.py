@@ -11,7 +11,8 @@ campaign (the model its queries went to: an attack may have found what it wanted
 canary; the cost of a needless rollback is the canary's traffic, not an outage), a flag-rate
 alarm of a
 version other than the safe one, a drift alarm of a canary. The table is runtime state of one
-gateway (shared state across replicas is the scale-out issue's). A request holds the
+gateway; with Redis, ``gateway.state.route_sync`` shares it between replicas (``on_change``
+tells it of every change here, ``apply`` takes another replica's). A request holds the
 ``LoadedModel`` it started on, so a change never moves a request in flight.
 """
 
@@ -89,6 +90,7 @@ class RouteTable:
         self._forwarded: dict[str, float] = {}  # model -> when an admin last rolled it forward
         self._lock = threading.Lock()
         self.audit = audit
+        self.on_change: Callable[[str, Route | None], None] | None = None  # for replicas
 
     def version(self, model: str, client: str | None) -> int | None:
         """The version a request to ``model`` naming none goes to; None: no route (latest)."""
@@ -116,8 +118,23 @@ class RouteTable:
                 self._routes[model] = route
             if before is not None and before.rolled_back and not (route and route.rolled_back):
                 self._forwarded[model] = time.monotonic()
+        if self.on_change is not None:
+            self.on_change(model, route)
         if audit:
             self._record("route_change", model, route, actor)
+
+    def apply(self, model: str, route: Route | None) -> None:
+        """Another replica's change (already logged there): applied here as it stands."""
+        with self._lock:
+            before = self._routes.get(model)
+            if route is None:
+                self._routes.pop(model, None)
+            else:
+                self._routes[model] = route
+            if before is not None and before.rolled_back and not (route and route.rolled_back):
+                self._forwarded[model] = time.monotonic()
+        if before != route:
+            log.warning("model %s: route from another replica: %s", model, route)
 
     def rolled_back(self, model: str, reason: str, strict: bool = True) -> Route | None:
         """The route a rollback would make (all traffic to the safe version, strict); None
@@ -142,6 +159,8 @@ class RouteTable:
                             model, reason)  # fmt: skip
                 return None
             self._routes[model] = route
+        if self.on_change is not None:
+            self.on_change(model, route)
         log.warning("model %s rolled back to version %s: %s", model, route.safe, reason)
         self._record("rollback", model, route, actor, cause)
         return route
@@ -157,14 +176,9 @@ class RouteTable:
                 self._routes.pop(entry.subject, None)
                 continue
             try:
-                route = make_route(
-                    {int(v): float(w) for v, w in body["weights"].items()}, body["safe"]
-                )
+                self._routes[entry.subject] = route_from_json(body)
             except (KeyError, TypeError, ValueError, AttributeError):
                 continue
-            self._routes[entry.subject] = replace(
-                route, rolled_back=body.get("rolled_back"), strict=bool(body.get("strict"))
-            )
         return len(self._routes)
 
     def on_entry(self, entry: Any) -> None:
@@ -190,6 +204,16 @@ class RouteTable:
         if self.audit is not None:
             body = entry_body(model, route)
             self.audit(kind, model, {**body, "cause": cause} if cause else body, actor)
+
+
+def route_from_json(body: dict[str, Any]) -> Route:
+    """A route as ``Route.to_json`` wrote it. Raises KeyError, TypeError, ValueError or
+    AttributeError for one that is not."""
+    route = make_route({int(v): float(w) for v, w in body["weights"].items()}, body["safe"])
+    rolled_back = body.get("rolled_back")
+    if rolled_back is not None and not isinstance(rolled_back, str):
+        raise TypeError("rolled_back is a reason or null")
+    return replace(route, rolled_back=rolled_back, strict=bool(body.get("strict")))
 
 
 def entry_body(model: str, route: Route | None) -> dict[str, Any]:

@@ -39,8 +39,8 @@ def replica(repository: Path, tmp_path: Path) -> Iterator[Replica]:
     def make(**overrides: Any) -> TestClient:
         n = len(opened)
         overrides.setdefault("defence", False)
+        overrides.setdefault("model_repository", repository)
         settings = Settings(
-            model_repository=repository,
             torch_threads=1,
             quarantine_path=tmp_path / f"quarantine-{n}.db",
             keys_path=tmp_path / f"keys-{n}.db",
@@ -218,9 +218,11 @@ def test_an_attack_spread_over_replicas_is_contained_on_all_of_them(
     assert released.status_code == 200
     deadline = time.monotonic() + 1.0
     while time.monotonic() < deadline:
-        rung = replicas[1].get(
-            f"/v2/admin/clients/{late}", headers={"Authorization": "Bearer tok"}
-        ).json()["rung"]
+        rung = (
+            replicas[1]
+            .get(f"/v2/admin/clients/{late}", headers={"Authorization": "Bearer tok"})
+            .json()["rung"]
+        )
         if rung == "observe":
             break
         time.sleep(0.05)
@@ -230,3 +232,51 @@ def test_an_attack_spread_over_replicas_is_contained_on_all_of_them(
         headers={"X-Client-ID": "honest-lab"},
     )  # fmt: skip
     assert honest.status_code == 200
+
+
+def test_a_rollback_on_one_replica_routes_every_replica_within_a_second(
+    redis_server: Any, replica: Replica, tmp_path: Path
+) -> None:
+    from tests.e2e.test_rollback import two_versions
+
+    repository = two_versions(tmp_path / "two")
+    settings = {"redis_url": redis_server.url, "admin_token": "tok", "model_repository": repository}
+    replicas = [replica(**settings), replica(**settings)]
+    admin = {"Authorization": "Bearer tok"}
+    route = {"weights": {"1": 0.0, "2": 1.0}, "safe": 1}
+    assert replicas[0].put("/v2/admin/routes/digits", json=route, headers=admin).status_code == 200
+
+    def version(gateway: TestClient) -> str:
+        answer = gateway.post(INFER, json=body(), headers={"X-Client-ID": "app"})
+        assert answer.status_code == 200, answer.text
+        return answer.json()["model_version"]
+
+    def settled(gateway: TestClient, expected: str) -> float:
+        """Seconds until the gateway's table routes to ``expected``; one request checks it."""
+        start = time.monotonic()
+        while time.monotonic() - start < 5:
+            shown = gateway.get("/v2/admin/routes", headers=admin).json()["routes"]
+            route = shown.get("digits")
+            if route is not None:
+                to = (
+                    route["safe"]
+                    if route["rolled_back"]
+                    else max(route["weights"], key=route["weights"].get)
+                )
+                if str(to) == expected:
+                    break
+            time.sleep(0.02)
+        took = time.monotonic() - start
+        assert version(gateway) == expected
+        return took
+
+    assert settled(replicas[1], "2") < 1.0  # the canary route reached the other replica
+    rolled = replicas[1].post(
+        "/v2/admin/routes/digits/rollback", json={"reason": "bad canary"}, headers=admin
+    )
+    assert rolled.status_code == 200, rolled.text
+    assert settled(replicas[0], "1") < 1.0  # the rollback, issued on the other one
+    shown = replicas[0].get("/v2/admin/routes", headers=admin).json()["routes"]["digits"]
+    assert shown["rolled_back"] == "bad canary" and shown["strict"] is True
+    late = replica(**settings)  # a replica that starts now takes the table from Redis
+    assert settled(late, "1") < 1.0
