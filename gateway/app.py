@@ -27,11 +27,9 @@ from bastion.gateway.http import install_error_handlers, router
 from bastion.gateway.identity import routes as key_routes
 from bastion.gateway.identity.keys import KeyRing, open_key_store
 from bastion.gateway.incidents import routes as incident_routes
+from bastion.gateway.incidents.factory import open_incidents, open_ledger
 from bastion.gateway.incidents.grouping import Grouper
-from bastion.gateway.incidents.ledger import Ledger
 from bastion.gateway.incidents.log import IncidentLog
-from bastion.gateway.incidents.signing import Signer
-from bastion.gateway.incidents.store import IncidentStore
 from bastion.gateway.incidents.writer import LogWriter
 from bastion.gateway.monitoring.drift_monitor import DriftEvent
 from bastion.gateway.monitoring.metrics import Metrics
@@ -54,19 +52,6 @@ from bastion.gateway.state import redis as redis_state
 from bastion.gateway.state.route_sync import RouteSync
 
 log = logging.getLogger(__name__)
-
-
-def open_incidents(settings: Settings, metrics: Metrics) -> tuple[IncidentLog, Grouper]:
-    """The incident log (its signing key created on first use, its witness file) and the
-    incidents its entries open and join."""
-    signer = Signer.from_file(settings.incident_key_path)
-    incident_log = IncidentLog(
-        settings.incident_log_path, signer, settings.incident_checkpoint_path
-    )
-    grouper = Grouper(IncidentStore(settings.incident_log_path), incident_log)
-    incident_log.listeners.append(lambda e: metrics.incident_log_entries.labels(e.kind).inc())
-    incident_log.listeners.append(grouper.on_entry)
-    return incident_log, grouper
 
 
 def restore_state(incident_log: IncidentLog, grouper: Grouper, routes: RouteTable) -> None:
@@ -134,7 +119,9 @@ def rate_limiter(
     spec = RateSpec(settings.rate_limit, settings.rate_limit_burst)
     if redis is None or shared is None:
         return LocalRateLimiter(spec)
-    return RedisRateLimiter(redis, spec, settings.shared_state_failure, shared.failed)
+    return RedisRateLimiter(
+        redis, spec, settings.shared_state_failure, shared.failed, shared.round_trip
+    )
 
 
 def create_app(settings: Settings | None = None, grpc: bool = False) -> Gateway:
@@ -163,7 +150,7 @@ def create_app(settings: Settings | None = None, grpc: bool = False) -> Gateway:
         decoder = DecodePool(
             settings.decode_workers, settings.decode_queue_size, settings.decode_budget_ms, metrics
         )
-        incident_log, grouper = open_incidents(settings, metrics)
+        incident_log, grouper = await asyncio.to_thread(open_incidents, settings, metrics)
         app.state.incident_log, app.state.incidents = incident_log, grouper
         writer = LogWriter(
             incident_log, settings.incident_log_backlog, metrics.incident_log_dropped.inc
@@ -188,18 +175,12 @@ def create_app(settings: Settings | None = None, grpc: bool = False) -> Gateway:
         )
         replication = None
         if defence is not None and replicated is not None and shared is not None:
-            replication = Replication(replicated, defence, metrics, failed=shared.failed)
+            replication = Replication(
+                replicated, defence, metrics, failed=shared.failed, round_trip=shared.round_trip
+            )
             replication.start()
         registry.fingerprint_spec = defence.fingerprint_spec if defence else None
-        ledger = None
-        if settings.ledger:
-            ledger = Ledger(
-                settings.ledger_path,
-                settings.ledger_retention_s,
-                settings.ledger_max_rows,
-                settings.ledger_backlog,
-                on_drop=metrics.ledger_dropped.inc,
-            )
+        ledger = await asyncio.to_thread(open_ledger, settings, metrics)
         limiter = rate_limiter(settings, redis, shared)
         routes = RouteTable(audit=writer.submit)
         restore_state(incident_log, grouper, routes)

@@ -125,7 +125,18 @@ def incidents_verify(
         typer.Option(help="Ed25519 public key PEM (default: the half of incident_key_path)."),
     ] = None,
     witness: Annotated[
-        Path | None, typer.Option(help="Witness file (default: incident_checkpoint_path).")
+        Path | None,
+        typer.Option(
+            help="Witness file (default: incident_checkpoint_path; none for a log in "
+            "PostgreSQL, where each replica keeps its own: give one of theirs)."
+        ),
+    ] = None,
+    database_url: Annotated[
+        str | None,
+        typer.Option(
+            help="The log in PostgreSQL, shared by the replicas (default: BASTION_DATABASE_URL "
+            "when set and --log is not given)."
+        ),
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the verdict as JSON.")] = False,
 ) -> None:
@@ -138,25 +149,28 @@ def incidents_verify(
     from bastion.gateway.settings import Settings
 
     settings = Settings()
+    url = database_url or (settings.database_url if log is None else None)
     try:
         key = load_public_key(public_key or settings.incident_key_path)
-        verdict = verify(
-            log or settings.incident_log_path, key, witness or settings.incident_checkpoint_path
-        )
+        if url:
+            verdict = verify(url, key, witness)
+        else:
+            where = log or settings.incident_log_path
+            verdict = verify(where, key, witness or settings.incident_checkpoint_path)
     except (OSError, ValueError) as exc:
         typer.echo(
-            f"error: {exc}\n(give the files with --log, --public-key and --witness, or the "
-            "gateway's BASTION_INCIDENT_LOG_PATH, BASTION_INCIDENT_KEY_PATH and "
-            "BASTION_INCIDENT_CHECKPOINT_PATH)",
+            f"error: {exc}\n(give the files with --log (or --database-url), --public-key and "
+            "--witness, or the gateway's BASTION_INCIDENT_LOG_PATH (or BASTION_DATABASE_URL), "
+            "BASTION_INCIDENT_KEY_PATH and BASTION_INCIDENT_CHECKPOINT_PATH)",
             err=True,
         )
         raise typer.Exit(2) from None
     if as_json:
         typer.echo(json.dumps(verdict.to_json(), indent=1))
     elif verdict.ok:
+        seen = "no witness" if verdict.witnessed is None else f"witness at {verdict.witnessed}"
         typer.echo(
-            f"ok: {verdict.entries} entries, {verdict.checkpoints} signed checkpoints, "
-            f"witness at {verdict.witnessed}"
+            f"ok: {verdict.entries} entries, {verdict.checkpoints} signed checkpoints, {seen}"
         )
     else:
         typer.echo(f"TAMPERED: first bad entry {verdict.first_bad}")
@@ -257,14 +271,12 @@ def quarantine_export(
 def log_offline(kind: str, subject: str, body: dict[str, Any]) -> None:
     """Appends a command's decision to the incident log from this process (the log takes
     appends from several); a warning, not a failure, when it cannot."""
-    from bastion.gateway.incidents.log import IncidentLog, TamperedLog
-    from bastion.gateway.incidents.signing import Signer
+    from bastion.gateway.incidents.factory import open_log
+    from bastion.gateway.incidents.log import TamperedLog
     from bastion.gateway.settings import Settings
 
-    settings = Settings()
     try:
-        signer = Signer.from_file(settings.incident_key_path)
-        log = IncidentLog(settings.incident_log_path, signer, settings.incident_checkpoint_path)
+        log = open_log(Settings())  # the shared log in PostgreSQL when BASTION_DATABASE_URL
         try:
             log.append(kind, subject, body, "admin")
         finally:

@@ -10,13 +10,15 @@ gets ``per_minute`` requests a minute plus at most ``b`` at once, never more.
 With several replicas the limit must hold for the client, not per replica (three replicas
 with a local limit let three times the traffic through). ``RedisRateLimiter`` keeps ``tat`` in
 Redis and updates it in one Lua script, atomically and on Redis's own clock (``TIME``), so the
-replicas' clocks do not matter: one round trip per request, at admission, before any work.
+replicas' clocks do not matter; the checks that arrive together share one pipelined round trip,
+at admission, before any work.
 When Redis does not answer, the ``on_failure`` policy decides: ``open`` admits (and counts
 the failure), ``closed`` refuses with 503.
 """
 
 from __future__ import annotations
 
+import asyncio
 import math
 import time
 from collections import OrderedDict
@@ -117,7 +119,10 @@ class LocalRateLimiter:
 
 
 class RedisRateLimiter:
-    """GCRA in Redis, shared by every replica (``redis.asyncio`` client ``redis``)."""
+    """GCRA in Redis, shared by every replica (``redis.asyncio`` client ``redis``).
+
+    The checks of one event-loop turn go to Redis together, one pipeline of ``EVALSHA``: under
+    load one round trip serves as many requests as arrived meanwhile (as a batch does)."""
 
     def __init__(
         self,
@@ -125,18 +130,24 @@ class RedisRateLimiter:
         spec: RateSpec,
         on_failure: Literal["open", "closed"] = "open",
         failed: Callable[[str], None] = lambda op: None,
+        round_trip: Callable[[str], None] = lambda op: None,
     ) -> None:
-        self.spec, self.on_failure, self.failed = spec, on_failure, failed
-        self._script = redis.register_script(GCRA_SCRIPT)
+        self.redis, self.spec, self.on_failure = redis, spec, on_failure
+        self.failed, self.round_trip = failed, round_trip
+        self._sha: str | None = None
+        self._pending: list[tuple[str, asyncio.Future[int]]] = []
+        self._sending: set[asyncio.Task[None]] = set()
 
     async def check(self, client: str) -> None:
         from redis.exceptions import RedisError
 
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[int] = loop.create_future()
+        self._pending.append((client, future))
+        if len(self._pending) == 1:  # the first of this turn: send them all at its end
+            loop.call_soon(self._flush)
         try:
-            wait = await self._script(
-                keys=[KEY_PREFIX + client],
-                args=[self.spec.interval_us, self.spec.tolerance_us],
-            )
+            wait = await future
         except (RedisError, OSError) as exc:
             self.failed("rate_limit")
             if self.on_failure == "closed":
@@ -144,5 +155,39 @@ class RedisRateLimiter:
                     "the shared rate-limit state (Redis) is unreachable; retry later"
                 ) from exc
             return
-        if int(wait) > 0:
-            raise too_many(int(wait), self.spec)
+        if wait > 0:
+            raise too_many(wait, self.spec)
+
+    def _flush(self) -> None:
+        pending, self._pending = self._pending, []
+        task = asyncio.get_running_loop().create_task(self._send(pending))
+        self._sending.add(task)
+        task.add_done_callback(self._sending.discard)
+
+    async def _send(self, pending: list[tuple[str, asyncio.Future[int]]]) -> None:
+        from redis.exceptions import NoScriptError
+
+        try:
+            try:
+                results = await self._pipeline(pending)
+            except NoScriptError:  # Redis restarted and forgot the script: load it again
+                self._sha = None
+                results = await self._pipeline(pending)
+        except Exception as exc:
+            for _, future in pending:
+                if not future.done():
+                    future.set_exception(exc)
+            return
+        for (_, future), result in zip(pending, results, strict=True):
+            if not future.done():
+                future.set_result(int(result))
+
+    async def _pipeline(self, pending: list[tuple[str, asyncio.Future[int]]]) -> list[Any]:
+        if self._sha is None:
+            self._sha = await self.redis.script_load(GCRA_SCRIPT)
+        pipe = self.redis.pipeline(transaction=False)
+        args = (self.spec.interval_us, self.spec.tolerance_us)
+        for client, _ in pending:
+            pipe.evalsha(self._sha, 1, KEY_PREFIX + client, *args)
+        self.round_trip("rate_limit")
+        return await pipe.execute(raise_on_error=True)

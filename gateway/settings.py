@@ -228,7 +228,8 @@ class Settings(BaseSettings):
         None,
         max_length=2048,
         pattern=r"^postgres(ql)?://",
-        description="PostgreSQL for the state replicas share (client keys so far), e.g. "
+        description="PostgreSQL for the state replicas share (client keys, the incident log "
+        "and its incidents, the served-prediction ledger), e.g. "
         "postgresql://bastion@db:5432/bastion; unset: SQLite files. Give the password in the "
         "environment (BASTION_DATABASE_URL) or PGPASSWORD, not on the command line.",
     )

@@ -155,6 +155,11 @@ start() {
   chmod 600 "$dir/admin-token"
   start_postgres
   start_redis
+  # one incident signing key for every replica (they sign heads of one shared log), made now:
+  # replicas starting together would each make their own
+  "$python" -c 'import sys; from pathlib import Path
+from bastion.gateway.incidents.signing import Signer
+Signer.from_file(Path(sys.argv[1]))' "$dir/incident-signing.key"
   for ((n = 1; n <= replicas; n++)); do start_replica "$n"; done
   for ((n = 1; n <= replicas; n++)); do
     wait_ready "http://127.0.0.1:$(cat "$dir/replica-$n/port")/v2/health/ready" 180 \

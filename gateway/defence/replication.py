@@ -162,9 +162,10 @@ class Replication:
         maxlen: int = 100_000,
         backlog: int = 4096,
         failed: Callable[[str], None] = lambda op: None,
+        round_trip: Callable[[str], None] = lambda op: None,
     ) -> None:
         self.redis, self.defence, self.metrics = redis, defence, metrics
-        self.maxlen, self.failed = maxlen, failed
+        self.maxlen, self.failed, self.round_trip = maxlen, failed, round_trip
         self.origin = secrets.token_hex(8)  # this process: its own entries are not replayed
         self._queue: queue.Queue[dict[str, bytes]] = queue.Queue(backlog)
         self._stop = threading.Event()
@@ -222,6 +223,7 @@ class Replication:
                 pipe = self.redis.pipeline(transaction=False)
                 for fields in pending:
                     pipe.xadd(STREAM, fields, maxlen=self.maxlen, approximate=True)
+                self.round_trip("defence_send")
                 pipe.execute()
                 pending.clear()
             except Exception:  # Redis away: keep them (bounded by the queue) and try again

@@ -16,9 +16,11 @@ On 300 test digits and their 1 %-pixel steps, 12 of 16 keeps every near-duplicat
 Writes are off the hot path: ``submit`` puts a request's rows (or what they are built from)
 on a bounded queue and returns; one thread wakes at most every ``GATHER_S``, builds the rows
 and inserts what gathered in one transaction (a thread switch per request would cost the
-event loop more than the rows do). WAL with ``synchronous=NORMAL``: a committed batch survives
-the process being killed. Retention by age and by row count runs in the same thread every
-``SWEEP_INTERVAL_S``. A full queue drops the rows and counts them.
+event loop more than the rows do). On SQLite, WAL with ``synchronous=NORMAL``: a committed
+batch survives the process being killed. With ``database_url`` the rows go to PostgreSQL, one
+table for every replica, the same bounds over all of them. Retention by age and by row count
+runs in the same thread every ``SWEEP_INTERVAL_S``. A full queue, or a batch the database
+would not take, drops the rows and counts them.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from bastion.gateway.defence.fingerprint import content_hash
-from bastion.gateway.incidents.sqlite import connect, transaction
+from bastion.gateway.incidents.database import Database, SQLiteDatabase
 
 log = logging.getLogger(__name__)
 SKETCH = 16
@@ -141,26 +143,27 @@ def _built(parts: tuple[Any, ...]) -> list[Row]:
 
 
 class Ledger:
-    """The ledger on SQLite, written by one thread."""
+    """The ledger, written by one thread: ``where`` is the SQLite file, or an open
+    ``Database`` (PostgreSQL, which the replicas share)."""
 
     def __init__(
         self,
-        path: str | Path,
+        where: str | Path | Database,
         retention_s: float,
         max_rows: int,
         backlog: int = 10_000,
         on_drop: Callable[[int], None] | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        self._conn = connect(path, "NORMAL", _SCHEMA)
-        self.path, self.retention_s, self.max_rows = Path(path), retention_s, max_rows
+        local = isinstance(where, str | Path)
+        self._db = SQLiteDatabase(where, "NORMAL", _SCHEMA) if local else where
+        self.retention_s, self.max_rows = retention_s, max_rows
         self.clock, self._on_drop = clock, on_drop
         # a request's rows, or what they are built from (``ledger_rows``' arguments): the
         # hashing and packing then happen on the writer's thread, not the request's
         self._queue: queue.Queue[Sequence[Row] | tuple[Any, ...] | None] = queue.Queue(
             maxsize=backlog
         )
-        self._lock = threading.Lock()
         self.written = 0
         self._thread = threading.Thread(target=self._run, name="ledger", daemon=True)
         self._thread.start()
@@ -190,8 +193,7 @@ class Ledger:
     def close(self) -> None:
         self._queue.put(None)
         self._thread.join()
-        with self._lock:
-            self._conn.close()
+        self._db.close()
 
     def _run(self) -> None:
         next_sweep = time.monotonic() + SWEEP_INTERVAL_S
@@ -217,7 +219,7 @@ class Ledger:
                     if time.monotonic() >= next_sweep:
                         self.sweep()
                         next_sweep = time.monotonic() + SWEEP_INTERVAL_S
-            except sqlite3.Error:
+            except (sqlite3.Error, OSError):  # a full disk, PostgreSQL away
                 log.exception("ledger: %d rows not written", len(rows))
                 if self._on_drop is not None:
                     self._on_drop(len(rows))
@@ -229,8 +231,8 @@ class Ledger:
 
     def _insert(self, rows: list[Row]) -> None:
         # one transaction: autocommit mode would commit every row (four times the cost)
-        with self._lock, transaction(self._conn):
-            self._conn.executemany(
+        with self._db.transaction():
+            self._db.run_many(
                 f"INSERT INTO served ({COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows
             )
         self.written += len(rows)
@@ -238,16 +240,18 @@ class Ledger:
     def sweep(self) -> int:
         """Deletes rows older than ``retention_s`` and the oldest beyond ``max_rows``. Rows are
         appended in time order, so the first row young enough is found by a walk in id order
-        that stops there (no index on time to pay for on every insert)."""
-        with self._lock, transaction(self._conn):
-            young = self._conn.execute(
+        that stops there (no index on time to pay for on every insert). On PostgreSQL, ids
+        the replicas' rolled-back inserts skipped count as rows: fewer may be kept, never more."""
+        with self._db.transaction():
+            young = self._db.query(
                 "SELECT id FROM served WHERE time >= ? ORDER BY id LIMIT 1",
                 (self.clock() - self.retention_s,),
-            ).fetchone()
-            top = self._conn.execute("SELECT MAX(id) FROM served").fetchone()[0] or 0
-            keep_from = max(top + 1 if young is None else young[0], top - self.max_rows + 1)
-            return self._conn.execute("DELETE FROM served WHERE id < ?", (keep_from,)).rowcount
+            )
+            ((top,),) = self._db.query("SELECT MAX(id) FROM served")
+            top = top or 0
+            keep_from = max(top + 1 if not young else young[0][0], top - self.max_rows + 1)
+            return self._db.run("DELETE FROM served WHERE id < ?", (keep_from,))
 
     def count(self) -> int:
-        with self._lock:
-            return int(self._conn.execute("SELECT COUNT(*) FROM served").fetchone()[0])
+        ((rows,),) = self._db.query("SELECT COUNT(*) FROM served")
+        return int(rows)

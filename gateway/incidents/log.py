@@ -9,6 +9,8 @@ kept in the log's SQLite table. Each append commits the entry and a signed check
 new tree head in one transaction (WAL, ``synchronous=FULL``): an appended entry is durable and
 covered by a signature when ``append`` returns, whichever process wrote it (the gateway, or the
 CLI for key and quarantine commands). ``gateway.incidents.verify`` checks it offline.
+With ``database_url`` the same log lives in PostgreSQL, one for every replica
+(``gateway.incidents.log_postgres``).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from typing import Any, Final
 from pymerkle import BaseMerkleTree
 from pymerkle.hasher import MerkleHasher
 
+from bastion.gateway.incidents.database import Database, SQLiteDatabase
 from bastion.gateway.incidents.signing import (
     Checkpoint,
     Signer,
@@ -35,7 +38,6 @@ from bastion.gateway.incidents.signing import (
     witness,
     witness_lock,
 )
-from bastion.gateway.incidents.sqlite import connect
 
 log = logging.getLogger(__name__)
 
@@ -164,7 +166,10 @@ def leaf_hash(content: bytes) -> bytes:
 
 
 class IncidentLog:
-    """The log on SQLite. Thread-safe; several processes may append to one file."""
+    """The log on SQLite. Thread-safe; several processes may append to one file.
+
+    ``PostgresIncidentLog`` (``log_postgres``) keeps the same log in PostgreSQL for replicas:
+    it shares this class's checks, entries and listeners and replaces ``_commit``."""
 
     def __init__(
         self,
@@ -173,9 +178,19 @@ class IncidentLog:
         witness_path: Path | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        self._conn = connect(path, "FULL", _SCHEMA)
-        self._tree = _StoredTree(self._conn)
-        self._lock = threading.Lock()
+        db = SQLiteDatabase(path, "FULL", _SCHEMA)
+        self._setup(db, _StoredTree(db.conn), signer, witness_path, clock)
+
+    def _setup(
+        self,
+        db: Database,
+        tree: BaseMerkleTree,
+        signer: Signer,
+        witness_path: Path | None,
+        clock: Callable[[], float],
+    ) -> None:
+        self._db, self._tree = db, tree
+        self._lock = threading.Lock()  # one append at a time in this process
         self.signer, self.witness_path, self.clock = signer, witness_path, clock
         # called with each entry after its commit (metrics, incident grouping), in the thread
         # that appended it; an error there is logged, never the append's caller's
@@ -183,14 +198,16 @@ class IncidentLog:
 
     def close(self) -> None:
         with self._lock:
-            self._conn.close()
+            self._db.close()
 
     def append(
         self, kind: str, subject: str, body: dict[str, Any], actor: str = "gateway"
     ) -> Entry:
         """Appends one entry and a signed checkpoint of the new head; returns the entry once
         both are committed. Raises ValueError for an unknown kind, a subject over
-        ``SUBJECT_CHARS`` or a body that is not JSON or over ``BODY_BYTES``."""
+        ``SUBJECT_CHARS`` or a body that is not JSON or over ``BODY_BYTES``; ``TamperedLog``
+        when the stored log is not the one last signed; the database's error (nothing
+        acknowledged) when it cannot commit."""
         if kind not in KINDS:
             raise ValueError(f"unknown log entry kind {kind!r}")
         if len(subject) > SUBJECT_CHARS or len(actor) > SUBJECT_CHARS:
@@ -204,33 +221,7 @@ class IncidentLog:
             else witness_lock(self.witness_path)
         )
         with self._lock, held:  # the witness's lock first: checked head to witnessed head
-            self._conn.execute("BEGIN IMMEDIATE")  # one writer at a time, across processes
-            try:
-                self._check_head()  # never sign over entries someone else changed
-                seq = self._tree.get_size() + 1
-                entry = Entry(seq, float(self.clock()), kind, actor, subject, json.loads(text))
-                self._conn.execute(
-                    "INSERT INTO log_entries VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    (
-                        seq,
-                        entry.time,
-                        kind,
-                        actor,
-                        subject,
-                        text.decode(),
-                        leaf_hash(entry.content()),
-                    ),
-                )
-                head = self.signer.sign(Checkpoint(seq, self._tree.get_root(seq), entry.time))
-                self._conn.execute(
-                    "INSERT INTO log_checkpoints VALUES (?, ?, ?, ?)",
-                    (head.size, head.root, head.time, head.signature),
-                )
-                self._conn.execute("COMMIT")
-            except BaseException:
-                self._conn.execute("ROLLBACK")
-                self._tree.cache_clear()  # a cached subtree may hold the leaf rolled back
-                raise
+            entry, head = self._commit(kind, subject, actor, text)
             if self.witness_path is not None:
                 witness(self.witness_path, head, held=True)
         for listener in self.listeners:
@@ -240,24 +231,57 @@ class IncidentLog:
                 log.exception("an incident log listener failed on entry %d", entry.seq)
         return entry
 
-    def _check_head(self) -> None:
+    def _commit(self, kind: str, subject: str, actor: str, text: bytes) -> tuple[Entry, Checkpoint]:
+        """Stores the entry after the tree's last and its signed checkpoint in one transaction
+        (``BEGIN IMMEDIATE``: one writer at a time, across processes)."""
+        try:
+            with self._db.transaction():
+                self._check_head()  # never sign over entries someone else changed
+                return self._store(self._tree.get_size() + 1, kind, subject, actor, text)
+        except BaseException:
+            self._tree.cache_clear()  # a cached subtree may hold the leaf rolled back
+            raise
+
+    def _store(
+        self, seq: int, kind: str, subject: str, actor: str, text: bytes
+    ) -> tuple[Entry, Checkpoint]:
+        """Inserts entry ``seq`` and the signed head over it (caller holds the transaction;
+        the tree must read the new leaf once it is inserted)."""
+        entry = Entry(seq, float(self.clock()), kind, actor, subject, json.loads(text))
+        leaf = leaf_hash(entry.content())
+        self._db.run(
+            "INSERT INTO log_entries VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (seq, entry.time, kind, actor, subject, text.decode(), leaf),
+        )
+        self._stored(leaf)
+        head = self.signer.sign(Checkpoint(seq, self._tree.get_root(seq), entry.time))
+        self._db.run(
+            "INSERT INTO log_checkpoints VALUES (?, ?, ?, ?)",
+            (head.size, head.root, head.time, head.signature),
+        )
+        return entry, head
+
+    def _stored(self, leaf: bytes) -> None:
+        """A leaf was inserted (the SQLite tree reads it from the table)."""
+
+    def _check_head(self, missing_witness: bool = False) -> None:
         """Raises ``TamperedLog`` unless the stored tree is the one last signed: a checkpoint
-        for its current size, signed by our key, with its root, and a witness it extends. So
+        for its current size, signed by our key, with its root, and a witness it extends
+        (``missing_witness``: an absent witness file is a new one, not a deleted one). So
         an edit, a deletion or a cut made without the key is never signed over by the next
         append (caller holds the write transaction)."""
         size = self._tree.get_size()
-        row = self._conn.execute(
-            "SELECT size, root, time, signature FROM log_checkpoints ORDER BY size DESC LIMIT 1"
-        ).fetchone()
+        last = self._last_checkpoint()
         public = self.signer.public_key
         if size:
-            last = None if row is None else Checkpoint(row[0], bytes(row[1]), row[2], bytes(row[3]))
             if last is None or last.size != size or not valid(last, public):
                 raise TamperedLog(
                     f"the log's {size} entries have no signed checkpoint at their end"
                 )
             if self._tree.get_root(size) != last.root:
                 raise TamperedLog(f"the log's {size} entries no longer match their checkpoint")
+        elif last is not None:
+            raise TamperedLog(f"the log has no entries but a checkpoint at {last.size}")
         if self.witness_path is None:
             return
         try:
@@ -265,13 +289,19 @@ class IncidentLog:
         except ValueError as exc:
             raise TamperedLog(f"the witness is unreadable: {exc}") from None
         if seen is None:
-            if size:
+            if size and not missing_witness:
                 raise TamperedLog(f"the witness {self.witness_path} is gone")
             return
         if not valid(seen, public) or seen.size > size:
             raise TamperedLog(f"the log ({size} entries) is not the one witnessed ({seen.size})")
         if self._tree.get_root(seen.size) != seen.root:
             raise TamperedLog(f"the first {seen.size} entries no longer match the witness")
+
+    def _last_checkpoint(self) -> Checkpoint | None:
+        rows = self._db.query(
+            "SELECT size, root, time, signature FROM log_checkpoints ORDER BY size DESC LIMIT 1"
+        )
+        return None if not rows else _checkpoint(rows[0])
 
     def entries(
         self,
@@ -283,26 +313,41 @@ class IncidentLog:
     ) -> list[Entry]:
         """Entries with seq above ``after`` (and time from ``since``), oldest first (at most
         ``limit``, up to 10,000)."""
-        limit = max(1, min(limit, 10_000))
-        query = "SELECT seq, time, kind, actor, subject, body FROM log_entries WHERE seq > ?"
-        params: list[Any] = [after]
-        if subject is not None:
-            query += " AND subject = ?"
-            params.append(subject)
-        if since is not None:
-            query += " AND time >= ?"
-            params.append(since)
-        if kinds:
-            query += f" AND kind IN ({','.join('?' * len(kinds))})"
-            params.extend(kinds)
-        with self._lock:
-            rows = self._conn.execute(query + " ORDER BY seq LIMIT ?", (*params, limit)).fetchall()
-        return [Entry(r[0], r[1], r[2], r[3], r[4], json.loads(r[5])) for r in rows]
+        return [
+            _entry(r) for r in self._db.query(*entries_query(after, limit, subject, since, kinds))
+        ]
 
     def head(self) -> Checkpoint | None:
         """The latest signed checkpoint, None for an empty log."""
-        with self._lock:
-            row = self._conn.execute(
-                "SELECT size, root, time, signature FROM log_checkpoints ORDER BY size DESC LIMIT 1"
-            ).fetchone()
-        return None if row is None else Checkpoint(row[0], bytes(row[1]), row[2], bytes(row[3]))
+        return self._last_checkpoint()
+
+
+def entries_query(
+    after: int = 0,
+    limit: int = 100,
+    subject: str | None = None,
+    since: float | None = None,
+    kinds: tuple[str, ...] = (),
+) -> tuple[str, list[Any]]:
+    """``IncidentLog.entries``' statement (``?`` marks) and its parameters."""
+    limit = max(1, min(limit, 10_000))
+    query = "SELECT seq, time, kind, actor, subject, body FROM log_entries WHERE seq > ?"
+    params: list[Any] = [after]
+    if subject is not None:
+        query += " AND subject = ?"
+        params.append(subject)
+    if since is not None:
+        query += " AND time >= ?"
+        params.append(since)
+    if kinds:
+        query += f" AND kind IN ({','.join('?' * len(kinds))})"
+        params.extend(kinds)
+    return query + " ORDER BY seq LIMIT ?", [*params, limit]
+
+
+def _entry(row: tuple[Any, ...]) -> Entry:
+    return Entry(row[0], row[1], row[2], row[3], row[4], json.loads(row[5]))
+
+
+def _checkpoint(row: tuple[Any, ...]) -> Checkpoint:
+    return Checkpoint(row[0], bytes(row[1]), row[2], bytes(row[3]))

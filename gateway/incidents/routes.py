@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Annotated, Any
+from collections.abc import Callable
+from typing import Annotated, Any, TypeVar
 
 from fastapi import APIRouter, Path, Query, Request
 from pydantic import Field
@@ -12,10 +13,12 @@ from starlette.responses import Response
 from bastion.gateway.admin import AdminRoute, StrictBody, errors
 from bastion.gateway.errors import InvalidInput, NotFound, Unavailable
 from bastion.gateway.http import json_response
+from bastion.gateway.incidents.database import DatabaseUnavailable
 from bastion.gateway.incidents.grouping import Grouper
 from bastion.gateway.incidents.log import TamperedLog
 from bastion.gateway.incidents.store import CLOSED, OPEN
 
+T = TypeVar("T")
 router = APIRouter(route_class=AdminRoute, tags=["admin"])
 IncidentPath = Annotated[int, Path(ge=1, le=2**62)]
 Subject = Annotated[str, Field(min_length=1, max_length=256)]
@@ -36,6 +39,14 @@ def _incidents(request: Request) -> Grouper:
     if grouper is None:
         raise Unavailable("the incident log is not open")
     return grouper
+
+
+async def _in_thread(call: Callable[..., T], *args: Any) -> T:
+    """``call`` off the event loop; the shared database away is a 503, not a 500."""
+    try:
+        return await asyncio.to_thread(call, *args)
+    except DatabaseUnavailable as exc:
+        raise Unavailable(f"the incident database cannot be reached now: {exc}") from None
 
 
 def _show(grouper: Grouper, incident: int) -> dict[str, Any]:
@@ -59,14 +70,14 @@ async def list_incidents(
 ) -> Response:
     """Incidents, newest first."""
     store = _incidents(request).store
-    rows = await asyncio.to_thread(store.list, state, limit)
+    rows = await _in_thread(store.list, state, limit)
     return json_response({"incidents": [row.to_json() for row in rows]})
 
 
 @router.get("/v2/admin/incidents/{incident}", responses=errors(400, 403, 404))
 async def show_incident(request: Request, incident: IncidentPath) -> Response:
     """One incident, its subjects and its timeline (the log entries, oldest first)."""
-    return json_response(await asyncio.to_thread(_show, _incidents(request), incident))
+    return json_response(await _in_thread(_show, _incidents(request), incident))
 
 
 @router.post("/v2/admin/incidents", responses=errors(400, 403))
@@ -74,12 +85,12 @@ async def open_incident(request: Request, body: OpenBody) -> Response:
     """An admin opens an incident (logged); entries about its subjects join it."""
     grouper = _incidents(request)
     try:
-        incident = await asyncio.to_thread(
+        incident = await _in_thread(
             grouper.open, body.title, "admin", list(body.subjects), None, "admin"
         )
     except TamperedLog as exc:
         raise Unavailable(f"the incident log refuses appends: {exc}") from None
-    return json_response(await asyncio.to_thread(_show, grouper, incident), 201)
+    return json_response(await _in_thread(_show, grouper, incident), 201)
 
 
 @router.post("/v2/admin/incidents/{incident}/close", responses=errors(400, 403, 404))
@@ -90,14 +101,14 @@ async def close_incident(
     grouper = _incidents(request)
     note = body.note if body is not None else None
     try:
-        await asyncio.to_thread(grouper.close, incident, "admin", note)
+        await _in_thread(grouper.close, incident, "admin", note)
     except KeyError:
         raise NotFound(f"no incident {incident}") from None
     except TamperedLog as exc:
         raise Unavailable(f"the incident log refuses appends: {exc}") from None
     except ValueError as exc:
         raise InvalidInput(str(exc)) from None
-    return json_response(await asyncio.to_thread(_show, grouper, incident))
+    return json_response(await _in_thread(_show, grouper, incident))
 
 
 @router.get(

@@ -5,7 +5,8 @@ A checkpoint commits to the log's first ``size`` entries through their Merkle ro
 key in ``incident_key_path``, a PKCS#8 PEM file outside the database (created, mode 0600, on
 first use). The signed bytes are a small text note in the manner of C2SP's ``signed-note``:
 an origin line, the size, the root in hex and the time, so a signature cannot be moved to
-another log or size.
+another log or size. Replicas sharing one log in PostgreSQL all sign with the same key: one
+file mounted in each (``gateway.incidents.log_postgres``).
 
 The latest checkpoint is also written to the witness file (``incident_checkpoint_path``),
 outside the database, so that an edit of the database alone cannot drop the entries at its end:
@@ -201,7 +202,9 @@ def witness(path: Path, checkpoint: Checkpoint, held: bool = False) -> None:
         current = read_witness(path)
         if current is not None and current.size >= checkpoint.size:
             return
-        temporary = path.with_name(path.name + ".tmp")
+        # a name of this writer's own: two processes whose lock does not hold (a network
+        # file system) still never write into one temporary file
+        temporary = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
         with open(temporary, "w") as out:
             json.dump(checkpoint.to_json(), out)
             out.flush()

@@ -7,18 +7,26 @@ by the signed checkpoints, one per append: the tree is rebuilt from the recomput
 its root at every checkpoint's size is compared with the signed root (RFC 9162 §2.1.1 roots, by
 ``pymerkle``), so the first checkpoint that no longer matches names the entry. The witness
 file, outside the database, catches a log cut short together with its checkpoints.
+
+The log in PostgreSQL (``database_url``: the replicas' shared log) is read the same way, in one
+read-only repeatable-read transaction, so appends the replicas make meanwhile are not half
+seen. Each replica keeps its own witness file there: give one (or none) with ``witness_path``.
 """
 
 from __future__ import annotations
 
 import json
 import sqlite3
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from pymerkle import InmemoryTree
 
+from bastion.gateway.incidents.database import DatabaseUnavailable, is_postgres
 from bastion.gateway.incidents.log import Entry, canonical, leaf_hash
 from bastion.gateway.incidents.signing import Checkpoint, read_witness, valid
 
@@ -52,21 +60,28 @@ class Verdict:
         }
 
 
-def verify(database: Path, key: Ed25519PublicKey, witness_path: Path | None = None) -> Verdict:
-    """Checks the log in ``database`` against checkpoints signed by ``key`` and the witness
-    (``None``: none kept; a log with entries and no witness file fails). Raises
-    FileNotFoundError when there is no database; anything else wrong is a problem found."""
-    if not database.is_file():
-        raise FileNotFoundError(f"no incident log at {database}")
+ENTRIES = "SELECT seq, time, kind, actor, subject, body, leaf FROM log_entries ORDER BY seq"
+CHECKPOINTS = "SELECT size, root, time, signature FROM log_checkpoints ORDER BY size"
+
+
+def verify(
+    database: Path | str, key: Ed25519PublicKey, witness_path: Path | None = None
+) -> Verdict:
+    """Checks the log in ``database`` (a SQLite file, or a ``postgresql://`` URL) against
+    checkpoints signed by ``key`` and the witness (``None``: none kept; a log with entries and
+    no witness file fails). Raises FileNotFoundError when there is no database file,
+    ``DatabaseUnavailable`` when PostgreSQL cannot be reached; anything else wrong is a
+    problem found."""
     verdict, tree = Verdict(), InmemoryTree("sha256")
+    if is_postgres(database):
+        reader = _postgres(_connect(str(database)))
+    else:
+        reader = _sqlite(Path(database))
     try:
-        conn = sqlite3.connect(f"file:{database}?mode=ro", uri=True)
-        try:
-            _check_entries(conn, verdict, tree)
-            signed = _check_checkpoints(conn, verdict, tree, key)
-        finally:
-            conn.close()
-    except (sqlite3.Error, RecursionError, TypeError, ValueError) as exc:
+        with reader as read:
+            _check_entries(read(ENTRIES), verdict, tree)
+            signed = _check_checkpoints(read(CHECKPOINTS), verdict, tree, key)
+    except (sqlite3.Error, RecursionError, TypeError, ValueError, DatabaseUnavailable) as exc:
         verdict.problems.append(f"the log cannot be read as one: {type(exc).__name__}: {exc}")
         return verdict
     if witness_path is not None:
@@ -81,11 +96,63 @@ def verify(database: Path, key: Ed25519PublicKey, witness_path: Path | None = No
     return verdict
 
 
-def _check_entries(conn: sqlite3.Connection, verdict: Verdict, tree: InmemoryTree) -> None:
+@contextmanager
+def _sqlite(database: Path) -> Iterator[Any]:
+    """The file read-only, in one read transaction (one snapshot, whoever appends meanwhile)."""
+    if not database.is_file():
+        raise FileNotFoundError(f"no incident log at {database}")
+    conn = sqlite3.connect(f"file:{database}?mode=ro", uri=True)
+    try:
+        conn.execute("BEGIN")
+        yield lambda sql: conn.execute(sql)
+    finally:
+        conn.close()
+
+
+def _connect(url: str) -> Any:
+    """Raises ``DatabaseUnavailable`` when the server cannot be reached."""
+    import psycopg
+
+    from bastion.gateway.state import postgres
+
+    try:
+        return postgres.connect(url)
+    except psycopg.Error as exc:
+        raise DatabaseUnavailable(f"PostgreSQL: {exc}".strip()) from exc
+
+
+@contextmanager
+def _postgres(conn: Any) -> Iterator[Any]:
+    """One read-only repeatable-read transaction; rows streamed by server-side cursors, so a
+    long log is not held in memory twice."""
+    import psycopg
+
+    opened: list[Any] = []
+
+    def read(sql: str) -> Any:
+        cursor = conn.cursor(name=f"verify_{len(opened)}")
+        opened.append(cursor)
+        cursor.itersize = 10_000
+        cursor.execute(sql)
+        return cursor
+
+    try:
+        conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
+        conn.read_only = True
+        with conn.transaction():
+            try:
+                yield read
+            finally:
+                for cursor in opened:
+                    cursor.close()
+    except psycopg.Error as exc:
+        raise DatabaseUnavailable(f"PostgreSQL: {type(exc).__name__}: {exc}") from exc
+    finally:
+        conn.close()
+
+
+def _check_entries(rows: Iterable[Any], verdict: Verdict, tree: InmemoryTree) -> None:
     expected = 1
-    rows = conn.execute(
-        "SELECT seq, time, kind, actor, subject, body, leaf FROM log_entries ORDER BY seq"
-    )
     for seq, time_, kind, actor, subject, body, leaf in rows:
         if seq != expected:
             verdict.bad(expected, f"removed or inserted (the next entry is {seq})")
@@ -106,13 +173,12 @@ def _check_entries(conn: sqlite3.Connection, verdict: Verdict, tree: InmemoryTre
 
 
 def _check_checkpoints(
-    conn: sqlite3.Connection, verdict: Verdict, tree: InmemoryTree, key: Ed25519PublicKey
+    rows: Iterable[Any], verdict: Verdict, tree: InmemoryTree, key: Ed25519PublicKey
 ) -> set[int]:
     """Checks every signed checkpoint; returns the sizes our key signed. After the first that
     no longer matches the entries, the rest are counted in one line, not one each."""
     signed: set[int] = set()
     good, mismatched, forged = 0, [], []
-    rows = conn.execute("SELECT size, root, time, signature FROM log_checkpoints ORDER BY size")
     for size, root, time_, signature in rows:
         verdict.checkpoints += 1
         if not (isinstance(size, int) and isinstance(root, bytes) and isinstance(signature, bytes)):

@@ -242,6 +242,12 @@ class Metrics:
             ["backend"],
             registry=self.private_registry,
         )
+        self.shared_state_round_trips = Counter(
+            "bastion_shared_state_round_trips",
+            "Round trips to the shared-state backend (a pipeline is one), by operation",
+            ["backend", "op"],
+            registry=self.private_registry,
+        )
         self.shared_state_errors = Counter(
             "bastion_shared_state_errors",
             "Shared-state commands that failed (timeout, connection), by backend and operation",

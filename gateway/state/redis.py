@@ -59,6 +59,10 @@ class RedisHealth:
             log.warning("Redis stopped answering (%s); failure policy %s", op, self.on_failure)
         self.up = False
 
+    def round_trip(self, op: str) -> None:
+        """One round trip (a command or a pipeline) on the request path or beside it."""
+        self.metrics.shared_state_round_trips.labels("redis", op).inc()
+
     def serving(self) -> bool:
         """Whether the gateway serves: always with ``open``, only while Redis is up with
         ``closed``."""

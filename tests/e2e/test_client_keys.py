@@ -162,6 +162,7 @@ def test_two_gateways_on_one_postgres_share_their_keys(tmp_path: Path, postgres_
     import time
 
     env = {"BASTION_ADMIN_TOKEN": TOKEN, "BASTION_DATABASE_URL": postgres_db}
+    env["BASTION_INCIDENT_KEY_PATH"] = str(tmp_path / "incident.key")  # replicas share it
     first = start_server(tmp_path, env=env)
     second = start_server(tmp_path, env=env)
     try:

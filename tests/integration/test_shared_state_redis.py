@@ -280,3 +280,24 @@ def test_a_rollback_on_one_replica_routes_every_replica_within_a_second(
     assert shown["rolled_back"] == "bad canary" and shown["strict"] is True
     late = replica(**settings)  # a replica that starts now takes the table from Redis
     assert settled(late, "1") < 1.0
+
+
+def test_checks_that_arrive_together_share_one_round_trip(redis_server: Any) -> None:
+    """Fifty requests admitted at once: one pipelined round trip, exactly the burst let in."""
+
+    async def burst() -> tuple[int, int]:
+        client = redis_state.connect(redis_server.url, 1.0)
+        trips: list[str] = []
+        limiter = RedisRateLimiter(client, RateSpec(60, 10), round_trip=trips.append)
+        outcomes = await asyncio.gather(
+            *(limiter.check("crowd") for _ in range(50)), return_exceptions=True
+        )
+        await client.script_flush()  # as after a Redis restart: the limiter loads it again
+        assert await asyncio.gather(limiter.check("after-restart")) == [None]
+        await client.aclose()
+        admitted = sum(outcome is None for outcome in outcomes)
+        assert all(o is None or isinstance(o, TooManyRequests) for o in outcomes), outcomes
+        return admitted, trips.count("rate_limit")
+
+    admitted, trips = asyncio.run(burst())
+    assert admitted == 10 and trips == 3, (admitted, trips)  # the crowd; NOSCRIPT, then again

@@ -38,24 +38,54 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+class PostgresCluster:
+    """One throwaway cluster: ``initdb`` once, then ``start``/``stop`` again on the same port and
+    data directory (an outage the tests can cause); ``remove`` deletes it."""
+
+    def __init__(self) -> None:
+        self.bin_dir, self.port = binaries(), _free_port()
+        self.root = Path(tempfile.mkdtemp(prefix="bastion-pg-", dir="/tmp"))
+        self.data = self.root / "data"
+        self.as_user: list[str] = []
+        if os.geteuid() == 0:
+            self.as_user = ["runuser", "-u", "postgres", "--"]
+            shutil.chown(self.root, "postgres", "postgres")
+        initdb = [*self.as_user, str(self.bin_dir / "initdb"), "-D", str(self.data)]
+        run = [*initdb, "-U", "bastion", "-A", "trust", "--no-sync"]
+        subprocess.run(run, check=True, capture_output=True, timeout=120)
+        self.url = f"postgresql://bastion@127.0.0.1:{self.port}/postgres"
+
+    def _pg_ctl(self) -> list[str]:
+        return [*self.as_user, str(self.bin_dir / "pg_ctl"), "-D", str(self.data)]
+
+    def start(self) -> None:
+        options = f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 -c fsync=on"
+        start = [*self._pg_ctl(), "-l", str(self.root / "log"), "-o", options]
+        subprocess.run([*start, "-w", "-t", "60", "start"], check=True, timeout=90)
+
+    def stop(self) -> None:
+        """``pg_ctl stop -m fast``: sessions are cut off, as when the server goes away."""
+        stop = [*self._pg_ctl(), "-m", "fast", "-w", "stop"]
+        subprocess.run(stop, check=False, capture_output=True, timeout=60)
+
+    def remove(self) -> None:
+        self.stop()
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+@contextmanager
+def postgres_cluster() -> Iterator[PostgresCluster]:
+    """Starts a cluster; yields it (``.url``, ``.stop()``, ``.start()``); removes it at the end."""
+    cluster = PostgresCluster()
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.remove()
+
+
 @contextmanager
 def postgres_server() -> Iterator[str]:
     """Starts a cluster; yields its URL (``postgresql://bastion@127.0.0.1:PORT/postgres``)."""
-    bin_dir, port = binaries(), _free_port()
-    root = Path(tempfile.mkdtemp(prefix="bastion-pg-", dir="/tmp"))
-    data = root / "data"
-    as_user: list[str] = []
-    if os.geteuid() == 0:
-        as_user = ["runuser", "-u", "postgres", "--"]
-        shutil.chown(root, "postgres", "postgres")
-    run = [*as_user, str(bin_dir / "initdb"), "-D", str(data), "-U", "bastion", "-A", "trust"]
-    subprocess.run([*run, "--no-sync"], check=True, capture_output=True, timeout=120)
-    options = f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=on"
-    start = [*as_user, str(bin_dir / "pg_ctl"), "-D", str(data), "-l", str(root / "log")]
-    subprocess.run([*start, "-o", options, "-w", "-t", "60", "start"], check=True, timeout=90)
-    try:
-        yield f"postgresql://bastion@127.0.0.1:{port}/postgres"
-    finally:
-        stop = [*as_user, str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "fast", "-w", "stop"]
-        subprocess.run(stop, check=False, capture_output=True, timeout=60)
-        shutil.rmtree(root, ignore_errors=True)
+    with postgres_cluster() as cluster:
+        yield cluster.url
