@@ -120,6 +120,12 @@ class DataPlane:
             entry["state"] == "READY" or entry.get("reason") == UNLOADED for entry in index
         )
 
+    def _check_shared(self) -> None:
+        """Under the ``closed`` policy, no inference while the shared state (Redis) is down:
+        the defence and the limits would be this replica's alone. Raises ``Unavailable``."""
+        if self.shared is not None and not self.shared.serving():
+            raise Unavailable("the shared state (Redis) is unreachable; retry later")
+
     def model_metadata(self, name: str, version: int | None) -> dict[str, Any]:
         model = self.registry.get(name, version)
         config = model.config
@@ -201,6 +207,7 @@ class DataPlane:
         client's; the request is answered DeadlineExceeded rather than run past it."""
         start = time.perf_counter_ns()
         model = self._route(name, version, caller.client_id)
+        self._check_shared()
         if self.limiter is not None and caller.client_id is not None:
             await self.limiter.check(caller.client_id)  # 429 over the client's rate limit
         charged = None
@@ -242,6 +249,7 @@ class DataPlane:
         try:
             if isinstance(prepared, BastionError):
                 raise prepared
+            self._check_shared()
             if self.limiter is not None and caller.client_id is not None:
                 await self.limiter.check(caller.client_id)
             charged = None

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Sets up everything the tests need (Python packages, Prometheus, Chromium, PostgreSQL), then runs the linter and the whole test suite.
+# Sets up everything the tests need (Python packages; Prometheus, Chromium, PostgreSQL, Redis and
+# HAProxy from Debian), then runs the linter and the whole test suite.
 # The virtual environment lives outside the checkout, keyed by the dependency spec, and is
 # rebuilt from nothing when it is missing or stale (see scripts/setup.sh).
 set -euo pipefail

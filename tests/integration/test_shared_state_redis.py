@@ -137,7 +137,7 @@ def test_when_redis_stops_open_serves_and_closed_refuses(redis_server: Any) -> N
 def test_closed_gateway_is_not_ready_while_redis_is_down(
     redis_server: Any, replica: Replica
 ) -> None:
-    gateway = replica(redis_url=redis_server.url, shared_state_failure="closed", rate_limit=600.0)
+    gateway = replica(redis_url=redis_server.url, shared_state_failure="closed", defence=True)
     assert gateway.get("/v2/health/ready").status_code == 200
     redis_server.stop()
     deadline = time.monotonic() + 5
