@@ -182,6 +182,8 @@ def create_app(settings: Settings | None = None, grpc: bool = False) -> Gateway:
         registry.fingerprint_spec = defence.fingerprint_spec if defence else None
         ledger = await asyncio.to_thread(open_ledger, settings, metrics)
         limiter = rate_limiter(settings, redis, shared)
+        if isinstance(limiter, RedisRateLimiter):  # the shared check: once per batch
+            registry.batch_admit = limiter.admit_batch
         routes = RouteTable(audit=writer.submit)
         restore_state(incident_log, grouper, routes)
         route_sync = None

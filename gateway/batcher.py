@@ -6,6 +6,8 @@ formed only when the device has a free slot, so while the device is busy the que
 larger next batch.
 The queue is bounded (full → ``Unavailable`` at once); requests past their deadline are answered
 before they reach the device; a cancelled caller's rows are dropped before the batch runs.
+An optional ``admit`` hook sees a formed batch's clients before it runs and may refuse some of
+them (the rate limit shared by replicas: one Redis round trip per batch, not per request).
 Model work runs in the device's thread pool, never on the event loop.
 """
 
@@ -15,7 +17,7 @@ import asyncio
 import contextlib
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Protocol
@@ -27,6 +29,8 @@ from bastion.gateway.monitoring.stats import BatchTimes
 
 Arrays = dict[str, np.ndarray]
 RunBatch = Callable[[Sequence[Arrays]], tuple[Arrays, BatchTimes]]
+Admit = Callable[[list[str | None]], Awaitable[list[Exception | None]]]
+"""A batch's clients -> per request None (admitted) or the error that refuses it."""
 
 
 class BatchObserver(Protocol):
@@ -58,6 +62,7 @@ class _Item:
     future: asyncio.Future[Arrays]
     arrival_ns: int
     deadline_ns: int | None
+    client: str | None = None
 
 
 class DynamicBatcher:
@@ -71,8 +76,10 @@ class DynamicBatcher:
         preferred_batch_sizes: Sequence[int] = (),
         max_queue_delay_us: int = 0,
         max_queue_size: int = 1024,
+        admit: Admit | None = None,
     ) -> None:
         self._run_batch = run_batch
+        self._admit = admit
         self._slots = slots
         self._observer = observer
         self.max_batch_size = max(1, max_batch_size)
@@ -94,14 +101,17 @@ class DynamicBatcher:
     def start(self) -> None:
         self._loop_task = asyncio.get_running_loop().create_task(self._loop())
 
-    async def submit(self, inputs: Arrays, rows: int, deadline_ns: int | None = None) -> Arrays:
-        """Queues one validated request; returns its rows of every output."""
+    async def submit(
+        self, inputs: Arrays, rows: int, deadline_ns: int | None = None, client: str | None = None
+    ) -> Arrays:
+        """Queues one validated request (``client``: who sent it, for ``admit``); returns its
+        rows of every output."""
         if self._closing:
             raise Unavailable("model is unloading")
         if len(self._queue) >= self._max_queue_size:
             raise Unavailable(f"queue is full ({self._max_queue_size} requests); retry later")
         future: asyncio.Future[Arrays] = asyncio.get_running_loop().create_future()
-        self._queue.append(_Item(inputs, rows, future, time.perf_counter_ns(), deadline_ns))
+        self._queue.append(_Item(inputs, rows, future, time.perf_counter_ns(), deadline_ns, client))
         self._queued_rows += rows
         self._wake.set()
         return await future
@@ -174,6 +184,21 @@ class DynamicBatcher:
 
     async def _execute(self, items: list[_Item]) -> None:
         loop = asyncio.get_running_loop()
+        if self._admit is not None:
+            try:
+                verdicts = await self._admit([item.client for item in items])
+            except BaseException:
+                self._slots.semaphore.release()
+                self._wake.set()
+                raise
+            for item, refusal in zip(items, verdicts, strict=True):
+                if refusal is not None:
+                    _fail(item.future, refusal)
+            items = [item for item, refusal in zip(items, verdicts, strict=True) if refusal is None]
+            if not items:
+                self._slots.semaphore.release()
+                self._wake.set()
+                return
         try:
             outputs, times = await loop.run_in_executor(
                 self._slots.executor, self._run_batch, [item.inputs for item in items]

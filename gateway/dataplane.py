@@ -276,7 +276,7 @@ class DataPlane:
             deadline = self._deadline(model, request, start)
             if deadline_ns is not None:
                 deadline = deadline_ns if deadline is None else min(deadline, deadline_ns)
-            results = await model.batcher.submit(arrays, rows, deadline)
+            results = await model.batcher.submit(arrays, rows, deadline, caller.client_id)
             screened = await self._screen(model, request, arrays, results, charged, caller.shared)
             outputs = [output_tensor(model.config, want, results[want.name]) for want in wanted]
         except BastionError as exc:

@@ -10,15 +10,15 @@ gets ``per_minute`` requests a minute plus at most ``b`` at once, never more.
 With several replicas the limit must hold for the client, not per replica (three replicas
 with a local limit let three times the traffic through). ``RedisRateLimiter`` keeps ``tat`` in
 Redis and updates it in one Lua script, atomically and on Redis's own clock (``TIME``), so the
-replicas' clocks do not matter; the checks that arrive together share one pipelined round trip,
-at admission, before any work.
+replicas' clocks do not matter; a batch's requests are checked together, one pipelined round
+trip per batch, before the model runs (a replica's own GCRA at the same rate refuses a flood at
+admission, before any work).
 When Redis does not answer, the ``on_failure`` policy decides: ``open`` admits (and counts
 the failure), ``closed`` refuses with 503.
 """
 
 from __future__ import annotations
 
-import asyncio
 import math
 import time
 from collections import OrderedDict
@@ -121,8 +121,11 @@ class LocalRateLimiter:
 class RedisRateLimiter:
     """GCRA in Redis, shared by every replica (``redis.asyncio`` client ``redis``).
 
-    The checks of one event-loop turn go to Redis together, one pipeline of ``EVALSHA``: under
-    load one round trip serves as many requests as arrived meanwhile (as a batch does)."""
+    Two checks. At admission (``check``), before any work, a GCRA of this replica's own at the
+    full rate: a client over its limit on one replica alone is over it everywhere, so a flood is
+    refused without a round trip. Then, when its batch is formed (``admit_batch``, the batcher's
+    admission hook), the shared GCRA in Redis for every request of the batch in one pipeline of
+    ``EVALSHA``: one round trip per batch, before the model runs."""
 
     def __init__(
         self,
@@ -134,60 +137,46 @@ class RedisRateLimiter:
     ) -> None:
         self.redis, self.spec, self.on_failure = redis, spec, on_failure
         self.failed, self.round_trip = failed, round_trip
+        self.local = LocalRateLimiter(spec)
         self._sha: str | None = None
-        self._pending: list[tuple[str, asyncio.Future[int]]] = []
-        self._sending: set[asyncio.Task[None]] = set()
 
     async def check(self, client: str) -> None:
-        from redis.exceptions import RedisError
+        await self.local.check(client)
 
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[int] = loop.create_future()
-        self._pending.append((client, future))
-        if len(self._pending) == 1:  # the first of this turn: send them all at its end
-            loop.call_soon(self._flush)
-        try:
-            wait = await future
-        except (RedisError, OSError) as exc:
-            self.failed("rate_limit")
-            if self.on_failure == "closed":
-                raise Unavailable(
-                    "the shared rate-limit state (Redis) is unreachable; retry later"
-                ) from exc
-            return
-        if wait > 0:
-            raise too_many(wait, self.spec)
+    async def admit_batch(self, clients: list[str | None]) -> list[Exception | None]:
+        """One verdict per request of a batch (None: admitted; else the error to answer it
+        with), from one pipelined round trip. Requests without a client are admitted."""
+        from redis.exceptions import NoScriptError, RedisError
 
-    def _flush(self) -> None:
-        pending, self._pending = self._pending, []
-        task = asyncio.get_running_loop().create_task(self._send(pending))
-        self._sending.add(task)
-        task.add_done_callback(self._sending.discard)
-
-    async def _send(self, pending: list[tuple[str, asyncio.Future[int]]]) -> None:
-        from redis.exceptions import NoScriptError
-
+        named = [i for i, client in enumerate(clients) if client is not None]
+        verdicts: list[Exception | None] = [None] * len(clients)
+        if not named:
+            return verdicts
         try:
             try:
-                results = await self._pipeline(pending)
+                waits = await self._pipeline([clients[i] for i in named])  # type: ignore[misc]
             except NoScriptError:  # Redis restarted and forgot the script: load it again
                 self._sha = None
-                results = await self._pipeline(pending)
-        except Exception as exc:
-            for _, future in pending:
-                if not future.done():
-                    future.set_exception(exc)
-            return
-        for (_, future), result in zip(pending, results, strict=True):
-            if not future.done():
-                future.set_result(int(result))
+                waits = await self._pipeline([clients[i] for i in named])  # type: ignore[misc]
+        except (RedisError, OSError):
+            self.failed("rate_limit")
+            if self.on_failure == "closed":
+                refusal = Unavailable(
+                    "the shared rate-limit state (Redis) is unreachable; retry later"
+                )
+                return [refusal if c is not None else None for c in clients]
+            return verdicts
+        for i, wait in zip(named, waits, strict=True):
+            if int(wait) > 0:
+                verdicts[i] = too_many(int(wait), self.spec)
+        return verdicts
 
-    async def _pipeline(self, pending: list[tuple[str, asyncio.Future[int]]]) -> list[Any]:
+    async def _pipeline(self, clients: list[str]) -> list[Any]:
         if self._sha is None:
             self._sha = await self.redis.script_load(GCRA_SCRIPT)
         pipe = self.redis.pipeline(transaction=False)
         args = (self.spec.interval_us, self.spec.tolerance_us)
-        for client, _ in pending:
+        for client in clients:
             pipe.evalsha(self._sha, 1, KEY_PREFIX + client, *args)
         self.round_trip("rate_limit")
         return await pipe.execute(raise_on_error=True)

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from bastion.gateway.backends import Backend, load_backend
-from bastion.gateway.batcher import Arrays, DeviceSlots, DynamicBatcher
+from bastion.gateway.batcher import Admit, Arrays, DeviceSlots, DynamicBatcher
 from bastion.gateway.errors import BastionError, NotFound, Unavailable
 from bastion.gateway.limits import ModelLimits, model_limits
 from bastion.gateway.monitoring.drift_monitor import DriftMonitor
@@ -129,6 +129,7 @@ class ModelRegistry:
         self._lock = asyncio.Lock()
         self.on_screening: Callable[[str, str, Any], None] = lambda *_: None
         self.fingerprint_spec: Any = None  # set by the app when the stateful defence is on
+        self.batch_admit: Admit | None = None  # set by the app: the rate limit shared in Redis
         self.on_drift_event: Callable[[Any], object] | None = None  # the incident log
 
     async def load_all(self) -> None:
@@ -233,6 +234,7 @@ class ModelRegistry:
             preferred_batch_sizes=batching.preferred_batch_sizes,
             max_queue_delay_us=batching.max_queue_delay_us,
             max_queue_size=self.settings.max_queue_size or batching.max_queue_size,
+            admit=self.batch_admit,
         )
         batcher.start()
         loaded = LoadedModel(config, version, backend, batcher, observer)

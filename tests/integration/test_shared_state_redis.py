@@ -94,11 +94,9 @@ def test_redis_time_decides_not_the_replicas_clocks(redis_server: Any) -> None:
         limiters = [RedisRateLimiter(c, spec) for c in clients]
         admitted, deadline, i = 0, time.monotonic() + 2.0, 0
         while time.monotonic() < deadline:
-            try:
-                await limiters[i % 2].check("hammer")
-                admitted += 1
-            except TooManyRequests:
-                pass
+            (verdict,) = await limiters[i % 2].admit_batch(["hammer"])
+            admitted += verdict is None
+            assert verdict is None or isinstance(verdict, TooManyRequests)
             i += 1
             await asyncio.sleep(0.002)
         for client in clients:
@@ -116,13 +114,11 @@ def test_when_redis_stops_open_serves_and_closed_refuses(redis_server: Any) -> N
         health = redis_state.RedisHealth(client, metrics, policy)  # type: ignore[arg-type]
         limiter = RedisRateLimiter(client, RateSpec(600, 5), policy, health.failed)  # type: ignore[arg-type]
         assert await health.ping() and health.serving()
-        await limiter.check("app")
+        assert await limiter.admit_batch(["app"]) == [None]
         redis_server.stop()
-        try:
-            await limiter.check("app")  # open: admitted; closed: 503
-            admitted = True
-        except Unavailable:
-            admitted = False
+        (verdict,) = await limiter.admit_batch(["app"])  # open: admitted; closed: 503
+        assert verdict is None or isinstance(verdict, Unavailable)
+        admitted = verdict is None
         serving = health.serving()
         failures = metrics.shared_state_errors.labels("redis", "rate_limit")._value.get()
         redis_server.start()
@@ -282,22 +278,21 @@ def test_a_rollback_on_one_replica_routes_every_replica_within_a_second(
     assert settled(late, "1") < 1.0
 
 
-def test_checks_that_arrive_together_share_one_round_trip(redis_server: Any) -> None:
-    """Fifty requests admitted at once: one pipelined round trip, exactly the burst let in."""
+def test_a_batchs_requests_share_one_round_trip(redis_server: Any) -> None:
+    """A batch of fifty requests of one client: one pipelined round trip, the burst let in."""
 
     async def burst() -> tuple[int, int]:
         client = redis_state.connect(redis_server.url, 1.0)
         trips: list[str] = []
         limiter = RedisRateLimiter(client, RateSpec(60, 10), round_trip=trips.append)
-        outcomes = await asyncio.gather(
-            *(limiter.check("crowd") for _ in range(50)), return_exceptions=True
-        )
+        outcomes = await limiter.admit_batch(["crowd"] * 49 + [None])
         await client.script_flush()  # as after a Redis restart: the limiter loads it again
-        assert await asyncio.gather(limiter.check("after-restart")) == [None]
+        assert await limiter.admit_batch(["after-restart"]) == [None]
         await client.aclose()
         admitted = sum(outcome is None for outcome in outcomes)
         assert all(o is None or isinstance(o, TooManyRequests) for o in outcomes), outcomes
         return admitted, trips.count("rate_limit")
 
     admitted, trips = asyncio.run(burst())
-    assert admitted == 10 and trips == 3, (admitted, trips)  # the crowd; NOSCRIPT, then again
+    # ten of the client's, and the request without one; the batch, NOSCRIPT, then again
+    assert admitted == 11 and trips == 3, (admitted, trips)

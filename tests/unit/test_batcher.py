@@ -250,3 +250,39 @@ def test_close_answers_every_accepted_request_then_refuses_new_ones() -> None:
         assert (await queued)["y"].tolist() == [4]
 
     run(scenario())
+
+
+def test_the_admit_hook_sees_each_batch_once_and_its_refusals_never_run() -> None:
+    """The shared rate limit's hook: one call per batch with its clients; a refused request is
+    answered with the hook's error and its rows never reach the device."""
+
+    async def scenario() -> None:
+        device = Device(hold=1)
+        calls: list[list[str | None]] = []
+
+        async def admit(clients: list[str | None]) -> list[Exception | None]:
+            calls.append(clients)
+            return [Unavailable("over the limit") if c == "greedy" else None for c in clients]
+
+        batcher, _ = make(device, admit=admit)
+        first = asyncio.create_task(batcher.submit(row(1), 1, client="alice"))
+        await device_started(device)
+        rest = [
+            asyncio.create_task(batcher.submit(row(v), 1, client=who))
+            for v, who in ((2, "greedy"), (3, None), (4, "bob"))
+        ]
+        await until(lambda: batcher.pending == 3)
+        device.release.set()
+        results = await asyncio.gather(first, *rest, return_exceptions=True)
+        assert isinstance(results[1], Unavailable)
+        assert [r["y"].tolist() for r in (results[0], results[2], results[3])] == [[2], [6], [8]]
+        assert calls == [["alice"], ["greedy", None, "bob"]]
+        assert device.batches == [[1], [3, 4]]
+        refused = asyncio.create_task(batcher.submit(row(5), 1, client="greedy"))
+        with pytest.raises(Unavailable):
+            await refused  # a batch of refusals only: nothing runs, the slot is free again
+        assert (await batcher.submit(row(6), 1, client="carol"))["y"].tolist() == [12]
+        assert device.batches == [[1], [3, 4], [6]]
+        await batcher.close()
+
+    run(scenario())
