@@ -138,7 +138,7 @@ def create_app(settings: Settings | None = None, grpc: bool = False) -> Gateway:
 
             torch.set_num_threads(settings.torch_threads)
         registry = ModelRegistry(ModelRepository(settings.model_repository), settings, metrics)
-        store = open_store(settings)
+        store = await asyncio.to_thread(open_store, settings)
         keys = open_key_store(settings.database_url, settings.keys_path)
         remote = settings.database_url is not None  # never read over the network on the loop
         app.state.keys = KeyRing(keys, settings.keys_refresh_s, background=remote)
@@ -238,7 +238,7 @@ def create_app(settings: Settings | None = None, grpc: bool = False) -> Gateway:
             retention.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await retention
-            store.close()
+            await asyncio.to_thread(store.close)
             app.state.keys.close()
             await asyncio.to_thread(writer.close)  # what the defence decided is written
             if ledger is not None:

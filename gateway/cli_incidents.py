@@ -208,6 +208,13 @@ def incidents_report(
         Path | None,
         typer.Option(help="For the reference profile (default: the model_repository setting)."),
     ] = None,
+    database_url: Annotated[
+        str | None,
+        typer.Option(
+            help="The log and the ledger in PostgreSQL, shared by the replicas (default: "
+            "BASTION_DATABASE_URL when set and neither --log nor --ledger is given)."
+        ),
+    ] = None,
 ) -> None:
     """Writes the impact report (JSON and an HTML page with plots): the clients involved,
     every served prediction linked to the campaign, what else they were served, the class
@@ -216,19 +223,25 @@ def incidents_report(
     from bastion.gateway.settings import Settings
 
     settings = Settings()
+    url = database_url or (settings.database_url if log is None and ledger is None else None)
     started = time.perf_counter()
     try:
         report = build(
             incident,
-            log or settings.incident_log_path,
-            ledger or settings.ledger_path,
+            url or log or settings.incident_log_path,
+            url or ledger or settings.ledger_path,
             repository or settings.model_repository,
         )
     except KeyError:
         typer.echo(f"error: no incident {incident}", err=True)
         raise typer.Exit(1) from None
     except (OSError, ValueError, sqlite3.Error) as exc:
-        typer.echo(f"error: {exc}", err=True)
+        typer.echo(
+            f"error: {exc}\n(give the files with --log and --ledger, or the database with "
+            "--database-url, or the gateway's BASTION_INCIDENT_LOG_PATH and "
+            "BASTION_LEDGER_PATH (or BASTION_DATABASE_URL))",
+            err=True,
+        )
         raise typer.Exit(2) from None
     paths = write(report, out)
     typer.echo(
@@ -245,27 +258,47 @@ def quarantine_export(
         str | None, typer.Option(help="quarantined, released or review (default: all).")
     ] = None,
     store: Annotated[Path | None, typer.Option(help="Default: quarantine_path.")] = None,
+    database_url: Annotated[
+        str | None,
+        typer.Option(
+            help="The store in PostgreSQL, shared by the replicas (default: "
+            "BASTION_DATABASE_URL when set and --store is not given)."
+        ),
+    ] = None,
 ) -> None:
     """Exports the quarantined and reviewed inputs with their verdicts and labels (released:
     clean, quarantined: adversarial, review: unreviewed) as a dataset for retraining: NumPy
     .npz plus a CSV manifest. Offline; the export is an entry of the incident log."""
     from bastion.gateway.incidents.export import export
-    from bastion.gateway.quarantine.sqlite import SQLiteQuarantineStore
     from bastion.gateway.settings import Settings
 
     settings = Settings()
-    path = store or settings.quarantine_path
-    if not path.is_file():
-        typer.echo(f"error: no quarantine store at {path}", err=True)
-        raise typer.Exit(2)
-    with SQLiteQuarantineStore(path) as records:
-        try:
+    url = database_url or (settings.database_url if store is None else None)
+    try:
+        with _quarantine_store(url, store or settings.quarantine_path) as records:
             done = export(records, out, model, status)
-        except ValueError as exc:
-            typer.echo(f"error: {exc}", err=True)
-            raise typer.Exit(1) from None
+    except ValueError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    except OSError as exc:  # no file, or PostgreSQL away
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
     log_offline("export", "quarantine", done)
     typer.echo(f"{count(done['count'], 'input')} {done['labels']} -> {out}")
+
+
+def _quarantine_store(url: str | None, path: Path) -> Any:
+    """The quarantine store to read: PostgreSQL at ``url`` (migrated by the gateway), else
+    the SQLite file at ``path``, which must exist. Raises ``OSError`` when neither opens."""
+    if url:
+        from bastion.gateway.quarantine.postgres import PostgresQuarantineStore
+
+        return PostgresQuarantineStore(url, migrate=False)
+    from bastion.gateway.quarantine.sqlite import SQLiteQuarantineStore
+
+    if not path.is_file():
+        raise FileNotFoundError(f"no quarantine store at {path}")
+    return SQLiteQuarantineStore(path)
 
 
 def log_offline(kind: str, subject: str, body: dict[str, Any]) -> None:

@@ -228,8 +228,8 @@ class Settings(BaseSettings):
         None,
         max_length=2048,
         pattern=r"^postgres(ql)?://",
-        description="PostgreSQL for the state replicas share (client keys, the incident log "
-        "and its incidents, the served-prediction ledger), e.g. "
+        description="PostgreSQL for the state replicas share (client keys, the quarantine and "
+        "review store, the incident log and its incidents, the served-prediction ledger), e.g. "
         "postgresql://bastion@db:5432/bastion; unset: SQLite files. Give the password in the "
         "environment (BASTION_DATABASE_URL) or PGPASSWORD, not on the command line.",
     )
@@ -323,8 +323,9 @@ class Settings(BaseSettings):
         10_000,
         ge=1,
         le=1_000_000,
-        description="Decisions waiting to be written to the log; past it new ones are dropped "
-        "and counted (bastion_incident_log_dropped_total).",
+        description="Decisions waiting to be written to the log (also while its database is "
+        "away: they are written in order once it is back); past it new ones are dropped and "
+        "counted (bastion_incident_log_dropped_total).",
     )
     ledger: bool = Field(
         True, description="Record every screened image's outcome, client and prediction."

@@ -1,6 +1,7 @@
 """Restore: the quarantined and reviewed inputs as a dataset for retraining on sanitised data.
 
-``bastion quarantine export`` reads the quarantine store (offline) and writes the inputs as one
+``bastion quarantine export`` reads the quarantine store (offline: the SQLite file, or the
+PostgreSQL database the replicas share) and writes the inputs as one
 NumPy ``.npz`` (``images``: the exact tensors, stacked; ``ids``) and a CSV manifest, one row
 per input in the same order: its id, time, model and version, client and request, the
 screening verdict, its status and the label an analyst's review gives it:
@@ -21,8 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from bastion.gateway.quarantine.sqlite import SQLiteQuarantineStore
-from bastion.gateway.quarantine.store import QUARANTINED, RELEASED, REVIEW
+from bastion.gateway.quarantine.store import QUARANTINED, RELEASED, REVIEW, QuarantineStore
 
 LABELS = {RELEASED: "clean", QUARANTINED: "adversarial", REVIEW: "unreviewed"}
 PAGE = 1000
@@ -39,7 +39,7 @@ def _cell(value: object) -> object:
 
 
 def export(
-    store: SQLiteQuarantineStore,
+    store: QuarantineStore,
     out: Path,
     model: str | None = None,
     status: str | None = None,

@@ -2,8 +2,12 @@
 
 Read offline from the incident log's database (the incident, its subjects and timeline) and
 the served-prediction ledger, both opened read-only, so it runs while the gateway serves or
-after it is gone. The window runs from an hour before the incident's first entry (an attack's
-first queries come before any evidence) to its closing, or to now. In it:
+after it is gone: the SQLite files, or the PostgreSQL database the replicas share
+(``database_url``), read in one repeatable-read snapshot through ``database.Database`` with
+the same SQL. Whatever the database, the same events give the same report to the byte (but
+``generated_at``): rows are read in id order, ties are broken by id, and strings are sorted
+here, never by a collation. The window runs from an hour before the incident's first entry
+(an attack's first queries come before any evidence) to its closing, or to now. In it:
 
 - the clients involved: the incident's subjects the ledger knows as clients;
 - the campaign's queries: every ledger row of those clients, whatever its outcome;
@@ -26,14 +30,18 @@ import json
 import re
 import sqlite3
 import time
+from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from bastion.gateway.incidents.database import Database, Params, PostgresDatabase, is_postgres
 from bastion.gateway.incidents.grouping import LOOKBACK_S
 from bastion.gateway.incidents.ledger import SKETCH, SKETCH_MATCH
-from bastion.gateway.incidents.store import IncidentStore
+from bastion.gateway.incidents.sqlite import transaction
+from bastion.gateway.incidents.store import MAX_SUBJECTS, IncidentStore
 
 STATIC = Path(__file__).parents[1] / "monitoring" / "static"
 EMPTY = np.iinfo(np.int64).min  # a fingerprint's padding: never a match
@@ -42,16 +50,57 @@ ROWS_LISTED = 100_000
 COLUMNS = "id, time, client, model, version, request_id, outcome, predicted, confidence, tier"
 
 
-def _readonly(path: Path) -> sqlite3.Connection:
-    if not path.is_file():
-        raise FileNotFoundError(f"no database at {path}")
-    return sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+class _ReadOnlySQLite:
+    """A SQLite file opened read-only (never created, never migrated, no WAL switch), as the
+    ``Database`` the report reads: the gateway may be writing it, or be gone."""
+
+    def __init__(self, path: Path) -> None:
+        if not path.is_file():
+            raise FileNotFoundError(f"no database at {path}")
+        self.conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None)
+
+    def query(self, sql: str, params: Params = ()) -> list[tuple[Any, ...]]:
+        return self.conn.execute(sql, params).fetchall()
+
+    def run(self, sql: str, params: Params = ()) -> int:
+        return self.conn.execute(sql, params).rowcount  # refused: the file is read-only
+
+    def run_many(self, sql: str, rows: Sequence[Params]) -> None:
+        self.conn.executemany(sql, rows)
+
+    def transaction(self) -> AbstractContextManager[None]:
+        return transaction(self.conn)  # deferred: one snapshot from its first read on
+
+    def close(self) -> None:
+        self.conn.close()
 
 
-def _rows(conn: sqlite3.Connection, where: str, params: tuple[Any, ...]) -> list[dict[str, Any]]:
+def _open(where: Path | str) -> Database:
+    """``where``: a SQLite file, or a ``postgresql://`` URL (its schema migrated by the
+    gateway already: the report writes nothing)."""
+    if is_postgres(where):
+        return PostgresDatabase(str(where), migrate=False)
+    return _ReadOnlySQLite(Path(where))
+
+
+@contextmanager
+def _snapshot(where: Path | str) -> Iterator[Database]:
+    """The database at ``where`` in one read-only transaction: what the replicas or the
+    gateway append meanwhile is not half seen."""
+    db = _open(where)
+    try:
+        with db.transaction():
+            if isinstance(db, PostgresDatabase):  # SQLite's read transaction is one already
+                db.run("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+            yield db
+    finally:
+        db.close()
+
+
+def _rows(db: Database, where: str, params: Params) -> list[dict[str, Any]]:
     names = [c.strip() for c in COLUMNS.split(",")]
-    found = conn.execute(f"SELECT {COLUMNS} FROM served WHERE {where} ORDER BY id", params)
-    return [dict(zip(names, row, strict=True)) for row in found.fetchall()]
+    found = db.query(f"SELECT {COLUMNS} FROM served WHERE {where} ORDER BY id", params)
+    return [dict(zip(names, row, strict=True)) for row in found]
 
 
 def _matches(candidates: np.ndarray, campaign: np.ndarray) -> np.ndarray:
@@ -77,21 +126,22 @@ def _matches(candidates: np.ndarray, campaign: np.ndarray) -> np.ndarray:
     return found
 
 
-def _sketches(conn: sqlite3.Connection, where: str, params: tuple[Any, ...]) -> tuple:
-    rows = conn.execute(f"SELECT id, sketch FROM served WHERE {where}", params).fetchall()
-    kept = [(i, s) for i, s in rows if len(s) == 8 * SKETCH]
+def _sketches(db: Database, where: str, params: Params) -> tuple[np.ndarray, np.ndarray]:
+    rows = db.query(f"SELECT id, sketch FROM served WHERE {where}", params)
+    kept = [(i, bytes(s)) for i, s in rows if len(s) == 8 * SKETCH]
     ids = np.array([i for i, _ in kept], np.int64)
     blob = b"".join(s for _, s in kept)
     return ids, np.frombuffer(blob, "<i8").reshape(-1, SKETCH)
 
 
-def _series(conn: sqlite3.Connection, start: float, end: float, clients: list[str]) -> dict:
-    """Per time bin: requests (all, and the involved clients'), mean confidence, class mix."""
-    data = conn.execute(
+def _series(db: Database, start: float, end: float, clients: list[str]) -> dict:
+    """Per time bin: requests (all, and the involved clients'), mean confidence, class mix.
+    In id order: the sums, and so the report, come out to the bit whichever database."""
+    data = db.query(
         "SELECT time, client, predicted, confidence FROM served "
-        "WHERE time BETWEEN ? AND ? AND outcome = 'served'",
+        "WHERE time BETWEEN ? AND ? AND outcome = 'served' ORDER BY id",
         (start, end),
-    ).fetchall()
+    )
     t = np.array([d[0] for d in data], np.float64)
     if len(t):  # the bins span the traffic there was, not an empty lead-in
         start = float(t.min())
@@ -140,64 +190,74 @@ def _served_versions(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def build(
-    incident: int, log_path: Path, ledger_path: Path, repository: Path | None = None
+    incident: int, log: Path | str, ledger: Path | str, repository: Path | None = None
 ) -> dict[str, Any]:
-    """The report as a JSON-able dict. Raises KeyError for an unknown incident,
-    FileNotFoundError for a missing database."""
-    _readonly(log_path).close()  # a clear error for a wrong path before anything else
-    store = IncidentStore(log_path)
-    try:
+    """The report as a JSON-able dict. ``log`` and ``ledger``: SQLite files, or the
+    ``postgresql://`` URL of the database the replicas share (read in one snapshot when both
+    name it). Raises KeyError for an unknown incident, FileNotFoundError for a missing file,
+    ``DatabaseUnavailable`` when PostgreSQL cannot be reached."""
+    with _snapshot(log) as log_db:  # a clear error for a wrong log before the ledger's
+        store = IncidentStore(log_db)  # not closed here: its database is the snapshot's
         header = store.get(incident)
-        subjects = store.subjects(incident, limit=10_000)
+        subjects = sorted(store.subjects(incident, limit=MAX_SUBJECTS))  # in no collation
         timeline = store.timeline(incident)
-    finally:
-        store.close()
-    # from an hour before its first entry: an attack's first queries come before any evidence
-    start = min([e.time for e in timeline], default=header.opened_at) - LOOKBACK_S
-    end = max([e.time for e in timeline] + [header.closed_at or time.time()])
-    conn = _readonly(ledger_path)
-    try:
-        clients = sorted(
-            {c for (c,) in conn.execute(
-                "SELECT DISTINCT client FROM served WHERE time BETWEEN ? AND ?", (start, end)
-            )} & set(subjects)
-        )  # fmt: skip
-        marks = ",".join("?" * len(clients)) or "NULL"
-        window = "time BETWEEN ? AND ?"
-        own = f"{window} AND client IN ({marks})"
-        _, campaign = _sketches(conn, own, (start, end, *clients))
-        ids, served = _sketches(conn, f"{window} AND outcome = 'served'", (start, end))
-        linked_ids = ids[_matches(served, campaign)].tolist()
-        linked = _rows(conn, f"id IN ({','.join(map(str, linked_ids)) or 'NULL'})", ())
-        attacker_served = _rows(conn, f"{own} AND outcome = 'served'", (start, end, *clients))
-        outcomes = dict(
-            conn.execute(
-                f"SELECT outcome, COUNT(*) FROM served WHERE {own} GROUP BY outcome",
-                (start, end, *clients),
-            ).fetchall()
-        )
-        versions = [
-            {"model": m, "version": v, "requests": n}
-            for m, v, n in conn.execute(
-                f"SELECT model, version, COUNT(*) FROM served WHERE {window} "
-                "AND outcome = 'served' GROUP BY model, version",
-                (start, end),
-            )
-        ]
-        per_client = conn.execute(
-            f"SELECT client, COUNT(*) FROM served WHERE {window} GROUP BY client "
-            "ORDER BY COUNT(*) DESC LIMIT 20",
-            (start, end),
-        ).fetchall()
-        series = _series(conn, start, end, clients)
-        before = _series(conn, start - 3600.0, start, [])
-    finally:
-        conn.close()
-    linked_set = {r["id"] for r in linked}
+        # from an hour before its first entry: an attack's first queries come before any
+        # evidence
+        start = min([e.time for e in timeline], default=header.opened_at) - LOOKBACK_S
+        end = max([e.time for e in timeline] + [header.closed_at or time.time()])
+        if is_postgres(ledger) and ledger == log:
+            served = _served(log_db, start, end, subjects)
+        else:
+            with _snapshot(ledger) as ledger_db:
+                served = _served(ledger_db, start, end, subjects)
     return {
         "incident": header.to_json(),
         "window": {"start": start, "end": end},
         "subjects": subjects,
+        **served,
+        # the reference of the version the involved clients were served (else the busiest)
+        "reference": _reference(
+            repository, _served_versions(served["attacker_served"]) or served["versions"]
+        ),
+        "timeline": [e.to_json() for e in timeline[:1000]],
+        "generated_at": time.time(),
+    }
+
+
+def _served(db: Database, start: float, end: float, subjects: list[str]) -> dict[str, Any]:
+    """The ledger's part of the report: what was served in the window, to whom, linked how.
+    Ties are broken by the first row's id, never by a string order the collation decides."""
+    window = "time BETWEEN ? AND ?"
+    present = db.query(f"SELECT DISTINCT client FROM served WHERE {window}", (start, end))
+    clients = sorted({c for (c,) in present} & set(subjects))
+    own = f"{window} AND client IN ({','.join('?' * len(clients)) or 'NULL'})"
+    _, campaign = _sketches(db, own, (start, end, *clients))
+    ids, served = _sketches(db, f"{window} AND outcome = 'served'", (start, end))
+    linked_ids = ids[_matches(served, campaign)].tolist()
+    linked = _rows(db, f"id IN ({','.join(map(str, linked_ids)) or 'NULL'})", ())
+    attacker_served = _rows(db, f"{own} AND outcome = 'served'", (start, end, *clients))
+    outcomes = dict(
+        db.query(
+            f"SELECT outcome, COUNT(*) FROM served WHERE {own} GROUP BY outcome ORDER BY outcome",
+            (start, end, *clients),
+        )
+    )
+    versions = sorted(  # by name in Python: no collation's say in it (a handful of rows)
+        db.query(
+            f"SELECT model, version, COUNT(*) FROM served WHERE {window} "
+            "AND outcome = 'served' GROUP BY model, version",
+            (start, end),
+        )
+    )
+    per_client = db.query(
+        f"SELECT client, COUNT(*) FROM served WHERE {window} GROUP BY client "
+        "ORDER BY COUNT(*) DESC, MIN(id) LIMIT 20",
+        (start, end),
+    )
+    series = _series(db, start, end, clients)
+    before = _series(db, start - 3600.0, start, [])
+    linked_set = {r["id"] for r in linked}
+    return {
         "clients_involved": clients,
         "campaign_queries": sum(outcomes.values()),
         "campaign_outcomes": outcomes,
@@ -208,14 +268,10 @@ def build(
         "else_served_to_involved": [r for r in attacker_served if r["id"] not in linked_set][
             :ROWS_LISTED
         ],
-        "versions": versions,
+        "versions": [{"model": m, "version": v, "requests": n} for m, v, n in versions],
         "requests_per_client": [{"client": c, "requests": n} for c, n in per_client],
         "series": series,
         "before": {"class_counts": before["class_counts"], "confidence": before["confidence"]},
-        # the reference of the version the involved clients were served (else the busiest)
-        "reference": _reference(repository, _served_versions(attacker_served) or versions),
-        "timeline": [e.to_json() for e in timeline[:1000]],
-        "generated_at": time.time(),
     }
 
 

@@ -126,17 +126,16 @@ async def incident_report(
     incident: IncidentPath,
     format: Annotated[str, Query(pattern="^(json|html)$")] = "json",
 ) -> Response:
-    """The impact report (``bastion incidents report``): JSON, or the HTML page."""
+    """The impact report (``bastion incidents report``): JSON, or the HTML page. Read from
+    the database the gateway keeps its log and ledger in: the SQLite files, or PostgreSQL."""
     from bastion.gateway.incidents.report import build, page
 
     settings = request.app.state.settings
+    log_where = settings.database_url or settings.incident_log_path
+    ledger_where = settings.database_url or settings.ledger_path
     try:
-        report = await asyncio.to_thread(
-            build,
-            incident,
-            settings.incident_log_path,
-            settings.ledger_path,
-            settings.model_repository,
+        report = await _in_thread(
+            build, incident, log_where, ledger_where, settings.model_repository
         )
     except KeyError:
         raise NotFound(f"no incident {incident}") from None

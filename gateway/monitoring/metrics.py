@@ -262,7 +262,8 @@ class Metrics:
         )
         self.incident_log_dropped = Counter(
             "bastion_incident_log_dropped",
-            "Decisions dropped because the incident log's backlog was full",
+            "Decisions not written to the incident log: its backlog was full (the database "
+            "away or slow), the log refused them, or they were still queued at shutdown",
             registry=self.private_registry,
         )
         self.ledger_dropped = Counter(

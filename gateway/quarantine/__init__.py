@@ -1,5 +1,6 @@
 """Durable storage for inputs the screening policy quarantines, and the admin operations on them."""
 
+from bastion.gateway.quarantine.postgres import PostgresQuarantineStore
 from bastion.gateway.quarantine.sqlite import SQLiteQuarantineStore
 from bastion.gateway.quarantine.store import (
     BYTES_QUOTA,
@@ -30,6 +31,7 @@ __all__ = [
     "STATUSES",
     "Caps",
     "NewItem",
+    "PostgresQuarantineStore",
     "QuarantineRecord",
     "QuarantineStore",
     "Quota",

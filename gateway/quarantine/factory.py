@@ -1,4 +1,8 @@
-"""Builds the quarantine store and its retention sweep from ``Settings`` (for ``app.py``)."""
+"""Builds the quarantine store and its retention sweep from ``Settings`` (for ``app.py``).
+
+A SQLite file beside the gateway by default; PostgreSQL, shared by every replica, when
+``database_url`` is set (its schema migrated on open). Opening is blocking I/O (network, for
+PostgreSQL): call it before serving, or from a thread."""
 
 from __future__ import annotations
 
@@ -10,10 +14,11 @@ from bastion.gateway.quarantine.sqlite import SQLiteQuarantineStore
 from bastion.gateway.quarantine.store import Caps, QuarantineStore, Quota, Usage
 
 if TYPE_CHECKING:
+    from bastion.gateway.quarantine.postgres import PostgresQuarantineStore
     from bastion.gateway.settings import Settings
 
 
-def open_store(settings: Settings) -> SQLiteQuarantineStore:
+def open_store(settings: Settings) -> SQLiteQuarantineStore | PostgresQuarantineStore:
     quota = Quota(
         max_records=settings.quarantine_max_records,
         max_records_per_client=settings.quarantine_max_records_per_client,
@@ -24,6 +29,10 @@ def open_store(settings: Settings) -> SQLiteQuarantineStore:
         request_id_chars=settings.max_request_id_chars,
         note_chars=settings.max_note_chars,
     )
+    if settings.database_url:
+        from bastion.gateway.quarantine.postgres import PostgresQuarantineStore
+
+        return PostgresQuarantineStore(settings.database_url, quota=quota, caps=caps)
     return SQLiteQuarantineStore(settings.quarantine_path, quota=quota, caps=caps)
 
 

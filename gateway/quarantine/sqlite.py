@@ -8,20 +8,19 @@ import os
 import sqlite3
 import threading
 import time
-import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from bastion.gateway.quarantine import rows
+from bastion.gateway.quarantine.rows import FULL, INSERT, NEWEST_FIRST, SUMMARY, new_row, record
 from bastion.gateway.quarantine.schema import MIGRATIONS, SCHEMA_VERSION
 from bastion.gateway.quarantine.store import (
-    BYTES_QUOTA,
     CLIENT_QUOTA,
     DROP_REASONS,
     QUARANTINED,
-    RECORDS_QUOTA,
     RELEASED,
     REVIEW,
     STATUSES,
@@ -39,30 +38,11 @@ from bastion.gateway.quarantine.tensors import decode_array, encode_array
 
 __all__ = ["SCHEMA_VERSION", "SQLiteQuarantineStore", "decode_array", "encode_array"]
 
-_SUMMARY = (
-    "id, created_at, model, version, client_id, request_id, image_index, scores, thresholds, "
-    "verdict, status, released_at, note"
-)
-_FULL = _SUMMARY + ", input"
-_NEWEST_FIRST = "ORDER BY created_at DESC, seq DESC"
-_INSERT = (
-    "INSERT INTO quarantine (id, created_at, model, version, client_id, request_id, image_index,"
-    " scores, thresholds, verdict, status, input_bytes, input)"
-    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-)
-_CLIENT = 4  # position of client_id in an insert row
-_STATUS = 10  # position of status
-_SIZE = 11  # position of input_bytes
 _CLIENT_REVIEWS = f"SELECT COUNT(*) FROM quarantine WHERE client_id IS ? AND status = '{REVIEW}'"
 _CLIENT_WITHHELD = (
     f"SELECT COUNT(*) FROM quarantine WHERE client_id IS ? AND status IN ('{QUARANTINED}', "
     f"'{RELEASED}')"
 )
-
-
-def _floats(values: dict[str, float], name_chars: int) -> str:
-    """JSON with plain floats: detectors hand over numpy scalars, which ``json`` cannot encode."""
-    return json.dumps({cap(str(k), name_chars): float(v) for k, v in values.items()})
 
 
 class SQLiteQuarantineStore:
@@ -157,75 +137,36 @@ class SQLiteQuarantineStore:
 
     def add_many(self, items: Sequence[NewItem]) -> builtins.list[str | None]:
         now = self._clock()
-        rows = [self._row(item, now) for item in items]
-        if not rows:
+        new = [new_row(item, now, self.caps) for item in items]  # encoded outside the lock
+        if not new:
             return []
         with self._lock:
             with self._transaction() as conn:
-                reasons = self._admit(conn, rows)
-                kept = [row for row, why in zip(rows, reasons, strict=True) if why is None]
-                conn.executemany(_INSERT, kept)
+                reasons = self._admit(conn, new)
+                kept = [row for row, why in zip(new, reasons, strict=True) if why is None]
+                conn.executemany(INSERT, kept)
             for why in reasons:
                 if why is not None:
                     self._dropped[why] += 1
                     self._refused |= why != CLIENT_QUOTA
-        return [None if why else row[0] for row, why in zip(rows, reasons, strict=True)]
+        return [None if why else row[0] for row, why in zip(new, reasons, strict=True)]
 
-    def _admit(self, conn: sqlite3.Connection, rows: Sequence[tuple[Any, ...]]) -> list[str | None]:
-        """The drop reason of each row (``None``: kept), from the totals as they stand inside
-        the caller's write transaction, counting the rows of this batch kept before it.
+    def _admit(self, conn: sqlite3.Connection, new: Sequence[tuple[Any, ...]]) -> list[str | None]:
+        """``rows.admit`` against the totals inside the caller's write transaction."""
+        totals = conn.execute("SELECT records, bytes FROM quarantine_totals").fetchone()
 
-        The per-client quota counts a client's review copies and its withheld records apart,
-        so honest traffic that is merely suspicious never uses up the room its withheld inputs'
-        evidence needs."""
-        quota = self.quota
-        records, size = conn.execute("SELECT records, bytes FROM quarantine_totals").fetchone()
-        per_client: dict[tuple[str | None, bool], int] = {}
-        reasons: list[str | None] = []
-        for row in rows:
-            key = (row[_CLIENT], row[_STATUS] == REVIEW)
-            if key not in per_client:
-                per_client[key] = conn.execute(
-                    _CLIENT_REVIEWS if key[1] else _CLIENT_WITHHELD, (key[0],)
-                ).fetchone()[0]
-            if records >= quota.max_records:
-                reasons.append(RECORDS_QUOTA)
-            elif size + row[_SIZE] > quota.max_bytes:
-                reasons.append(BYTES_QUOTA)
-            elif per_client[key] >= quota.max_records_per_client:
-                reasons.append(CLIENT_QUOTA)
-            else:
-                reasons.append(None)
-                records, size = records + 1, size + row[_SIZE]
-                per_client[key] += 1
-        return reasons
+        def client_count(client: str | None, review: bool) -> int:
+            sql = _CLIENT_REVIEWS if review else _CLIENT_WITHHELD
+            return conn.execute(sql, (client,)).fetchone()[0]
 
-    def _row(self, item: NewItem, now: float) -> tuple[Any, ...]:
-        """Encodes outside the lock so one thread's large tensor does not stall the others."""
-        caps = self.caps
-        data = encode_array(item.input)
-        return (
-            uuid.uuid4().hex,
-            now,
-            cap(str(item.model), caps.name_chars),
-            cap(str(item.version), caps.name_chars),
-            cap(item.client_id, caps.client_id_chars),
-            cap(item.request_id, caps.request_id_chars),
-            int(item.image_index),
-            _floats(item.scores, caps.name_chars),
-            _floats(item.thresholds, caps.name_chars),
-            cap(str(item.verdict), caps.name_chars),
-            item.status if item.status in (QUARANTINED, REVIEW) else QUARANTINED,
-            len(data),
-            data,
-        )
+        return rows.admit(self.quota, totals, new, client_count)
 
     def get(self, id: str) -> QuarantineRecord | None:
         with self._lock:
             row = self._conn.execute(
-                f"SELECT {_FULL} FROM quarantine WHERE id = ?", (id,)
+                f"SELECT {FULL} FROM quarantine WHERE id = ?", (id,)
             ).fetchone()
-        return None if row is None else _record(row)
+        return None if row is None else record(row)
 
     def status_usage(self, status: str) -> tuple[int, int]:
         check_status(status)
@@ -248,10 +189,10 @@ class SQLiteQuarantineStore:
                 " WHERE id = ? AND status = ?",
                 (RELEASED, self._clock(), cap(note, self.caps.note_chars), id, QUARANTINED),
             )
-            row = conn.execute(f"SELECT {_FULL} FROM quarantine WHERE id = ?", (id,)).fetchone()
+            row = conn.execute(f"SELECT {FULL} FROM quarantine WHERE id = ?", (id,)).fetchone()
         if row is None:
             raise KeyError(id)
-        return _record(row)
+        return record(row)
 
     def purge(
         self,
@@ -342,13 +283,13 @@ class SQLiteQuarantineStore:
     ) -> builtins.list[QuarantineRecord]:
         check_page(limit, offset)
         where, params = _where(model=model, status=status)
-        columns = _FULL if include_input else _SUMMARY
+        columns = FULL if include_input else SUMMARY
         with self._lock:
-            rows = self._conn.execute(
-                f"SELECT {columns} FROM quarantine{where} {_NEWEST_FIRST} LIMIT ? OFFSET ?",
+            found = self._conn.execute(
+                f"SELECT {columns} FROM quarantine{where} {NEWEST_FIRST} LIMIT ? OFFSET ?",
                 (*params, limit, offset),
             ).fetchall()
-        return [_record(row) for row in rows]
+        return [record(row) for row in found]
 
 
 _TOTAL_RECORDS = "SELECT records FROM quarantine_totals"
@@ -360,40 +301,9 @@ def _where(
     older_than: float | None = None,
     ids: Sequence[str] | None = None,
 ) -> tuple[str, builtins.list[Any]]:
-    """AND of the given filters; ``ids`` travel as one JSON parameter, so any number of them
-    fits within SQLite's bound-variable limit."""
-    check_status(status)
-    clauses: builtins.list[str] = []
-    params: builtins.list[Any] = []
-    if model is not None:
-        clauses.append("model = ?")
-        params.append(model)
-    if status is not None:
-        clauses.append("status = ?")
-        params.append(status)
-    if older_than is not None:
-        clauses.append("created_at < ?")
-        params.append(float(older_than))
-    if ids is not None:
-        clauses.append("id IN (SELECT value FROM json_each(?))")
-        params.append(json.dumps([str(i) for i in ids]))
-    return (" WHERE " + " AND ".join(clauses) if clauses else ""), params
+    """``rows.where``; ``ids`` travel as one JSON parameter, so any number of them fits within
+    SQLite's bound-variable limit."""
+    return rows.where(_IDS, json.dumps, model, status, older_than, ids)
 
 
-def _record(row: Sequence[Any]) -> QuarantineRecord:
-    return QuarantineRecord(
-        id=row[0],
-        created_at=row[1],
-        model=row[2],
-        version=row[3],
-        client_id=row[4],
-        request_id=row[5],
-        image_index=row[6],
-        scores=json.loads(row[7]),
-        thresholds=json.loads(row[8]),
-        verdict=row[9],
-        status=row[10],
-        released_at=row[11],
-        note=row[12],
-        input=decode_array(row[13]) if len(row) > 13 else None,
-    )
+_IDS = "id IN (SELECT value FROM json_each(?))"

@@ -1,7 +1,8 @@
 """The quarantine store contract: what the gateway writes and the admin API reads.
 
-Kept small on purpose so a shared store (PostgreSQL) can implement it next to SQLite: plain
-records in, plain records out, no backend types leaking through.
+Kept small on purpose so that two stores implement it: SQLite (``sqlite.py``, a file beside the
+gateway) and PostgreSQL (``postgres.py``, one store shared by every replica): plain records in,
+plain records out, no backend types leaking through.
 
 Anyone who can send a request can make the gateway write here, so the store bounds itself:
 every stored string is capped (``Caps``) and the number and size of records are capped
@@ -168,8 +169,11 @@ class QuarantineStore(Protocol):
     - ``add_many`` writes the kept items of one request in one transaction and returns, in item
       order, the id of each stored item (uuid4 hex) or ``None`` for an item dropped by a quota,
       only after the commit is durable. Quotas are checked inside that transaction, so
-      concurrent writers (threads or processes) never overshoot. A dropped item's input is
-      still withheld by the caller: the store only decides whether it keeps the evidence.
+      concurrent writers (threads, processes or replicas) never overshoot. A dropped item's
+      input is still withheld by the caller: the store only decides whether it keeps the
+      evidence. When the store cannot commit (its database away) ``add_many`` raises (an
+      ``OSError`` for PostgreSQL) and no id exists to name: the caller must refuse the request
+      rather than acknowledge a record it does not have.
     - Strings longer than their ``Caps`` are truncated, never refused.
     - ``list`` is newest first (``created_at``, then insertion order); filters combine with AND.
     - ``release`` raises ``KeyError`` for an unknown id; releasing again changes nothing and

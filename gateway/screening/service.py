@@ -13,12 +13,13 @@ NaN in place of every withheld image's prediction.
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 from dataclasses import dataclass
 
 import numpy as np
 
 from bastion.gateway.backends import COMBINED, SCORES
-from bastion.gateway.errors import Blocked
+from bastion.gateway.errors import Blocked, Unavailable
 from bastion.gateway.monitoring.metrics import Metrics
 from bastion.gateway.protocol.types import InferRequest, OutputTensor
 from bastion.gateway.quarantine.retention import UsageMetrics
@@ -85,16 +86,29 @@ class ScreeningService:
         dropped = 0
         if decision.quarantined:
             items = [evidence.item(i, decision, QUARANTINED) for i in decision.quarantined]
-            stored, usage = await asyncio.to_thread(self._store, items)
+            try:
+                stored, usage = await asyncio.to_thread(self._store, items)
+            except (OSError, sqlite3.Error) as exc:  # not committed: no id to name; withheld
+                raise Unavailable(
+                    f"request {request.id or '(no id)'}: the quarantine store is unavailable; "
+                    "retry later"
+                ) from exc
             pairs = zip(decision.quarantined, stored, strict=True)
             ids = {i: id_ for i, id_ in pairs if id_ is not None}
             dropped = len(stored) - len(ids)
-            self.publish_usage(usage)
+            if usage is not None:
+                self.publish_usage(usage)
         return Screened(decision, ids, np.column_stack([scores, combined]), columns, dropped)
 
-    def _store(self, items: list[NewItem]) -> tuple[list[str | None], Usage]:
-        """Off the event loop: the write, then the usage the metrics mirror (one O(1) read)."""
-        return self.store.add_many(items), self.store.usage()
+    def _store(self, items: list[NewItem]) -> tuple[list[str | None], Usage | None]:
+        """Off the event loop: the write (raises when it could not commit: the caller must not
+        acknowledge a record it does not have), then the usage the metrics mirror."""
+        ids = self.store.add_many(items)
+        try:
+            usage = self.store.usage()
+        except (OSError, sqlite3.Error):
+            usage = None  # the ids are committed: acknowledge them; the gauges wait
+        return ids, usage
 
     def _observe(
         self,
