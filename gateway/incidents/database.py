@@ -42,6 +42,11 @@ class Database(Protocol):
 
     def run_many(self, sql: str, rows: Sequence[Params]) -> None: ...
 
+    def insert_many(self, table: str, columns: str, rows: Sequence[Params]) -> None:
+        """Appends rows to ``table`` (``columns``: a comma-separated list): many INSERTs on
+        SQLite, one ``COPY`` on PostgreSQL (a fraction of the server's work per row)."""
+        ...
+
     def transaction(self) -> Any:
         """A context manager: BEGIN (taking the write lock at once on SQLite) ... COMMIT, or
         ROLLBACK when its body raises."""
@@ -68,6 +73,10 @@ class SQLiteDatabase:
     def run_many(self, sql: str, rows: Sequence[Params]) -> None:
         with self.lock:
             self.conn.executemany(sql, rows)
+
+    def insert_many(self, table: str, columns: str, rows: Sequence[Params]) -> None:
+        marks = ", ".join("?" for _ in columns.split(","))
+        self.run_many(f"INSERT INTO {table} ({columns}) VALUES ({marks})", rows)
 
     @contextmanager
     def transaction(self) -> Iterator[None]:
@@ -137,6 +146,15 @@ class PostgresDatabase:
                 cursor.executemany(pg_sql(sql), rows)
 
         self._call(many)
+
+    def insert_many(self, table: str, columns: str, rows: Sequence[Params]) -> None:
+        def copy(conn: Any) -> None:
+            statement = f"COPY {table} ({columns}) FROM STDIN"
+            with conn.cursor() as cursor, cursor.copy(statement) as out:
+                for row in rows:
+                    out.write_row(row)
+
+        self._call(copy)
 
     @contextmanager
     def transaction(self) -> Iterator[None]:

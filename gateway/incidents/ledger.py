@@ -232,9 +232,7 @@ class Ledger:
     def _insert(self, rows: list[Row]) -> None:
         # one transaction: autocommit mode would commit every row (four times the cost)
         with self._db.transaction():
-            self._db.run_many(
-                f"INSERT INTO served ({COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows
-            )
+            self._db.insert_many("served", COLUMNS, rows)
         self.written += len(rows)
 
     def sweep(self) -> int:
