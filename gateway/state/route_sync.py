@@ -9,8 +9,9 @@ after Redis was away (a message may have been missed), a replica takes the whole
 holds the current table, the incident log holds its history (and rebuilds it when Redis has
 none).
 
-One thread does both: it sends the changes queued on this replica (the route table never waits
-for Redis) and applies the others'. Nothing is unpickled; a malformed route is skipped.
+Two threads, both blocked until there is work (nothing polls): one sends the changes queued on
+this replica (the route table never waits for Redis), the other applies the others'. Nothing is
+unpickled; a malformed route is skipped.
 """
 
 from __future__ import annotations
@@ -35,21 +36,24 @@ class RouteSync:
 
     def __init__(self, redis: Any, routes: RouteTable, failed: Any = lambda op: None) -> None:
         self.redis, self.routes, self.failed = redis, routes, failed
-        self._queue: queue.Queue[tuple[str, Route | None]] = queue.Queue(1024)
+        self._queue: queue.Queue[tuple[str, Route | None] | None] = queue.Queue(1024)
         self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._threads: list[threading.Thread] = []
         self.synced = threading.Event()  # the hash has been read at least once
 
     def start(self) -> None:
         self.routes.on_change = self._changed
-        self._thread = threading.Thread(target=self._run, name="route-sync", daemon=True)
-        self._thread.start()
+        for target, name in ((self._run, "route-sync"), (self._send_loop, "route-send")):
+            thread = threading.Thread(target=target, name=name, daemon=True)
+            thread.start()
+            self._threads.append(thread)
 
     def close(self) -> None:
         self.routes.on_change = None
         self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
+        self._queue.put(None)  # wakes the sender
+        for thread in self._threads:
+            thread.join(timeout=5)
 
     def _changed(self, model: str, route: Route | None) -> None:
         try:
@@ -66,8 +70,7 @@ class RouteSync:
                     pubsub.subscribe(CHANNEL)
                     self._take_all()  # what changed while nobody listened
                     self.synced.set()
-                self._send()
-                message = pubsub.get_message(timeout=0.05)
+                message = pubsub.get_message(timeout=1.0)  # blocks until one arrives
                 if message is not None:
                     self._take(message["data"].decode(errors="replace")[:MAX_MODEL_CHARS])
             except Exception as exc:  # Redis away: retry, then read the whole table again
@@ -83,13 +86,16 @@ class RouteSync:
         if pubsub is not None:
             pubsub.close()
 
-    def _send(self) -> None:
-        """This replica's changes, each written and announced in one transaction."""
-        while True:
-            try:
-                model, route = self._queue.get_nowait()
-            except queue.Empty:
-                return
+    def _send_loop(self) -> None:
+        """This replica's changes as they come, each written and announced in one transaction;
+        kept and tried again while Redis is away."""
+        change: tuple[str, Route | None] | None = None
+        while not self._stop.is_set():
+            if change is None:
+                change = self._queue.get()
+                if change is None:
+                    return
+            model, route = change
             pipe = self.redis.pipeline(transaction=True)
             if route is None:
                 pipe.hdel(HASH, model)
@@ -98,9 +104,11 @@ class RouteSync:
             pipe.publish(CHANNEL, model)
             try:
                 pipe.execute()
-            except Exception:
-                self._queue.put_nowait((model, route))  # not lost: sent when Redis is back
-                raise
+                change = None
+            except Exception as exc:
+                self.failed("routes")
+                log.debug("route sync: sending %s: %r", model, exc)
+                self._stop.wait(1.0)
 
     def _take(self, model: str) -> None:
         raw = self.redis.hget(HASH, model)
