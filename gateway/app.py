@@ -110,6 +110,19 @@ def fingerprint_salt(redis: Any, settings: Settings) -> int | None:
     return None
 
 
+def campaign_throttle(
+    settings: Settings, redis: Any, shared: redis_state.RedisHealth | None
+) -> RedisRateLimiter | None:
+    """A throttled campaign's one request per ``throttle_interval_s``, kept in Redis so that it
+    holds across replicas (None without Redis or the defence: each replica's own)."""
+    if redis is None or shared is None or not settings.defence:
+        return None
+    spec = RateSpec(60.0 / settings.throttle_interval_s, 1)
+    return RedisRateLimiter(
+        redis, spec, settings.shared_state_failure, shared.failed, shared.round_trip
+    )
+
+
 def rate_limiter(
     settings: Settings, redis: Any, shared: redis_state.RedisHealth | None
 ) -> RateLimiter | None:
@@ -193,7 +206,16 @@ def create_app(settings: Settings | None = None, grpc: bool = False) -> Gateway:
         incident_log.listeners.append(routes.on_entry)  # the rollback rules
         app.state.routes, app.state.log_writer = routes, writer
         app.state.dataplane = DataPlane(
-            registry, settings, screening, decoder, defence, ledger, routes, limiter, shared
+            registry,
+            settings,
+            screening,
+            decoder,
+            defence,
+            ledger,
+            routes,
+            limiter,
+            shared,
+            campaign_throttle(settings, redis, shared),
         )
         app.state.sampler = Sampler(
             lambda: read_totals(time.time(), metrics, [m.stats for m in registry.loaded()]),

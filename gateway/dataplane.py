@@ -18,13 +18,14 @@ from bastion.gateway import __version__
 from bastion.gateway.backends import FINGERPRINTS
 from bastion.gateway.decode_pool import DecodePool
 from bastion.gateway.defence.request_path import defend
-from bastion.gateway.defence.service import DefenceService
+from bastion.gateway.defence.service import DefenceService, throttled
 from bastion.gateway.errors import (
     BastionError,
     Blocked,
     Forbidden,
     NotFound,
     PayloadTooLarge,
+    TooManyRequests,
     Unavailable,
 )
 from bastion.gateway.identity.caller import SCREENING_REPORT_SCOPE
@@ -43,7 +44,7 @@ from bastion.gateway.protocol.types import (
     InferRequest,
     InferResponse,
 )
-from bastion.gateway.rate_limit import RateLimiter
+from bastion.gateway.rate_limit import RateLimiter, RedisRateLimiter
 from bastion.gateway.registry import UNLOADED, LoadedModel, ModelRegistry
 from bastion.gateway.routing import RouteTable, point
 from bastion.gateway.screening.service import (
@@ -94,10 +95,12 @@ class DataPlane:
         routes: RouteTable | None = None,
         limiter: RateLimiter | None = None,
         shared: RedisHealth | None = None,
+        throttle: RedisRateLimiter | None = None,
     ) -> None:
         """``limiter``: the per-client rate limit (None: none); ``shared``: whether the shared
-        state answers (None: no Redis), which readiness follows under the closed policy."""
-        self.limiter, self.shared = limiter, shared
+        state answers (None: no Redis), which readiness follows under the closed policy;
+        ``throttle``: a throttled campaign's one request per interval across replicas."""
+        self.limiter, self.shared, self.throttle = limiter, shared, throttle
         self.registry = registry
         self.ledger = ledger
         self.routes = routes
@@ -119,6 +122,21 @@ class DataPlane:
         return bool(index) and all(
             entry["state"] == "READY" or entry.get("reason") == UNLOADED for entry in index
         )
+
+    async def _throttle_shared(self, campaign: str | None) -> None:
+        """A throttled campaign this replica let through (``campaign``, what ``admit``
+        charged) gets its one request per interval across every replica, not per replica:
+        the same GCRA as the rate limit, in Redis (one round trip, for throttled clients
+        only). Raises the throttle's 429, or 503 when Redis is down and the policy closed."""
+        if campaign is None or self.throttle is None:
+            return
+        (refusal,) = await self.throttle.admit_batch([f"campaign:{campaign}"])
+        if isinstance(refusal, TooManyRequests):
+            assert self.defence is not None
+            self.defence.metrics.defence_refused.labels("throttle").inc()
+            raise throttled(float(refusal.headers["Retry-After"]))
+        if refusal is not None:
+            raise refusal
 
     def _check_shared(self) -> None:
         """Under the ``closed`` policy, no inference while the shared state (Redis) is down:
@@ -214,6 +232,7 @@ class DataPlane:
         if self.defence is not None and model.backend.screening is not None:
             # 429 / 403 before any work for a contained client
             charged = self.defence.admit(caller.client_id, caller.shared)
+            await self._throttle_shared(charged)
         try:
             job = partial(self._decode_and_prepare, model, decode, caller)
             prepared = await self.decoder.run(job)
@@ -255,6 +274,7 @@ class DataPlane:
             charged = None
             if self.defence is not None and model.backend.screening is not None:
                 charged = self.defence.admit(caller.client_id, caller.shared)
+                await self._throttle_shared(charged)
         except BastionError as exc:
             model.observer.on_failure(time.perf_counter_ns() - start, exc.reason)
             raise

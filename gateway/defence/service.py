@@ -67,6 +67,16 @@ class Contained(Forbidden):
     """The client, or the campaign it belongs to, is refused."""
 
 
+def throttled(wait_s: float) -> TooManyRequests:
+    """The 429 of the throttle rung, ``Retry-After`` rounded up to whole seconds."""
+    wait = max(1, math.ceil(wait_s))
+    return TooManyRequests(
+        f"this client is throttled: its queries probe the model; retry in {wait} s",
+        wait,
+        {"reason": "throttled", "retry_after_s": wait},
+    )
+
+
 class DefenceService:
     def __init__(
         self,
@@ -287,12 +297,7 @@ class DefenceService:
         wait = 0.0 if last is None else last + self.throttle_interval_s - now
         if wait > 0:
             self.metrics.defence_refused.labels(THROTTLE).inc()
-            raise TooManyRequests(
-                f"this client is throttled: its queries probe the model; retry in "
-                f"{math.ceil(wait)} s",
-                math.ceil(wait),
-                {"reason": "throttled", "retry_after_s": math.ceil(wait)},
-            )
+            raise throttled(wait)
         self._last_admitted[campaign] = now
         self._last_admitted.move_to_end(campaign)
         if len(self._last_admitted) > self.ladder.max_clients:

@@ -296,3 +296,28 @@ def test_a_batchs_requests_share_one_round_trip(redis_server: Any) -> None:
     admitted, trips = asyncio.run(burst())
     # ten of the client's, and the request without one; the batch, NOSCRIPT, then again
     assert admitted == 11 and trips == 3, (admitted, trips)
+
+
+def test_a_throttled_campaign_gets_one_request_per_interval_across_replicas(
+    redis_server: Any, replica: Replica
+) -> None:
+    """Throttled through replica A, the walker asks B and C too: together they let one more
+    request through in the interval (Redis keeps the campaign's interval), not one each."""
+    settings = {"redis_url": redis_server.url, "defence": True, "throttle_interval_s": 60.0}
+    a, b, c = (replica(**settings) for _ in range(3))
+    steps = iter(walk(80))
+    for image in steps:  # one identity, on A only, until A throttles it
+        sent = a.post(INFER, json=infer_body(image), headers={"X-Client-ID": "walker"})
+        if sent.status_code == 429:
+            assert sent.json()["reason"] == "throttled", sent.text
+            break
+    else:
+        raise AssertionError("the walker was never throttled")
+    time.sleep(0.3)  # the evidence reaches B and C
+    answers = [
+        gateway.post(INFER, json=infer_body(next(steps)), headers={"X-Client-ID": "walker"})
+        for gateway in (b, c, b, c)
+    ]
+    codes = [r.status_code for r in answers]
+    assert codes.count(429) >= 3, [r.text for r in answers]
+    assert all(r.json()["reason"] == "throttled" for r in answers if r.status_code == 429)
