@@ -217,6 +217,8 @@ def create_app(settings: Settings | None = None, grpc: bool = False) -> Gateway:
             shared,
             campaign_throttle(settings, redis, shared),
         )
+        if replication is not None:
+            app.state.dataplane.caught_up = replication.caught_up.is_set
         app.state.sampler = Sampler(
             lambda: read_totals(time.time(), metrics, [m.stats for m in registry.loaded()]),
             settings.dashboard_interval_s,

@@ -101,6 +101,9 @@ class DataPlane:
         state answers (None: no Redis), which readiness follows under the closed policy;
         ``throttle``: a throttled campaign's one request per interval across replicas."""
         self.limiter, self.shared, self.throttle = limiter, shared, throttle
+        # whether the defence has replayed the other replicas' evidence (None: nothing to
+        # replay): until then a contained client would be a stranger here
+        self.caught_up: Callable[[], bool] | None = None
         self.registry = registry
         self.ledger = ledger
         self.routes = routes
@@ -119,6 +122,8 @@ class DataPlane:
         index = self.registry.index()
         if self.shared is not None and not self.shared.serving():
             return False  # the shared state is down and the policy is closed: 503 anyway
+        if self.caught_up is not None and not self.caught_up():
+            return False  # the other replicas' evidence is still being replayed
         return bool(index) and all(
             entry["state"] == "READY" or entry.get("reason") == UNLOADED for entry in index
         )
@@ -143,6 +148,8 @@ class DataPlane:
         the defence and the limits would be this replica's alone. Raises ``Unavailable``."""
         if self.shared is not None and not self.shared.serving():
             raise Unavailable("the shared state (Redis) is unreachable; retry later")
+        if self.caught_up is not None and not self.caught_up():
+            raise Unavailable("this replica is still catching up with the others; retry later")
 
     def model_metadata(self, name: str, version: int | None) -> dict[str, Any]:
         model = self.registry.get(name, version)
@@ -229,8 +236,9 @@ class DataPlane:
         if self.limiter is not None and caller.client_id is not None:
             await self.limiter.check(caller.client_id)  # 429 over the client's rate limit
         charged = None
-        if self.defence is not None and model.backend.screening is not None:
-            # 429 / 403 before any work for a contained client
+        if self.defence is not None:
+            # 429 / 403 before any work for a contained client, whichever model it asks (an
+            # unscreened model may serve the same weights as a screened one)
             charged = self.defence.admit(caller.client_id, caller.shared)
             await self._throttle_shared(charged)
         try:
@@ -272,7 +280,7 @@ class DataPlane:
             if self.limiter is not None and caller.client_id is not None:
                 await self.limiter.check(caller.client_id)
             charged = None
-            if self.defence is not None and model.backend.screening is not None:
+            if self.defence is not None:
                 charged = self.defence.admit(caller.client_id, caller.shared)
                 await self._throttle_shared(charged)
         except BastionError as exc:

@@ -27,6 +27,10 @@ OTHER_VARIABLES = frozenset(
         "BASTION_URL",
         "BASTION_VENV",
         "BASTION_PEERS_DIR",
+        "BASTION_PYTHON",  # scripts/cluster.sh's, passed through to the replicas it starts
+        "BASTION_CLUSTER_DIR",
+        "BASTION_CLUSTER_ENV",
+        "BASTION_CLUSTER_REPLICAS",
         "BASTION_TEST_ARTIFACTS",
     }
 )
@@ -202,8 +206,9 @@ class Settings(BaseSettings):
         None,
         max_length=2048,
         description="redis://host:port/db where replicas share hot state (the per-client rate "
-        "limit); unset: in this process. Put a password in the URL through the environment "
-        "(BASTION_REDIS_URL), not on the command line.",
+        "limit, the stateful defence's evidence stream and fingerprint salt, the route table, "
+        "throttled campaigns); unset: in this process. Put a password in the URL through the "
+        "environment (BASTION_REDIS_URL), not on the command line.",
     )
     shared_state_timeout_s: float = Field(
         0.25, gt=0, le=30, description="How long one Redis command may take before it fails."
@@ -222,7 +227,11 @@ class Settings(BaseSettings):
         "Retry-After. Shared by every replica when BASTION_REDIS_URL is set.",
     )
     rate_limit_burst: int = Field(
-        10, ge=1, le=100_000, description="Requests a client may send at once, within its limit."
+        10,
+        ge=1,
+        le=100_000,
+        description="Requests one client identity (its key, X-Client-ID, else its peer address) "
+        "may send at once within its limit; the limit counts requests, not images.",
     )
     database_url: str | None = Field(
         None,
@@ -256,8 +265,9 @@ class Settings(BaseSettings):
     fingerprint_salt: int | None = Field(
         None,
         ge=0,
-        description="Secret salt of the query fingerprints; unset: random per process. "
-        "Replicas that share evidence must share it.",
+        description="Secret salt of the query fingerprints; unset: random per process, or with "
+        "BASTION_REDIS_URL the one the first replica put in Redis (set it, the same on every "
+        "replica, where Redis may lose its data: a new salt would split the replicas).",
     )
     probe_capacity: int = Field(
         100_000, ge=1, le=10_000_000, description="Recent queries remembered (~1.5 KB each)."

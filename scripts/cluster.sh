@@ -31,9 +31,10 @@ free_port() {
   "$python" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
 }
 
-wait_ready() {  # URL SECONDS
+wait_ready() {  # URL SECONDS [PID: give up at once when it has exited]
   local deadline=$((SECONDS + $2))
   while ((SECONDS < deadline)); do
+    if [ -n "${3:-}" ] && ! kill -0 "$3" 2>/dev/null; then return 1; fi
     if "$python" - "$1" <<'EOF' 2>/dev/null; then return 0; fi
 import sys, urllib.request
 sys.exit(0 if urllib.request.urlopen(sys.argv[1], timeout=2).status == 200 else 1)
@@ -147,7 +148,8 @@ EOF
 }
 
 start() {
-  [ -e "$dir/lb" ] && die "a cluster is running in $dir (bash scripts/cluster.sh stop first)"
+  [ -e "$dir/lb" ] || [ -e "$dir/redis/pid" ] || [ -e "$dir/postgres-bin" ] \
+    && die "a cluster runs (or a failed start left one) in $dir: bash scripts/cluster.sh stop"
   command -v haproxy >/dev/null || die "HAProxy is not installed: bash scripts/system-packages.sh"
   rm -rf "$dir"; mkdir -p "$dir/haproxy"
   local began=$SECONDS n lb lbg
@@ -157,13 +159,15 @@ start() {
   start_redis
   # one incident signing key for every replica (they sign heads of one shared log), made now:
   # replicas starting together would each make their own
-  "$python" -c 'import sys; from pathlib import Path
+  (cd "$here" && "$python" -c 'import sys; from pathlib import Path
 from bastion.gateway.incidents.signing import Signer
-Signer.from_file(Path(sys.argv[1]))' "$dir/incident-signing.key"
+Signer.from_file(Path(sys.argv[1]))' "$dir/incident-signing.key") \
+    || die "$python cannot import bastion (set BASTION_PYTHON to the environment's python)"
   for ((n = 1; n <= replicas; n++)); do start_replica "$n"; done
   for ((n = 1; n <= replicas; n++)); do
     wait_ready "http://127.0.0.1:$(cat "$dir/replica-$n/port")/v2/health/ready" 180 \
-      || die "replica $n is not ready (log: $dir/replica-$n/log)"
+      "$(cat "$dir/replica-$n/pid")" \
+      || die "replica $n is not ready (log: $dir/replica-$n/log; stop cleans up)"
     say "replica $n ready"
   done
   lb="$(free_port)"; lbg="$(free_port)"
@@ -201,7 +205,7 @@ stop() {
     "${as_postgres[@]}" "$(cat "$dir/postgres-bin")/pg_ctl" -D "$dir/postgres/data" -m fast -w \
       stop >/dev/null 2>&1 && say "stopped postgres"
   fi
-  rm -f "$dir/lb" "$dir/lb-grpc"
+  rm -f "$dir/lb" "$dir/lb-grpc" "$dir/postgres-bin"
 }
 
 status() {

@@ -44,6 +44,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 OBSERVE, THROTTLE, STRICT, REFUSE = "observe", "throttle", "strict", "refuse"
+EVICTION_SCAN = 64  # clients looked at for one eviction, contained ones kept
 RUNGS = (OBSERVE, THROTTLE, STRICT, REFUSE)
 
 
@@ -313,7 +314,7 @@ class Ladder:
         if account is None:
             account = self._accounts[client] = Account()
             if len(self._accounts) > self.max_clients:  # forget the least recently seen
-                forgotten, _ = self._accounts.popitem(last=False)
+                forgotten = self._evictable()
                 root = self._find(forgotten)
                 self._members.get(root, set()).discard(forgotten)
                 self._pooled.pop(forgotten, None)
@@ -322,6 +323,21 @@ class Ladder:
                     self._parent.pop(forgotten, None)
         self._accounts.move_to_end(client)
         return account
+
+    def _evictable(self) -> str:
+        """Takes out the least recently seen client that is not strict or contained: a flood
+        of fresh identities must not push a contained client out of memory (and so out of
+        containment). Contained clients met on the way go to the recent end; after
+        ``EVICTION_SCAN`` of them the oldest goes anyway, so the bound holds."""
+        for _ in range(EVICTION_SCAN):
+            client = next(iter(self._accounts))
+            if RUNGS.index(self.rung(client)) < RUNGS.index(STRICT):
+                break
+            self._accounts.move_to_end(client)
+        else:
+            client = next(iter(self._accounts))
+        del self._accounts[client]
+        return client
 
     def _find(self, client: str) -> str:
         root = client

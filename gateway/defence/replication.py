@@ -112,7 +112,7 @@ def decode_evidence(fields: dict[bytes, bytes], top: int) -> list[Evidence]:
             Evidence(
                 client,
                 prints[i],
-                int(content),
+                _int64(content),
                 bool(flagged),
                 bool(adversarial),
                 bool(probe),
@@ -121,7 +121,7 @@ def decode_evidence(fields: dict[bytes, bytes], top: int) -> list[Evidence]:
                 _rate(fr),
                 _rate(br),
                 _rate(nr),
-                int(key),
+                _int64(key),
                 None if answers is None else answers[i],
                 model if isinstance(model, str) and len(model) <= MAX_STRING else None,
                 None if embeddings is None else embeddings[i],
@@ -139,11 +139,18 @@ def _rows(raw: bytes | None, n: int) -> np.ndarray | None:
     return values.reshape(n, -1).astype(np.float32)
 
 
+def _int64(value: Any) -> int:
+    number = int(value)
+    if not -(2**63) <= number < 2**63:
+        raise ValueError("evidence entry: an integer outside int64")
+    return number
+
+
 def _rate(value: Any) -> float | None:
     if value is None:
         return None
     rate = float(value)
-    if not 0 < rate < 1:
+    if not 0 < rate < 1:  # NaN too
         raise ValueError("evidence entry: a rate outside (0, 1)")
     return rate
 
@@ -262,8 +269,8 @@ class Replication:
                 self.defence.replay(decode_evidence(fields, top))
             elif kind == b"refusal":
                 body = json.loads(fields[b"body"])
-                contents = [int(c) for c in body["contents"][:MAX_IMAGES]]
-                self.defence.replay_refusal(int(body["answer_key"]), contents)
+                contents = [_int64(c) for c in body["contents"][:MAX_IMAGES]]
+                self.defence.replay_refusal(_int64(body["answer_key"]), contents)
             elif kind == b"release":
                 client = str(json.loads(fields[b"body"])["client"])[:MAX_STRING]
                 with self.defence.lock:
@@ -271,8 +278,8 @@ class Replication:
                         self.defence.release(client, replicate=False)
             else:
                 raise ValueError(f"unknown entry kind {kind!r}")
-        except (KeyError, TypeError, ValueError) as exc:
+        except Exception as exc:  # whatever an entry holds, the follower goes on
             self.metrics.shared_state_errors.labels("redis", "defence_malformed").inc()
-            log.warning("skipped a malformed defence entry: %s", exc)
+            log.warning("skipped a malformed defence entry: %r", exc)
             return
         self.applied += 1

@@ -121,3 +121,24 @@ def test_a_replayed_walk_moves_the_other_replicas_ladder_as_its_own() -> None:
     step.flat[40] = 0.5
     prints = fingerprints(torch.from_numpy(step), b.fingerprint_spec).numpy()
     assert b.observe("walker-new", prints, ["clean"], step).probes == 1
+
+
+def test_a_poisoned_entry_is_counted_and_the_follower_goes_on() -> None:
+    """Whatever a stream entry holds (an integer past int64, JSON nested past the recursion
+    limit, an unknown kind), applying it neither raises nor stops the entries after it."""
+    from bastion.gateway.defence.replication import Replication
+
+    metrics = Metrics(CollectorRegistry())
+    defence = DefenceService(Settings(fingerprint_salt=3), metrics)
+    follower = Replication(None, defence, metrics)
+    good = as_stream_fields(encode_evidence("elsewhere", evidence()))
+    huge = dict(good)
+    scalars = json.loads(good[b"scalars"])
+    scalars[0][1] = 2**63
+    huge[b"scalars"] = json.dumps(scalars).encode()
+    deep = {b"origin": b"x", b"kind": b"refusal", b"body": b"[" * 100_000 + b"]" * 100_000}
+    for entry in (huge, deep, {b"origin": b"x", b"kind": b"nonsense"}, good):
+        follower._apply(entry)
+    assert follower.applied == 1  # the good one, after the three bad
+    assert metrics.shared_state_errors.labels("redis", "defence_malformed")._value.get() == 3
+    assert defence.ladder.account("client-2") is not None

@@ -81,6 +81,19 @@ def test_the_ladder_forgets_the_least_recently_seen_client_past_its_bound() -> N
     assert ladder.account("a") is None and ladder.account("d") is not None
 
 
+def test_a_flood_of_fresh_identities_does_not_push_a_contained_client_out() -> None:
+    """Refused requests do not refresh a contained client; fresh ids cost nothing without
+    keys. Eviction passes over clients at strict or refuse, so containment stays."""
+    ladder = Ladder(max_clients=10)
+    for _ in range(6):
+        ladder.observe("mallory", True, True)
+    assert ladder.rung("mallory") == REFUSE
+    for n in range(200):
+        ladder.observe(f"fresh-{n}", False, False)
+    assert ladder.rung("mallory") == REFUSE
+    assert len(ladder.clients()) == 10  # the bound holds all the same
+
+
 @pytest.mark.parametrize(
     "kwargs",
     [{"flag_rate": 0.6}, {"probe_rate": 0.0}, {"throttle_at": 10.0, "strict_at": 5.0}],
