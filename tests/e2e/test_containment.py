@@ -93,6 +93,22 @@ def test_an_honest_client_resending_the_same_digits_is_never_contained(
     assert "contained" not in statuses and "throttled" not in statuses, statuses
 
 
+def test_a_contained_client_is_refused_by_every_model_not_only_the_screened_one(
+    defended: ServerProcess,
+) -> None:
+    """digits_onnx serves the same network unscreened: a contained client gets nothing there
+    either (and an honest one is served)."""
+    client = th.InferenceServerClient(defended.url)
+    image = to_float(load_split("test")[0])[42]
+    tensor = th.InferInput("images", [1, *image.shape], "FP32")
+    tensor.set_data_from_numpy(image[None])
+    with pytest.raises(InferenceServerException) as refused:
+        client.infer("digits_onnx", [tensor], headers={"X-Client-ID": "sybil-19"})
+    assert refused.value.status() == "403" and "contained" in refused.value.message()
+    served = client.infer("digits_onnx", [tensor], headers={"X-Client-ID": "honest-lab"})
+    assert served.as_numpy("probabilities").shape == (1, 10)
+
+
 def test_during_the_alert_a_fresh_identitys_suspicious_image_is_withheld(
     defended: ServerProcess,
 ) -> None:
