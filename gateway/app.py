@@ -119,7 +119,12 @@ def campaign_throttle(
         return None
     spec = RateSpec(60.0 / settings.throttle_interval_s, 1)
     return RedisRateLimiter(
-        redis, spec, settings.shared_state_failure, shared.failed, shared.round_trip
+        redis,
+        spec,
+        settings.shared_state_failure,
+        shared.failed,
+        shared.round_trip,
+        shared.reachable,
     )
 
 
@@ -133,7 +138,12 @@ def rate_limiter(
     if redis is None or shared is None:
         return LocalRateLimiter(spec)
     return RedisRateLimiter(
-        redis, spec, settings.shared_state_failure, shared.failed, shared.round_trip
+        redis,
+        spec,
+        settings.shared_state_failure,
+        shared.failed,
+        shared.round_trip,
+        shared.reachable,
     )
 
 
@@ -191,7 +201,7 @@ def create_app(settings: Settings | None = None, grpc: bool = False) -> Gateway:
             replication = Replication(
                 replicated, defence, metrics, failed=shared.failed, round_trip=shared.round_trip
             )
-            replication.start()
+            await asyncio.to_thread(replication.start)
         registry.fingerprint_spec = defence.fingerprint_spec if defence else None
         ledger = await asyncio.to_thread(open_ledger, settings, metrics)
         limiter = rate_limiter(settings, redis, shared)

@@ -134,9 +134,13 @@ class RedisRateLimiter:
         on_failure: Literal["open", "closed"] = "open",
         failed: Callable[[str], None] = lambda op: None,
         round_trip: Callable[[str], None] = lambda op: None,
+        available: Callable[[], bool] = lambda: True,
     ) -> None:
+        """``available``: whether Redis answered its last ping or command; while it did not,
+        no batch waits for a timeout (the failure policy decides at once) until a ping
+        answers again."""
         self.redis, self.spec, self.on_failure = redis, spec, on_failure
-        self.failed, self.round_trip = failed, round_trip
+        self.failed, self.round_trip, self.available = failed, round_trip, available
         self.local = LocalRateLimiter(spec)
         self._sha: str | None = None
 
@@ -153,6 +157,8 @@ class RedisRateLimiter:
         if not named:
             return verdicts
         try:
+            if not self.available():  # down: no batch waits out a timeout for it
+                raise ConnectionError("Redis did not answer its last ping")
             try:
                 waits = await self._pipeline([clients[i] for i in named])  # type: ignore[misc]
             except NoScriptError:  # Redis restarted and forgot the script: load it again

@@ -146,6 +146,13 @@ def _int64(value: Any) -> int:
     return number
 
 
+def _entry_id(raw: bytes | str) -> tuple[int, int]:
+    """A stream entry's id (``ms-seq``) as a pair that orders as Redis does."""
+    text = raw.decode() if isinstance(raw, bytes) else raw
+    ms, _, seq = text.partition("-")
+    return int(ms), int(seq or 0)
+
+
 def _rate(value: Any) -> float | None:
     if value is None:
         return None
@@ -178,9 +185,21 @@ class Replication:
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self.applied = 0  # the other replicas' entries applied here
-        self.caught_up = threading.Event()  # the retained stream has been replayed
+        self.caught_up = threading.Event()  # the stream as it was at start has been replayed
+        self._target: tuple[int, int] | None = None
 
     def start(self) -> None:
+        """Notes how far the stream reaches now (caught up once the follower has read that
+        far; at once when it is empty, or when Redis does not answer: there is nothing this
+        replica could replay), then starts both threads. Blocks up to a Redis timeout."""
+        try:
+            newest = self.redis.xrevrange(STREAM, count=1)
+        except Exception as exc:
+            log.warning("defence stream not reachable at start (%r): nothing to replay", exc)
+            newest = []
+        self._target = _entry_id(newest[0][0]) if newest else None
+        if self._target is None:
+            self.caught_up.set()
         self.defence.on_evidence = self._evidence
         self.defence.on_refusal = self._refusal
         self.defence.on_release = self._release
@@ -258,6 +277,8 @@ class Replication:
             for entry_id, fields in answer[0][1]:
                 last = entry_id
                 self._apply(fields)
+                if self._target is not None and _entry_id(entry_id) >= self._target:
+                    self.caught_up.set()
 
     def _apply(self, fields: dict[bytes, bytes]) -> None:
         if fields.get(b"origin", b"").decode(errors="replace") == self.origin:

@@ -20,6 +20,7 @@ from bastion.gateway.monitoring.metrics import Metrics
 
 log = logging.getLogger(__name__)
 PING_INTERVAL_S = 1.0
+BREAKER = 3  # failures in a row after which callers stop asking until a ping answers
 
 
 def connect(url: str, timeout_s: float) -> Any:
@@ -50,11 +51,13 @@ class RedisHealth:
     def __init__(self, redis: Any, metrics: Metrics, on_failure: Literal["open", "closed"]) -> None:
         self.redis, self.metrics, self.on_failure = redis, metrics, on_failure
         self.up = False
+        self.failures = 0  # in a row, since the last answer
         metrics.shared_state_up.labels("redis").set_function(lambda: float(self.up))
 
     def failed(self, op: str) -> None:
         """A command failed: counted, and Redis is down until a ping answers."""
         self.metrics.shared_state_errors.labels("redis", op).inc()
+        self.failures += 1
         if self.up:
             log.warning("Redis stopped answering (%s); failure policy %s", op, self.on_failure)
         self.up = False
@@ -78,8 +81,13 @@ class RedisHealth:
             return False
         if not self.up:
             log.info("Redis answers")
-        self.up = True
+        self.up, self.failures = True, 0
         return True
+
+    def reachable(self) -> bool:
+        """Worth asking: fewer than ``BREAKER`` failures in a row (one slow answer under load
+        is not an outage; three are, until a ping answers)."""
+        return self.failures < BREAKER
 
     async def run(self) -> None:
         """Pings every second until cancelled."""

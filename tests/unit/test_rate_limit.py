@@ -65,3 +65,28 @@ def test_a_spec_without_a_rate_is_refused() -> None:
         RateSpec(per_minute=0)
     with pytest.raises(ValueError):
         RateSpec(per_minute=10, burst=0)
+
+
+def test_while_redis_is_down_a_batch_does_not_wait_for_it() -> None:
+    """After a failed ping no batch tries Redis (each would hold the model's slot for the
+    timeout): open admits at once, closed refuses at once."""
+    from bastion.gateway.errors import Unavailable
+    from bastion.gateway.rate_limit import RedisRateLimiter
+
+    class Unreachable:
+        def pipeline(self, **_: object) -> None:
+            raise AssertionError("Redis was asked while it was known to be down")
+
+        async def script_load(self, _: str) -> None:
+            raise AssertionError("Redis was asked while it was known to be down")
+
+    failures: list[str] = []
+    spec = RateSpec(60, 1)
+    open_ = RedisRateLimiter(Unreachable(), spec, "open", failures.append, available=lambda: False)
+    assert asyncio.run(open_.admit_batch(["a", None])) == [None, None]
+    closed = RedisRateLimiter(
+        Unreachable(), spec, "closed", failures.append, available=lambda: False
+    )
+    verdicts = asyncio.run(closed.admit_batch(["a", None]))
+    assert isinstance(verdicts[0], Unavailable) and verdicts[1] is None
+    assert failures == ["rate_limit", "rate_limit"]
