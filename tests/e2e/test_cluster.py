@@ -286,7 +286,7 @@ def test_killing_a_replica_mid_load_loses_nothing_acknowledged_and_haproxy_takes
         while not stop.is_set():
             request_id = f"kill-{worker}-{i}"
             try:
-                r = send(cluster.lb, images[i % 100], f"loader-{worker}", "digits_quarantine",
+                r = send(cluster.lb, images[i % 100], f"loader-{worker}-{i}", "digits_quarantine",
                          id=request_id)  # fmt: skip
             except httpx.HTTPError:
                 failed.append(-1)
@@ -295,7 +295,7 @@ def test_killing_a_replica_mid_load_loses_nothing_acknowledged_and_haproxy_takes
                 i += 1
             if r.status_code == 403 and r.json().get("quarantine_ids"):
                 acknowledged.append(request_id)
-            elif r.status_code != 403:
+            elif r.status_code != 403:  # a fresh identity each request: no rung, no limit
                 failed.append(r.status_code)
             time.sleep(0.15)  # within the client's rate limit
 
