@@ -117,15 +117,7 @@ def campaign_throttle(
     holds across replicas (None without Redis or the defence: each replica's own)."""
     if redis is None or shared is None or not settings.defence:
         return None
-    spec = RateSpec(60.0 / settings.throttle_interval_s, 1)
-    return RedisRateLimiter(
-        redis,
-        spec,
-        settings.shared_state_failure,
-        shared.failed,
-        shared.round_trip,
-        shared.reachable,
-    )
+    return shared_limiter(RateSpec(60.0 / settings.throttle_interval_s, 1), settings, redis, shared)
 
 
 def rate_limiter(
@@ -137,6 +129,13 @@ def rate_limiter(
     spec = RateSpec(settings.rate_limit, settings.rate_limit_burst)
     if redis is None or shared is None:
         return LocalRateLimiter(spec)
+    return shared_limiter(spec, settings, redis, shared)
+
+
+def shared_limiter(
+    spec: RateSpec, settings: Settings, redis: Any, shared: redis_state.RedisHealth
+) -> RedisRateLimiter:
+    """A GCRA in Redis that reports to the replica's Redis health."""
     return RedisRateLimiter(
         redis,
         spec,

@@ -110,14 +110,7 @@ class RouteTable:
         """Puts (``None``: removes) a model's route; ``audit=False`` when the caller has
         written the entry itself (an admin's change is durable before it applies). A roll
         forward (rolled back before, not now) starts the rules' cooldown."""
-        with self._lock:
-            before = self._routes.get(model)
-            if route is None:
-                self._routes.pop(model, None)
-            else:
-                self._routes[model] = route
-            if before is not None and before.rolled_back and not (route and route.rolled_back):
-                self._forwarded[model] = time.monotonic()
+        self._put(model, route)
         if self.on_change is not None:
             self.on_change(model, route)
         if audit:
@@ -125,6 +118,12 @@ class RouteTable:
 
     def apply(self, model: str, route: Route | None) -> None:
         """Another replica's change (already logged there): applied here as it stands."""
+        if self._put(model, route) != route:
+            log.warning("model %s: route from another replica: %s", model, route)
+
+    def _put(self, model: str, route: Route | None) -> Route | None:
+        """Puts or removes a route (a roll forward starts the cooldown); returns the one
+        before."""
         with self._lock:
             before = self._routes.get(model)
             if route is None:
@@ -133,8 +132,7 @@ class RouteTable:
                 self._routes[model] = route
             if before is not None and before.rolled_back and not (route and route.rolled_back):
                 self._forwarded[model] = time.monotonic()
-        if before != route:
-            log.warning("model %s: route from another replica: %s", model, route)
+        return before
 
     def rolled_back(self, model: str, reason: str, strict: bool = True) -> Route | None:
         """The route a rollback would make (all traffic to the safe version, strict); None
