@@ -102,7 +102,11 @@ class LadderSpec:
         block tiers' FPRs ``flag_rate`` and ``block_rate``, else the spec's): a run of blocked
         images says far more than a run of suspicious ones. ``near`` is None where the model has
         no k-NN detector (or the client no history yet), ``near_rate`` that detector's
-        calibrated FPR, else the spec's."""
+        calibrated FPR, else the spec's. A blocked image's k-NN verdict is not counted: the
+        attack hypothesis takes it to be near at the honest rate (an L-inf attack's large
+        early steps, which the block tier withholds, are far apart in embedding space), so a
+        run of blocked images is throttled by its sixth, not its eighth; the step is still a
+        likelihood ratio (mean 1 for an honest client), so Lorden's bound holds."""
         r = self.flag_rate if flag_rate is None else min(flag_rate, self.flag_attack_rate / 2)
         b = self.block_rate if block_rate is None else block_rate
         b = min(b, r / 2, self.block_attack_rate / 2)
@@ -113,7 +117,7 @@ class LadderSpec:
         else:
             step = math.log((1 - self.flag_attack_rate) / (1 - r))
         step += _llr(probe, self.probe_rate, self.probe_attack_rate)
-        if near is not None:
+        if near is not None and not (adversarial and flagged):
             q0 = self.near_rate if near_rate is None else min(near_rate, self.near_attack_rate / 2)
             step += _llr(near, q0, self.near_attack_rate)
         return step

@@ -12,7 +12,9 @@ contained campaign is refused (or throttled with the campaign) before it is answ
 A resend of the same picture (the same 8-bit pixels: FP32, UINT8, PNG) is a retry: neither
 evidence nor remembered. A served picture is found by its content hash whoever resends it and
 gets its earlier answer; a refused one is a retry when the fingerprints' best match is that very
-query, then decided afresh (a release or a policy change takes effect). A near-duplicate of a
+query, then decided afresh (a release or a policy change takes effect); resent by the client
+it was refused to, its verdict counts against that client again (a client that keeps sending a
+blocked picture is throttled; Square resends its image when a step fails). A near-duplicate of a
 lone remembered query is a one-off (an honest re-encode of a picture, a popular picture sent
 again): remembered, and the two are linked, but it is not a probe. A near-duplicate of a query
 that already has a link is a probe: an attack's queries form a chain (each a step from the
@@ -382,7 +384,19 @@ class DefenceService:
                     continue
                 match = self.index.match(row)
                 if match is not None and match.content == content:
-                    continue  # a retry of a refused picture: decided afresh, no evidence
+                    # a retry of a refused picture: decided afresh; its verdict is evidence
+                    # again only against the client it was refused to (ART's Square resends
+                    # its current image unchanged when a step does not improve it)
+                    if match.client == key:
+                        rung = self.ladder.observe(
+                            key,
+                            verdict in FLAGGED,
+                            False,
+                            flag_rate=flag_rate,
+                            adversarial=verdict == "adversarial",
+                            block_rate=block_rate,
+                        )
+                    continue
                 probe = match is not None and match.links > 0
                 linked = match.client if probe and match is not None else None
                 near = None

@@ -66,6 +66,25 @@ def test_the_same_picture_however_encoded_is_a_retry_and_gets_its_earlier_answer
     assert defence.ladder.account("dev").probes == 0
 
 
+def test_a_blocked_picture_resent_counts_against_its_sender_only() -> None:
+    """Square resends its current image when a step fails: a refused picture sent again by the
+    client it was refused to is its verdict again, so six of them throttle; the same picture
+    from anyone else is decided afresh with no evidence (a shared picture frames nobody)."""
+    defence = service()
+    image = to_float(load_split("test")[0][:1])
+    prints = fingerprints(torch.from_numpy(image), defence.fingerprint_spec).numpy()
+    answers = np.zeros((1, 20), np.float32)
+    first = defence.observe("a", prints, ["adversarial"], image, answers, 7)
+    defence.settle(first, served=False)
+    for _ in range(4):
+        assert defence.observe("b", prints, ["adversarial"], image, answers, 7).rung == OBSERVE
+    assert defence.ladder.account("b") is None
+    again = [defence.observe("a", prints, ["adversarial"], image, answers, 7) for _ in range(5)]
+    rungs = [observed.rung for observed in again]
+    assert rungs[:4] == [OBSERVE] * 4 and rungs[4] != OBSERVE
+    assert defence.ladder.account("a").probes == 0
+
+
 def test_the_rungs_answer_429_with_retry_after_then_403() -> None:
     defence = service()
     image = to_float(load_split("test")[0][:1])
