@@ -70,10 +70,9 @@ _CLIENT_COUNT = {  # (client id is None, review) -> a count that reads the clien
     for anonymous in (True, False)
     for review, kind in _KINDS.items()
 }
-_IDS = "id = ANY(CAST(? AS TEXT[]))"
 
 
-class PostgresQuarantineStore:
+class PostgresQuarantineStore(rows.Deletions):
     """Quarantine in the PostgreSQL database at ``url``, shared by every replica; the
     ``QuarantineStore`` contract. One connection per store, shared by the gateway's threads
     under a lock (quarantine writes are rare by design; the review writer batches).
@@ -82,6 +81,9 @@ class PostgresQuarantineStore:
     metrics); ``over_quota`` is the shared store's, the same on every replica. Raises
     ``DatabaseUnavailable`` when the database cannot be reached, here and on every call.
     """
+
+    IDS_CLAUSE = "id = ANY(CAST(? AS TEXT[]))"  # one array parameter, however many ids
+    ids_value = staticmethod(builtins.list)
 
     def __init__(
         self,
@@ -136,7 +138,7 @@ class PostgresQuarantineStore:
         include_input: bool = False,
     ) -> builtins.list[QuarantineRecord]:
         check_page(limit, offset)
-        where, params = _where(model=model, status=status)
+        where, params = self._where(model=model, status=status)
         columns = FULL if include_input else SUMMARY
         found = self._db.query(
             f"SELECT {columns} FROM quarantine{where} {NEWEST_FIRST} LIMIT ? OFFSET ?",
@@ -145,7 +147,7 @@ class PostgresQuarantineStore:
         return [record(row) for row in found]
 
     def count(self, model: str | None = None, status: str | None = None) -> int:
-        where, params = _where(model=model, status=status)
+        where, params = self._where(model=model, status=status)
         sql = f"SELECT COUNT(*) FROM quarantine{where}" if where else _TOTALS
         return int(self._db.query(sql, params)[0][0])
 
@@ -169,26 +171,6 @@ class PostgresQuarantineStore:
         if not found:
             raise KeyError(id)
         return record(found[0])
-
-    def purge(
-        self,
-        status: str | None = None,
-        older_than: float | None = None,
-        ids: Sequence[str] | None = None,
-    ) -> int:
-        if status is None and older_than is None and ids is None:
-            raise ValueError("purge needs at least one of status, older_than, ids")
-        where, params = _where(status=status, older_than=older_than, ids=ids)
-        return self._delete(f"DELETE FROM quarantine{where}", params)
-
-    def expire(self, older_than: float, max_rows: int = 1000) -> int:
-        if max_rows < 1:
-            raise ValueError(f"max_rows must be >= 1, got {max_rows}")
-        return self._delete(
-            "DELETE FROM quarantine WHERE seq IN (SELECT seq FROM quarantine"
-            " WHERE created_at < ? ORDER BY created_at LIMIT ?)",
-            [float(older_than), int(max_rows)],
-        )
 
     def _delete(self, sql: str, params: Sequence[Any]) -> int:
         """Takes the totals lock before any row lock: the order every writer takes them in."""
@@ -242,16 +224,6 @@ class PostgresQuarantineStore:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def _where(
-    model: str | None = None,
-    status: str | None = None,
-    older_than: float | None = None,
-    ids: Sequence[str] | None = None,
-) -> tuple[str, builtins.list[Any]]:
-    """``rows.where``; ``ids`` travel as one array parameter, however many there are."""
-    return rows.where(_IDS, builtins.list, model, status, older_than, ids)
 
 
 def _text(value: Any) -> Any:

@@ -99,6 +99,53 @@ def where(
     return (" WHERE " + " AND ".join(clauses) if clauses else ""), params
 
 
+class Deletions:
+    """``purge`` and ``expire``, the same SQL on both stores. A store names how it binds a list
+    of ids in one parameter (``IDS_CLAUSE``, ``ids_value``) and deletes under its own locks
+    (``_delete``)."""
+
+    IDS_CLAUSE: str = ""
+
+    @staticmethod
+    def ids_value(ids: list[str]) -> Any:
+        raise NotImplementedError
+
+    def _delete(self, sql: str, params: Sequence[Any]) -> int:
+        raise NotImplementedError
+
+    def _where(
+        self,
+        model: str | None = None,
+        status: str | None = None,
+        older_than: float | None = None,
+        ids: Sequence[str] | None = None,
+    ) -> tuple[str, list[Any]]:
+        return where(self.IDS_CLAUSE, self.ids_value, model, status, older_than, ids)
+
+    def purge(
+        self,
+        status: str | None = None,
+        older_than: float | None = None,
+        ids: Sequence[str] | None = None,
+    ) -> int:
+        """Deletes the records matching every given filter; ValueError when none is given."""
+        if status is None and older_than is None and ids is None:
+            raise ValueError("purge needs at least one of status, older_than, ids")
+        clause, params = self._where(status=status, older_than=older_than, ids=ids)
+        return self._delete(f"DELETE FROM quarantine{clause}", params)
+
+    def expire(self, older_than: float, max_rows: int = 1000) -> int:
+        """Deletes up to ``max_rows`` records created before ``older_than`` (Unix s), oldest
+        first; ValueError when ``max_rows`` < 1."""
+        if max_rows < 1:
+            raise ValueError(f"max_rows must be >= 1, got {max_rows}")
+        return self._delete(
+            "DELETE FROM quarantine WHERE seq IN (SELECT seq FROM quarantine"
+            " WHERE created_at < ? ORDER BY created_at LIMIT ?)",
+            [float(older_than), int(max_rows)],
+        )
+
+
 def record(row: Sequence[Any]) -> QuarantineRecord:
     """A ``SUMMARY`` or ``FULL`` row as a record (``input`` None for a summary)."""
     return QuarantineRecord(

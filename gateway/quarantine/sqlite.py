@@ -45,7 +45,7 @@ _CLIENT_WITHHELD = (
 )
 
 
-class SQLiteQuarantineStore:
+class SQLiteQuarantineStore(rows.Deletions):
     """Quarantine on one SQLite file, shared by the threads of one gateway process.
 
     Durability: ``journal_mode=WAL`` with ``synchronous=FULL``. In WAL mode a committed
@@ -68,6 +68,10 @@ class SQLiteQuarantineStore:
     ``clock`` gives ``created_at``/``released_at`` (unix seconds); tests inject one to order
     records without sleeping. ``path=":memory:"`` gives a private throwaway database.
     """
+
+    # one JSON parameter: any number of ids fits within SQLite's bound-variable limit
+    IDS_CLAUSE = "id IN (SELECT value FROM json_each(?))"
+    ids_value = staticmethod(json.dumps)
 
     def __init__(
         self,
@@ -176,7 +180,7 @@ class SQLiteQuarantineStore:
         return int(records), int(size)
 
     def count(self, model: str | None = None, status: str | None = None) -> int:
-        where, params = _where(model=model, status=status)
+        where, params = self._where(model=model, status=status)
         sql = f"SELECT COUNT(*) FROM quarantine{where}" if where else _TOTAL_RECORDS
         with self._lock:
             (total,) = self._conn.execute(sql, params).fetchone()
@@ -193,26 +197,6 @@ class SQLiteQuarantineStore:
         if row is None:
             raise KeyError(id)
         return record(row)
-
-    def purge(
-        self,
-        status: str | None = None,
-        older_than: float | None = None,
-        ids: Sequence[str] | None = None,
-    ) -> int:
-        if status is None and older_than is None and ids is None:
-            raise ValueError("purge needs at least one of status, older_than, ids")
-        where, params = _where(status=status, older_than=older_than, ids=ids)
-        return self._delete(f"DELETE FROM quarantine{where}", params)
-
-    def expire(self, older_than: float, max_rows: int = 1000) -> int:
-        if max_rows < 1:
-            raise ValueError(f"max_rows must be >= 1, got {max_rows}")
-        return self._delete(
-            "DELETE FROM quarantine WHERE seq IN (SELECT seq FROM quarantine"
-            " WHERE created_at < ? ORDER BY created_at LIMIT ?)",
-            [float(older_than), int(max_rows)],
-        )
 
     def _delete(self, sql: str, params: Sequence[Any]) -> int:
         with self._lock:
@@ -282,7 +266,7 @@ class SQLiteQuarantineStore:
         include_input: bool = False,
     ) -> builtins.list[QuarantineRecord]:
         check_page(limit, offset)
-        where, params = _where(model=model, status=status)
+        where, params = self._where(model=model, status=status)
         columns = FULL if include_input else SUMMARY
         with self._lock:
             found = self._conn.execute(
@@ -293,17 +277,3 @@ class SQLiteQuarantineStore:
 
 
 _TOTAL_RECORDS = "SELECT records FROM quarantine_totals"
-
-
-def _where(
-    model: str | None = None,
-    status: str | None = None,
-    older_than: float | None = None,
-    ids: Sequence[str] | None = None,
-) -> tuple[str, builtins.list[Any]]:
-    """``rows.where``; ``ids`` travel as one JSON parameter, so any number of them fits within
-    SQLite's bound-variable limit."""
-    return rows.where(_IDS, json.dumps, model, status, older_than, ids)
-
-
-_IDS = "id IN (SELECT value FROM json_each(?))"
