@@ -60,6 +60,7 @@ class LadderSpec:
     probe_attack_rate: float = 0.5
     near_rate: float = 0.001  # honest rate of k-NN hits: the detector's calibrated clean FPR
     near_attack_rate: float = 0.5
+    near_blocked_attack_rate: float = 0.05  # of blocked images (an L-inf attack's, far apart)
     throttle_at: float = math.log(1e8)
     strict_at: float = math.log(1e11)
     refuse_at: float = math.log(1e14)
@@ -72,6 +73,7 @@ class LadderSpec:
             (self.block_rate, self.block_attack_rate),
             (self.probe_rate, self.probe_attack_rate),
             (self.near_rate, self.near_attack_rate),
+            (self.near_rate, self.near_blocked_attack_rate),
         ):
             if not 0 < p0 < p1 < 1:
                 raise ValueError(f"need 0 < honest rate < attack rate < 1, got {p0}, {p1}")
@@ -102,11 +104,12 @@ class LadderSpec:
         block tiers' FPRs ``flag_rate`` and ``block_rate``, else the spec's): a run of blocked
         images says far more than a run of suspicious ones. ``near`` is None where the model has
         no k-NN detector (or the client no history yet), ``near_rate`` that detector's
-        calibrated FPR, else the spec's. A blocked image's k-NN verdict is not counted: the
-        attack hypothesis takes it to be near at the honest rate (an L-inf attack's large
-        early steps, which the block tier withholds, are far apart in embedding space), so a
-        run of blocked images is throttled by its sixth, not its eighth; the step is still a
-        likelihood ratio (mean 1 for an honest client), so Lorden's bound holds."""
+        calibrated FPR, else the spec's. For a blocked image the attack hypothesis takes a k-NN
+        hit to be rare (``near_blocked_attack_rate``: an L-inf attack's large early steps,
+        which the block tier withholds, are far apart in embedding space), so "not near" costs
+        it almost nothing and a run of blocked images is throttled by its sixth, not its eighth,
+        while a blocked image that is near still weighs more. Each step is a likelihood ratio
+        (mean 1 for an honest client), so Lorden's bound holds."""
         r = self.flag_rate if flag_rate is None else min(flag_rate, self.flag_attack_rate / 2)
         b = self.block_rate if block_rate is None else block_rate
         b = min(b, r / 2, self.block_attack_rate / 2)
@@ -117,9 +120,11 @@ class LadderSpec:
         else:
             step = math.log((1 - self.flag_attack_rate) / (1 - r))
         step += _llr(probe, self.probe_rate, self.probe_attack_rate)
-        if near is not None and not (adversarial and flagged):
-            q0 = self.near_rate if near_rate is None else min(near_rate, self.near_attack_rate / 2)
-            step += _llr(near, q0, self.near_attack_rate)
+        if near is not None:
+            blocked = adversarial and flagged
+            q1 = self.near_blocked_attack_rate if blocked else self.near_attack_rate
+            q0 = self.near_rate if near_rate is None else min(near_rate, q1 / 2)
+            step += _llr(near, q0, q1)
         return step
 
     def window_rung(self, window: ProbeWindow) -> str:

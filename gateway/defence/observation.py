@@ -52,3 +52,4 @@ class Evidence:
     answer: np.ndarray | None = None  # (A,) float32: what the query was answered
     model: str | None = None  # the k-NN's embedding space ("name:version"), with ``embedding``
     embedding: np.ndarray | None = None  # (E,) float32
+    resend: bool = False  # a refused picture its client sent again: the ladder's only

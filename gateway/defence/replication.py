@@ -71,6 +71,7 @@ def encode_evidence(origin: str, batch: list[Evidence]) -> dict[str, bytes]:
             e.near_rate,
             e.answer_key,
             e.model,
+            e.resend,
         ]
         for e in batch
     ]
@@ -103,7 +104,12 @@ def decode_evidence(fields: dict[bytes, bytes], top: int) -> list[Evidence]:
     embeddings = _rows(fields.get(b"embeddings"), n)
     batch = []
     for i, row in enumerate(scalars):
-        client, content, flagged, adversarial, probe, linked, near, fr, br, nr, key, model = row
+        if not isinstance(row, list) or len(row) not in (12, 13):
+            raise ValueError("evidence entry: bad scalars")
+        client, content, flagged, adversarial, probe, linked, near, fr, br, nr, key, model = row[
+            :12
+        ]
+        resend = len(row) == 13 and row[12] is True
         if not isinstance(client, str) or len(client) > MAX_STRING:
             raise ValueError("evidence entry: bad client")
         if linked is not None and (not isinstance(linked, str) or len(linked) > MAX_STRING):
@@ -125,6 +131,7 @@ def decode_evidence(fields: dict[bytes, bytes], top: int) -> list[Evidence]:
                 None if answers is None else answers[i],
                 model if isinstance(model, str) and len(model) <= MAX_STRING else None,
                 None if embeddings is None else embeddings[i],
+                resend,
             )
         )
     return batch

@@ -12,9 +12,11 @@ contained campaign is refused (or throttled with the campaign) before it is answ
 A resend of the same picture (the same 8-bit pixels: FP32, UINT8, PNG) is a retry: neither
 evidence nor remembered. A served picture is found by its content hash whoever resends it and
 gets its earlier answer; a refused one is a retry when the fingerprints' best match is that very
-query, then decided afresh (a release or a policy change takes effect); resent by the client
-it was refused to, its verdict counts against that client again (a client that keeps sending a
-blocked picture is throttled; Square resends its image when a step fails). A near-duplicate of a
+query, then decided afresh (a release or a policy change takes effect); blocked again and
+resent by the client it was refused to, it counts against that client again, at most
+``RECOUNTS`` times a picture (ART's Square re-asks its current point every iteration; five
+blocked steps of one picture stay short of throttling, so no single picture, an honest false
+positive retried forever or one planted on a client, throttles it). A near-duplicate of a
 lone remembered query is a one-off (an honest re-encode of a picture, a popular picture sent
 again): remembered, and the two are linked, but it is not a probe. A near-duplicate of a query
 that already has a link is a probe: an attack's queries form a chain (each a step from the
@@ -62,6 +64,7 @@ from bastion.gateway.monitoring.metrics import Metrics
 from bastion.gateway.settings import Settings
 
 FLAGGED = frozenset({"suspicious", "adversarial"})
+RECOUNTS = 4  # resends of one blocked picture counted: five steps, short of throttling
 log = logging.getLogger(__name__)
 
 
@@ -109,6 +112,8 @@ class DefenceService:
         self._last_admitted: OrderedDict[str, float] = OrderedDict()
         self.lock = threading.Lock()  # the admin routes hold it too, to read a consistent view
         self._rungs: dict[str, str] = {}  # the last rung logged per client (transitions only)
+        # slot -> (the refused picture, how often its resends were counted there)
+        self._recounted: dict[int, tuple[int, int]] = {}
         self._campaign_rungs: OrderedDict[str, str] = OrderedDict()  # per campaign root
         self.audit = audit
         self.alert_s = settings.alert_s
@@ -384,18 +389,42 @@ class DefenceService:
                     continue
                 match = self.index.match(row)
                 if match is not None and match.content == content:
-                    # a retry of a refused picture: decided afresh; its verdict is evidence
-                    # again only against the client it was refused to (ART's Square resends
-                    # its current image unchanged when a step does not improve it)
-                    if match.client == key:
+                    # a retry of a refused picture: decided afresh, no evidence, unless it is
+                    # blocked again and resent by the client it was refused to (ART's Square
+                    # resends its image when a step fails): then it counts against that client
+                    # again, at most RECOUNTS times a picture (the same pixels get the same
+                    # verdict, so this is no likelihood ratio: the cap keeps any one picture,
+                    # an honest false positive retried forever or a planted one, short of the
+                    # throttle; ART's Square re-asks its current point every iteration)
+                    counted = self._recounted.get(match.slot, (content, 0))
+                    counted = counted if counted[0] == content else (content, 0)
+                    if match.client == key and verdict == "adversarial" and counted[1] < RECOUNTS:
+                        self._recounted[match.slot] = (content, counted[1] + 1)
                         rung = self.ladder.observe(
                             key,
-                            verdict in FLAGGED,
+                            True,
                             False,
                             flag_rate=flag_rate,
-                            adversarial=verdict == "adversarial",
+                            adversarial=True,
                             block_rate=block_rate,
                         )
+                        if self.on_evidence is not None:
+                            shared.append(
+                                Evidence(
+                                    key,
+                                    row,
+                                    content,
+                                    True,
+                                    True,
+                                    False,
+                                    None,
+                                    None,
+                                    flag_rate,
+                                    block_rate,
+                                    None,
+                                    resend=True,
+                                )
+                            )
                     continue
                 probe = match is not None and match.links > 0
                 linked = match.client if probe and match is not None else None
@@ -519,6 +548,21 @@ class DefenceService:
         replica is contained on all. Nothing is logged: the replica that saw it logs it."""
         with self.lock:
             for e in batch:
+                if e.resend:  # a blocked picture its client resent: the ladder's only
+                    slot = self.index.resent(e.content)
+                    if slot is not None:
+                        counted = self._recounted.get(slot, (e.content, 0))
+                        times = counted[1] if counted[0] == e.content else 0
+                        self._recounted[slot] = (e.content, times + 1)
+                    self.ladder.observe(
+                        e.client,
+                        True,
+                        False,
+                        flag_rate=e.flag_rate,
+                        adversarial=True,
+                        block_rate=e.block_rate,
+                    )
+                    continue
                 match = self.index.match(e.fingerprint)
                 if match is not None:
                     self.index.link(match.slot)

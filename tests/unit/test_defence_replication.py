@@ -16,7 +16,7 @@ from bastion.gateway.defence.answers import answer_key
 from bastion.gateway.defence.fingerprint import fingerprints
 from bastion.gateway.defence.observation import Evidence
 from bastion.gateway.defence.replication import decode_evidence, encode_evidence
-from bastion.gateway.defence.service import DefenceService
+from bastion.gateway.defence.service import RECOUNTS, DefenceService
 from bastion.gateway.monitoring.metrics import Metrics
 from bastion.gateway.settings import Settings
 from bastion.models.data import load_split, to_float
@@ -142,3 +142,31 @@ def test_a_poisoned_entry_is_counted_and_the_follower_goes_on() -> None:
     assert follower.applied == 1  # the good one, after the three bad
     assert metrics.shared_state_errors.labels("redis", "defence_malformed")._value.get() == 3
     assert defence.ladder.account("client-2") is not None
+
+
+def test_a_resent_blocked_picture_reaches_the_other_replica_once() -> None:
+    """Replica A counts a blocked picture its client resent (at most ``RECOUNTS`` times a
+    picture); B applies those counts too, and once they are spent a resend of the same picture
+    to B is not counted there. An entry from
+    a replica that predates the flag (12 scalars) reads as no resend."""
+    settings = Settings(fingerprint_salt=3, throttle_interval_s=30)
+    a = DefenceService(settings, Metrics(CollectorRegistry()))
+    b = DefenceService(settings, Metrics(CollectorRegistry()))
+    shared: list[list[Evidence]] = []
+    a.on_evidence = shared.append
+    image = to_float(load_split("test")[0][:1])
+    prints = fingerprints(torch.from_numpy(image), a.fingerprint_spec).numpy()
+    for _ in range(2 + RECOUNTS):
+        observed = a.observe("sq", prints, ["adversarial"], image, np.zeros((1, 20)), 7)
+        a.settle(observed, served=False)
+        b.replay_refusal(7, [content for _, content in observed.slots])
+    entries = [decode_evidence(as_stream_fields(encode_evidence("a", e)), 50) for e in shared]
+    assert [e.resend for batch in entries for e in batch] == [False] + [True] * RECOUNTS
+    for batch in entries:
+        b.replay(batch)
+    assert b.ladder.account("sq").statistic == pytest.approx(a.ladder.account("sq").statistic)
+    b.observe("sq", prints, ["adversarial"], image, np.zeros((1, 20)), 7)
+    assert b.ladder.account("sq").statistic == pytest.approx(a.ladder.account("sq").statistic)
+    fields = as_stream_fields(encode_evidence("old", evidence(1)))
+    fields[b"scalars"] = json.dumps([json.loads(fields[b"scalars"])[0][:12]]).encode()
+    assert decode_evidence(fields, 50)[0].resend is False

@@ -11,7 +11,7 @@ from prometheus_client import CollectorRegistry
 
 from bastion.gateway.defence.evidence import OBSERVE, REFUSE
 from bastion.gateway.defence.fingerprint import fingerprints
-from bastion.gateway.defence.service import Contained, DefenceService
+from bastion.gateway.defence.service import RECOUNTS, Contained, DefenceService
 from bastion.gateway.errors import Forbidden, TooManyRequests
 from bastion.gateway.monitoring.metrics import Metrics
 from bastion.gateway.settings import Settings
@@ -66,23 +66,44 @@ def test_the_same_picture_however_encoded_is_a_retry_and_gets_its_earlier_answer
     assert defence.ladder.account("dev").probes == 0
 
 
-def test_a_blocked_picture_resent_counts_against_its_sender_only() -> None:
-    """Square resends its current image when a step fails: a refused picture sent again by the
-    client it was refused to is its verdict again, so six of them throttle; the same picture
-    from anyone else is decided afresh with no evidence (a shared picture frames nobody)."""
+def blocked(defence: DefenceService, client: str, image: np.ndarray) -> str:
+    """Sends one picture the screening blocks, refused; returns the client's rung."""
+    prints = fingerprints(torch.from_numpy(image), defence.fingerprint_spec).numpy()
+    observed = defence.observe(client, prints, ["adversarial"], image, np.zeros((1, 20)), 7)
+    defence.settle(observed, served=False)
+    return observed.rung
+
+
+def test_a_blocked_picture_resent_counts_a_few_times_more_and_only_against_its_sender() -> None:
+    """ART's Square re-asks its current point every iteration: a refused picture blocked again
+    and resent by the client it was refused to counts at most ``RECOUNTS`` times more (the
+    same pixels get the same verdict), so one picture retried forever, an honest false
+    positive or a planted one, stays short of the throttle, and one more blocked picture
+    throttles; from anyone else, nothing."""
+    defence = service()
+    images = to_float(load_split("test")[0][:3])
+    first = images[:1]
+    assert blocked(defence, "a", first) == OBSERVE
+    for _ in range(4):
+        assert blocked(defence, "b", first) == OBSERVE
+    assert defence.ladder.account("b") is None  # a shared picture frames nobody
+    for _ in range(10):
+        assert blocked(defence, "a", first) == OBSERVE
+    one = defence.ladder.spec.increment(True, False, adversarial=True)
+    assert defence.ladder.account("a").statistic == pytest.approx((1 + RECOUNTS) * one)
+    assert blocked(defence, "a", images[1:2]) == "throttle"  # one more blocked picture
+    assert defence.ladder.account("a").probes == 0
+
+
+def test_a_refused_picture_resent_with_a_milder_verdict_is_no_evidence() -> None:
     defence = service()
     image = to_float(load_split("test")[0][:1])
+    blocked(defence, "a", image)
     prints = fingerprints(torch.from_numpy(image), defence.fingerprint_spec).numpy()
-    answers = np.zeros((1, 20), np.float32)
-    first = defence.observe("a", prints, ["adversarial"], image, answers, 7)
-    defence.settle(first, served=False)
-    for _ in range(4):
-        assert defence.observe("b", prints, ["adversarial"], image, answers, 7).rung == OBSERVE
-    assert defence.ladder.account("b") is None
-    again = [defence.observe("a", prints, ["adversarial"], image, answers, 7) for _ in range(5)]
-    rungs = [observed.rung for observed in again]
-    assert rungs[:4] == [OBSERVE] * 4 and rungs[4] != OBSERVE
-    assert defence.ladder.account("a").probes == 0
+    before = defence.ladder.account("a").statistic
+    for verdict in ("suspicious", "clean"):
+        defence.observe("a", prints, [verdict], image, np.zeros((1, 20)), 7)
+    assert defence.ladder.account("a").statistic == before
 
 
 def test_the_rungs_answer_429_with_retry_after_then_403() -> None:

@@ -138,6 +138,9 @@ def test_a_run_of_blocked_images_is_throttled_by_its_sixth_whatever_the_k_nn_say
         for _ in range(6)
     ]
     assert rungs[4] == OBSERVE and rungs[5] == THROTTLE
+    spec = LadderSpec()
+    near, far = (spec.increment(True, False, near=n, adversarial=True) for n in (True, False))
+    assert near > far + 3  # a blocked image near the client's history still weighs more
 
 
 def test_honest_clients_blocked_at_six_times_the_calibrated_rate_stay_observed() -> None:
