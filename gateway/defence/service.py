@@ -54,6 +54,7 @@ from typing import Any
 import numpy as np
 
 from bastion.gateway.defence import knn, probe_table
+from bastion.gateway.defence.decisions import Decisions
 from bastion.gateway.defence.evidence import OBSERVE, REFUSE, STRICT, THROTTLE, Ladder, LadderSpec
 from bastion.gateway.defence.fingerprint import FingerprintSpec, picture_hash
 from bastion.gateway.defence.knn import Histories
@@ -111,11 +112,10 @@ class DefenceService:
         self.repeat = settings.probe_response == "repeat"
         self._last_admitted: OrderedDict[str, float] = OrderedDict()
         self.lock = threading.Lock()  # the admin routes hold it too, to read a consistent view
-        self._rungs: dict[str, str] = {}  # the last rung logged per client (transitions only)
         # slot -> (the refused picture, how often its resends were counted there)
         self._recounted: dict[int, tuple[int, int]] = {}
-        self._campaign_rungs: OrderedDict[str, str] = OrderedDict()  # per campaign root
         self.audit = audit
+        self.decisions = Decisions(self.ladder, metrics, audit)
         self.alert_s = settings.alert_s
         self.young_images = settings.alert_young_images
         self._alert_until = 0.0  # time.monotonic() when the alert lapses
@@ -150,11 +150,10 @@ class DefenceService:
         if replicate and self.on_release is not None:
             self.on_release(client)
         members = self.ladder.campaign(client)
-        self._campaign_rungs.pop(self.ladder.root(client), None)
+        self.decisions.forget(self.ladder.root(client), members)
         self.ladder.release(client)
         self._last_admitted.pop(self.ladder.root(client), None)
         for member in members:
-            self._count_rung(self._rungs.pop(member, OBSERVE), -1)
             self._last_admitted.pop(member, None)
             self.histories.forget(member)
         if self._alert_by is not None and self.ladder.root(client) in (self._alert_by, client):
@@ -194,90 +193,10 @@ class DefenceService:
         account = self.ladder.account(client)
         return account is None or account.images < self.young_images
 
-    def _count_rung(self, rung: str, step: int) -> None:
-        if rung != OBSERVE:
-            self.metrics.defence_clients.labels(rung).inc(step)
-
     def _campaigns(self, state: str) -> float:
         """Linked campaigns, or those at the refuse rung (read at scrape time)."""
         with self.lock:
             return float(self.ladder.campaign_count(contained=state == "contained"))
-
-    def _log_campaign(
-        self, client: str, rung: str, request_id: str | None, model: str | None
-    ) -> None:
-        """A campaign's own rise up the ladder is a decision too (its one-query identities may
-        never reach a rung of their own): logged once per rung (caller holds ``lock``)."""
-        root = self.ladder.root(client)
-        if self._campaign_rungs.get(root) == rung:
-            return
-        self._campaign_rungs[root] = rung
-        if len(self._campaign_rungs) > self.ladder.max_clients:
-            self._campaign_rungs.popitem(last=False)
-        log.warning("campaign %s now %s at request %r", root, rung, request_id)
-        if self.audit is not None:
-            members = self.ladder.campaign(client)
-            self.audit(
-                "containment",
-                root,
-                {
-                    "scope": "campaign",
-                    "rung": rung,
-                    "campaign": root,
-                    "campaign_size": len(members),
-                    "campaign_statistic": round(self.ladder.campaign_statistic(client), 3),
-                    "members": members[:50],
-                    "request": request_id,
-                    "model": model,
-                },
-            )
-
-    def _log_transition(
-        self, client: str, rung: str, request_id: str | None = None, model: str | None = None
-    ) -> None:
-        """Every change of rung is logged with its evidence and counted (caller holds lock)."""
-        before = self._rungs.get(client, OBSERVE)
-        if before == rung:
-            return
-        self._count_rung(before, -1)
-        self._count_rung(rung, +1)
-        self._rungs[client] = rung
-        if len(self._rungs) > self.ladder.max_clients:
-            self._count_rung(self._rungs.pop(next(iter(self._rungs))), -1)
-        account = self.ladder.account(client)
-        campaign = self.ladder.campaign(client)
-        self.metrics.defence_transitions.labels(rung).inc()
-        if self.audit is not None:
-            self.audit(
-                "containment",
-                client,
-                {
-                    "from": before,
-                    "rung": rung,
-                    "request": request_id,
-                    "model": model,
-                    "statistic": round(account.statistic, 3) if account else 0.0,
-                    "campaign": self.ladder.root(client),
-                    "campaign_size": len(campaign),
-                    "campaign_statistic": round(self.ladder.campaign_statistic(client), 3),
-                    "images": account.images if account else 0,
-                    "flagged": account.flagged if account else 0,
-                    "probes": account.probes if account else 0,
-                },
-            )
-        log.warning(
-            "client %s now %s at request %r: statistic %.1f (campaign %.1f over %d clients), "
-            "%d images, %d flagged, %d probes",
-            client,
-            rung,
-            request_id,
-            account.statistic if account else 0.0,
-            self.ladder.campaign_statistic(client),
-            len(campaign),
-            account.images if account else 0,
-            account.flagged if account else 0,
-            account.probes if account else 0,
-        )
 
     def admit(self, client: str | None, shared: bool = False) -> str | None:
         """Raises ``Contained`` (403) or ``TooManyRequests`` (429) for a contained client;
@@ -456,7 +375,7 @@ class DefenceService:
                         self.audit("campaign", self.ladder.root(key), body)
                 campaign = self.ladder.campaign_rung(key) if probe else OBSERVE
                 if campaign != OBSERVE:
-                    self._log_campaign(key, campaign, request_id, model)
+                    self.decisions.campaign(key, campaign, request_id, model)
                     self._raise_alert(self.ladder.root(key), request_id)
                 contained += campaign == REFUSE  # it continues a contained campaign: refused
                 given = None
@@ -511,7 +430,7 @@ class DefenceService:
                         )
                     )
             rung = self.ladder.rung(key)
-            self._log_transition(key, rung, request_id, model)
+            self.decisions.client(key, rung, request_id, model)
         if probes:
             self.metrics.defence_probes.inc(probes)
         if shared and self.on_evidence is not None:
