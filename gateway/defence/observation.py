@@ -53,3 +53,16 @@ class Evidence:
     model: str | None = None  # the k-NN's embedding space ("name:version"), with ``embedding``
     embedding: np.ndarray | None = None  # (E,) float32
     resend: bool = False  # a refused picture its client sent again: the ladder's only
+
+    @classmethod
+    def resent(
+        cls,
+        client: str,
+        fingerprint: np.ndarray,
+        content: int,
+        flag_rate: float | None,
+        block_rate: float | None,
+    ) -> Evidence:
+        """A blocked picture its client resent, counted against it once more."""
+        return cls(client, fingerprint, content, True, True, False, None, None, flag_rate,
+                   block_rate, None, resend=True)  # fmt: skip

@@ -315,35 +315,13 @@ class DefenceService:
                     # verdict, so this is no likelihood ratio: the cap keeps any one picture,
                     # an honest false positive retried forever or a planted one, short of the
                     # throttle; ART's Square re-asks its current point every iteration)
-                    counted = self._recounted.get(match.slot, (content, 0))
-                    counted = counted if counted[0] == content else (content, 0)
-                    if match.client == key and verdict == "adversarial" and counted[1] < RECOUNTS:
-                        self._recounted[match.slot] = (content, counted[1] + 1)
-                        rung = self.ladder.observe(
-                            key,
-                            True,
-                            False,
-                            flag_rate=flag_rate,
-                            adversarial=True,
-                            block_rate=block_rate,
-                        )
-                        if self.on_evidence is not None:
-                            shared.append(
-                                Evidence(
-                                    key,
-                                    row,
-                                    content,
-                                    True,
-                                    True,
-                                    False,
-                                    None,
-                                    None,
-                                    flag_rate,
-                                    block_rate,
-                                    None,
-                                    resend=True,
-                                )
-                            )
+                    if (
+                        match.client == key
+                        and verdict == "adversarial"
+                        and self._recount(key, match.slot, content, flag_rate, block_rate)
+                        and self.on_evidence is not None
+                    ):
+                        shared.append(Evidence.resent(key, row, content, flag_rate, block_rate))
                     continue
                 probe = match is not None and match.links > 0
                 linked = match.client if probe and match is not None else None
@@ -448,6 +426,29 @@ class DefenceService:
             tightened,
         )
 
+    def _recount(
+        self,
+        client: str,
+        slot: int | None,
+        content: int,
+        flag_rate: float | None,
+        block_rate: float | None,
+        cap: bool = True,
+    ) -> bool:
+        """Counts a blocked picture that ``client`` resent once more against it, at most
+        ``RECOUNTS`` times at ``slot`` (``cap``: False applies another replica's count, already
+        capped there); returns whether it counted (caller holds ``lock``)."""
+        kept, times = self._recounted.get(slot, (content, 0)) if slot is not None else (content, 0)
+        times = times if kept == content else 0
+        if cap and times >= RECOUNTS:
+            return False
+        if slot is not None:
+            self._recounted[slot] = (content, times + 1)
+        self.ladder.observe(
+            client, True, False, flag_rate=flag_rate, adversarial=True, block_rate=block_rate
+        )
+        return True
+
     def settle(self, observed: Observation, served: bool) -> None:
         """Records whether the request's answers were served: when it was refused (withheld,
         throttled, contained) its queries are remembered as refused, so a near-duplicate of one
@@ -469,18 +470,7 @@ class DefenceService:
             for e in batch:
                 if e.resend:  # a blocked picture its client resent: the ladder's only
                     slot = self.index.resent(e.content)
-                    if slot is not None:
-                        counted = self._recounted.get(slot, (e.content, 0))
-                        times = counted[1] if counted[0] == e.content else 0
-                        self._recounted[slot] = (e.content, times + 1)
-                    self.ladder.observe(
-                        e.client,
-                        True,
-                        False,
-                        flag_rate=e.flag_rate,
-                        adversarial=True,
-                        block_rate=e.block_rate,
-                    )
+                    self._recount(e.client, slot, e.content, e.flag_rate, e.block_rate, cap=False)
                     continue
                 match = self.index.match(e.fingerprint)
                 if match is not None:
