@@ -84,7 +84,7 @@ def square_streams(seeds: int, queries: int) -> list[np.ndarray]:
     from art.attacks.evasion import SquareAttack
     from art.estimators.classification import BlackBoxClassifierNeuralNetwork
 
-    from bastion.benchmarks.incident_attacker import choose_seeds
+    from bastion.benchmarks.incident_attacker import L2_BOUND, choose_seeds
     from bastion.gateway.backends import COMBINED, load_backend
     from bastion.gateway.registry import run_batch
     from bastion.gateway.repository import ModelRepository
@@ -95,7 +95,7 @@ def square_streams(seeds: int, queries: int) -> list[np.ndarray]:
     backend = load_backend(ModelRepository(DEFAULT_REPOSITORY).config("digits"), 1, "cpu", 1)
     assert backend.screening is not None
     threshold = float(backend.screening.thresholds[ADVERSARIAL])
-    picked, _ = choose_seeds(seeds, 0)
+    picked, _ = choose_seeds(seeds, 0, L2_BOUND)
     streams = []
     for s in range(seeds):
         label, sent = int(picked["y"][s]), []

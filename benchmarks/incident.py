@@ -5,10 +5,15 @@ as ``--response evidence`` or ``repeat``) on 127.0.0.1 is watched through two ph
 
 - **before** (``--before`` s): honest clients only (4 threads, ~20 requests/s each, one image
   a request): fresh photos of their own test digits (rotation ±12°, scale 0.9-1.1, shift ±2 px),
-  and at 5 % each an exact retry of a recent one and a JPEG re-encode (quality 70-95);
+  and at 5 % each an exact retry of a recent one and a JPEG re-encode (quality 70-95); beside
+  them ``--honest-newcomers`` threads (1) that take a fresh identity every
+  ``--newcomer-rotate`` (10) requests, the young identities a defence against rotating
+  attackers weighs on;
 - **during**: the same, while the attacks run one after another, each on its own ``--seeds``
   seeds (correctly classified test digits the screening passes; decision-based attacks start
-  from the nearest such digit of another class), never held by an honest client.
+  from the nearest such digit of another class, which must lie beyond L2 4: a nearer one is
+  another digit already inside the threat ball, "won" without a query), never held by an
+  honest client.
 
 The attacker rotates its ``X-Client-ID`` every ``--rotate`` queries (fresh random names), reads a
 refused query (403 or 429) as "not adversarial" (uniform probabilities for a score-based attack,
@@ -35,7 +40,11 @@ uniform noise, which waits out a 429 and switches identity on a refusal
 (``benchmarks.incident_attacker.AdaptiveOracle``), stopped only by its budget; success is a
 fresh 200 for an image within L2 4 of its seed that the real model misclassifies (target: at
 most 5 % of seeds). Honest clients: refusal rate before and during (a plain 403 from the
-screening counts), and how many were ever throttled or contained (target: none).
+screening counts), and how many were ever throttled or contained (target: none). Every honest
+picture is scored offline afterwards: the ones the per-image screening withholds by itself
+explain a phase's refusals up to which pictures it happened to draw (±0.35 points at 2,400
+requests), so the before/during comparison [within 0.2 points] is made on the rest, what the
+defence refused on top of the screening.
 
 ``--honest-only`` is the volume check instead: 8 honest processes as fast as they go, the same
 picture mix, ``--honest-requests`` in all (or ``--max-seconds``); target: no honest client ever
@@ -84,7 +93,7 @@ from bastion.benchmarks.incident_report import (
 )
 
 RESULTS = Path(__file__).resolve().parent / "results" / "incident"
-L2_BOUND, LINF_BOUND = 4.0, 0.3
+L2_BOUND, LINF_BOUND = attacker.L2_BOUND, attacker.LINF_BOUND
 FULL = {
     "hsj_iter": 10, "hsj_max_eval": 200, "hsj_init_eval": 20,
     "boundary_iter": 40, "boundary_trials": 10, "boundary_samples": 10,
@@ -285,6 +294,7 @@ def gateway_env(args: Any) -> dict[str, str]:
         "BASTION_DEFENCE": "on",
         "BASTION_PROBE_RESPONSE": args.response,
         "BASTION_THROTTLE_INTERVAL_S": str(args.throttle_interval_s),
+        "BASTION_ALERT_S": str(args.alert_s),
         "OMP_NUM_THREADS": "1",
         "BASTION_LOG_LEVEL": "debug",  # each probe's line: the gateway's view of detection
     }
@@ -293,12 +303,20 @@ def gateway_env(args: Any) -> dict[str, str]:
 def incident(args: Any) -> dict[str, Any]:
     from bastion.gateway.settings import DEFAULT_REPOSITORY
 
-    seeds, honest_digits = attacker.choose_seeds(args.seeds * len(args.attacks), args.seed)
+    seeds, honest_digits = attacker.choose_seeds(
+        args.seeds * len(args.attacks), args.seed, L2_BOUND
+    )
     phases: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="bastion-incident-") as tmp:
         with running_gateway(DEFAULT_REPOSITORY, Path(tmp), env=gateway_env(args)) as url:
             fleet = clients.HonestFleet(
-                url, honest_digits, args.honest_clients, args.honest_rate, args.seed
+                url,
+                honest_digits,
+                args.honest_clients,
+                args.honest_rate,
+                args.seed,
+                args.honest_newcomers,
+                args.newcomer_rotate,
             )
             phases["before"] = time.time()
             fleet.start()
@@ -320,10 +338,11 @@ def incident(args: Any) -> dict[str, Any]:
         if args.keep_log is not None:  # to read each query's line in the log beside its trace
             row["request_ids"] = request_ids
         row["withheld_by_screening_alone"] = attacker.screening_alone(row.pop("_withheld"))
+    alone = attacker.withheld_alone(np.stack([r[6] for r in records]) if records else np.zeros(0))
     return {
         "rows": rows,
         "table": summarise_attacks(rows),
-        "honest": {**summarise_honest(records, phases), "probes": honest},
+        "honest": {**summarise_honest(records, phases, alone), "probes": honest},
         "transitions_logged": logged,
     }
 
@@ -363,9 +382,16 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--attack-seconds", type=float, default=120.0, help="cap per seed")
     parser.add_argument("--adaptive-seconds", type=float, default=90.0, help="cap per seed")
     parser.add_argument("--honest-clients", type=int, default=4)
+    parser.add_argument(
+        "--honest-newcomers", type=int, default=1, help="honest threads of fresh identities"
+    )
+    parser.add_argument("--newcomer-rotate", type=int, default=10, help="requests per newcomer")
     parser.add_argument("--honest-rate", type=float, default=20.0, help="requests/s per client")
     parser.add_argument("--before", type=float, default=30.0, help="seconds of honest traffic")
     parser.add_argument("--throttle-interval-s", type=float, default=1.0)
+    parser.add_argument(
+        "--alert-s", type=float, default=0.0, help="the gateway's alert_s (0, its default: none)"
+    )
     parser.add_argument("--quick", action="store_true", help="a smoke run of about 90 s")
     parser.add_argument("--honest-only", action="store_true", help="the volume check instead")
     parser.add_argument("--honest-requests", type=int, default=100_000)

@@ -44,37 +44,55 @@ from bastion.benchmarks.incident_clients import (
 )
 from bastion.gateway.defence.fingerprint import picture_hash
 
+L2_BOUND, LINF_BOUND = 4.0, 0.3  # the threat balls (MNIST's usual: Carlini & Wagner; Madry et al.)
 FRESH_TOLERANCE = 1e-4  # max-abs difference of probabilities that marks an answer as a repeat
 REQUESTS = itertools.count()  # request ids, unique across oracles (next() is atomic in CPython)
 REFUSALS = (THROTTLED, CONTAINED, REFUSED_AGAIN)  # the defence's, not the screening's
 
 
-def choose_seeds(count: int, seed: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
+def choose_seeds(count: int, seed: int, beyond: float) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """``count`` correctly classified test digits the screening passes, each with its own
-    start (the nearest such digit of another class, used by no other seed); and the test
-    digits left for honest clients."""
+    start (the nearest such digit of another class, used by no other seed, farther than
+    ``beyond`` in L2: a start inside the threat ball is another digit, not an adversarial
+    example, and would count as one won without a query); and the test digits left for
+    honest clients."""
     x, labels, eligible = eligible_digits()
-    chosen = np.random.default_rng(seed).choice(eligible, size=count, replace=False)
-    used, starts = set(chosen.tolist()), []
-    for i in chosen:
+    order = np.random.default_rng(seed).permutation(eligible)
+    chosen: list[int] = []
+    used, starts = set(), []
+    for i in order:
+        if len(chosen) == count:
+            break
+        if int(i) in used:
+            continue
         others = np.array([j for j in eligible if labels[j] != labels[i] and j not in used])
         distances = np.linalg.norm((x[others] - x[i]).reshape(len(others), -1), axis=1)
+        if distances.min() <= beyond:
+            continue
+        chosen.append(int(i))
         starts.append(int(others[distances.argmin()]))
-        used.add(starts[-1])
+        used.update((int(i), starts[-1]))
+    index = np.array(chosen)
     honest = np.setdiff1d(np.arange(len(x)), np.array(sorted(used)))
-    picked = {"index": chosen, "x": x[chosen], "y": labels[chosen], "start": x[np.array(starts)]}
+    picked = {"index": index, "x": x[index], "y": labels[index], "start": x[np.array(starts)]}
     return picked, x[honest]
 
 
 def screening_alone(images: np.ndarray) -> int:
     """How many of these images the per-image screening withholds by itself, scored offline
     (a plain 403 under the defence's ``strict`` rung may also be a suspicious image)."""
+    return int(withheld_alone(images).sum())
+
+
+def withheld_alone(images: np.ndarray) -> np.ndarray:
+    """Per image (N, 1, 28, 28) float32: would the per-image screening withhold it by itself,
+    scored offline in batches of 250 (bool, (N,))."""
     from bastion.gateway.settings import DEFAULT_REPOSITORY
 
     if not len(images):
-        return 0
+        return np.zeros(0, dtype=bool)
     combined, threshold = offline_scores({"sent": images}, 250, DEFAULT_REPOSITORY)
-    return int(gateway_rule(combined["sent"][:, -1], threshold).sum())
+    return np.asarray(gateway_rule(combined["sent"][:, -1], threshold), dtype=bool)
 
 
 class StopAttack(Exception):

@@ -200,41 +200,69 @@ class HonestSource:
         return kind, image
 
 
+# time (epoch s), phase, client, kind of picture, outcome, latency (s), the picture (1, 28, 28)
+HonestRecord = tuple[float, str, str, str, str, float, np.ndarray]
+
+
 class HonestFleet:
     """Honest identities, one thread each, paced at ``rate_hz``; every reply is recorded with
-    its time, the phase in force and the kind of picture sent."""
+    its time, the phase in force, the kind of picture sent and the picture itself (so the
+    report can tell the screening's refusals from the defence's). ``newcomers`` threads more
+    each take a fresh identity (``newcomer-<thread>-<n>``, with a fresh picture history)
+    every ``rotate`` requests: the young identities the alert's tightened policy and the
+    campaign links weigh on."""
 
-    def __init__(self, url: str, digits: np.ndarray, clients: int, rate_hz: float, seed: int):
-        self.url, self.rate_hz, self.phase = url, rate_hz, "before"
-        self.records: list[tuple[float, str, str, str, str, float]] = []
+    def __init__(
+        self,
+        url: str,
+        digits: np.ndarray,
+        clients: int,
+        rate_hz: float,
+        seed: int,
+        newcomers: int = 0,
+        rotate: int = 10,
+    ):
+        self.url, self.rate_hz, self.phase, self.rotate = url, rate_hz, "before", rotate
+        self.records: list[HonestRecord] = []
         self._stop = threading.Event()
+        share = clients + newcomers
         self._threads = [
             threading.Thread(
                 target=self._run,
-                args=(f"honest-{i}", HonestSource(digits[i::clients], seed + i)),
+                args=(f"honest-{i}", digits[i::share], seed + i, i >= clients),
                 daemon=True,
             )
-            for i in range(clients)
+            for i in range(share)
         ]
 
     def start(self) -> None:
         for thread in self._threads:
             thread.start()
 
-    def stop(self) -> list[tuple[float, str, str, str, str, float]]:
+    def stop(self) -> list[HonestRecord]:
         self._stop.set()
         for thread in self._threads:
             thread.join(timeout=60)
         return self.records
 
-    def _run(self, name: str, source: HonestSource) -> None:
+    def _run(self, name: str, digits: np.ndarray, seed: int, newcomer: bool) -> None:
         client, period = GatewayClient(self.url), 1.0 / self.rate_hz
+        source, sent = HonestSource(digits, seed), 0
         due = time.monotonic()
         while not self._stop.is_set():
+            who = name
+            if newcomer:
+                identity = sent // self.rotate
+                who = f"newcomer-{name.removeprefix('honest-')}-{identity}"
+                if sent % self.rotate == 0 and sent:
+                    source = HonestSource(digits, seed + 1_000_003 * identity)
             kind, image = source.next()
             phase = self.phase
-            reply = client.infer(image, name)
-            self.records.append((time.time(), phase, name, kind, reply.outcome, reply.latency_s))
+            reply = client.infer(image, who)
+            sent += 1
+            self.records.append(
+                (time.time(), phase, who, kind, reply.outcome, reply.latency_s, image)
+            )
             due = max(due + period, time.monotonic() - period)
             self._stop.wait(max(0.0, due - time.monotonic()))
         client.close()

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from bastion.benchmarks.incident_clients import AGAIN, CONTAINED, OK, THROTTLED
+from bastion.benchmarks.incident_clients import AGAIN, CONTAINED, OK, THROTTLED, HonestRecord
 
 ADAPTIVE = "adaptive"
 REFUSALS_TARGET = 0.99  # share of queries after detection refused or repeated
@@ -98,6 +98,11 @@ def summarise_attacks(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 **{k: part[0][k] for k in ("name", "library", "threat")},
                 "seeds": len(part),
                 "detected": len(detected),
+                # foolbox asks for its start first; refused (a young identity's suspicious
+                # picture during an alert), the attack never begins and sends nothing else
+                "start_refused": sum(
+                    r["queries"] <= 1 and r["ended"].startswith("error") for r in part
+                ),
                 "detection_median": float(np.median(detected)) if detected else None,
                 "detection_max": max(detected) if detected else None,
                 "contained_median": float(np.median(contained)) if contained else None,
@@ -129,37 +134,71 @@ def summarise_attacks(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def summarise_honest(
-    records: list[tuple[float, str, str, str, str, float]], phases: dict[str, float]
+    records: list[HonestRecord], phases: dict[str, float], alone: np.ndarray
 ) -> dict[str, Any]:
-    """Honest replies per phase (refusal: anything but 200), and who was ever contained."""
+    """Honest replies per phase (refusal: anything but 200), for the established clients and
+    the newcomers (fresh identities), and who was ever contained.
+
+    ``alone`` (bool, one per record) says whether the per-image screening withholds that
+    picture by itself (scored offline). A phase's refusals less those is what the defence
+    refused on top of the screening: the attack can only reach honest clients through it,
+    while the screening's own share moves with which pictures a phase happened to draw
+    (about ±0.35 points at 2,400 requests and a 3 % rate). The before/during comparison is
+    made on the defence's share, with the raw rates beside it."""
+    newcomer = np.array([r[2].startswith("newcomer-") for r in records], dtype=bool)
+    groups = {
+        "established": _phases(records, alone, phases, ~newcomer),
+        "newcomers": _phases(records, alone, phases, newcomer),
+    }
+    contained = sorted({r[2] for r in records if r[4] in (THROTTLED, CONTAINED)})
+    change = {}
+    for group, by_phase in groups.items():
+        rates = (by_phase["before"]["defence_rate"], by_phase["during"]["defence_rate"])
+        change[group] = rates[1] - rates[0] if None not in rates else None
+    return {
+        "phases": groups["established"],
+        "newcomers": groups["newcomers"],
+        "clients": len({r[2] for r in records}),
+        "contained_clients": contained,
+        "defence_rate_change": change["established"],
+        "newcomer_defence_rate_change": change["newcomers"],
+    }
+
+
+def _phases(
+    records: list[HonestRecord], alone: np.ndarray, phases: dict[str, float], keep: np.ndarray
+) -> dict[str, Any]:
     by_phase: dict[str, Any] = {}
     for phase in ("before", "during"):
-        part = [r for r in records if r[1] == phase]
+        picked = [i for i, r in enumerate(records) if r[1] == phase and keep[i]]
+        part = [records[i] for i in picked]
         outcomes: dict[str, int] = {}
-        for r in part:
-            outcomes[r[4]] = outcomes.get(r[4], 0) + 1
         refused_kinds: dict[str, int] = {}
         for r in part:
+            outcomes[r[4]] = outcomes.get(r[4], 0) + 1
             if r[4] != OK:
                 refused_kinds[r[3]] = refused_kinds.get(r[3], 0) + 1
+        refused = np.array([r[4] != OK for r in part], dtype=bool)
+        screened = alone[picked] if picked else np.zeros(0, dtype=bool)
         latencies = np.array([r[5] for r in part]) * 1000 if part else np.zeros(1)
         end = phases["during"] if phase == "before" else phases["end"]
+        n = max(len(part), 1)
         by_phase[phase] = {
             "requests": len(part),
-            "refused": len(part) - outcomes.get(OK, 0),
-            "refusal_rate": (len(part) - outcomes.get(OK, 0)) / len(part) if part else None,
+            "refused": int(refused.sum()),
+            "refusal_rate": float(refused.sum()) / n if part else None,
+            "screening_alone": int(screened.sum()),
+            "screening_alone_rate": float(screened.sum()) / n if part else None,
+            "defence_refused": int((refused & ~screened).sum()),
+            "defence_rate": float((refused & ~screened).sum()) / n if part else None,
+            "served_though_screened": int((~refused & screened).sum()),
             "outcomes": outcomes,
             "refused_by_kind": refused_kinds,
             "seconds": end - phases[phase],
             "latency_p50_ms": float(np.percentile(latencies, 50)),
             "latency_p99_ms": float(np.percentile(latencies, 99)),
         }
-    contained = sorted({r[2] for r in records if r[4] in (THROTTLED, CONTAINED)})
-    return {
-        "phases": by_phase,
-        "clients": len({r[2] for r in records}),
-        "contained_clients": contained,
-    }
+    return by_phase
 
 
 def summarise_volume(workers: list[dict[str, Any]], wall_s: float) -> dict[str, Any]:
@@ -186,8 +225,8 @@ def _num(value: float | None, spec: str = ".0f") -> str:
     return "-" if value is None else format(value, spec)
 
 
-def _pct(value: float | None) -> str:
-    return "-" if value is None else f"{value:.1%}"
+def _pct(value: float | None, digits: int = 1) -> str:
+    return "-" if value is None else f"{value:.{digits}%}"
 
 
 def markdown(result: dict[str, Any]) -> str:
@@ -214,7 +253,7 @@ def markdown(result: dict[str, Any]) -> str:
         "|---|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
     lines += [
-        f"| {r['name']} | {r['library']} | {r['threat']} | {r['seeds']} | {r['detected']} "
+        f"| {r['name']} | {r['library']} | {r['threat']} | {r['seeds']} | {_detected(r)} "
         f"| {_num(r['detection_median'])} / {_num(r['detection_max'])} "
         f"| {_num(r['contained_median'])} | {r['after_answered']} of {r['after_detection']} "
         f"| {_pct(r['after_refused_or_repeated'])} "
@@ -246,14 +285,33 @@ def markdown(result: dict[str, Any]) -> str:
         f"Honest clients ({honest['clients']} identities, about {s['honest_rate']:g} requests/s "
         "each; refused: anything but 200):",
         "",
-        "| phase | s | requests | refused | refusal rate | outcomes | p50 / p99 ms |",
-        "|---|--:|--:|--:|--:|---|--:|",
+        "| phase | s | requests | refused | refusal rate | screening alone | refused by the "
+        "defence | outcomes | p50 / p99 ms |",
+        "|---|--:|--:|--:|--:|--:|--:|---|--:|",
     ]
+    groups = {"": honest["phases"], "newcomers, ": honest.get("newcomers", {})}
     lines += [
-        f"| {phase} | {p['seconds']:.0f} | {p['requests']} | {p['refused']} "
-        f"| {_pct(p['refusal_rate'])} | {_outcomes(p['outcomes'])} "
+        f"| {label}{phase} | {p['seconds']:.0f} | {p['requests']} | {p['refused']} "
+        f"| {_pct(p['refusal_rate'])} | {p['screening_alone']} ({_pct(p['screening_alone_rate'])}) "
+        f"| {p['defence_refused']} ({_pct(p['defence_rate'], 2)}) | {_outcomes(p['outcomes'])} "
         f"| {p['latency_p50_ms']:.1f} / {p['latency_p99_ms']:.1f} |"
-        for phase, p in honest["phases"].items()
+        for label, by_phase in groups.items()
+        for phase, p in by_phase.items()
+        if p["requests"]
+    ]
+    change = honest.get("defence_rate_change")
+    newcomers = honest.get("newcomer_defence_rate_change")
+    lines += [
+        "",
+        "Screening alone: the honest pictures the per-image screening withholds by itself, "
+        "scored offline; refused by the defence: refused pictures the screening alone passes "
+        "(throttled, contained, withheld under the strict rung, a probe refused). The attack "
+        "reaches honest clients only through the defence, so the before/during comparison is "
+        "made on that share [within 0.2 points]: "
+        + (f"{change * 100:+.2f} points" if change is not None else "n/a")
+        + "; for the newcomers (a fresh identity every "
+        f"{s['newcomer_rotate']} requests, whose suspicious images an alert withholds): "
+        + (f"{newcomers * 100:+.2f} points." if newcomers is not None else "n/a."),
     ]
     contained = honest["contained_clients"]
     lines += [
@@ -265,13 +323,21 @@ def markdown(result: dict[str, Any]) -> str:
         "",
         "A plain 403 is the per-image screening's (reason adversarial); in brackets, how "
         "many of those images the screening withholds by itself, scored offline: the rest were "
-        "withheld because the defence's strict rung withholds suspicious images too.",
+        "withheld because the defence's strict rung withholds suspicious images too (or an "
+        "alert: a young identity's suspicious images are withheld while a campaign is "
+        "contained). A start refused: foolbox asks for its start first and stops when it is "
+        "refused, so that seed's attack never began (no detection to count).",
         "",
         f"Targets: refused or repeated after detection >= {REFUSALS_TARGET:.0%}; adaptive "
         f"success <= {ADAPTIVE_TARGET:.0%}; no honest client contained.",
         "",
     ]
     return "\n".join(lines)
+
+
+def _detected(row: dict[str, Any]) -> str:
+    refused = row.get("start_refused", 0)
+    return f"{row['detected']}" + (f" (+{refused} start refused)" if refused else "")
 
 
 def _withheld(row: dict[str, Any]) -> str:

@@ -283,12 +283,13 @@ class Settings(BaseSettings):
         1.0, gt=0, le=3600, description="A throttled client gets one request per interval."
     )
     alert_s: float = Field(
-        900.0,
+        0.0,
         ge=0,
         le=86_400,
         description="How long policy stays tightened after a campaign's last decision: while "
         "a campaign of linked identities is throttled or worse, a young identity's suspicious "
-        "images are withheld too (0: never tighten).",
+        "images are withheld too (0, the default: never tighten; honest newcomers' photos are "
+        "suspicious far more often than the review tier's calibrated rate).",
     )
     alert_young_images: int = Field(
         100,

@@ -26,7 +26,10 @@ campaign has its own CUSUM over its members' pooled observations (on linking, th
 two), so a rotating attacker's identities add up to one attacker's stream, while honest clients
 linked by chance pool honest rates and stay at zero. The campaign's rung applies to a member
 only when most of the member's own images were probes: an attacker that makes its probes match
-an honest client's pictures links that client, but cannot frame it.
+an honest client's pictures links that client, but cannot frame it. Before a member is bound
+(two probes), a contained campaign throttles it while most of its images were probes: a
+rotating attacker's fresh identity waits after its first query, an honest one is free again
+after its next honest picture.
 
 The CUSUM forgives: clean images pull it down, so an attacker who pads every attack image with
 a dozen fresh clean ones keeps it at zero. A second test does not forgive: the probes among a
@@ -256,12 +259,21 @@ class Ladder:
         return account is not None and bool(account.window.probes)  # a release empties it
 
     def rung(self, client: str) -> str:
-        """The client's rung: its own, or its campaign's when the campaign binds it."""
+        """The client's rung: its own, or its campaign's when the campaign binds it. A client
+        whose images so far were mostly probes (a rotating attacker's fresh identity after its
+        first linked query) is throttled, at its own interval, while its campaign is contained
+        and before it is bound: its next query (a step far from anything remembered) waits,
+        and an honest newcomer whose first picture happened to continue the campaign waits
+        one interval, then is free (its next honest picture outweighs the probe)."""
         account = self._accounts.get(client)
         if account is None:
             return OBSERVE
         own = higher(self.spec.rung(account.statistic), self.spec.window_rung(account.window))
-        return higher(own, self.campaign_rung(client)) if self.bound(client) else own
+        if self.bound(client):
+            return higher(own, self.campaign_rung(client))
+        if 2 * account.probes > account.images and self.campaign_rung(client) == REFUSE:
+            return higher(own, THROTTLE)
+        return own
 
     def campaign_rung(self, client: str) -> str:
         """The rung the client's campaign reached (observe for a client linked to nobody): what

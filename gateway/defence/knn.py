@@ -14,6 +14,9 @@ honest case for this test, and the threshold is set for it. The history is per c
 attacker with many identities escapes it, so a young identity's queries are also compared with
 every client's last ``recent`` queries, and one within ``link_threshold`` of another client's
 query links the two: a sybil's next query sits next to its previous identity's),
+and a young identity's query whose ``k`` nearest queries of a suspect campaign (throttled or
+worse, under any of its identities) lie closer on average than ``threshold`` continues that
+campaign: the paper's own test with the campaign as the one user it is),
 a ring of ``history`` float32 embeddings, for at most ``clients`` clients (least recently seen
 forgotten): memory is bounded by configuration. With numba (the ``fast`` extra) one query's
 distances are a compiled loop (``nearest_mean``), else numpy's ``mean_knn_distance``.
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import json
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -31,6 +35,7 @@ import numpy as np
 from bastion.gateway.defence.jit import JIT, compiled
 
 FILENAME = "knn.json"
+CANDIDATES = 64  # recent queries nearest a young identity's, searched for a suspect campaign's
 
 
 @dataclass(frozen=True)
@@ -166,11 +171,21 @@ class Histories:
         self._model_ids = np.zeros(recent, np.int64)
         self._next = 0
 
-    def link(self, client: str, model: str, spec: KnnSpec, embedding: np.ndarray) -> str | None:
+    def link(
+        self,
+        client: str,
+        model: str,
+        spec: KnnSpec,
+        embedding: np.ndarray,
+        suspect: Callable[[str], str | None] | None = None,
+    ) -> str | None:
         """A young identity (fewer than ``k`` queries of its own: its own history says nothing
         yet) whose query lies within ``spec.link_threshold`` of another client's recent query on
-        the same model: that client (a rotating attacker's previous identity), else None. Every
-        query is then remembered among the recent ones."""
+        the same model: that client (a rotating attacker's previous identity); else, when
+        ``suspect`` (client -> its campaign when throttled or worse, else None) names a campaign
+        whose ``k`` recent queries nearest this one average closer than ``spec.threshold``: the
+        campaign's member nearest it; else None. Every query is then remembered among the
+        recent ones."""
         key = (client, model)
         owner_id, model_id = hash(key) or 1, hash(model) or 1
         vector = embedding.reshape(-1).astype(np.float32)
@@ -189,12 +204,46 @@ class Histories:
                 nearest = int(squared.argmin())
                 if squared[nearest] < spec.link_threshold**2:
                     owner = self._owners[nearest]
+                elif suspect is not None:
+                    owner = self._continued(squared, int(others.sum()), spec, suspect)
         slot = self._next
         self._recent[slot], self._owners[slot] = vector, client
         self._norms[slot] = vector @ vector
         self._owner_ids[slot], self._model_ids[slot] = owner_id, model_id
         self._next = (slot + 1) % len(self._owners)
         return owner
+
+    def _continued(
+        self,
+        squared: np.ndarray,
+        candidates: int,
+        spec: KnnSpec,
+        suspect: Callable[[str], str | None],
+    ) -> str | None:
+        """The member of a suspect campaign nearest the query whose squared distances to the
+        recent rows are ``squared`` (inf: not a candidate), when that campaign's ``k`` nearest
+        rows among the ``CANDIDATES`` nearest average below ``spec.threshold``; else None."""
+        count = min(CANDIDATES, candidates)
+        rows = np.argpartition(squared, count - 1)[:count]
+        rows = rows[np.argsort(squared[rows])]
+        found: dict[str, list[int]] = {}
+        roots: dict[str, str | None] = {}
+        for row in rows:
+            member = self._owners[row]
+            if member is None:
+                continue
+            if member not in roots:
+                roots[member] = suspect(member)
+            root = roots[member]
+            if root is None:
+                continue
+            nearest = found.setdefault(root, [])
+            nearest.append(int(row))
+            if len(nearest) == spec.k:
+                distance = float(np.sqrt(np.maximum(squared[nearest], 0)).mean())
+                if distance < spec.threshold:
+                    return self._owners[nearest[0]]
+        return None
 
     def near(self, client: str, model: str, spec: KnnSpec, embeddings: np.ndarray) -> np.ndarray:
         """(n, E) new embeddings of one request, in order -> (n,) bool: is each closer to the

@@ -10,6 +10,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -23,7 +24,7 @@ from tests.conftest import ARTIFACTS, CHROMIUM_FLAGS, ServerProcess, start_serve
 
 pytestmark = pytest.mark.e2e
 TOKEN = "s3cret"
-ATTACK: dict[str, int] = {}  # what the campaign below was served, for the report's check
+ATTACK: dict[str, Any] = {}  # what the campaign below was served, and one contained identity
 
 
 def send(client: th.InferenceServerClient, image: np.ndarray, who: str) -> str:
@@ -45,6 +46,7 @@ def send(client: th.InferenceServerClient, image: np.ndarray, who: str) -> str:
 def defended(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     # a fixed salt: the walk below meets the same fingerprints on every run
     env = {"BASTION_DEFENCE": "true", "BASTION_ADMIN_TOKEN": TOKEN, "BASTION_FINGERPRINT_SALT": "7"}
+    env["BASTION_ALERT_S"] = "900"  # the alert is off by default; an operator turns it on
     env["BASTION_ALERT_YOUNG_IMAGES"] = "50"  # honest-lab below sends 60: established
     proc = start_server(tmp_path_factory.mktemp("defended"), env=env)
     yield proc
@@ -67,6 +69,17 @@ def test_a_probing_campaign_is_contained_across_identities_and_honest_traffic_fl
         answers.append(send(client, probe, f"sybil-{i // 3}"))
         honest.append(send(client, images[100 + i], "honest-lab"))
     ATTACK["served"] = answers.count("served")
+    listed = httpx.get(
+        f"http://{server.url}/v2/admin/clients",
+        params={"rung": "refuse"},
+        headers={"Authorization": f"Bearer {TOKEN}"},
+        timeout=10,
+    ).json()["clients"]
+    # identities bound by their own probes (two, most of their images); a later one whose first
+    # query continued the contained campaign is throttled instead, and its next ones get 429
+    bound = [c["client"] for c in listed if c["client"].startswith("sybil-")]
+    assert bound, listed
+    ATTACK["contained"] = max(bound, key=lambda name: int(name.split("-")[1]))
     contained = {"contained", "throttled"}
     first = next(i for i, status in enumerate(answers) if status in contained)
     assert first <= 20, answers
@@ -103,7 +116,7 @@ def test_a_contained_client_is_refused_by_every_model_not_only_the_screened_one(
     tensor = th.InferInput("images", [1, *image.shape], "FP32")
     tensor.set_data_from_numpy(image[None])
     with pytest.raises(InferenceServerException) as refused:
-        client.infer("digits_onnx", [tensor], headers={"X-Client-ID": "sybil-19"})
+        client.infer("digits_onnx", [tensor], headers={"X-Client-ID": ATTACK["contained"]})
     assert refused.value.status() == "403" and "contained" in refused.value.message()
     served = client.infer("digits_onnx", [tensor], headers={"X-Client-ID": "honest-lab"})
     assert served.as_numpy("probabilities").shape == (1, 10)
@@ -146,14 +159,15 @@ def test_an_admin_sees_the_campaign_and_lifts_it(defended: ServerProcess) -> Non
         assert done.returncode == 0, done.stderr
         return done.stdout
 
+    sybil = ATTACK["contained"]
     listed = run("list", "--rung", "refuse")
-    assert "sybil-19" in listed and "honest-lab" not in listed, run("list")
-    shown = json.loads(run("show", "sybil-19"))  # a late identity: bound by its own probes
-    assert shown["rung"] == "refuse" and shown["campaign_size"] >= 5 and shown["probes"] >= 1
-    assert "released" in run("release", "sybil-19")
+    assert sybil in listed and "honest-lab" not in listed, run("list")
+    shown = json.loads(run("show", sybil))  # an identity bound by its own probes
+    assert shown["rung"] == "refuse" and shown["campaign_size"] >= 5 and shown["probes"] >= 2
+    assert "released" in run("release", sybil)
     image = to_float(load_split("test")[0])[7]
     client = th.InferenceServerClient(defended.url)
-    assert send(client, image, "sybil-19") == "served"
+    assert send(client, image, sybil) == "served"
     assert "now refuse" in defended.log.read_text()  # every transition logged with evidence
     anonymous = httpx.get(f"http://{defended.url}/v2/admin/clients", timeout=10)
     assert anonymous.status_code == 403
@@ -185,7 +199,7 @@ def test_the_campaign_and_its_release_are_in_the_incident_log_which_verifies(
     kinds = {kind for kind, *_ in rows}
     assert {"containment", "campaign", "release"} <= kinds, kinds
     released = [json.loads(body) for kind, actor, subject, body in rows if kind == "release"]
-    assert any("sybil-19" in r["released"] for r in released)
+    assert any(ATTACK["contained"] in r["released"] for r in released)
     assert all(actor == "admin" for kind, actor, *_ in rows if kind == "release")
     rungs = {json.loads(b)["rung"] for k, _, s, b in rows if k == "containment" and "sybil" in s}
     assert "refuse" in rungs
@@ -200,7 +214,9 @@ def test_the_campaign_and_its_release_are_in_the_incident_log_which_verifies(
     ledger.close()
     assert outcomes.get("honest-lab:served", 0) >= 58, outcomes
     refused = sum(n for key, n in outcomes.items() if key.startswith("sybil") and "refused" in key)
-    assert refused >= 20, outcomes
+    # each late identity's first query (the one that continued the campaign); its next ones
+    # were 429s at the door, before anything was computed or ledgered
+    assert refused >= 12, outcomes
 
 
 def test_the_impact_report_lists_exactly_what_the_attacker_was_served(
@@ -225,11 +241,12 @@ def test_the_impact_report_lists_exactly_what_the_attacker_was_served(
     assert done.returncode == 0, done.stdout + done.stderr
     report = json.loads((tmp_path / f"incident-{incident}.json").read_text())
     involved = report["clients_involved"]
-    assert "sybil-0" in involved and "sybil-19" in involved and "honest-lab" not in involved
+    assert "sybil-0" in involved and ATTACK["contained"] in involved
+    assert "sybil-19" in involved and "honest-lab" not in involved
     served = report["attacker_served"]
     assert all(r["client"].startswith("sybil-") and r["outcome"] == "served" for r in served)
     assert report["attacker_served_count"] == len(served) == ATTACK["served"] + 1, served
-    assert report["campaign_outcomes"].get("refused", 0) >= 20
+    assert report["campaign_outcomes"].get("refused", 0) >= 12
     page = tmp_path / f"incident-{incident}.html"
     chromium = tool("chromium")
     dom = subprocess.run(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import sqlite3
 import subprocess
@@ -199,7 +200,9 @@ def test_the_whole_incident_attack_contained_rolled_back_reported_restored_verif
         forward = httpx.post(f"{base}/routes/digits/forward", headers=admin)
         assert forward.status_code == 200 and forward.json()["strict"] is False
         exported = cli(server.url, env, "quarantine", "export", "--out", str(tmp_path / "export"))
-        assert " inputs " in exported  # the review copies the tiers kept, labelled
+        # the review copies the tiers kept, labelled (the walk's late identities mostly get
+        # 429 at the door, so as little as one input may have been kept)
+        assert re.search(r"\b[1-9][0-9]* inputs? ", exported), exported
         assert (tmp_path / "export" / "quarantine-export.npz").exists()
         cli(server.url, env, "incidents", "close", str(incident["id"]), "--note", "restored")
         verified = json.loads(cli(server.url, env, "incidents", "verify", "--json"))

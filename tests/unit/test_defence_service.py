@@ -9,7 +9,7 @@ import pytest
 import torch
 from prometheus_client import CollectorRegistry
 
-from bastion.gateway.defence.evidence import OBSERVE, REFUSE
+from bastion.gateway.defence.evidence import OBSERVE, REFUSE, THROTTLE
 from bastion.gateway.defence.fingerprint import fingerprints
 from bastion.gateway.defence.service import RECOUNTS, Contained, DefenceService
 from bastion.gateway.errors import Forbidden, TooManyRequests
@@ -313,6 +313,35 @@ def test_an_honest_client_an_attacker_probed_around_is_neither_bound_nor_throttl
     assert defence.ladder.rung("honest") == OBSERVE
 
 
+def test_a_fresh_identity_refused_for_continuing_a_contained_campaign_waits_an_interval() -> None:
+    """Its first query continues the contained campaign: 403; its next request, within the
+    interval, is 429 at the door (a rotating attacker's far step is not answered); once the
+    interval has passed it is admitted, and an honest picture leaves it observed."""
+    defence = service()
+    image = to_float(load_split("test")[0][:1])
+    spec = defence.fingerprint_spec
+    chain = walk(image, 24)
+    for n, step in enumerate(chain[:20]):  # a campaign of rotating identities, contained
+        prints = fingerprints(torch.from_numpy(step), spec).numpy()
+        with contextlib.suppress(TooManyRequests, Contained):
+            client = f"rotating-{n // 2}"
+            charged = defence.admit(client)
+            defence.enforce(client, defence.observe(client, prints, ["clean"], step), charged)
+    assert defence.ladder.campaign_rung("rotating-9") == REFUSE
+    prints = fingerprints(torch.from_numpy(chain[20]), spec).numpy()
+    charged = defence.admit("fresh")
+    with pytest.raises(Contained):
+        defence.enforce("fresh", defence.observe("fresh", prints, ["clean"], chain[20]), charged)
+    with pytest.raises(TooManyRequests):
+        defence.admit("fresh")
+    defence._last_admitted["fresh"] -= 31  # the 30 s interval has passed
+    other = to_float(load_split("test")[0][40:41])
+    prints = fingerprints(torch.from_numpy(other), spec).numpy()
+    charged = defence.admit("fresh")
+    defence.enforce("fresh", defence.observe("fresh", prints, ["clean"], other), charged)
+    assert defence.ladder.rung("fresh") == OBSERVE
+
+
 def test_a_shared_peer_address_has_only_its_probing_queries_refused() -> None:
     """Behind one address many clients may hide: the address is never refused at the door,
     only its requests that carry probes once it is strict."""
@@ -338,8 +367,9 @@ def test_a_shared_peer_address_has_only_its_probing_queries_refused() -> None:
 
 
 def test_a_campaign_of_one_query_identities_is_logged_when_it_reaches_a_rung() -> None:
-    """No identity of it ever sends twice, so none reaches a rung of its own: the campaign's
-    rise is the decision the incident log gets (and it opens the incident)."""
+    """No identity of it ever sends twice, so none is bound to the campaign: the campaign's
+    rise is the decision the incident log gets (and it opens the incident); an identity whose
+    one query continued the contained campaign is throttled (it waits), never refused alone."""
     entries: list[tuple[str, str, dict]] = []
     defence = DefenceService(
         Settings(fingerprint_salt=1, throttle_interval_s=30),
@@ -350,10 +380,12 @@ def test_a_campaign_of_one_query_identities_is_logged_when_it_reaches_a_rung() -
     for n, step in enumerate(walk(image, 16)):
         prints = fingerprints(torch.from_numpy(step), defence.fingerprint_spec).numpy()
         defence.observe(f"newbie-{n}", prints, ["clean"], step)
-    campaign = [body for kind, _, body in entries if kind == "containment"]
-    assert campaign and all(body["scope"] == "campaign" for body in campaign)
+    decisions = [body for kind, _, body in entries if kind == "containment"]
+    campaign = [body for body in decisions if body.get("scope") == "campaign"]
     assert campaign[-1]["rung"] == REFUSE and campaign[-1]["campaign_size"] >= 3
     assert len({body["rung"] for body in campaign}) == len(campaign)  # once per rung
+    alone = [body for body in decisions if "scope" not in body]
+    assert alone and all(body["rung"] == THROTTLE and body["probes"] == 1 for body in alone)
 
 
 def test_a_campaign_tightens_policy_for_young_identities_until_the_alert_lapses() -> None:
@@ -362,7 +394,7 @@ def test_a_campaign_tightens_policy_for_young_identities_until_the_alert_lapses(
     an identity established before the attack is not, and the alert lapses after ``alert_s``."""
     entries: list[tuple[str, str, dict]] = []
     defence = DefenceService(
-        Settings(fingerprint_salt=1, throttle_interval_s=30, alert_young_images=5),
+        Settings(fingerprint_salt=1, throttle_interval_s=30, alert_s=900, alert_young_images=5),
         Metrics(CollectorRegistry()),
         audit=lambda kind, subject, body: entries.append((kind, subject, body)),
     )

@@ -124,3 +124,45 @@ def test_a_young_identitys_query_next_to_another_clients_is_linked_to_it(embedde
     assert histories.link("sybil-1", "m", spec, steps[3].numpy()) == "sybil-0"
     assert histories.link("sybil-1", "other-model", spec, steps[3].numpy()) is None
     assert histories.link("newcomer", "m", spec, embedded["test"][0][500]) is None
+
+
+def test_a_young_identitys_query_continuing_a_suspect_campaigns_history_joins_it(embedded) -> None:
+    """A fresh identity's query too far from any one query to link by itself, whose k nearest
+    queries of a throttled campaign (several identities) average below the k-NN threshold,
+    continues that campaign; the same query beside a campaign nobody suspects links nowhere,
+    and honest digits of other classes link nowhere either."""
+    spec = calibrate(*embedded["calibration"], fpr=0.001)
+    assert spec.link_threshold is not None
+    vectors, classes = embedded["test"]
+    query = vectors[0]
+    rng = np.random.default_rng(2)
+    directions = rng.normal(size=(8, query.shape[0])).astype(np.float32)
+    directions /= np.linalg.norm(directions, axis=1, keepdims=True)
+    # the campaign's queries around this one: the nearest too far to link alone, the k nearest
+    # (3.5 .. 5.3 when the link is 3.3 and the k-NN threshold 5.5) close enough on average
+    radii = spec.link_threshold + np.linspace(
+        0.25, 0.75 * (spec.threshold - spec.link_threshold), 8
+    )
+    campaign = query + radii[:, None].astype(np.float32) * directions
+    assert radii[: spec.k].mean() < spec.threshold
+    others = vectors[classes != classes[0]]
+
+    def fill(name: str) -> Histories:
+        histories = Histories()
+        for i, vector in enumerate(others[:200]):  # established honest clients
+            histories.link(f"honest-{i % 4}", "m", spec, vector)
+        for i, vector in enumerate(campaign):
+            histories.link(f"{name}-{i // 3}", "m", spec, vector)
+        return histories
+
+    def suspect(client: str) -> str | None:
+        return "attack" if client.startswith("attack-") else None
+
+    assert fill("attack").link("fresh", "m", spec, query) is None  # alone it links nowhere
+    assert fill("attack").link("fresh", "m", spec, query, suspect) == "attack-0"
+    assert fill("quiet").link("fresh", "m", spec, query, suspect) is None
+    histories = fill("attack")
+    linked = [
+        histories.link(f"new-{i}", "m", spec, v, suspect) for i, v in enumerate(others[200:400])
+    ]
+    assert linked == [None] * 200

@@ -167,7 +167,7 @@ def test_a_linked_honest_client_is_not_framed_by_the_campaign_that_linked_it() -
         ladder.observe(f"sybil-{i}", flagged=False, probe=True, linked="honest")
     assert "honest" in ladder.campaign("sybil-0")
     assert ladder.campaign_rung("sybil-11") == REFUSE  # its query is refused (the service)
-    assert ladder.rung("sybil-11") == OBSERVE  # one probe binds no identity
+    assert ladder.rung("sybil-11") == THROTTLE  # one probe binds no identity: it waits
     ladder.observe("sybil-11", flagged=False, probe=True, linked="honest")
     assert ladder.rung("sybil-11") == REFUSE  # its second: most of its images are probes
     assert ladder.rung("honest") == OBSERVE
@@ -214,3 +214,21 @@ def test_padding_every_probe_with_clean_images_still_contains() -> None:
             ladder.observe("padder", flagged=False, probe=False)
     assert ladder.account("padder").statistic < LadderSpec().throttle_at  # the CUSUM forgave
     assert rungs[9] == THROTTLE and ladder.rung("padder") == REFUSE
+
+
+def test_a_fresh_identity_whose_first_query_continued_a_contained_campaign_waits_then_is_free() -> (
+    None
+):
+    """Before it is bound (two probes), an identity whose images were mostly probes of a
+    contained campaign is throttled (its next query waits an interval); an honest newcomer
+    whose first picture happened to continue the campaign is free after one honest picture."""
+    ladder = Ladder()
+    for i in range(12):
+        ladder.observe(f"sybil-{i}", flagged=False, probe=True, linked=f"sybil-{max(i - 1, 0)}")
+    assert ladder.campaign_rung("sybil-0") == REFUSE
+    ladder.observe("newcomer", flagged=False, probe=True, linked="sybil-11")
+    assert not ladder.bound("newcomer") and ladder.rung("newcomer") == THROTTLE
+    ladder.observe("newcomer", flagged=False, probe=False)
+    assert ladder.rung("newcomer") == OBSERVE
+    ladder.observe("stranger", flagged=False, probe=True, linked="honest-peer")
+    assert ladder.rung("stranger") == OBSERVE  # its campaign is not contained: nothing to wait
