@@ -28,6 +28,9 @@ def transitions(log: Path) -> dict[str, dict[str, int]]:
 PROBE_LINE = re.compile(
     r"probe: client (\S+) request '([^']*)' image \d+: (repeated|refused again|answered)"
 )
+# a near-duplicate that was no probe, answered with the earlier answer all the same (``repeat``
+# mode, or a suspect's): a repeat, even where it equals the fresh answer within 1e-4
+ONE_OFF_LINE = re.compile(r"one-off: client (\S+) request '([^']*)' image \d+: (repeated)")
 DEFENDED = frozenset("rRTC")  # repeat, refused as a repeat, 429, 403 contained
 
 
@@ -39,7 +42,8 @@ def probe_actions(log: Path) -> dict[str, str]:
     moved their client up the ladder (``"rung"``, unless the probe's own action says more: a
     probe that was repeated and moved its client is a repeat, not a fresh answer)."""
     text = log.read_text(errors="replace") if log.is_file() else ""
-    actions = {request: action for _, request, action in PROBE_LINE.findall(text)}
+    actions = {request: action for _, request, action in ONE_OFF_LINE.findall(text)}
+    actions |= {request: action for _, request, action in PROBE_LINE.findall(text)}
     for _, _, request in TRANSITION_LINE.findall(text):
         if actions.get(request, "answered") == "answered":  # a repeat stays a repeat
             actions[request] = "rung"

@@ -392,10 +392,11 @@ class DefenceService:
                         repeats[i] = given
                 if match is not None:
                     self.index.link(match.slot)
-                if probe and log.isEnabledFor(logging.DEBUG):
+                if (probe or given is not None) and log.isEnabledFor(logging.DEBUG):
                     given_as = "refused again" if refused and refused[-1] == i else "answered"
                     log.debug(
-                        "probe: client %s request %r image %d: %s (campaign of %s)",
+                        "%s: client %s request %r image %d: %s (campaign of %s)",
+                        "probe" if probe else "one-off",  # a suspect's one-off is repeated too
                         key,
                         request_id,
                         i,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 
 import numpy as np
 import pytest
@@ -202,10 +203,16 @@ def test_from_its_first_probe_a_chain_gets_the_remembered_answer_without_repeat(
     assert defence.ladder.account("walker").probes == 2
 
 
-def test_after_its_first_probe_a_clients_one_offs_get_the_remembered_answer() -> None:
+def test_after_its_first_probe_a_clients_one_offs_get_the_remembered_answer(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     """An attack's step that lands next to a lone remembered query (not a chain: a one-off,
     the honest re-encode's allowance) is answered with that query's answer once its sender has
-    probed; a client that never probed gets its one-off answered fresh."""
+    probed, and the debug log says so in the line the incident benchmark reads; a client that
+    never probed gets its one-off answered fresh."""
+    from bastion.benchmarks.incident_report import ONE_OFF_LINE
+
+    caplog.set_level(logging.DEBUG, logger="bastion.gateway.defence.service")
     defence = service()
     spec = defence.fingerprint_spec
     images = to_float(load_split("test")[0][:3])
@@ -220,9 +227,10 @@ def test_after_its_first_probe_a_clients_one_offs_get_the_remembered_answer() ->
         step = walk(lone, 2)[1]  # a near-duplicate of that lone picture
         prints = fingerprints(torch.from_numpy(step), spec).numpy()
         fresh = np.full((1, 4), 9.0, np.float32)
-        observed = defence.observe(client, prints, ["clean"], step, fresh, 7)
+        observed = defence.observe(client, prints, ["clean"], step, fresh, 7, request_id=client)
         given[client] = (observed.probes, observed.repeats.get(0, fresh[0])[0])
     assert given == {"walker": (0, 5.0), "honest": (0, 9.0)}
+    assert [m[:2] for m in ONE_OFF_LINE.findall(caplog.text)] == [("walker", "walker")]
     assert not defence.ladder.probed("honest")
 
 
