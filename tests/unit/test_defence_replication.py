@@ -99,14 +99,20 @@ def test_a_malformed_entry_is_refused(damage) -> None:  # type: ignore[no-untype
         decode_evidence(fields, 50)
 
 
-def test_a_replayed_walk_moves_the_other_replicas_ladder_as_its_own() -> None:
-    """Replica A weighs a walk; replica B replays A's evidence: same rung, same campaign, and
-    B remembers A's queries (a near-duplicate sent to B is a probe there)."""
+def two_replicas() -> tuple[DefenceService, DefenceService, list[list[Evidence]]]:
+    """Replicas A and B with one salt; what A shares for the stream lands in the list."""
     settings = Settings(fingerprint_salt=3, throttle_interval_s=30)
     a = DefenceService(settings, Metrics(CollectorRegistry()))
     b = DefenceService(settings, Metrics(CollectorRegistry()))
     shared: list[list[Evidence]] = []
     a.on_evidence = shared.append
+    return a, b, shared
+
+
+def test_a_replayed_walk_moves_the_other_replicas_ladder_as_its_own() -> None:
+    """Replica A weighs a walk; replica B replays A's evidence: same rung, same campaign, and
+    B remembers A's queries (a near-duplicate sent to B is a probe there)."""
+    a, b, shared = two_replicas()
     image = to_float(load_split("test")[0][:1])
     for i in range(16):
         step = image.copy()
@@ -149,11 +155,7 @@ def test_a_resent_blocked_picture_reaches_the_other_replica_once() -> None:
     picture); B applies those counts too, and once they are spent a resend of the same picture
     to B is not counted there. An entry from
     a replica that predates the flag (12 scalars) reads as no resend."""
-    settings = Settings(fingerprint_salt=3, throttle_interval_s=30)
-    a = DefenceService(settings, Metrics(CollectorRegistry()))
-    b = DefenceService(settings, Metrics(CollectorRegistry()))
-    shared: list[list[Evidence]] = []
-    a.on_evidence = shared.append
+    a, b, shared = two_replicas()
     image = to_float(load_split("test")[0][:1])
     prints = fingerprints(torch.from_numpy(image), a.fingerprint_spec).numpy()
     for _ in range(2 + RECOUNTS):
