@@ -33,6 +33,7 @@ from bastion.benchmarks.incident_clients import (
     CONTAINED,
     DEFENCE_ACTIONS,
     OK,
+    PROBED,
     REFUSED_AGAIN,
     REPEAT,
     SHAPE,
@@ -47,7 +48,7 @@ from bastion.gateway.defence.fingerprint import picture_hash
 L2_BOUND, LINF_BOUND = 4.0, 0.3  # the threat balls (MNIST's usual: Carlini & Wagner; Madry et al.)
 FRESH_TOLERANCE = 1e-4  # max-abs difference of probabilities that marks an answer as a repeat
 REQUESTS = itertools.count()  # request ids, unique across oracles (next() is atomic in CPython)
-REFUSALS = (THROTTLED, CONTAINED, REFUSED_AGAIN)  # the defence's, not the screening's
+REFUSALS = (THROTTLED, CONTAINED, REFUSED_AGAIN, PROBED)  # the defence's, not the screening's
 
 
 def choose_seeds(count: int, seed: int, beyond: float) -> tuple[dict[str, np.ndarray], np.ndarray]:

@@ -24,6 +24,7 @@ SHAPE = (1, 1, 28, 28)
 OK, REPEAT, ERROR = "ok", "repeat", "error"
 THROTTLED, CONTAINED, WITHHELD = "throttled", "contained", "withheld"
 REFUSED_AGAIN = "refused again"  # 403 reason "repeat": a near-duplicate of a refused query
+PROBED = "refused as a probe"  # 403 reason "probe": on a line through two earlier queries
 # a 200 for a picture (the same 8-bit pixels) this attacker already had answered, with the same
 # answer: nothing new learned (a retry), so not "answered after detection"; not a detection
 # either (a deterministic model answers a retry the same, defence or not)
@@ -33,17 +34,18 @@ TRACE = {
     REPEAT: "r",
     AGAIN: "a",
     REFUSED_AGAIN: "R",
+    PROBED: "P",
     THROTTLED: "T",
     CONTAINED: "C",
     WITHHELD: "W",
     ERROR: "E",
 }
-DEFENCE_ACTIONS = frozenset({REPEAT, REFUSED_AGAIN, THROTTLED, CONTAINED})
+DEFENCE_ACTIONS = frozenset({REPEAT, REFUSED_AGAIN, PROBED, THROTTLED, CONTAINED})
 
 
 @dataclass(frozen=True)
 class Reply:
-    outcome: str  # OK, THROTTLED, CONTAINED, REFUSED_AGAIN, WITHHELD or ERROR (REPEAT is the
+    outcome: str  # OK, THROTTLED, CONTAINED, REFUSED_AGAIN, PROBED, WITHHELD or ERROR (REPEAT:
     # ledger's call)
     probabilities: np.ndarray | None = None
     retry_after_s: float = 0.0
@@ -125,7 +127,8 @@ def _parse(status: int, headers: Any, payload: bytes, latency: float) -> Reply:
         contained = reason == "contained" or "contained" in str(body.get("error"))
         outcome = ERROR
         if status == 403:
-            outcome = CONTAINED if contained else REFUSED_AGAIN if reason == "repeat" else WITHHELD
+            defence = {"repeat": REFUSED_AGAIN, "probe": PROBED}
+            outcome = CONTAINED if contained else defence.get(reason, WITHHELD)
         return Reply(outcome, latency_s=latency)
     length = int(headers.get("Inference-Header-Content-Length", len(payload)))
     meta, offset = json.loads(payload[:length]), length

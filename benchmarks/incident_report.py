@@ -26,12 +26,13 @@ def transitions(log: Path) -> dict[str, dict[str, int]]:
 
 
 PROBE_LINE = re.compile(
-    r"probe: client (\S+) request '([^']*)' image \d+: (repeated|refused again|answered)"
+    r"probe: client (\S+) request '([^']*)' image \d+: "
+    r"(repeated|refused again|refused on a line|answered)"
 )
 # a near-duplicate that was no probe, answered with the earlier answer all the same (``repeat``
 # mode, or a suspect's): a repeat, even where it equals the fresh answer within 1e-4
 ONE_OFF_LINE = re.compile(r"one-off: client (\S+) request '([^']*)' image \d+: (repeated)")
-DEFENDED = frozenset("rRTC")  # repeat, refused as a repeat, 429, 403 contained
+DEFENDED = frozenset("rRPTC")  # repeat, refused as a repeat or a probe, 429, 403 contained
 
 
 TRANSITION_LINE = re.compile(r"client (\S+) now (throttle|strict|refuse) at request '([^']*)'")

@@ -308,6 +308,13 @@ class Settings(BaseSettings):
         description="Clients whose recent embeddings the k-NN detector keeps (a ring of the "
         "calibrated history per client and model, float32: 51 KB each for the digits model).",
     )
+    line_search_clients: int = Field(
+        4096,
+        ge=1,
+        le=1_000_000,
+        description="Clients whose last 8 pictures the line-search test keeps (8-bit, at most "
+        "1,024 values a picture: 6.3 KB each for the digits model).",
+    )
     review_backlog: int = Field(
         1024,
         ge=1,

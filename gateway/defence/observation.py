@@ -20,6 +20,7 @@ class Observation:
     slots: tuple[tuple[int, int], ...] = ()  # (slot, content) of each query remembered
     answer_key: int = 0
     tightened: bool = False  # a young identity during an alert: its suspicious images withheld
+    lines: tuple[int, ...] = ()  # images on a line through two of the client's: withheld
 
 
 @dataclass(frozen=True)

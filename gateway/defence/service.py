@@ -31,6 +31,11 @@ honest re-encode gets the answer its picture got before. ``probe_response = "rep
 this to every near-duplicate, one-offs too; a suspect's one-offs are repeated as well: from a
 client that has probed (no honest one did in 100,000 requests) or is throttled or above.
 
+A query on the straight line through two of its client's recent pictures (``line_search``:
+a decision-based attack's binary or geometric search) is a probe and is withheld (403, reason
+``probe``): HopSkipJump's first blends land inside the threat ball before any near-duplicate
+exists, and an answer to one is an adversarial example.
+
 A young identity's query that matches nothing remembered (HopSkipJump's far steps at the
 start of an iteration) can still continue a campaign through its embedding (``knn.Histories``);
 an identity whose one query continued a contained campaign is throttled at its own interval
@@ -63,6 +68,7 @@ from bastion.gateway.defence.decisions import Decisions
 from bastion.gateway.defence.evidence import OBSERVE, REFUSE, STRICT, THROTTLE, Ladder, LadderSpec
 from bastion.gateway.defence.fingerprint import FingerprintSpec, picture_hash
 from bastion.gateway.defence.knn import Histories
+from bastion.gateway.defence.line_search import LineSearches
 from bastion.gateway.defence.observation import Embedded, Evidence, Observation
 from bastion.gateway.defence.probe_index import ProbeIndex
 from bastion.gateway.errors import Forbidden, TooManyRequests
@@ -108,6 +114,7 @@ class DefenceService:
         )
         self.ladder = Ladder(spec or LadderSpec(), max_clients=settings.max_tracked_clients)
         self.histories = Histories(settings.knn_clients)
+        self.lines = LineSearches(settings.line_search_clients, self.fingerprint_spec.salt)
         for state in ("linked", "contained"):
             metrics.defence_campaigns.labels(state).set_function(partial(self._campaigns, state))
         probe_table.warm_up()  # numba compiles (or loads) the loops now, not on a query
@@ -161,6 +168,7 @@ class DefenceService:
         for member in members:
             self._last_admitted.pop(member, None)
             self.histories.forget(member)
+            self.lines.forget(member)
         if self._alert_by is not None and self.ladder.root(client) in (self._alert_by, client):
             self._alert_by = None  # the campaign that raised the alert was judged honest
         log.warning("containment lifted by an admin: %s", ", ".join(members[:20]))
@@ -270,6 +278,12 @@ class DefenceService:
                 "an earlier query that was refused, and gets the same answer",
                 {"reason": "repeat", "withheld": list(observed.refused)},
             )
+        if observed.lines:
+            self.metrics.defence_refused.labels("probe").inc()
+            raise Forbidden(
+                f"images {list(observed.lines)} withheld: they probe the model's decisions",
+                {"reason": "probe", "withheld": list(observed.lines)},
+            )
         if shared:
             if rung in (STRICT, REFUSE) and observed.probes:
                 self.refuse()
@@ -309,6 +323,7 @@ class DefenceService:
         key = client or "(anonymous)"
         rung, probes, nears, contained, repeats = OBSERVE, 0, 0, 0, {}
         refused: list[int] = []
+        lines: list[int] = []  # on the line through two of the client's pictures: withheld
         slots: list[tuple[int, int]] = []
         shared: list[Evidence] = []  # for the other replicas
         with self.lock:
@@ -342,8 +357,10 @@ class DefenceService:
                     ):
                         shared.append(Evidence.resent(key, row, content, flag_rate, block_rate))
                     continue
+                on_line = self.lines.check(key, image)
                 probe = match is not None and match.links > 0
                 linked = match.client if probe and match is not None else None
+                probe = probe or on_line
                 near = None
                 if embedded is not None:
                     vector = embedded.embeddings[i : i + 1]
@@ -378,12 +395,15 @@ class DefenceService:
                     self._raise_alert(self.ladder.root(key), request_id)
                 contained += campaign == REFUSE  # it continues a contained campaign: refused
                 given = None
+                if on_line:
+                    lines.append(i)
                 # a probe gets the remembered answer (``repeat``: every near-duplicate does), and
                 # so does any near-duplicate once its sender or the campaign it continues is
                 # throttled or worse, or has sent a probe: a suspect learns nothing new from a
                 # near-duplicate (an attack's step that lands on a lone query is a one-off)
                 suspect = rung != OBSERVE or campaign != OBSERVE or self.ladder.probed(key)
-                if (self.repeat or probe or suspect) and match is not None and answers is not None:
+                repeatable = match is not None and answers is not None and not on_line
+                if (self.repeat or probe or suspect) and repeatable:
                     if self.index.refused(match.slot, answer_key):
                         refused.append(i)
                     else:
@@ -394,6 +414,7 @@ class DefenceService:
                     self.index.link(match.slot)
                 if (probe or given is not None) and log.isEnabledFor(logging.DEBUG):
                     given_as = "refused again" if refused and refused[-1] == i else "answered"
+                    given_as = "refused on a line" if on_line else given_as
                     log.debug(
                         "%s: client %s request %r image %d: %s (campaign of %s)",
                         "probe" if probe else "one-off",  # a suspect's one-off is repeated too
@@ -446,6 +467,7 @@ class DefenceService:
             tuple(slots),
             answer_key,
             tightened,
+            tuple(lines),
         )
 
     def _recount(
