@@ -261,8 +261,9 @@ class Ladder:
     def rung(self, client: str) -> str:
         """The client's rung: its own, or its campaign's when the campaign binds it. A client
         whose images so far were mostly probes (a rotating attacker's fresh identity after its
-        first linked query) is throttled, at its own interval, while its campaign is contained
-        and before it is bound: its next query (a step far from anything remembered) waits,
+        first linked query) is throttled, at its own interval, while its campaign is throttled
+        or worse and before it is bound: its next query (a step far from anything remembered,
+        or an OARS-style attacker's next step after a refusal made it switch identity) waits,
         and an honest newcomer whose first picture happened to continue the campaign waits
         one interval, then is free (its next honest picture outweighs the probe)."""
         account = self._accounts.get(client)
@@ -271,7 +272,7 @@ class Ladder:
         own = higher(self.spec.rung(account.statistic), self.spec.window_rung(account.window))
         if self.bound(client):
             return higher(own, self.campaign_rung(client))
-        if 2 * account.probes > account.images and self.campaign_rung(client) == REFUSE:
+        if 2 * account.probes > account.images and self.campaign_rung(client) != OBSERVE:
             return higher(own, THROTTLE)
         return own
 

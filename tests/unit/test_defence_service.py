@@ -149,7 +149,9 @@ def test_repeat_answers_a_probe_with_the_remembered_answer() -> None:
 
 def test_a_fresh_identity_linked_to_a_throttled_campaign_shares_its_interval() -> None:
     """A rotating attacker's new identity passes ``admit`` (nobody knows it yet); its first
-    probe of a throttled campaign gets a repeat, its second binds it: the campaign's 429."""
+    probe of a throttled campaign gets a repeat and throttles it at its own interval (its next
+    query waits: 429 at the door); once an interval passed, its second probe binds it to the
+    campaign: the campaign's 429."""
     defence = service()
     image = to_float(load_split("test")[0][:1])
     spec = defence.fingerprint_spec
@@ -168,11 +170,16 @@ def test_a_fresh_identity_linked_to_a_throttled_campaign_shares_its_interval() -
     observed = defence.observe("walker-1", prints, ["clean"], step)
     assert "walker-0" in defence.ladder.campaign("walker-1")
     assert defence.ladder.campaign_rung("walker-1") != OBSERVE  # its probe: a repeat, if kept
-    defence.enforce("walker-1", observed, charged)
+    defence.enforce("walker-1", observed, charged)  # its own interval starts
+    assert not defence.ladder.bound("walker-1")  # one probe binds no identity, but
+    with pytest.raises(TooManyRequests):  # its next query waits its own interval
+        defence.admit("walker-1")
+    defence._last_admitted["walker-1"] -= defence.throttle_interval_s  # an interval later
     step.flat[i + 1] = 0.5
     prints = fingerprints(torch.from_numpy(step), spec).numpy()
-    charged = defence.admit("walker-1")  # still observe: one probe binds no identity
+    charged = defence.admit("walker-1")
     observed = defence.observe("walker-1", prints, ["clean"], step)
+    assert defence.ladder.bound("walker-1")
     with pytest.raises((TooManyRequests, Contained)):  # its second binds it: the interval
         defence.enforce("walker-1", observed, charged)
 

@@ -216,13 +216,21 @@ def test_padding_every_probe_with_clean_images_still_contains() -> None:
     assert rungs[9] == THROTTLE and ladder.rung("padder") == REFUSE
 
 
-def test_a_fresh_identity_whose_first_query_continued_a_contained_campaign_waits_then_is_free() -> (
+def test_a_fresh_identity_whose_first_query_continued_a_suspect_campaign_waits_then_is_free() -> (
     None
 ):
     """Before it is bound (two probes), an identity whose images were mostly probes of a
-    contained campaign is throttled (its next query waits an interval); an honest newcomer
-    whose first picture happened to continue the campaign is free after one honest picture."""
+    campaign throttled or worse is throttled (its next query waits an interval); an honest
+    newcomer whose first picture happened to continue the campaign is free after one honest
+    picture."""
     ladder = Ladder()
+    sybils = 0
+    while ladder.campaign_rung("early-0") == OBSERVE:
+        sybils += 1
+        ladder.observe(f"early-{sybils}", flagged=False, probe=True, linked="early-0")
+    assert ladder.campaign_rung("early-0") == THROTTLE
+    ladder.observe("switched", flagged=False, probe=True, linked="early-1")
+    assert not ladder.bound("switched") and ladder.rung("switched") == THROTTLE
     for i in range(12):
         ladder.observe(f"sybil-{i}", flagged=False, probe=True, linked=f"sybil-{max(i - 1, 0)}")
     assert ladder.campaign_rung("sybil-0") == REFUSE
