@@ -21,6 +21,7 @@ class Observation:
     answer_key: int = 0
     tightened: bool = False  # a young identity during an alert: its suspicious images withheld
     lines: tuple[int, ...] = ()  # images on a line through two of the client's: withheld
+    client: str | None = None  # whose images (for ``settle``)
 
 
 @dataclass(frozen=True)

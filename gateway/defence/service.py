@@ -31,10 +31,14 @@ honest re-encode gets the answer its picture got before. ``probe_response = "rep
 this to every near-duplicate, one-offs too; a suspect's one-offs are repeated as well: from a
 client that has probed (no honest one did in 100,000 requests) or is throttled or above.
 
-A query on the straight line through two of its client's recent pictures (``line_search``:
-a decision-based attack's binary or geometric search) is a probe and is withheld (403, reason
-``probe``): HopSkipJump's first blends land inside the threat ball before any near-duplicate
-exists, and an answer to one is an adversarial example.
+A query on the straight line through two of its client's recent pictures that were answered
+differently (``line_search``: a decision-based attack's binary or geometric search across the
+decision boundary) is a probe and is withheld (403, reason ``probe``), and so is an exact
+resend of it by its client or by a young identity (fewer than ``alert_young_images`` images:
+a rotating attacker's; an established client's resend of a picture planted this way is
+decided afresh): HopSkipJump's first blends land inside the threat ball before any
+near-duplicate exists, and an answer to one is an adversarial example. A shared identity (a
+peer address) is not refused for it: its co-tenants' pictures share one window.
 
 A young identity's query that matches nothing remembered (HopSkipJump's far steps at the
 start of an iteration) can still continue a campaign through its embedding (``knn.Histories``);
@@ -63,7 +67,7 @@ from typing import Any
 
 import numpy as np
 
-from bastion.gateway.defence import knn, probe_table
+from bastion.gateway.defence import knn, line_search, probe_table
 from bastion.gateway.defence.decisions import Decisions
 from bastion.gateway.defence.evidence import OBSERVE, REFUSE, STRICT, THROTTLE, Ladder, LadderSpec
 from bastion.gateway.defence.fingerprint import FingerprintSpec, picture_hash
@@ -278,10 +282,10 @@ class DefenceService:
                 "an earlier query that was refused, and gets the same answer",
                 {"reason": "repeat", "withheld": list(observed.refused)},
             )
-        if observed.lines:
+        if observed.lines and not shared:
             self.metrics.defence_refused.labels("probe").inc()
             raise Forbidden(
-                f"images {list(observed.lines)} withheld: they probe the model's decisions",
+                f"request refused: images {list(observed.lines)} probe the model's decisions",
                 {"reason": "probe", "withheld": list(observed.lines)},
             )
         if shared:
@@ -328,10 +332,16 @@ class DefenceService:
         shared: list[Evidence] = []  # for the other replicas
         with self.lock:
             young = self._young(key)
+            account = self.ladder.account(key)
+            new_sender = account is None or account.images < self.young_images
             if embedded is not None:
                 self._knn_specs[embedded.model] = embedded.spec
             for i, (row, verdict, image) in enumerate(zip(prints, verdicts, inputs, strict=True)):
                 content = picture_hash(image)
+                owner = self.lines.refused_to(content)
+                if owner is not None and (owner == key or new_sender):
+                    lines.append(i)  # a refused line search resent (by a fresh identity too)
+                    continue
                 same = self.index.resent(content)
                 if same is not None and not self.index.refused(same, answer_key):
                     # a retry of a served picture: no evidence, and the answer it got before
@@ -357,7 +367,8 @@ class DefenceService:
                     ):
                         shared.append(Evidence.resent(key, row, content, flag_rate, block_rate))
                     continue
-                on_line = self.lines.check(key, image)
+                label = int(np.argmax(answers[i])) if answers is not None else line_search.REFUSED
+                on_line = self.lines.check(key, image, label, content)
                 probe = match is not None and match.links > 0
                 linked = match.client if probe and match is not None else None
                 probe = probe or on_line
@@ -468,6 +479,7 @@ class DefenceService:
             answer_key,
             tightened,
             tuple(lines),
+            key,
         )
 
     def _recount(
@@ -502,6 +514,9 @@ class DefenceService:
         with self.lock:
             for slot, content in observed.slots:
                 self.index.keep_refusal(slot, observed.answer_key, content)
+            if observed.client is not None:
+                contents = [content for _, content in observed.slots]
+                self.lines.refused(observed.client, contents)
         if self.on_refusal is not None and observed.slots:
             self.on_refusal(observed.answer_key, [content for _, content in observed.slots])
 

@@ -8,8 +8,15 @@ import torch
 from prometheus_client import CollectorRegistry
 
 from bastion.benchmarks.incident_clients import HonestSource
-from bastion.gateway.defence.fingerprint import fingerprints
-from bastion.gateway.defence.line_search import KEPT, WINDOW, LineSearches, line_ratio
+from bastion.gateway.defence.fingerprint import fingerprints, picture_hash
+from bastion.gateway.defence.line_search import (
+    KEPT,
+    REFUSED,
+    WINDOW,
+    LineSearches,
+    intensity_line,
+    line_ratio,
+)
 from bastion.gateway.defence.service import DefenceService
 from bastion.gateway.errors import Forbidden
 from bastion.gateway.monitoring.metrics import Metrics
@@ -39,6 +46,10 @@ def test_pairs_and_queries_closer_than_a_step_are_skipped() -> None:
     assert line_ratio(seed, seed[None, :]) == float("inf")  # one picture is no line
 
 
+def check(lines: LineSearches, client: str, image: np.ndarray, answer: int = REFUSED) -> bool:
+    return lines.check(client, image, answer, picture_hash(image))
+
+
 def test_honest_photos_retries_and_re_encodes_are_never_on_a_line() -> None:
     """The hardest honest client: five digits photographed again and again (rotated, scaled,
     shifted), with exact retries and JPEG re-encodes of earlier photos."""
@@ -48,7 +59,7 @@ def test_honest_photos_retries_and_re_encodes_are_never_on_a_line() -> None:
         source = HonestSource(digits(5, 100 + 5 * client), seed=client, mix=0.1)
         for _ in range(150):
             _, image = source.next()
-            on_line += lines.check(f"honest-{client}", image)
+            on_line += check(lines, f"honest-{client}", image)  # as if every one was refused
     assert on_line == 0
 
 
@@ -63,31 +74,65 @@ def test_a_binary_search_between_two_digits_is_caught_at_its_first_blend(sigma: 
     def noisy(image: np.ndarray) -> np.ndarray:
         return np.clip(image + rng.uniform(-sigma, sigma, image.shape), 0, 1)
 
-    assert not lines.check("attacker", noisy(seed))
-    assert not lines.check("attacker", noisy(start))
+    assert not check(lines, "attacker", noisy(seed), 7)
+    assert not check(lines, "attacker", noisy(start), 1)  # answered differently: a boundary
     low, high, caught = 0.0, 1.0, []
     for _ in range(6):
         alpha = (low + high) / 2
-        caught.append(lines.check("attacker", noisy((1 - alpha) * seed + alpha * start)))
+        caught.append(check(lines, "attacker", noisy((1 - alpha) * seed + alpha * start), 7))
         low = alpha  # read as "not adversarial yet": the search walks towards the start
     assert all(caught)
-    assert not lines.check("someone else", noisy((seed + start) / 2))  # no window of its own
+    assert not check(lines, "someone else", noisy((seed + start) / 2))  # no window of its own
+
+
+def test_variants_of_one_photo_answered_alike_and_intensity_series_are_let_through() -> None:
+    """A cross-fade between two photos the model answers alike searches no boundary; an
+    exposure, contrast or fade series lies on a line through a uniform picture."""
+    seed, start, other = digits(3, 30).reshape(3, -1)
+    lines = LineSearches(clients=4, salt=3)
+    for t in (0.0, 1.0, 0.5, 0.25):
+        assert not check(lines, "fade", (1 - t) * seed + t * start, 4)  # the same class
+    for c in (1.0, 0.9, 0.8, 0.6, 0.45):  # exposure: refused each time, still let through
+        assert not check(lines, "exposure", c * other)
+    for c in (1.0, 0.8, 0.6):
+        assert not check(lines, "contrast", 0.5 + c * (other - 0.5))
+    assert intensity_line(other, 0.7 * other, 0.01)
+    assert not intensity_line(seed, start, 1.0)  # two digits: nowhere near a uniform picture
+
+
+def test_a_refused_line_search_is_remembered_and_a_refusal_after_the_fact_counts() -> None:
+    seed, start = digits(2, 40).reshape(2, -1)
+    lines = LineSearches(clients=4, salt=3)
+    check(lines, "a", seed, 3)
+    check(lines, "a", start, 3)  # answered alike so far
+    blend = 0.5 * seed + 0.5 * start
+    assert not check(lines, "a", blend, 3)
+    lines.refused("a", [picture_hash(start)])  # the start was withheld after all
+    again = 0.25 * seed + 0.75 * start
+    assert check(lines, "a", again, 3)
+    assert lines.refused_to(picture_hash(again)) == "a"
+    lines.forget("a")
+    assert lines.refused_to(picture_hash(again)) is None and len(lines) == 0
 
 
 def test_memory_is_bounded_by_window_clients_and_kept_pixels() -> None:
     lines = LineSearches(clients=2, salt=3)
     for client in ("a", "b", "c"):
         for image in digits(WINDOW + 3):
-            lines.check(client, image)
-    assert len(lines) == 2 and "a" not in lines._rows
-    assert lines._rows["c"].shape == (WINDOW, 784) and lines._rows["c"].dtype == np.uint8
+            check(lines, client, image)
+    assert len(lines) == 2 and "a" not in lines._windows
+    rows = lines._windows["c"][784].rows
+    assert rows.shape == (WINDOW, 784) and rows.dtype == np.uint8
     rng = np.random.default_rng(1)
     seed, start = rng.random((2, 3, 64, 64), dtype=np.float32)  # a large input
-    lines.check("big", seed)
-    lines.check("big", start)
-    assert lines._rows["big"].shape == (2, KEPT)
-    assert lines.check("big", 0.5 * seed + 0.5 * start)  # pixels kept: still on the line
-    assert not lines.check("big", rng.random((3, 64, 64), dtype=np.float32))
+    check(lines, "big", seed)
+    check(lines, "big", start)
+    assert lines._windows["big"][3 * 64 * 64].rows.shape == (2, KEPT)
+    assert check(lines, "big", 0.5 * seed + 0.5 * start)  # pixels kept: still on the line
+    assert not check(lines, "big", rng.random((3, 64, 64), dtype=np.float32))
+    assert check(lines, "big", 0.75 * seed + 0.25 * start)  # another input size between:
+    assert not check(lines, "big", digits(1)[0])  # each size has its own window
+    assert check(lines, "big", 0.625 * seed + 0.375 * start)
 
 
 def test_the_service_withholds_a_blend_as_a_probe_and_answers_the_honest() -> None:
@@ -100,19 +145,27 @@ def test_the_service_withholds_a_blend_as_a_probe_and_answers_the_honest() -> No
     spec = defence.fingerprint_spec
     seed, start, other = digits(3, 20)
 
-    def ask(client: str, image: np.ndarray) -> str:
+    def ask(client: str, image: np.ndarray, label: int = 0, shared: bool = False) -> str:
         image = image[None].astype(np.float32)
         prints = fingerprints(torch.from_numpy(image), spec).numpy()
-        observed = defence.observe(client, prints, ["clean"], image, np.ones((1, 4), np.float32), 7)
+        answer = np.eye(4, dtype=np.float32)[label : label + 1]
+        observed = defence.observe(client, prints, ["clean"], image, answer, 7)
         try:
-            defence.enforce(client, observed, None)
+            defence.enforce(client, observed, None, shared)
         except Forbidden as exc:
             defence.settle(observed, served=False)
             return str(exc.details["reason"])
         defence.settle(observed, served=True)
         return "answered"
 
-    assert [ask("attacker", x) for x in (seed, start)] == ["answered", "answered"]
-    assert ask("attacker", 0.5 * seed + 0.5 * start) == "probe"
+    assert [ask("attacker", seed, 0), ask("attacker", start, 1)] == ["answered", "answered"]
+    blend = 0.5 * seed + 0.5 * start
+    assert ask("attacker", blend) == "probe"
+    assert defence.ladder.account("attacker").probes == 1
+    assert ask("attacker", blend) == "probe"  # resent: refused again, no more evidence
+    assert ask("fresh identity", blend) == "probe"  # a rotating attacker's resend
     assert defence.ladder.account("attacker").probes == 1
     assert [ask("honest", x) for x in (seed, other, start)] == ["answered"] * 3
+    ask("tenants", seed, 0, shared=True)
+    ask("tenants", start, 1, shared=True)
+    assert ask("tenants", 0.75 * seed + 0.25 * start, shared=True) == "answered"
