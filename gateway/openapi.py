@@ -119,8 +119,9 @@ def _infer_operation(versioned: bool) -> dict[str, Any]:
                     "('Authorization: Bearer <key>'; WWW-Authenticate: Bearer)."
                 ),
                 "403": _error(
-                    "Screening withheld an image, or a capability (screening_report) "
-                    "needs the admin token.",
+                    "Screening withheld an image (reason adversarial or suspicious), the "
+                    "stateful defence refused the request (reason contained, repeat or probe), "
+                    "or a capability (screening_report) needs the admin token.",
                     "WithheldBody",
                 ),
                 "404": _error("No such model or version."),

@@ -259,21 +259,25 @@ class Ladder:
         return account is not None and bool(account.window.probes)  # a release empties it
 
     def rung(self, client: str) -> str:
-        """The client's rung: its own, or its campaign's when the campaign binds it. A client
-        whose images so far were mostly probes (a rotating attacker's fresh identity after its
-        first linked query) is throttled, at its own interval, while its campaign is throttled
-        or worse and before it is bound: its next query (a step far from anything remembered,
-        or an OARS-style attacker's next step after a refusal made it switch identity) waits,
-        and an honest newcomer whose first picture happened to continue the campaign waits
-        one interval, then is free (its next honest picture outweighs the probe)."""
+        """The client's rung: its own, or its campaign's when the campaign binds it. Before
+        it is bound, a client that probed and whose images so far were mostly probes or
+        flagged (a rotating attacker's fresh identity after its first linked query) takes its
+        campaign's rung, at its own interval and at most strict, while the campaign is
+        throttled or worse: its next query (a step far from anything remembered, or an
+        OARS-style attacker's next noisy step after a refusal made it switch identity) waits,
+        and on the strict rung its suspicious images are withheld. An honest newcomer whose
+        first picture happened to continue the campaign waits one interval, then is free (its
+        next clean picture outweighs the probe)."""
         account = self._accounts.get(client)
         if account is None:
             return OBSERVE
         own = higher(self.spec.rung(account.statistic), self.spec.window_rung(account.window))
         if self.bound(client):
             return higher(own, self.campaign_rung(client))
-        if 2 * account.probes > account.images and self.campaign_rung(client) != OBSERVE:
-            return higher(own, THROTTLE)
+        if account.probes and 2 * max(account.probes, account.flagged) > account.images:
+            campaign = self.campaign_rung(client)
+            if campaign != OBSERVE:
+                return higher(own, THROTTLE if campaign == THROTTLE else STRICT)
         return own
 
     def campaign_rung(self, client: str) -> str:

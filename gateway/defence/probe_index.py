@@ -129,6 +129,10 @@ class ProbeIndex:
             return None
         return slot
 
+    def client(self, slot: int) -> str | None:
+        """Who sent the query remembered at ``slot``."""
+        return self._clients[slot]
+
     def link(self, slot: int) -> None:
         """Counts one more near-duplicate of a remembered query (it is now part of a cluster)."""
         self._links[slot] = min(int(self._links[slot]) + 1, 255)

@@ -344,7 +344,20 @@ class DefenceService:
                     continue
                 same = self.index.resent(content)
                 if same is not None and not self.index.refused(same, answer_key):
-                    # a retry of a served picture: no evidence, and the answer it got before
+                    # a retry of a served picture: no evidence, and the answer it got before;
+                    # from a young identity, a picture served to a suspect campaign continues
+                    # it (HopSkipJump re-asks its boundary point under each new identity)
+                    owner = self.index.client(same)
+                    if new_sender and owner not in (None, key) and self._suspect_campaign(owner):
+                        probes += 1
+                        self.ladder.observe(
+                            key, verdict in FLAGGED, True, owner, flag_rate,
+                            adversarial=verdict == "adversarial", block_rate=block_rate,
+                        )  # fmt: skip
+                        log.debug(
+                            "probe: client %s request %r image %d: repeated (a resend; "
+                            "campaign of %s)", key, request_id, i, self.ladder.root(key),
+                        )  # fmt: skip
                     if answers is not None:
                         given = self.index.answer(same, answer_key, answers.shape[1])
                         if given is not None:

@@ -203,7 +203,8 @@ class Metrics:
         self.defence_refused = Counter(
             "bastion_defence_refused",
             "Requests refused by the stateful defence, by rung (throttle: 429, refuse: 403; "
-            "repeat: 403 for a probe of a query that was refused)",
+            "repeat: 403 for a probe of a query that was refused; probe: 403 for a query on "
+            "a line search across the decision boundary)",
             ["rung"],
             registry=self.registry,
         )

@@ -10,7 +10,7 @@ import pytest
 import torch
 from prometheus_client import CollectorRegistry
 
-from bastion.gateway.defence.evidence import OBSERVE, REFUSE, THROTTLE
+from bastion.gateway.defence.evidence import OBSERVE, REFUSE, STRICT, THROTTLE
 from bastion.gateway.defence.fingerprint import fingerprints
 from bastion.gateway.defence.service import RECOUNTS, Contained, DefenceService
 from bastion.gateway.errors import Forbidden, TooManyRequests
@@ -400,7 +400,8 @@ def test_a_campaign_of_one_query_identities_is_logged_when_it_reaches_a_rung() -
     assert campaign[-1]["rung"] == REFUSE and campaign[-1]["campaign_size"] >= 3
     assert len({body["rung"] for body in campaign}) == len(campaign)  # once per rung
     alone = [body for body in decisions if "scope" not in body]
-    assert alone and all(body["rung"] == THROTTLE and body["probes"] == 1 for body in alone)
+    assert alone and all(body["rung"] in (THROTTLE, STRICT) for body in alone)
+    assert all(body["probes"] == 1 for body in alone)  # one query each: waits, never refused
 
 
 def test_a_campaign_tightens_policy_for_young_identities_until_the_alert_lapses() -> None:
@@ -435,3 +436,34 @@ def test_a_campaign_tightens_policy_for_young_identities_until_the_alert_lapses(
     assert not send("newcomer", digits[13:14]).tightened  # five images: no longer young
     defence._alert_until = 0.0  # the alert's time is up
     assert not defence.alert_active() and not send("another", digits[14:15]).tightened
+
+
+def test_a_young_identity_resending_a_suspect_campaigns_served_picture_joins_it() -> None:
+    """HopSkipJump re-asks its boundary point under each new identity: the resend gets its
+    earlier answer, and a young identity sending it joins the campaign it was served to (and
+    waits); an established client's resend of it stays no evidence."""
+    defence = DefenceService(
+        Settings(fingerprint_salt=1, throttle_interval_s=30, alert_young_images=3),
+        Metrics(CollectorRegistry()),
+    )
+    spec = defence.fingerprint_spec
+    images = to_float(load_split("test")[0][:8])
+    chain, observed = walk(images[:1], 30), None
+    for step in chain:  # one identity walks until throttled; its steps were served
+        prints = fingerprints(torch.from_numpy(step), spec).numpy()
+        observed = defence.observe("walker", prints, ["clean"], step, np.ones((1, 4)), 7)
+        if observed.rung != OBSERVE:
+            break
+    assert observed is not None and observed.rung != OBSERVE
+    for image in images[4:7]:  # established: three pictures of its own
+        one = image[None]
+        own = fingerprints(torch.from_numpy(one), spec).numpy()
+        defence.observe("regular", own, ["clean"], one)
+    resent = chain[0]
+    prints = fingerprints(torch.from_numpy(resent), spec).numpy()
+    for client in ("fresh", "regular"):
+        again = defence.observe(client, prints, ["clean"], resent.copy(), np.zeros((1, 4)), 7)
+        assert 0 in again.repeats  # the answer the picture got before, either way
+    assert defence.ladder.root("fresh") == defence.ladder.root("walker")
+    assert defence.ladder.account("fresh").probes == 1 and defence.ladder.rung("fresh") != OBSERVE
+    assert defence.ladder.account("regular").probes == 0

@@ -167,7 +167,7 @@ def test_a_linked_honest_client_is_not_framed_by_the_campaign_that_linked_it() -
         ladder.observe(f"sybil-{i}", flagged=False, probe=True, linked="honest")
     assert "honest" in ladder.campaign("sybil-0")
     assert ladder.campaign_rung("sybil-11") == REFUSE  # its query is refused (the service)
-    assert ladder.rung("sybil-11") == THROTTLE  # one probe binds no identity: it waits
+    assert ladder.rung("sybil-11") == STRICT  # one probe binds no identity: it waits, strict
     ladder.observe("sybil-11", flagged=False, probe=True, linked="honest")
     assert ladder.rung("sybil-11") == REFUSE  # its second: most of its images are probes
     assert ladder.rung("honest") == OBSERVE
@@ -219,23 +219,27 @@ def test_padding_every_probe_with_clean_images_still_contains() -> None:
 def test_a_fresh_identity_whose_first_query_continued_a_suspect_campaign_waits_then_is_free() -> (
     None
 ):
-    """Before it is bound (two probes), an identity whose images were mostly probes of a
-    campaign throttled or worse is throttled (its next query waits an interval); an honest
-    newcomer whose first picture happened to continue the campaign is free after one honest
-    picture."""
+    """Before it is bound (two probes), an identity that probed and whose images were mostly
+    probes or flagged takes its campaign's rung, at most strict, while the campaign is
+    throttled or worse (its next query waits an interval); an honest newcomer whose first
+    picture happened to continue the campaign is free after one clean picture, an attacker's
+    identity whose next images are flagged (OARS-style noisy steps) is not."""
     ladder = Ladder()
     sybils = 0
     while ladder.campaign_rung("early-0") == OBSERVE:
         sybils += 1
         ladder.observe(f"early-{sybils}", flagged=False, probe=True, linked="early-0")
     assert ladder.campaign_rung("early-0") == THROTTLE
-    ladder.observe("switched", flagged=False, probe=True, linked="early-1")
-    assert not ladder.bound("switched") and ladder.rung("switched") == THROTTLE
+    ladder.observe("switched", flagged=True, probe=True, linked="early-1")
+    assert not ladder.bound("switched")
+    assert ladder.rung("switched") == ladder.campaign_rung("switched") != OBSERVE
+    ladder.observe("switched", flagged=True, probe=False)  # a noisy step: suspicious
+    assert ladder.rung("switched") != OBSERVE
     for i in range(12):
         ladder.observe(f"sybil-{i}", flagged=False, probe=True, linked=f"sybil-{max(i - 1, 0)}")
     assert ladder.campaign_rung("sybil-0") == REFUSE
     ladder.observe("newcomer", flagged=False, probe=True, linked="sybil-11")
-    assert not ladder.bound("newcomer") and ladder.rung("newcomer") == THROTTLE
+    assert not ladder.bound("newcomer") and ladder.rung("newcomer") == STRICT  # never refuse
     ladder.observe("newcomer", flagged=False, probe=False)
     assert ladder.rung("newcomer") == OBSERVE
     ladder.observe("stranger", flagged=False, probe=True, linked="honest-peer")
