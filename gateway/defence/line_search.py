@@ -43,11 +43,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from bastion.gateway.defence.jit import JIT, compiled
+
 WINDOW = 8  # a client's recent queries a new one is tested against (28 pairs)
 RATIO = 0.25  # distance from the line / distance from the nearer end, at most
 MIN_STEP = 0.25  # L2 (levels / 255): nearer than this to an end is a resend, not a step
 KEPT = 1024  # values kept of a row; a larger input keeps this many of its pixels
 REFUSED = -1  # the answer of a picture that was refused (or had no class to compare)
+PAIRS = {n: np.triu_indices(n, k=1) for n in range(2, WINDOW + 1)}  # (first, second) < n
 
 
 def line_ratio(query: np.ndarray, window: np.ndarray, min_step: float = MIN_STEP) -> float:
@@ -56,34 +59,149 @@ def line_ratio(query: np.ndarray, window: np.ndarray, min_step: float = MIN_STEP
     pair qualifies (ends closer than ``min_step`` to each other or to the query).
 
     ``query`` (D,) and ``window`` (W, D) float; distances are L2 in the rows' units."""
-    ratios = pair_ratios(query, window, min_step)
-    return float(min(ratios.values())) if ratios else float("inf")
+    _, _, ratios = pair_ratios(query, window, min_step)
+    return float(ratios.min()) if len(ratios) else float("inf")
 
 
 def pair_ratios(
     query: np.ndarray, window: np.ndarray, min_step: float = MIN_STEP
-) -> dict[tuple[int, int], float]:
-    """``line_ratio`` per qualifying pair ``(i, j)`` of window rows, ``i < j``."""
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``line_ratio`` per qualifying pair of window rows: ``(first, second, ratios)``, each
+    (P,), ``first < second``. Every distance comes from the Gram matrix of the rows and the
+    query (one (W+1, D) product), not from (P, D) differences: a few microseconds a query."""
     count = len(window)
     if count < 2:
-        return {}
-    rows = np.asarray(window, np.float64)
-    x = np.asarray(query, np.float64)
-    to_row = np.sqrt(np.square(x - rows).sum(axis=1))  # (W,)
-    first, second = np.triu_indices(count, k=1)
-    span = rows[second] - rows[first]  # (P, D)
-    offset = x - rows[first]
-    length2 = np.square(span).sum(axis=1)
-    along = (offset * span).sum(axis=1) / np.maximum(length2, 1e-12)
-    off_line2 = np.square(offset).sum(axis=1) - along**2 * length2
+        empty = np.zeros(0)
+        return empty.astype(np.int64), empty.astype(np.int64), empty
+    points = np.vstack([np.asarray(window, np.float64), np.asarray(query, np.float64)[None]])
+    gram = points @ points.T  # (W+1, W+1); the query is the last point
+    norms = np.diag(gram)
+    g = gram[:-1, -1]  # rows . query
+    xx = norms[-1]
+    first, second = PAIRS.get(count) or np.triu_indices(count, k=1)
+    ii, jj, ij = norms[first], norms[second], gram[first, second]
+    length2 = ii + jj - 2 * ij  # |b - a|^2
+    offset2 = xx + ii - 2 * g[first]  # |x - a|^2
+    dot = g[second] - g[first] - ij + ii  # (x - a) . (b - a)
+    to_row = np.sqrt(np.maximum(xx + norms[:-1] - 2 * g, 0.0))
     nearer = np.minimum(to_row[first], to_row[second])
+    off_line2 = offset2 - dot**2 / np.maximum(length2, 1e-12)
     ok = (length2 >= min_step**2) & (nearer >= min_step)
-    ratios = np.sqrt(np.maximum(off_line2, 0.0)) / np.maximum(nearer, 1e-12)
-    return {
-        (int(i), int(j)): float(r)
-        for i, j, r, keep in zip(first, second, ratios, ok, strict=True)
-        if keep
-    }
+    ratios = np.sqrt(np.maximum(off_line2[ok], 0.0)) / nearer[ok]
+    return first[ok], second[ok], ratios
+
+
+def gram_ratios(gram: np.ndarray, g: np.ndarray, xx: float, min_step: float) -> np.ndarray:
+    """``pair_ratios``' ratios from inner products alone, for all pairs in ``PAIRS`` order
+    (inf where a pair does not qualify): ``gram`` (W, W) of the window's rows, ``g`` (W,) of
+    each row with the query, ``xx`` the query's squared norm; units are the rows' own. The loop
+    ``compiled`` runs when numba is installed (the numpy ``pair_ratios`` is its reference)."""
+    count = len(g)
+    out = np.full(count * (count - 1) // 2, np.inf)
+    limit = min_step * min_step
+    k = 0
+    for i in range(count):
+        for j in range(i + 1, count):
+            length2 = gram[i, i] + gram[j, j] - 2.0 * gram[i, j]
+            to_i = xx + gram[i, i] - 2.0 * g[i]
+            to_j = xx + gram[j, j] - 2.0 * g[j]
+            nearer2 = min(to_i, to_j)
+            if length2 >= limit and nearer2 >= limit:
+                dot = g[j] - g[i] - gram[i, j] + gram[i, i]
+                off2 = max(to_i - dot * dot / length2, 0.0)
+                out[k] = np.sqrt(off2 / nearer2)
+            k += 1
+    return out
+
+
+FAST_GRAM_RATIOS = compiled(gram_ratios)  # scan calls it: compiled, scan compiles too
+
+
+def scan(
+    rows: np.ndarray,
+    gram: np.ndarray,
+    filled: int,
+    query: np.ndarray,
+    dots: np.ndarray,
+    min_step: float,
+) -> np.ndarray:
+    """A query against a window ring: ``rows`` (W, K) uint8 (the first ``filled`` in use,
+    oldest first), ``gram`` (W, W) float64 their inner products, ``query`` (K,) uint8. Fills
+    ``dots`` (W + 1,) with the query's inner products with the rows and, last, with itself;
+    returns ``gram_ratios`` for the ``filled`` rows. Compiled with numba when installed."""
+    xx = 0
+    for a in range(query.shape[0]):
+        xx += np.int64(query[a]) * np.int64(query[a])
+    dots[-1] = xx
+    for i in range(filled):
+        total = 0
+        for a in range(query.shape[0]):
+            total += np.int64(rows[i, a]) * np.int64(query[a])
+        dots[i] = total
+    return FAST_GRAM_RATIOS(gram[:filled, :filled], dots[:filled], dots[-1], min_step)
+
+
+def push(
+    rows: np.ndarray, gram: np.ndarray, filled: int, query: np.ndarray, dots: np.ndarray
+) -> int:
+    """Appends ``query`` to the ring after ``scan`` (``dots`` as it filled them), dropping
+    the oldest row when full; returns the rows now in use."""
+    width = rows.shape[0]
+    if filled == width:  # shift everything one place towards the oldest end
+        for i in range(width - 1):
+            rows[i, :] = rows[i + 1, :]
+            for j in range(width - 1):
+                gram[i, j] = gram[i + 1, j + 1]
+            dots[i] = dots[i + 1]
+        filled -= 1
+    rows[filled, :] = query
+    for i in range(filled):
+        gram[i, filled] = dots[i]
+        gram[filled, i] = dots[i]
+    gram[filled, filled] = dots[-1]
+    return filled + 1
+
+
+FAST_SCAN = compiled(scan)
+FAST_PUSH = compiled(push)
+
+
+def numpy_scan(
+    rows: np.ndarray,
+    gram: np.ndarray,
+    filled: int,
+    query: np.ndarray,
+    dots: np.ndarray,
+    min_step: float,
+) -> np.ndarray:
+    """``scan`` with numpy's products (no numba: the loops would run as Python)."""
+    wide = query.astype(np.float64)
+    dots[-1] = wide @ wide
+    dots[:filled] = rows[:filled] @ wide
+    return gram_ratios(gram[:filled, :filled], dots[:filled], dots[-1], min_step)
+
+
+def numpy_push(
+    rows: np.ndarray, gram: np.ndarray, filled: int, query: np.ndarray, dots: np.ndarray
+) -> int:
+    """``push`` with numpy's slicing."""
+    if filled == rows.shape[0]:
+        rows[:-1] = rows[1:].copy()
+        gram[:-1, :-1] = gram[1:, 1:].copy()
+        dots[:-2] = dots[1:-1].copy()
+        filled -= 1
+    rows[filled] = query
+    gram[:filled, filled] = gram[filled, :filled] = dots[:filled]
+    gram[filled, filled] = dots[-1]
+    return filled + 1
+
+
+def warm_up() -> None:
+    """Compiles (or loads from the disk cache) the loops; a no-op without numba."""
+    if JIT:
+        rows, gram, dots = np.zeros((2, 2), np.uint8), np.eye(2), np.zeros(3)
+        FAST_SCAN(rows, gram, 2, np.zeros(2, np.uint8), dots, 0.1)
+        FAST_PUSH(rows, gram, 2, np.zeros(2, np.uint8), dots)
 
 
 def intensity_line(a: np.ndarray, b: np.ndarray, tolerance: float) -> bool:
@@ -99,9 +217,11 @@ def intensity_line(a: np.ndarray, b: np.ndarray, tolerance: float) -> bool:
 class Window:
     """One client's last pictures of one input size, and what each was answered."""
 
-    rows: np.ndarray  # (<= WINDOW, K) uint8 levels
+    rows: np.ndarray  # (WINDOW, K) uint8 levels, oldest first, the first ``filled`` in use
+    gram: np.ndarray  # (WINDOW, WINDOW) float64: their inner products, levels squared
     answers: list[int]  # the class each was given, or REFUSED
     contents: list[int]  # each one's picture_hash, to mark it refused after the fact
+    filled: int = 0
 
 
 class LineSearches:
@@ -143,14 +263,20 @@ class LineSearches:
         if len(self._windows) > self.clients:
             self._windows.popitem(last=False)
         window = sizes.get(size)
-        hit = window is not None and self._hit(row, window)
-        given = REFUSED if hit else answer
         if window is None:
-            sizes[size] = Window(row[None, :], [given], [content])
-        else:
-            window.rows = np.concatenate([window.rows[-(WINDOW - 1) :], row[None, :]])
-            window.answers = [*window.answers[-(WINDOW - 1) :], given]
-            window.contents = [*window.contents[-(WINDOW - 1) :], content]
+            window = Window(
+                np.zeros((WINDOW, row.size), np.uint8), np.zeros((WINDOW, WINDOW)), [], []
+            )
+            sizes[size] = window
+        dots = np.empty(WINDOW + 1)
+        scanned = FAST_SCAN if JIT else numpy_scan
+        ratios = scanned(window.rows, window.gram, window.filled, row, dots, MIN_STEP * 255)
+        hit = bool((ratios <= self.ratio).any()) and self._hit(row, window, ratios)
+        window.filled = (FAST_PUSH if JIT else numpy_push)(
+            window.rows, window.gram, window.filled, row, dots
+        )
+        window.answers = [*window.answers[-(WINDOW - 1) :], REFUSED if hit else answer]
+        window.contents = [*window.contents[-(WINDOW - 1) :], content]
         if hit:
             self._refused[content] = client
             self._refused.move_to_end(content)
@@ -158,13 +284,16 @@ class LineSearches:
                 self._refused.popitem(last=False)
         return hit
 
-    def _hit(self, row: np.ndarray, window: Window) -> bool:
-        if len(window.rows) < 2:
-            return False
-        query, rows = row / 255.0, window.rows / 255.0
-        for (i, j), ratio in sorted(pair_ratios(query, rows).items(), key=lambda p: p[1]):
-            if ratio > self.ratio:
+    def _hit(self, row: np.ndarray, window: Window, ratios: np.ndarray) -> bool:
+        """Whether a query on some line (``ratios`` per pair of the window's rows, from
+        ``scan``) is a refused line search's next step: the ends answered differently, the
+        line no intensity series'."""
+        first, second = PAIRS[window.filled]
+        query, rows = row / 255.0, window.rows[: window.filled] / 255.0
+        for k in np.argsort(ratios):
+            if ratios[k] > self.ratio:
                 return False
+            i, j = int(first[k]), int(second[k])
             ends = (window.answers[i], window.answers[j])
             if REFUSED not in ends and ends[0] == ends[1]:
                 continue  # variants of one picture, answered alike: no boundary searched

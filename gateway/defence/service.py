@@ -123,6 +123,7 @@ class DefenceService:
             metrics.defence_campaigns.labels(state).set_function(partial(self._campaigns, state))
         probe_table.warm_up()  # numba compiles (or loads) the loops now, not on a query
         knn.warm_up()
+        line_search.warm_up()
         self.metrics = metrics
         self.throttle_interval_s = settings.throttle_interval_s
         self.repeat = settings.probe_response == "repeat"

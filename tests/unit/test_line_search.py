@@ -10,12 +10,20 @@ from prometheus_client import CollectorRegistry
 from bastion.benchmarks.incident_clients import HonestSource
 from bastion.gateway.defence.fingerprint import fingerprints, picture_hash
 from bastion.gateway.defence.line_search import (
+    FAST_PUSH,
+    FAST_SCAN,
     KEPT,
+    PAIRS,
     REFUSED,
     WINDOW,
     LineSearches,
     intensity_line,
     line_ratio,
+    numpy_push,
+    numpy_scan,
+    pair_ratios,
+    push,
+    scan,
 )
 from bastion.gateway.defence.service import DefenceService
 from bastion.gateway.errors import Forbidden
@@ -35,6 +43,52 @@ def test_a_blend_of_two_earlier_pictures_and_a_step_beyond_them_lie_on_their_lin
     for t in (0.5, 0.25, 0.875, 1.5, -0.3):  # a binary search's blends, a geometric step
         assert line_ratio(seed + t * (start - seed), window) < 1e-6
     assert line_ratio(digits(1, 2).reshape(-1), window) > 0.5  # another digit
+
+
+def test_the_compiled_ring_loops_match_the_numpy_reference() -> None:
+    """``scan`` and ``push`` (compiled by numba when installed) against the plain loops and
+    their numpy twins on a ring of 8-bit digits filling and wrapping, and their ratios against
+    ``pair_ratios``: blends on a line, repeats too close to count."""
+    rng = np.random.default_rng(5)
+    pictures = np.rint(digits(40).reshape(40, -1) * 255).astype(np.uint8)
+    rings = {name: (np.zeros((WINDOW, 784), np.uint8), np.zeros((WINDOW, WINDOW)), [0])
+             for name in ("fast", "plain", "numpy")}  # fmt: skip
+    steps = {
+        "fast": (FAST_SCAN, FAST_PUSH),
+        "plain": (scan, push),
+        "numpy": (numpy_scan, numpy_push),
+    }
+    kept: list[np.ndarray] = []
+    for step in range(20):
+        if step % 3 == 2 and len(kept) >= 2:  # a blend of two pictures in the ring
+            t = rng.uniform(0.2, 0.8)
+            query = np.rint((1 - t) * kept[0] + t * kept[-1]).astype(np.uint8)
+        elif step % 5 == 4:
+            query = kept[-1].copy()  # a repeat
+        else:
+            query = pictures[rng.integers(40)]
+        results = {}
+        for name, (rows, gram, filled) in rings.items():
+            scan_with, push_with = steps[name]
+            dots = np.empty(WINDOW + 1)
+            ratios = scan_with(rows, gram, filled[0], query, dots, 0.25 * 255)
+            filled[0] = push_with(rows, gram, filled[0], query, dots)
+            results[name] = ratios
+        np.testing.assert_allclose(results["fast"], results["plain"], rtol=1e-9)
+        np.testing.assert_allclose(results["fast"], results["numpy"], rtol=1e-9)
+        if len(kept) >= 2:
+            first, second, expected = pair_ratios(query / 255.0, np.stack(kept) / 255.0)
+            where = {pair: k for k, pair in enumerate(zip(*PAIRS[len(kept)], strict=True))}
+            got = np.full(len(results["fast"]), np.inf)
+            for i, j, r in zip(first, second, expected, strict=True):
+                got[where[(int(i), int(j))]] = r
+            np.testing.assert_allclose(results["fast"], got, rtol=1e-6, atol=1e-9)
+            if step % 3 == 2:
+                assert results["fast"].min() < 0.01
+        kept = [*kept, query][-WINDOW:]
+    for name in ("plain", "numpy"):
+        assert np.array_equal(rings[name][0], rings["fast"][0])
+        np.testing.assert_allclose(rings[name][1], rings["fast"][1])
 
 
 def test_pairs_and_queries_closer_than_a_step_are_skipped() -> None:
@@ -127,7 +181,8 @@ def test_memory_is_bounded_by_window_clients_and_kept_pixels() -> None:
     seed, start = rng.random((2, 3, 64, 64), dtype=np.float32)  # a large input
     check(lines, "big", seed)
     check(lines, "big", start)
-    assert lines._windows["big"][3 * 64 * 64].rows.shape == (2, KEPT)
+    big = lines._windows["big"][3 * 64 * 64]
+    assert big.rows.shape == (WINDOW, KEPT) and big.filled == 2
     assert check(lines, "big", 0.5 * seed + 0.5 * start)  # pixels kept: still on the line
     assert not check(lines, "big", rng.random((3, 64, 64), dtype=np.float32))
     assert check(lines, "big", 0.75 * seed + 0.25 * start)  # another input size between:
