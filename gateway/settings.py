@@ -313,7 +313,7 @@ class Settings(BaseSettings):
         ge=1,
         le=1_000_000,
         description="Clients whose last 8 pictures the line-search test keeps (8-bit, at most "
-        "1,024 values a picture: 6.3 KB each for the digits model).",
+        "1,024 values a picture: 8 KB each for the digits model).",
     )
     review_backlog: int = Field(
         1024,

@@ -47,6 +47,9 @@ from bastion.gateway.defence.jit import JIT, compiled
 
 WINDOW = 8  # a client's recent queries a new one is tested against (28 pairs)
 RATIO = 0.25  # distance from the line / distance from the nearer end, at most
+# a young identity's query against a suspect campaign's windows: an OARS-style attacker's
+# next identity adds noise of L-inf 0.05-0.07 by then (ratios 0.25-0.35); honest ones >= 0.59
+SUSPECT_RATIO = 0.35
 MIN_STEP = 0.25  # L2 (levels / 255): nearer than this to an end is a resend, not a step
 KEPT = 1024  # values kept of a row; a larger input keeps this many of its pixels
 REFUSED = -1  # the answer of a picture that was refused (or had no class to compare)
@@ -250,12 +253,22 @@ class LineSearches:
             flat = flat[pixels]
         return np.rint(np.clip(flat, 0.0, 1.0) * 255.0).astype(np.uint8)
 
-    def check(self, client: str, image: np.ndarray, answer: int, content: int) -> bool:
-        """Whether ``image`` (any shape, values in [0, 1]) lies on the line through two of the
-        client's recent pictures of its size that were answered differently (``answer``: the
-        class it is about to be given, or ``REFUSED``), off the intensity lines; then
-        remembers it as the client's newest. A hit is remembered as refused (``content``: its
-        picture_hash)."""
+    def check(
+        self,
+        client: str,
+        image: np.ndarray,
+        answer: int,
+        content: int,
+        suspects: tuple[str, ...] = (),
+    ) -> str | None:
+        """Whose pictures ``image`` (any shape, values in [0, 1]) continues a line search
+        through: the client's own, when it lies on the line through two of its recent
+        pictures of its size that were answered differently (``answer``: the class it is about
+        to be given, or ``REFUSED``), off the intensity lines; else one of ``suspects``' (a
+        young identity's query against the windows of suspect campaigns' recent identities, at
+        ``SUSPECT_RATIO``: a rotating attacker's next identity continues its search); else
+        None. Then remembers it as the client's newest; a hit is remembered as refused
+        (``content``: its picture_hash)."""
         row = self._row(image)
         size = int(np.asarray(image).size)
         sizes = self._windows.setdefault(client, {})
@@ -271,7 +284,19 @@ class LineSearches:
         dots = np.empty(WINDOW + 1)
         scanned = FAST_SCAN if JIT else numpy_scan
         ratios = scanned(window.rows, window.gram, window.filled, row, dots, MIN_STEP * 255)
-        hit = bool((ratios <= self.ratio).any()) and self._hit(row, window, ratios)
+        hit = bool((ratios <= self.ratio).any()) and self._hit(row, window, ratios, self.ratio)
+        partner = client if hit else None
+        for suspect in suspects:
+            if partner is not None:
+                break
+            theirs = self._windows.get(suspect, {}).get(size)
+            if suspect == client or theirs is None or theirs.filled < 2:
+                continue
+            found = scanned(theirs.rows, theirs.gram, theirs.filled, row, dots, MIN_STEP * 255)
+            if (found <= SUSPECT_RATIO).any() and self._hit(row, theirs, found, SUSPECT_RATIO):
+                partner, hit = suspect, True
+        if suspects:  # the scans above overwrote dots: the products with the client's own rows
+            scanned(window.rows, window.gram, window.filled, row, dots, MIN_STEP * 255)
         window.filled = (FAST_PUSH if JIT else numpy_push)(
             window.rows, window.gram, window.filled, row, dots
         )
@@ -282,23 +307,23 @@ class LineSearches:
             self._refused.move_to_end(content)
             if len(self._refused) > self.clients * WINDOW:
                 self._refused.popitem(last=False)
-        return hit
+        return partner
 
-    def _hit(self, row: np.ndarray, window: Window, ratios: np.ndarray) -> bool:
+    def _hit(self, row: np.ndarray, window: Window, ratios: np.ndarray, limit: float) -> bool:
         """Whether a query on some line (``ratios`` per pair of the window's rows, from
         ``scan``) is a refused line search's next step: the ends answered differently, the
         line no intensity series'."""
         first, second = PAIRS[window.filled]
         query, rows = row / 255.0, window.rows[: window.filled] / 255.0
         for k in np.argsort(ratios):
-            if ratios[k] > self.ratio:
+            if ratios[k] > limit:
                 return False
             i, j = int(first[k]), int(second[k])
             ends = (window.answers[i], window.answers[j])
             if REFUSED not in ends and ends[0] == ends[1]:
                 continue  # variants of one picture, answered alike: no boundary searched
             nearer = min(np.linalg.norm(query - rows[i]), np.linalg.norm(query - rows[j]))
-            if not intensity_line(rows[i], rows[j], self.ratio * nearer):
+            if not intensity_line(rows[i], rows[j], limit * nearer):
                 return True
         return False
 

@@ -36,9 +36,12 @@ differently (``line_search``: a decision-based attack's binary or geometric sear
 decision boundary) is a probe and is withheld (403, reason ``probe``), and so is an exact
 resend of it by its client or by a young identity (fewer than ``alert_young_images`` images:
 a rotating attacker's; an established client's resend of a picture planted this way is
-decided afresh): HopSkipJump's first blends land inside the threat ball before any
-near-duplicate exists, and an answer to one is an adversarial example. A shared identity (a
-peer address) is not refused for it: its co-tenants' pictures share one window.
+decided afresh). HopSkipJump's first blends land inside the threat ball before any
+near-duplicate exists, and an answer to one is an adversarial example. A young identity's
+query is also scanned against the windows of the last ``SUSPECTS`` identities of suspect
+campaigns: a rotating attacker's next identity continues the search, and joins the campaign.
+A shared identity (a peer address) is not refused for it: its co-tenants' pictures share one
+window.
 
 A young identity's query that matches nothing remembered (HopSkipJump's far steps at the
 start of an iteration) can still continue a campaign through its embedding (``knn.Histories``);
@@ -81,6 +84,7 @@ from bastion.gateway.settings import Settings
 
 FLAGGED = frozenset({"suspicious", "adversarial"})
 RECOUNTS = 4  # resends of one blocked picture counted: five steps, short of throttling
+SUSPECTS = 8  # recent identities of suspect campaigns whose line-search windows are scanned
 log = logging.getLogger(__name__)
 
 
@@ -128,6 +132,7 @@ class DefenceService:
         self.throttle_interval_s = settings.throttle_interval_s
         self.repeat = settings.probe_response == "repeat"
         self._last_admitted: OrderedDict[str, float] = OrderedDict()
+        self._suspects: OrderedDict[str, None] = OrderedDict()  # see _note_suspect
         self.lock = threading.Lock()  # the admin routes hold it too, to read a consistent view
         # slot -> (the refused picture, how often its resends were counted there)
         self._recounted: dict[int, tuple[int, int]] = {}
@@ -174,6 +179,7 @@ class DefenceService:
             self._last_admitted.pop(member, None)
             self.histories.forget(member)
             self.lines.forget(member)
+            self._suspects.pop(member, None)
         if self._alert_by is not None and self.ladder.root(client) in (self._alert_by, client):
             self._alert_by = None  # the campaign that raised the alert was judged honest
         log.warning("containment lifted by an admin: %s", ", ".join(members[:20]))
@@ -210,6 +216,19 @@ class DefenceService:
         if self.ladder.rung(client) == OBSERVE and self.ladder.campaign_rung(client) == OBSERVE:
             return None
         return self.ladder.root(client)
+
+    def _note_suspect(self, client: str) -> None:
+        """Keeps the last ``SUSPECTS`` identities (and their campaigns' roots) seen while their
+        campaign was throttled or worse: whose line-search windows a young identity's query is
+        also scanned against (caller holds ``lock``)."""
+        root = self._suspect_campaign(client)
+        if root is None:
+            return
+        for who in (root, client):
+            self._suspects[who] = None
+            self._suspects.move_to_end(who)
+        while len(self._suspects) > SUSPECTS:
+            self._suspects.popitem(last=False)
 
     def _young(self, client: str) -> bool:
         """A young identity while the alert is on: its suspicious images are withheld."""
@@ -382,9 +401,13 @@ class DefenceService:
                         shared.append(Evidence.resent(key, row, content, flag_rate, block_rate))
                     continue
                 label = int(np.argmax(answers[i])) if answers is not None else line_search.REFUSED
-                on_line = self.lines.check(key, image, label, content)
+                suspects = tuple(self._suspects) if new_sender else ()
+                partner = self.lines.check(key, image, label, content, suspects)
+                on_line = partner is not None
                 probe = match is not None and match.links > 0
                 linked = match.client if probe and match is not None else None
+                if linked is None and partner not in (None, key):
+                    linked = partner  # a young identity continuing a suspect's line search
                 probe = probe or on_line
                 near = None
                 if embedded is not None:
@@ -415,6 +438,7 @@ class DefenceService:
                         body = {"joined": key, "via": linked, "size": size}
                         self.audit("campaign", self.ladder.root(key), body)
                 campaign = self.ladder.campaign_rung(key) if probe else OBSERVE
+                self._note_suspect(key)
                 if campaign != OBSERVE:
                     self.decisions.campaign(key, campaign, request_id, model)
                     self._raise_alert(self.ladder.root(key), request_id)

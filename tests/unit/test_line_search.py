@@ -101,7 +101,7 @@ def test_pairs_and_queries_closer_than_a_step_are_skipped() -> None:
 
 
 def check(lines: LineSearches, client: str, image: np.ndarray, answer: int = REFUSED) -> bool:
-    return lines.check(client, image, answer, picture_hash(image))
+    return lines.check(client, image, answer, picture_hash(image)) is not None
 
 
 def test_honest_photos_retries_and_re_encodes_are_never_on_a_line() -> None:
@@ -137,6 +137,31 @@ def test_a_binary_search_between_two_digits_is_caught_at_its_first_blend(sigma: 
         low = alpha  # read as "not adversarial yet": the search walks towards the start
     assert all(caught)
     assert not check(lines, "someone else", noisy((seed + start) / 2))  # no window of its own
+
+
+def test_a_young_identity_continuing_a_suspects_line_search_is_caught_through_its_window() -> None:
+    """A rotating attacker's next identity sends the next noisy blend: against its own (empty)
+    window it is nothing; against the suspect identity's window it continues that search, at
+    the looser ratio for suspects (noise of L-inf 0.06, what OARS has grown to by then)."""
+    rng = np.random.default_rng(2)
+    seed, start = digits(2, 50)
+
+    def noisy(image: np.ndarray, sigma: float) -> np.ndarray:
+        return np.clip(image + rng.uniform(-sigma, sigma, image.shape), 0, 1)
+
+    lines = LineSearches(clients=8, salt=3)
+    for image, label in ((seed, 3), (start, 8)):
+        image = noisy(image, 0.02)
+        lines.check("first", image, label, picture_hash(image))
+    blend = noisy(0.4 * seed + 0.6 * start, 0.06)
+    content = picture_hash(blend)
+    assert lines.check("next", blend, 8, content) is None
+    assert lines.check("other", blend, 8, content, suspects=("first",)) == "first"
+    honest = LineSearches(clients=8, salt=3)
+    for k, image in enumerate(digits(2, 50)):
+        honest.check("first", image, k, k)
+    others = digits(30, 200)
+    assert all(honest.check(f"new-{k}", x, 0, k, ("first",)) is None for k, x in enumerate(others))
 
 
 def test_variants_of_one_photo_answered_alike_and_intensity_series_are_let_through() -> None:
@@ -224,3 +249,35 @@ def test_the_service_withholds_a_blend_as_a_probe_and_answers_the_honest() -> No
     ask("tenants", seed, 0, shared=True)
     ask("tenants", start, 1, shared=True)
     assert ask("tenants", 0.75 * seed + 0.25 * start, shared=True) == "answered"
+
+
+def test_the_service_links_a_young_identity_continuing_a_suspects_search_to_its_campaign() -> None:
+    defence = DefenceService(
+        Settings(fingerprint_salt=1, throttle_interval_s=30), Metrics(CollectorRegistry())
+    )
+    spec = defence.fingerprint_spec
+    seed, start = digits(2, 60)
+
+    def ask(client: str, image: np.ndarray, label: int) -> str:
+        image = image[None].astype(np.float32)
+        prints = fingerprints(torch.from_numpy(image), spec).numpy()
+        answer = np.eye(4, dtype=np.float32)[label : label + 1]
+        observed = defence.observe(client, prints, ["clean"], image, answer, 7)
+        try:
+            defence.enforce(client, observed, None)
+        except Forbidden as exc:
+            defence.settle(observed, served=False)
+            return str(exc.details["reason"])
+        defence.settle(observed, served=True)
+        return "answered"
+
+    ask("walker", seed, 0)
+    ask("walker", start, 1)
+    alpha = 0.5
+    while defence.ladder.rung("walker") == "observe":  # its blends: probes, until throttled
+        assert ask("walker", (1 - alpha) * seed + alpha * start, 0) == "probe"
+        alpha = (alpha + 1) / 2
+    assert ask("fresh", 0.7 * seed + 0.3 * start, 1) == "probe"
+    assert defence.ladder.root("fresh") == defence.ladder.root("walker")
+    assert ask("bystander", digits(1, 90)[0], 2) == "answered"  # a young honest identity
+    assert defence.ladder.account("bystander").probes == 0
