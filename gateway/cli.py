@@ -185,18 +185,19 @@ def clients_list(
     limit: Limit = 50,
 ) -> None:
     """Tracked clients, most recently seen first, with their rung and evidence (evidence: the
-    client's own CUSUM statistic; campaign: its campaign's pooled one, over its members)."""
+    client's own CUSUM statistic; campaign: its campaign's pooled one, over its members, and
+    the rung it reached; a member takes it once bound: see bastion clients show)."""
     query = {"rung": rung, "limit": limit}
     rows = _admin(url, token, "GET", "/v2/admin/clients", query=query)["clients"]
     typer.echo(
-        f"{'client':<32} {'rung':<8} {'evidence':>8} {'campaign':>8} {'members':>7} "
-        f"{'images':>7} {'flagged':>7} {'probes':>6}"
+        f"{'client':<32} {'rung':<8} {'evidence':>8} {'campaign':>8} {'its rung':<8} "
+        f"{'members':>7} {'images':>7} {'flagged':>7} {'probes':>6}"
     )
     for c in rows:
         typer.echo(
             f"{c['client']:<32} {c['rung']:<8} {c['statistic']:8.1f} "
-            f"{c['campaign_statistic']:8.1f} {c['campaign_size']:>7} {c['images']:>7} "
-            f"{c['flagged']:>7} {c['probes']:>6}"
+            f"{c['campaign_statistic']:8.1f} {c['campaign_rung']:<8} {c['campaign_size']:>7} "
+            f"{c['images']:>7} {c['flagged']:>7} {c['probes']:>6}"
         )
 
 

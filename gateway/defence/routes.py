@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Path, Query, Request
@@ -27,7 +28,17 @@ def _defence(request: Request) -> DefenceService:
     return defence
 
 
+def _utc(epoch: float | None) -> str | None:
+    """An epoch time (s) as ISO 8601 UTC, for people; None stays None."""
+    if epoch is None:
+        return None
+    return datetime.fromtimestamp(epoch, tz=UTC).isoformat(timespec="seconds")
+
+
 def describe(defence: DefenceService, client: str) -> dict[str, Any]:
+    """What the ladder knows of a client: its rung and why (its own statistic, its probes
+    among the last ``window`` images, its campaign's rung and pooled statistic, and whether
+    the campaign's rung binds it)."""
     ladder = defence.ladder
     account = ladder.account(client)
     if account is None:
@@ -37,12 +48,17 @@ def describe(defence: DefenceService, client: str) -> dict[str, Any]:
         "client": client,
         "rung": ladder.rung(client),
         "statistic": account.statistic,
+        "campaign_rung": ladder.campaign_rung(client),
         "campaign_statistic": ladder.campaign_statistic(client),
+        "bound": ladder.bound(client),
         "images": account.images,
         "flagged": account.flagged,
         "probes": account.probes,
+        "recent_probes": account.window.count(ladder.spec.window),
         "last_seen": account.last_seen,
+        "last_seen_utc": _utc(account.last_seen),
         "released_at": account.released_at,
+        "released_at_utc": _utc(account.released_at),
         "campaign_size": len(campaign),
         "campaign": campaign[:MAX_MEMBERS],
     }

@@ -79,6 +79,9 @@ def test_a_probing_campaign_is_contained_across_identities_and_honest_traffic_fl
     # query continued the contained campaign is throttled instead, and its next ones get 429
     bound = [c["client"] for c in listed if c["client"].startswith("sybil-")]
     assert bound, listed
+    members = [c for c in listed if c["client"] in bound]
+    assert all(c["bound"] and c["campaign_rung"] == "refuse" for c in members), members
+    assert all(c["last_seen_utc"].endswith("+00:00") for c in listed)
     ATTACK["contained"] = max(bound, key=lambda name: int(name.split("-")[1]))
     contained = {"contained", "throttled"}
     first = next(i for i, status in enumerate(answers) if status in contained)
