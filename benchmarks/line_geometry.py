@@ -13,6 +13,8 @@ keeps, for both sides:
   (HopSkipJump's first search, read as "not adversarial" at every step), with OARS-style
   uniform noise of L-inf ``sigma`` on every query (Feng et al., CCS 2023), for several sigmas.
 
+It also times one ``LineSearches.check`` (the gateway's cost per query) with full windows.
+
 Run: ``python -m bastion.benchmarks.line_geometry [--clients 8] [--queries 600]``.
 """
 
@@ -20,12 +22,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 from pathlib import Path
 
 import numpy as np
 
 from bastion.benchmarks.incident_clients import HonestSource
-from bastion.gateway.defence.line_search import RATIO, WINDOW, line_ratio
+from bastion.gateway.defence.jit import JIT
+from bastion.gateway.defence.line_search import RATIO, WINDOW, LineSearches, line_ratio, warm_up
 from bastion.models.data import load_split, to_float
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -81,6 +85,23 @@ def search_ratios(pictures: np.ndarray, labels: np.ndarray, sigma: float, search
     return ratios
 
 
+def check_us(pictures: np.ndarray, clients: int = 100, queries: int = 3000) -> float:
+    """Microseconds a ``LineSearches.check`` takes (median of five runs): the gateway's cost
+    per query, its windows full (``clients`` clients sending distinct digits in turn)."""
+    lines = LineSearches(4096, salt=1)
+    warm_up()
+    for k in range(len(pictures)):  # fill every window
+        lines.check(f"c{k % clients}", pictures[k], k % 10, k)
+    runs = []
+    for _ in range(5):
+        start = time.perf_counter()
+        for k in range(queries):
+            picture = pictures[k % len(pictures)]
+            lines.check(f"c{k % clients}", picture, k % 10, k + len(pictures))
+        runs.append((time.perf_counter() - start) / queries * 1e6)
+    return float(np.median(runs))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clients", type=int, default=8)
@@ -117,8 +138,11 @@ def main() -> None:
             f"| {side}: {label} | {entry['queries']:,} | {entry['min']:.3f} | "
             f"{entry['p0.1']:.3f} | {entry['median']:.3f} | {entry['caught']:.1%} |"
         )
+    cost = check_us(pictures[:1000])
+    print(f"\nLineSearches.check: {cost:.1f} us a query (numba: {JIT}), windows full")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"ratio": RATIO, "window": WINDOW, "rows": table}, indent=2))
+    result = {"ratio": RATIO, "window": WINDOW, "rows": table, "check_us": cost, "numba": JIT}
+    args.out.write_text(json.dumps(result, indent=2))
     print(f"\nwritten to {args.out}")
 
 
