@@ -1,14 +1,18 @@
-"""The ``grpc.aio`` server beside HTTP, on the same event loop and over the same data plane.
+"""KServe v2 gRPC beside HTTP: a front process holds the ``grpc.aio`` server, the gateway answers
+every call with the same handlers over the same data plane (``gateway.rpc.relay`` says why).
 
-Bounds a public endpoint needs, each a setting: the largest message (``max_body_bytes``, after
-decompression; then each model's own limit, as over HTTP), open connections
-(``http_max_connections``), metadata (``http_max_header_bytes``), HTTP/2 streams per
-connection, idle connections closed, keepalive pings from a client at most every 10 s (more is a
-ping flood: the connection is closed, as gRPC's ping strikes do), and, per call
-(``gateway.rpc.calls``): calls open at once, the time a request may take to arrive and a reply
-to be taken, a stream's requests in flight. The standard health service
+Bounds a public endpoint needs, each a setting, are kept by the front (``gateway.rpc.front``):
+the largest message (``max_body_bytes``, after decompression; then each model's own limit, as
+over HTTP), open connections (``http_max_connections``), metadata (``http_max_header_bytes``),
+HTTP/2 streams per connection, idle connections closed, keepalive pings from a client at most
+every 10 s (more is a ping flood: the connection is closed, as gRPC's ping strikes do), and, per
+call (``gateway.rpc.calls``): calls open at once, the time a request may take to arrive and a
+reply to be taken, a stream's requests in flight. The standard health service
 (``grpc.health.v1.Health``) reports SERVING while the server is ready, for the whole server ("")
 and for the inference service; its ``Check`` answers while the call limit is reached.
+
+Should the front process die, the gateway starts another on the same port (the calls it had
+open end UNAVAILABLE); HTTP is not interrupted.
 """
 
 from __future__ import annotations
@@ -16,26 +20,108 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
+import sys
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
-from google.protobuf.message import DecodeError
+import orjson
+from google.protobuf.message import DecodeError, Message
 from grpc_health.v1 import health_pb2
 from grpc_health.v1.health import aio as health_aio
 
-from bastion.gateway.errors import InvalidInput, PayloadTooLarge
-from bastion.gateway.rpc.calls import CallGate
-from bastion.gateway.rpc.service import SERVICE, InferenceService
+from bastion.gateway.errors import BastionError, InvalidInput, PayloadTooLarge
+from bastion.gateway.rpc import relay
+from bastion.gateway.rpc.service import SERVICE, InferenceService, Method
 from bastion.gateway.settings import Settings
 
 log = logging.getLogger(__name__)
-_COMPRESSION = {
-    "none": grpc.Compression.NoCompression,
-    "gzip": grpc.Compression.Gzip,
-    "deflate": grpc.Compression.Deflate,
-}
 _HEALTH_POLL_S = 1.0
 _HEALTH_BYTES = 1024  # a HealthCheckRequest is a service name
+_READY_TIMEOUT_S = 60.0
+_RESTART_DELAY_S = 1.0
+_FRAME_SLACK = 1 << 20  # a frame's metadata and framing beside its message
+
+
+class Aborted(Exception):
+    """Raised by ``RelayedContext.abort``, as ``grpc.aio``'s abort raises: the call is over."""
+
+
+class RelayedContext:
+    """A relayed call's context: what the handlers read of ``grpc.aio.ServicerContext``
+    (metadata, peer, time left, ``abort``) and a stream's ``read`` and ``write``."""
+
+    def __init__(self, ident: int, opening: relay.Opening, link: relay.FrameProtocol) -> None:
+        self.ident, self.opening, self.link = ident, opening, link
+        left = opening.remaining_s
+        self.deadline = None if left is None else time.monotonic() + left
+        self.ending: relay.Ending | None = None
+        self.task: asyncio.Task[None] | None = None
+        # a stream reads and writes at once: a read waits for MESSAGE or HALF_CLOSE, a write
+        # for WROTE (each one at a time)
+        self._read: asyncio.Future[Any] | None = None
+        self._wrote: asyncio.Future[bool] | None = None
+
+    def invocation_metadata(self) -> list[tuple[str, str]]:
+        return self.opening.metadata
+
+    def peer(self) -> str:
+        return self.opening.peer
+
+    def time_remaining(self) -> float | None:
+        return None if self.deadline is None else max(self.deadline - time.monotonic(), 0.0)
+
+    async def abort(
+        self, code: grpc.StatusCode, details: str = "", trailing_metadata: Any = ()
+    ) -> None:
+        self.ending = relay.Ending(code.value[0], details, tuple(trailing_metadata or ()))
+        raise Aborted(details)
+
+    async def read(self) -> Any:
+        """The stream's next message, or ``grpc.aio.EOF`` when the client half-closed."""
+        self._read = asyncio.get_running_loop().create_future()
+        self.link.send(relay.PULL, self.ident)
+        try:
+            return await self._read
+        finally:
+            self._read = None
+
+    async def write(self, message: bytes | Message) -> bool:
+        """Sends one reply of a stream; False when the client is gone or did not take it in
+        time (the front's write timeout): nothing more should be sent."""
+        data = message if isinstance(message, bytes) else message.SerializeToString()
+        self._wrote = asyncio.get_running_loop().create_future()
+        self.link.send(relay.REPLY, self.ident, data)
+        try:
+            return await self._wrote
+        finally:
+            self._wrote = None
+
+    def delivered(self, message: Any) -> None:
+        """A MESSAGE (its bytes) or HALF_CLOSE (``grpc.aio.EOF``) for the read that waits."""
+        if self._read is not None and not self._read.done():
+            self._read.set_result(message)
+
+    def written(self, taken: bool) -> None:
+        """WROTE: whether the client took the reply that waits."""
+        if self._wrote is not None and not self._wrote.done():
+            self._wrote.set_result(taken)
+
+
+async def messages(context: RelayedContext) -> AsyncIterator[bytes]:
+    """A stream's messages until the client half-closes (the front times them)."""
+    while (raw := await context.read()) is not grpc.aio.EOF:
+        yield raw
+
+
+@dataclass
+class _Process:
+    process: asyncio.subprocess.Process
+    link: relay.FrameProtocol
+    ready: asyncio.Future[dict[str, Any]]
 
 
 class GrpcServer:
@@ -46,49 +132,44 @@ class GrpcServer:
         self.state = state
         self.port = 0
         self.health = health_aio.HealthServicer()
-        self._server: grpc.aio.Server | None = None
+        self.service = InferenceService(state)
+        self.methods: dict[str, Method] = {**self.service.methods(), **self._health_methods()}
+        self.calls: dict[int, RelayedContext] = {}
+        self._front: _Process | None = None
+        self._stopping = False
         self._watch: asyncio.Task[None] | None = None
+        self._restart: asyncio.Task[None] | None = None
 
     async def start(self) -> int:
-        """Binds ``grpc_host:grpc_port`` and serves. Raises ``OSError`` when it cannot bind."""
-        s = self.settings
-        options = [
-            ("grpc.max_receive_message_length", self.message_limit()),
-            ("grpc.max_send_message_length", s.max_body_bytes),
-            ("grpc.max_concurrent_streams", s.grpc_max_concurrent_streams),
-            ("grpc.max_allowed_incoming_connections", s.http_max_connections),
-            ("grpc.max_metadata_size", s.http_max_header_bytes),
-            ("grpc.max_connection_idle_ms", int(s.http_keepalive_timeout_s * 1000)),
-            ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
-            ("grpc.http2.max_ping_strikes", 2),
-            ("grpc.so_reuseport", 0),
-        ]
-        server = grpc.aio.server(
-            options=options, compression=_COMPRESSION[s.grpc_infer_response_compression]
-        )
-        service = InferenceService(self.state)
-        server.add_generic_rpc_handlers((service.handler(), self._health_handler(service.gate)))
-        address = f"{s.host}:{s.grpc_port}"
-        try:
-            self.port = server.add_insecure_port(address)
-        except RuntimeError as exc:  # grpc reports a failed bind this way
-            raise OSError(f"cannot bind gRPC to {address}: {exc}") from None
-        await server.start()
-        self._server = server
+        """Starts the front on ``host:grpc_port`` and serves. Raises ``OSError`` when it
+        cannot bind, ``RuntimeError`` when it does not start."""
+        await self._spawn(self.settings.grpc_port)
         await self._update_health()
         self._watch = asyncio.create_task(self._watch_health())
-        log.info("gRPC (KServe v2) on %s:%d", s.host, self.port)
+        log.info("gRPC (KServe v2) on %s:%d", self.settings.host, self.port)
         return self.port
 
     async def stop(self, grace_s: float = 30.0) -> None:
         """Stops taking RPCs and answers the accepted ones (``grace_s`` at most)."""
-        if self._watch is not None:
-            self._watch.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._watch
+        self._stopping = True
+        for task in (self._watch, self._restart):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         await self.health.enter_graceful_shutdown()
-        if self._server is not None:
-            await self._server.stop(grace_s)
+        front = self._front
+        if front is not None:
+            front.link.send(relay.SHUTDOWN, relay.CONTROL_CALL, orjson.dumps({"grace_s": grace_s}))
+            try:
+                await asyncio.wait_for(front.process.wait(), grace_s + 5.0)
+            except TimeoutError:
+                front.process.kill()
+                await front.process.wait()
+            front.link.close()
+        for context in list(self.calls.values()):
+            if context.task is not None:
+                context.task.cancel()
 
     def message_limit(self) -> int:
         """The largest message gRPC takes: the largest body any loaded model takes (its own
@@ -101,11 +182,185 @@ class GrpcServer:
         )
         return min(self.settings.max_body_bytes, max(largest, 1 << 20))
 
-    def _health_handler(self, gate: CallGate) -> grpc.GenericRpcHandler:
-        """``grpc.health.v1.Health`` (grpcio-health-checking's servicer) behind the call gate:
-        a request of at most ``_HEALTH_BYTES`` within the body timeout; ``Check`` is never
-        counted against the call limit, a ``Watch`` is (it stays open)."""
-        serialize = health_pb2.HealthCheckResponse.SerializeToString
+    # -- the front process -----------------------------------------------------------------------
+    def front_config(self, port: int) -> dict[str, Any]:
+        """What the front is started with (``gateway.rpc.front.Front``)."""
+        s = self.settings
+        limit = self.message_limit()
+        return {
+            "address": f"{s.host}:{port}",
+            "options": [
+                ("grpc.max_receive_message_length", limit),
+                ("grpc.max_send_message_length", s.max_body_bytes),
+                ("grpc.max_concurrent_streams", s.grpc_max_concurrent_streams),
+                ("grpc.max_allowed_incoming_connections", s.http_max_connections),
+                ("grpc.max_metadata_size", s.http_max_header_bytes),
+                ("grpc.max_connection_idle_ms", int(s.http_keepalive_timeout_s * 1000)),
+                ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+                ("grpc.http2.max_ping_strikes", 2),
+                ("grpc.so_reuseport", 0),
+            ],
+            "compression": s.grpc_infer_response_compression,
+            "methods": {name: [m.streaming, m.counted] for name, m in self.methods.items()},
+            "limits": {
+                "max_calls": s.grpc_max_concurrent_rpcs,
+                "body_timeout_s": s.http_body_timeout_s,
+                "write_timeout_s": s.http_write_timeout_s,
+                "idle_timeout_s": s.grpc_stream_idle_timeout_s,
+            },
+            "grace_s": 30.0,
+            "max_frame_bytes": max(limit, s.max_body_bytes) + _FRAME_SLACK,
+        }
+
+    async def _spawn(self, port: int) -> None:
+        config = self.front_config(port)
+        ours, theirs = socket.socketpair()
+        try:
+            process = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "bastion.gateway.rpc.front",
+                "--fd",
+                str(theirs.fileno()),
+                "--config",
+                orjson.dumps(config).decode(),
+                pass_fds=(theirs.fileno(),),
+                stdin=asyncio.subprocess.DEVNULL,
+            )
+        finally:
+            theirs.close()
+        loop = asyncio.get_running_loop()
+        ready: asyncio.Future[dict[str, Any]] = loop.create_future()
+        front: _Process | None = None
+
+        def lost(exc: Exception | None) -> None:
+            if not ready.done():
+                ready.set_exception(RuntimeError("the gRPC front exited before it was ready"))
+            if front is not None:
+                self._lost(front)
+
+        link = relay.FrameProtocol(lambda *_: None, lost, config["max_frame_bytes"])
+        link.on_frame = lambda kind, call, payload: self._on_frame(kind, call, payload, link, ready)
+        await loop.create_connection(lambda: link, sock=ours)
+        front = _Process(process, link, ready)
+        try:
+            answer = await asyncio.wait_for(ready, _READY_TIMEOUT_S)
+        except BaseException:
+            link.close()
+            if process.returncode is None:
+                process.kill()
+            await process.wait()
+            raise
+        if "error" in answer:
+            await process.wait()
+            raise OSError(answer["error"])
+        self.port = int(answer["port"])
+        self._front = front
+
+    def _lost(self, front: _Process) -> None:
+        """The front's socket closed: its calls are over; a front that died is replaced."""
+        for context in list(self.calls.values()):
+            if context.task is not None:
+                context.task.cancel()
+        if self._front is front and not self._stopping:
+            log.error("the gRPC front process exited; starting another on port %d", self.port)
+            self._front = None
+            self._restart = asyncio.create_task(self._respawn(front))
+
+    async def _respawn(self, front: _Process) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            front.process.kill()
+        await front.process.wait()
+        while not self._stopping:
+            await asyncio.sleep(_RESTART_DELAY_S)
+            try:
+                await self._spawn(self.port)
+                return
+            except Exception:  # keep trying: HTTP serves meanwhile
+                log.exception("could not restart the gRPC front process")
+
+    # -- relayed calls ---------------------------------------------------------------------------
+    def _on_frame(
+        self,
+        kind: int,
+        call: int,
+        payload: bytes,
+        link: relay.FrameProtocol,
+        ready: asyncio.Future[dict[str, Any]],
+    ) -> None:
+        """One frame from the front whose relay is ``link``."""
+        if call == relay.CONTROL_CALL:
+            if kind == relay.READY and not ready.done():
+                ready.set_result(orjson.loads(payload))
+            elif kind == relay.EVENT:
+                self._count(orjson.loads(payload))
+            return
+        if kind in (relay.UNARY, relay.OPEN):
+            try:
+                if kind == relay.UNARY:
+                    opening, raw = relay.decode_unary(payload)
+                else:
+                    opening, raw = relay.Opening.decode(payload), None
+            except (ValueError, TypeError, IndexError):
+                log.exception("relay: a malformed call frame")
+                link.send(relay.END, call, relay.Ending(13, "internal error").encode())
+                return
+            context = RelayedContext(call, opening, link)
+            self.calls[call] = context
+            context.task = asyncio.create_task(self._answer(context, raw))
+            return
+        context = self.calls.get(call)
+        if context is None:
+            return
+        if kind == relay.MESSAGE:
+            context.delivered(payload)
+        elif kind == relay.HALF_CLOSE:
+            context.delivered(grpc.aio.EOF)
+        elif kind == relay.WROTE:
+            context.written(payload == b"\x01")
+        elif kind == relay.CANCEL and context.task is not None:
+            context.task.cancel()
+
+    async def _answer(self, context: RelayedContext, raw: bytes | None) -> None:
+        method = self.methods[context.opening.method]
+        ending: relay.Ending | None = None
+        try:
+            if raw is None:
+                await method.run(messages(context), context)
+                ending = relay.Ending()
+            else:
+                reply = await method.run(raw, context)
+                data = reply if isinstance(reply, bytes) else reply.SerializeToString()
+                ending = relay.Ending(reply=data)
+        except Aborted:
+            ending = context.ending
+        except BastionError as exc:
+            try:
+                await self.service.abort(context, exc)  # type: ignore[arg-type]
+            except Aborted:
+                ending = context.ending
+        except asyncio.CancelledError:
+            return  # the client went away (or the front did): nothing to answer
+        except Exception:
+            log.exception("unhandled error in %s", context.opening.method)
+            ending = relay.Ending(grpc.StatusCode.INTERNAL.value[0], "internal error")
+        finally:
+            self.calls.pop(context.ident, None)
+        if ending is not None:
+            context.link.send(relay.END, context.ident, ending.encode())
+
+    def _count(self, event: dict[str, Any]) -> None:
+        metrics = self.state.metrics
+        if "rejected" in event:
+            metrics.rejected.labels(str(event["rejected"])).inc()
+        if "status" in event:
+            metrics.errors.labels(str(event["status"])).inc()
+
+    # -- health ----------------------------------------------------------------------------------
+    def _health_methods(self) -> dict[str, Method]:
+        """``grpc.health.v1.Health`` (grpcio-health-checking's servicer): a request of at most
+        ``_HEALTH_BYTES``; ``Check`` is never counted against the call limit, a ``Watch`` is
+        (it stays open)."""
 
         def parse(raw: bytes) -> health_pb2.HealthCheckRequest:
             if len(raw) > _HEALTH_BYTES:
@@ -115,23 +370,20 @@ class GrpcServer:
             except DecodeError as exc:
                 raise InvalidInput(f"request is not a HealthCheckRequest: {exc}") from None
 
-        async def check(raw: bytes, context: grpc.aio.ServicerContext) -> Any:
+        async def check(raw: bytes, context: Any) -> Message:
             return await self.health.Check(parse(raw), context)
 
-        async def watch(_messages: Any, context: grpc.aio.ServicerContext) -> None:
-            await self.health.Watch(parse(await gate.message(context)), context)
+        async def watch(requests: AsyncIterator[bytes], context: Any) -> None:
+            first = await anext(aiter(requests), None)
+            if first is None:
+                raise InvalidInput("the call ended without a request message")
+            await self.health.Watch(parse(first), context)
 
-        return grpc.method_handlers_generic_handler(
-            "grpc.health.v1.Health",
-            {
-                "Check": grpc.stream_unary_rpc_method_handler(
-                    gate.unary(check, counted=False), response_serializer=serialize
-                ),
-                "Watch": grpc.stream_stream_rpc_method_handler(
-                    gate.stream(watch), response_serializer=serialize
-                ),
-            },
-        )
+        name = "/grpc.health.v1.Health/"
+        return {
+            name + "Check": Method(False, check, counted=False),
+            name + "Watch": Method(True, watch),
+        }
 
     async def _update_health(self) -> None:
         ready = self.state.dataplane.ready()

@@ -15,10 +15,10 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import grpc
 from google.protobuf import json_format
 from google.protobuf.message import DecodeError, Message
 from tritonclient.grpc import model_config_pb2
@@ -42,8 +42,10 @@ from bastion.gateway.protocol.grpc_codec import (
 )
 from bastion.gateway.protocol.types import Caller, InferRequest, InferResponse
 from bastion.gateway.repository import parse_version
-from bastion.gateway.rpc.calls import CallGate
 from bastion.gateway.rpc.status import clip, to_status
+
+if TYPE_CHECKING:  # the handlers answer relayed calls (gateway.rpc.server)
+    from bastion.gateway.rpc.server import RelayedContext as Context
 
 FINAL_ASKED = "triton_enable_empty_final_response"  # tritonclient's enable_empty_final_response
 FINAL = "triton_final_response"  # Triton's flag on a stream's last response for a request
@@ -51,7 +53,18 @@ log = logging.getLogger(__name__)
 SERVICE = "inference.GRPCInferenceService"
 MAX_METADATA_VALUE_CHARS = 8192
 _NO_DEADLINE_S = 10 * 365 * 86400  # gRPC reports "no deadline" as a time far in the future
-Context = grpc.aio.ServicerContext
+
+
+@dataclass(frozen=True)
+class Method:
+    """One RPC as the front serves it: ``streaming`` (its replies; its requests are read as a
+    stream either way), whether it counts against ``grpc_max_concurrent_rpcs``, and ``run``:
+    ``(request bytes, context) -> reply`` for a unary RPC, ``(messages, context) -> None``
+    for a streaming one (which writes its replies)."""
+
+    streaming: bool
+    run: Callable[..., Awaitable[Any]]
+    counted: bool = True
 
 
 class InferenceService:
@@ -60,22 +73,13 @@ class InferenceService:
 
     def __init__(self, state: Any) -> None:
         self.state = state
-        settings = state.settings
-        self.gate = CallGate(
-            settings.grpc_max_concurrent_rpcs,
-            settings.http_body_timeout_s,
-            settings.http_write_timeout_s,
-            self._abort,
-            self._reject,
-            settings.grpc_stream_idle_timeout_s,
-        )
 
     @property
     def plane(self) -> DataPlane:
         return self.state.dataplane
 
-    def handler(self) -> grpc.GenericRpcHandler:
-        """Every implemented RPC, taking and returning bytes."""
+    def methods(self) -> dict[str, Method]:
+        """Every implemented RPC by its full name, taking and returning bytes."""
         control: dict[str, tuple[type[Message], Callable[..., Awaitable[Message]]]] = {
             "ServerLive": (pb.ServerLiveRequest, self.server_live),
             "ServerReady": (pb.ServerReadyRequest, self.server_ready),
@@ -90,21 +94,18 @@ class InferenceService:
             "SystemSharedMemoryStatus": (pb.SystemSharedMemoryStatusRequest, self.no_regions),
             "CudaSharedMemoryStatus": (pb.CudaSharedMemoryStatusRequest, self.no_regions),
         }
-        gate = self.gate
-        handlers = {
-            name: grpc.stream_unary_rpc_method_handler(
-                gate.unary(partial(self._control, kind, method))
-            )
+        prefix = f"/{SERVICE}/"
+        methods = {
+            prefix + name: Method(False, partial(self._control, kind, method))
             for name, (kind, method) in control.items()
         }
-        handlers["ModelInfer"] = grpc.stream_unary_rpc_method_handler(gate.unary(self.model_infer))
-        handlers["ModelStreamInfer"] = grpc.stream_stream_rpc_method_handler(
-            gate.stream(self.model_stream_infer)
-        )
-        return grpc.method_handlers_generic_handler(SERVICE, handlers)
+        methods[prefix + "ModelInfer"] = Method(False, self.model_infer)
+        methods[prefix + "ModelStreamInfer"] = Method(True, self.model_stream_infer)
+        return methods
 
     # -- errors ----------------------------------------------------------------------------------
-    async def _abort(self, context: Context, exc: BastionError) -> None:
+    async def abort(self, context: Context, exc: BastionError) -> None:
+        """Counts the error and ends the call with its status (raises, as ``abort`` does)."""
         self.state.metrics.errors.labels(str(exc.status)).inc()
         status = to_status(exc)
         await context.abort(status.code, status.details, status.trailing_metadata)
@@ -132,10 +133,10 @@ class InferenceService:
                 raise InvalidInput(f"request is not a {kind.__name__}: {exc}") from None
             response = await method(request, metadata(context))
         except BastionError as exc:
-            await self._abort(context, exc)
+            await self.abort(context, exc)
         except Exception as exc:  # answered, never a dropped stream
             log.exception("unhandled error in %s", kind.__name__)
-            await self._abort(context, BastionError(f"internal error: {type(exc).__name__}"))
+            await self.abort(context, BastionError(f"internal error: {type(exc).__name__}"))
         return response.SerializeToString()
 
     async def server_live(self, request: pb.ServerLiveRequest, meta: dict) -> Message:
@@ -206,10 +207,10 @@ class InferenceService:
             caller = self._caller(metadata(context), context)
             response = await self._infer(raw, caller, deadline_of(context))
         except BastionError as exc:
-            await self._abort(context, exc)
+            await self.abort(context, exc)
         except Exception as exc:
             log.exception("unhandled error in ModelInfer")
-            await self._abort(context, BastionError(f"internal error: {type(exc).__name__}"))
+            await self.abort(context, BastionError(f"internal error: {type(exc).__name__}"))
         return to_infer_response(response).SerializeToString()
 
     def _caller(self, meta: dict[str, str], context: Context) -> Caller:
@@ -308,7 +309,7 @@ class InferenceService:
         reader = asyncio.create_task(read())
         try:
             while (reply := await answers.get()) is not None:
-                if not await self.gate.write(context, reply):
+                if not await context.write(reply):
                     break
                 window.release()
             else:  # the client's side ended: a timeout there ends the stream with its status
