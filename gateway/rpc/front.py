@@ -49,20 +49,23 @@ class GatewayGone(Unavailable):
 
 class Front:
     """The front's calls and its relay. ``config``: the gRPC server's ``options`` and
-    ``compression``, the ``address`` to bind, the ``methods`` (full name → [streaming,
-    counted]), the call gate's ``limits`` and ``max_frame_bytes``."""
+    ``compression``, the ``address`` to bind, the ``methods`` (full name → [streaming, the pool
+    of call slots it holds]), the call gates' ``limits`` and ``max_frame_bytes``."""
 
     def __init__(self, config: dict[str, Any]) -> None:
         self.config = config
         limits = config["limits"]
-        self.gate = CallGate(
-            limits["max_calls"],
-            limits["body_timeout_s"],
-            limits["write_timeout_s"],
-            self._abort,
-            self._reject,
-            limits["idle_timeout_s"],
-        )
+        self.gates = {
+            pool: CallGate(
+                limits[size],
+                limits["body_timeout_s"],
+                limits["write_timeout_s"],
+                self._abort,
+                self._reject,
+                limits["idle_timeout_s"],
+            )
+            for pool, size in (("calls", "max_calls"), ("watches", "max_watches"))
+        }
         self.relay: relay.FrameProtocol | None = None
         self.calls: dict[int, asyncio.Queue[tuple[int, Any]]] = {}
         self._next = 0
@@ -112,13 +115,15 @@ class Front:
     def handler(self) -> grpc.GenericRpcHandler:
         """One handler per method the gateway serves; any other is UNIMPLEMENTED (gRPC's)."""
         by_service: dict[str, dict[str, grpc.RpcMethodHandler]] = {}
-        for full, (streaming, counted) in self.config["methods"].items():
+        for full, (streaming, pool) in self.config["methods"].items():
             service, _, name = full.strip("/").partition("/")
+            gate = self.gates[pool or "calls"]
             if streaming:
-                method = grpc.stream_stream_rpc_method_handler(self.gate.stream(self._stream(full)))
+                relayed = gate.stream(self._stream(full, gate))
+                method = grpc.stream_stream_rpc_method_handler(relayed)
             else:
                 method = grpc.stream_unary_rpc_method_handler(
-                    self.gate.unary(self._unary(full), counted=counted)
+                    gate.unary(self._unary(full), counted=pool is not None)
                 )
             by_service.setdefault(service, {})[name] = method
         return _Handlers(by_service)
@@ -141,7 +146,9 @@ class Front:
 
         return call
 
-    def _stream(self, method: str) -> Callable[[AsyncIterator[bytes], Context], Any]:
+    def _stream(
+        self, method: str, gate: CallGate
+    ) -> Callable[[AsyncIterator[bytes], Context], Any]:
         async def call(messages: AsyncIterator[bytes], context: Context) -> None:
             if self.relay is None:
                 raise GatewayGone("the gateway is restarting; retry")
@@ -166,7 +173,7 @@ class Front:
                     if kind == relay.PULL:
                         reader = asyncio.create_task(pull())
                     elif kind == relay.REPLY:
-                        taken = await self.gate.write(context, payload)
+                        taken = await gate.write(context, payload)
                         self._send(relay.WROTE, ident, b"\x01" if taken else b"\x00")
                     else:
                         ended = kind in (relay.END, _LOST)

@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import logging
 import socket
+import struct
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -44,6 +45,7 @@ _HEALTH_BYTES = 1024  # a HealthCheckRequest is a service name
 _READY_TIMEOUT_S = 60.0
 _RESTART_DELAY_S = 1.0
 _FRAME_SLACK = 1 << 20  # a frame's metadata and framing beside its message
+MAX_WATCHES = 64  # health Watch streams open at once: outside the inference calls' slots
 
 
 class Aborted(Exception):
@@ -201,9 +203,10 @@ class GrpcServer:
                 ("grpc.so_reuseport", 0),
             ],
             "compression": s.grpc_infer_response_compression,
-            "methods": {name: [m.streaming, m.counted] for name, m in self.methods.items()},
+            "methods": {name: [m.streaming, m.pool] for name, m in self.methods.items()},
             "limits": {
                 "max_calls": s.grpc_max_concurrent_rpcs,
+                "max_watches": MAX_WATCHES,
                 "body_timeout_s": s.http_body_timeout_s,
                 "write_timeout_s": s.http_write_timeout_s,
                 "idle_timeout_s": s.grpc_stream_idle_timeout_s,
@@ -301,13 +304,16 @@ class GrpcServer:
                     opening, raw = relay.decode_unary(payload)
                 else:
                     opening, raw = relay.Opening.decode(payload), None
-            except (ValueError, TypeError, IndexError):
+            except (ValueError, TypeError, IndexError, struct.error):
                 log.exception("relay: a malformed call frame")
                 link.send(relay.END, call, relay.Ending(13, "internal error").encode())
                 return
             context = RelayedContext(call, opening, link)
             self.calls[call] = context
             context.task = asyncio.create_task(self._answer(context, raw))
+            # a task cancelled before its first step never runs its body: the call is
+            # forgotten when the task ends, however it ends
+            context.task.add_done_callback(lambda _, context=context: self._forget(context))
             return
         context = self.calls.get(call)
         if context is None:
@@ -321,11 +327,17 @@ class GrpcServer:
         elif kind == relay.CANCEL and context.task is not None:
             context.task.cancel()
 
+    def _forget(self, context: RelayedContext) -> None:
+        if self.calls.get(context.ident) is context:  # not a newer call given the same id
+            del self.calls[context.ident]
+
     async def _answer(self, context: RelayedContext, raw: bytes | None) -> None:
-        method = self.methods[context.opening.method]
+        method = self.methods.get(context.opening.method)
         ending: relay.Ending | None = None
         try:
-            if raw is None:
+            if method is None:  # the front serves only the methods it was given
+                ending = relay.Ending(grpc.StatusCode.UNIMPLEMENTED.value[0], "unknown method")
+            elif raw is None:
                 await method.run(messages(context), context)
                 ending = relay.Ending()
             else:
@@ -345,7 +357,7 @@ class GrpcServer:
             log.exception("unhandled error in %s", context.opening.method)
             ending = relay.Ending(grpc.StatusCode.INTERNAL.value[0], "internal error")
         finally:
-            self.calls.pop(context.ident, None)
+            self._forget(context)
         if ending is not None:
             context.link.send(relay.END, context.ident, ending.encode())
 
@@ -359,8 +371,9 @@ class GrpcServer:
     # -- health ----------------------------------------------------------------------------------
     def _health_methods(self) -> dict[str, Method]:
         """``grpc.health.v1.Health`` (grpcio-health-checking's servicer): a request of at most
-        ``_HEALTH_BYTES``; ``Check`` is never counted against the call limit, a ``Watch`` is
-        (it stays open)."""
+        ``_HEALTH_BYTES``; ``Check`` is never counted against the call limit, a ``Watch`` (it
+        stays open, reading nothing after its request) against ``MAX_WATCHES`` of its own, so
+        watches cannot take the slots inference needs."""
 
         def parse(raw: bytes) -> health_pb2.HealthCheckRequest:
             if len(raw) > _HEALTH_BYTES:
@@ -381,8 +394,8 @@ class GrpcServer:
 
         name = "/grpc.health.v1.Health/"
         return {
-            name + "Check": Method(False, check, counted=False),
-            name + "Watch": Method(True, watch),
+            name + "Check": Method(False, check, pool=None),
+            name + "Watch": Method(True, watch, pool="watches"),
         }
 
     async def _update_health(self) -> None:

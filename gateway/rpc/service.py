@@ -58,13 +58,14 @@ _NO_DEADLINE_S = 10 * 365 * 86400  # gRPC reports "no deadline" as a time far in
 @dataclass(frozen=True)
 class Method:
     """One RPC as the front serves it: ``streaming`` (its replies; its requests are read as a
-    stream either way), whether it counts against ``grpc_max_concurrent_rpcs``, and ``run``:
-    ``(request bytes, context) -> reply`` for a unary RPC, ``(messages, context) -> None``
-    for a streaming one (which writes its replies)."""
+    stream either way), ``run``: ``(request bytes, context) -> reply`` for a unary RPC,
+    ``(messages, context) -> None`` for a streaming one (which writes its replies), and the
+    ``pool`` of call slots it holds while open: ``calls`` (``grpc_max_concurrent_rpcs``),
+    ``watches`` (health watches, which stay open, have their own few) or None (uncounted)."""
 
     streaming: bool
     run: Callable[..., Awaitable[Any]]
-    counted: bool = True
+    pool: str | None = "calls"
 
 
 class InferenceService:

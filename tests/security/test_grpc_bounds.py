@@ -164,6 +164,27 @@ def test_calls_that_send_nothing_are_bounded_and_never_block_the_health_check(
         client.close()
 
 
+def test_health_watches_held_open_do_not_take_the_slots_inference_needs(
+    tight: ServerProcess,
+) -> None:
+    """A Watch reads nothing after its request, so no idle timeout ends it: watches have their
+    own few slots, and more of them than the call limit leave inference answering."""
+    with grpc.insecure_channel(tight.grpc_url) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        watches = [health.Watch(health_pb2.HealthCheckRequest(service="")) for _ in range(8)]
+        try:
+            for watch in watches:  # each is open: it has sent its first status
+                assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+            time.sleep(3)  # past the stream idle timeout
+            client = tg.InferenceServerClient(tight.grpc_url)
+            probabilities = client.infer("digits", [tensor(digits(1))]).as_numpy("probabilities")
+            assert probabilities.shape == (1, 10)
+            client.close()
+        finally:
+            for watch in watches:
+                watch.cancel()
+
+
 def test_streams_that_send_nothing_or_go_idle_are_ended_and_free_their_slots(
     tight: ServerProcess,
 ) -> None:

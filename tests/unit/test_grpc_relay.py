@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
 from bastion.gateway.rpc import relay
+from bastion.gateway.rpc.server import GrpcServer
+from bastion.gateway.settings import Settings
 
 
 class FakeTransport:
@@ -74,3 +78,23 @@ def test_an_ending_carries_binary_trailing_metadata_and_the_reply() -> None:
 def test_a_malformed_opening_raises_value_error(junk: bytes) -> None:
     with pytest.raises((ValueError, TypeError)):
         relay.Opening.decode(junk)
+
+
+def test_a_call_cancelled_in_the_same_read_that_opened_it_is_forgotten_with_its_bytes() -> None:
+    """A task cancelled before its first step never runs its body: the call must still go."""
+
+    async def scenario() -> dict[int, Any]:
+        settings = Settings()
+        server = GrpcServer(settings, SimpleNamespace(settings=settings))
+        gateway_end, _, _ = link()
+        ready = asyncio.get_running_loop().create_future()
+        opening = relay.Opening("/inference.GRPCInferenceService/ModelInfer", [], "ipv4:1:2", None)
+        for call in range(1, 51):
+            frame = relay.encode_unary(opening, b"x" * 100_000)
+            server._on_frame(relay.UNARY, call, frame, gateway_end, ready)
+            server._on_frame(relay.CANCEL, call, b"", gateway_end, ready)
+        for _ in range(3):
+            await asyncio.sleep(0)
+        return server.calls
+
+    assert asyncio.run(scenario()) == {}
