@@ -10,8 +10,8 @@ gets ``per_minute`` requests a minute plus at most ``b`` at once, never more.
 With several replicas the limit must hold for the client, not per replica (three replicas
 with a local limit let three times the traffic through). ``RedisRateLimiter`` keeps ``tat`` in
 Redis and updates it in one Lua script, atomically and on Redis's own clock (``TIME``), so the
-replicas' clocks do not matter; a batch's requests are checked together, one pipelined round
-trip per batch, before the model runs (a replica's own GCRA at the same rate refuses a flood at
+replicas' clocks do not matter; a batch's requests are checked together, one script call (one
+round trip) per batch, before the model runs (a replica's own GCRA at the same rate refuses a flood at
 admission, before any work).
 When Redis does not answer, the ``on_failure`` policy decides: ``open`` admits (and counts
 the failure), ``closed`` refuses with 503.
@@ -33,18 +33,29 @@ MAX_LOCAL_CLIENTS = 100_000
 
 # KEYS[1]: the client's tat (microseconds on Redis's clock); ARGV: T and (b - 1) T in
 # microseconds. Returns 0 when admitted, else the microseconds to wait.
+# GCRA for each key in turn (a key may repeat: one request each), at Redis's own clock: the
+# waits in microseconds, 0 for each request admitted. One script for a whole batch: one command
+# to pack and parse, not one per request (all keys on one Redis; a Redis Cluster would need
+# them in one hash slot).
 GCRA_SCRIPT = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local interval = tonumber(ARGV[1])
 local tolerance = tonumber(ARGV[2])
-local tat = tonumber(redis.call('GET', KEYS[1]) or now)
-if tat < now then tat = now end
-local wait = tat - tolerance - now
-if wait > 0 then return wait end
-local next_tat = tat + interval
-redis.call('SET', KEYS[1], next_tat, 'PX', math.ceil((next_tat - now) / 1000) + 1)
-return 0
+local waits = {}
+for i, key in ipairs(KEYS) do
+  local tat = tonumber(redis.call('GET', key) or now)
+  if tat < now then tat = now end
+  local wait = tat - tolerance - now
+  if wait > 0 then
+    waits[i] = wait
+  else
+    local next_tat = tat + interval
+    redis.call('SET', key, next_tat, 'PX', math.ceil((next_tat - now) / 1000) + 1)
+    waits[i] = 0
+  end
+end
+return waits
 """
 
 
@@ -124,8 +135,8 @@ class RedisRateLimiter:
     Two checks. At admission (``check``), before any work, a GCRA of this replica's own at the
     full rate: a client over its limit on one replica alone is over it everywhere, so a flood is
     refused without a round trip. Then, when its batch is formed (``admit_batch``, the batcher's
-    admission hook), the shared GCRA in Redis for every request of the batch in one pipeline of
-    ``EVALSHA``: one round trip per batch, before the model runs."""
+    admission hook), the shared GCRA in Redis for every request of the batch in one ``EVALSHA``
+    of all their keys: one round trip and one command per batch, before the model runs."""
 
     def __init__(
         self,
@@ -149,7 +160,7 @@ class RedisRateLimiter:
 
     async def admit_batch(self, clients: list[str | None]) -> list[Exception | None]:
         """One verdict per request of a batch (None: admitted; else the error to answer it
-        with), from one pipelined round trip. Requests without a client are admitted."""
+        with), from one round trip. Requests without a client are admitted."""
         from redis.exceptions import NoScriptError, RedisError
 
         named = [i for i, client in enumerate(clients) if client is not None]
@@ -160,10 +171,10 @@ class RedisRateLimiter:
             if not self.available():  # down: no batch waits out a timeout for it
                 raise ConnectionError("Redis did not answer its last ping")
             try:
-                waits = await self._pipeline([clients[i] for i in named])  # type: ignore[misc]
+                waits = await self._gcra([clients[i] for i in named])  # type: ignore[misc]
             except NoScriptError:  # Redis restarted and forgot the script: load it again
                 self._sha = None
-                waits = await self._pipeline([clients[i] for i in named])  # type: ignore[misc]
+                waits = await self._gcra([clients[i] for i in named])  # type: ignore[misc]
         except (RedisError, OSError):
             self.failed("rate_limit")
             if self.on_failure == "closed":
@@ -177,12 +188,11 @@ class RedisRateLimiter:
                 verdicts[i] = too_many(int(wait), self.spec)
         return verdicts
 
-    async def _pipeline(self, clients: list[str]) -> list[Any]:
+    async def _gcra(self, clients: list[str]) -> list[Any]:
         if self._sha is None:
             self._sha = await self.redis.script_load(GCRA_SCRIPT)
-        pipe = self.redis.pipeline(transaction=False)
-        args = (self.spec.interval_us, self.spec.tolerance_us)
-        for client in clients:
-            pipe.evalsha(self._sha, 1, KEY_PREFIX + client, *args)
+        keys = [KEY_PREFIX + client for client in clients]
         self.round_trip("rate_limit")
-        return await pipe.execute(raise_on_error=True)
+        return await self.redis.evalsha(
+            self._sha, len(keys), *keys, self.spec.interval_us, self.spec.tolerance_us
+        )
