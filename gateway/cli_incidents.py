@@ -219,19 +219,22 @@ def incidents_report(
     """Writes the impact report (JSON and an HTML page with plots): the clients involved,
     every served prediction linked to the campaign, what else they were served, the class
     mix against the reference, the model versions that answered. Offline, read-only."""
-    from bastion.gateway.incidents.report import build, write
+    from bastion.gateway.incidents.report import STAGES, build, write
+    from bastion.gateway.progress import Progress
     from bastion.gateway.settings import Settings
 
     settings = Settings()
     url = database_url or (settings.database_url if log is None and ledger is None else None)
     started = time.perf_counter()
     try:
-        report = build(
-            incident,
-            url or log or settings.incident_log_path,
-            url or ledger or settings.ledger_path,
-            repository or settings.model_repository,
-        )
+        with Progress(f"incident {incident} report", STAGES, "stages", every_s=0) as progress:
+            report = build(
+                incident,
+                url or log or settings.incident_log_path,
+                url or ledger or settings.ledger_path,
+                repository or settings.model_repository,
+                progress,
+            )
     except KeyError:
         typer.echo(f"error: no incident {incident}", err=True)
         raise typer.Exit(1) from None

@@ -11,8 +11,8 @@ With several replicas the limit must hold for the client, not per replica (three
 with a local limit let three times the traffic through). ``RedisRateLimiter`` keeps ``tat`` in
 Redis and updates it in one Lua script, atomically and on Redis's own clock (``TIME``), so the
 replicas' clocks do not matter; a batch's requests are checked together, one script call (one
-round trip) per batch, before the model runs (a replica's own GCRA at the same rate refuses a flood at
-admission, before any work).
+round trip) per batch, before the model runs (a replica's own GCRA at the same rate refuses a
+flood at admission, before any work).
 When Redis does not answer, the ``on_failure`` policy decides: ``open`` admits (and counts
 the failure), ``closed`` refuses with 503.
 """

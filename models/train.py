@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
 
+from bastion.gateway.progress import Progress
 from bastion.models.data import SplitName, load_split, to_float
 from bastion.models.digits import DigitsNet
 from bastion.models.weights import DEFAULT_REPOSITORY, digits_weights_path
@@ -82,8 +83,10 @@ def train_epoch(
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     batch_size: int,
     generator: torch.Generator,
+    progress: Progress | None = None,
 ) -> float:
-    """One pass over the train split in a seeded order; returns the mean loss."""
+    """One pass over the train split in a seeded order; returns the mean loss. ``progress``
+    advances by one per batch."""
     images, labels = data
     net.train()
     order = torch.randperm(images.shape[0], generator=generator).to(images.device)
@@ -96,6 +99,8 @@ def train_epoch(
         optimizer.step()
         scheduler.step()
         total += loss.item() * batch.numel()
+        if progress is not None:
+            progress.advance()
     return total / images.shape[0]
 
 
@@ -187,9 +192,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, object]:
     optimizer = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=1e-4)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=args.lr, total_steps=steps)
     started = time.perf_counter()
-    for epoch in range(1, args.epochs + 1):
-        loss = train_epoch(net, train, optimizer, scheduler, args.batch_size, generator)
-        print(f"epoch {epoch:3d}/{args.epochs}  loss {loss:.4f}", flush=True)
+    with Progress("train digits", steps, "batches") as progress:
+        for epoch in range(1, args.epochs + 1):
+            loss = train_epoch(
+                net, train, optimizer, scheduler, args.batch_size, generator, progress
+            )
+            print(f"epoch {epoch:3d}/{args.epochs}  loss {loss:.4f}", flush=True)
     train_seconds = time.perf_counter() - started
 
     net = net.cpu().eval()

@@ -24,6 +24,7 @@ from bastion.benchmarks.adversarial import adaptive as adaptive_attack
 from bastion.benchmarks.adversarial import attacks as zoo
 from bastion.benchmarks.adversarial import report, scoring
 from bastion.benchmarks.adversarial.scoring import COMBINED, Scores
+from bastion.gateway.progress import Progress
 from bastion.models.data import load_split
 from bastion.models.weights import load_digits
 
@@ -71,10 +72,12 @@ def static_attacks(
     images, labels = load_split("test")
     net = load_digits()
     results, scores = {}, {}
-    for spec in specs:
-        results[spec.name] = result = zoo.run_attack(spec, net, images, labels, seeds, seed)
-        scores[spec.name] = scoring.score(job, result.pixels)
-        print(f"{spec.name}: {result.successes}/{result.attempts} in {result.runtime_s:.1f} s")
+    with Progress("evaluate: white-box attacks", len(specs), "attacks", every_s=0) as progress:
+        for spec in specs:
+            results[spec.name] = result = zoo.run_attack(spec, net, images, labels, seeds, seed)
+            scores[spec.name] = scoring.score(job, result.pixels)
+            print(f"{spec.name}: {result.successes}/{result.attempts} in {result.runtime_s:.1f} s")
+            progress.advance()
     return results, scores
 
 

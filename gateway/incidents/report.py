@@ -30,7 +30,7 @@ import json
 import re
 import sqlite3
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any
@@ -42,6 +42,7 @@ from bastion.gateway.incidents.grouping import LOOKBACK_S
 from bastion.gateway.incidents.ledger import SKETCH, SKETCH_MATCH
 from bastion.gateway.incidents.sqlite import transaction
 from bastion.gateway.incidents.store import MAX_SUBJECTS, IncidentStore
+from bastion.gateway.progress import Progress
 
 STATIC = Path(__file__).parents[1] / "monitoring" / "static"
 EMPTY = np.iinfo(np.int64).min  # a fingerprint's padding: never a match
@@ -189,13 +190,22 @@ def _served_versions(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [{"model": m, "version": v, "requests": n} for (m, v), n in counts.items()]
 
 
+STAGES = 5  # the log, the campaign's sketches, the served ones matched, the rows, the series
+
+
 def build(
-    incident: int, log: Path | str, ledger: Path | str, repository: Path | None = None
+    incident: int,
+    log: Path | str,
+    ledger: Path | str,
+    repository: Path | None = None,
+    progress: Progress | None = None,
 ) -> dict[str, Any]:
     """The report as a JSON-able dict. ``log`` and ``ledger``: SQLite files, or the
     ``postgresql://`` URL of the database the replicas share (read in one snapshot when both
-    name it). Raises KeyError for an unknown incident, FileNotFoundError for a missing file,
-    ``DatabaseUnavailable`` when PostgreSQL cannot be reached."""
+    name it); ``progress`` advances once per stage (``STAGES``). Raises KeyError for an
+    unknown incident, FileNotFoundError for a missing file, ``DatabaseUnavailable`` when
+    PostgreSQL cannot be reached."""
+    step = progress.advance if progress is not None else lambda count=1: None
     with _snapshot(log) as log_db:  # a clear error for a wrong log before the ledger's
         store = IncidentStore(log_db)  # not closed here: its database is the snapshot's
         header = store.get(incident)
@@ -205,11 +215,12 @@ def build(
         # evidence
         start = min([e.time for e in timeline], default=header.opened_at) - LOOKBACK_S
         end = max([e.time for e in timeline] + [header.closed_at or time.time()])
+        step()
         if is_postgres(ledger) and ledger == log:
-            served = _served(log_db, start, end, subjects)
+            served = _served(log_db, start, end, subjects, step)
         else:
             with _snapshot(ledger) as ledger_db:
-                served = _served(ledger_db, start, end, subjects)
+                served = _served(ledger_db, start, end, subjects, step)
     return {
         "incident": header.to_json(),
         "window": {"start": start, "end": end},
@@ -224,7 +235,9 @@ def build(
     }
 
 
-def _served(db: Database, start: float, end: float, subjects: list[str]) -> dict[str, Any]:
+def _served(
+    db: Database, start: float, end: float, subjects: list[str], step: Callable[..., None]
+) -> dict[str, Any]:
     """The ledger's part of the report: what was served in the window, to whom, linked how.
     Ties are broken by the first row's id, never by a string order the collation decides."""
     window = "time BETWEEN ? AND ?"
@@ -232,8 +245,10 @@ def _served(db: Database, start: float, end: float, subjects: list[str]) -> dict
     clients = sorted({c for (c,) in present} & set(subjects))
     own = f"{window} AND client IN ({','.join('?' * len(clients)) or 'NULL'})"
     _, campaign = _sketches(db, own, (start, end, *clients))
+    step()
     ids, served = _sketches(db, f"{window} AND outcome = 'served'", (start, end))
     linked_ids = ids[_matches(served, campaign)].tolist()
+    step()
     linked = _rows(db, f"id IN ({','.join(map(str, linked_ids)) or 'NULL'})", ())
     attacker_served = _rows(db, f"{own} AND outcome = 'served'", (start, end, *clients))
     outcomes = dict(
@@ -254,8 +269,10 @@ def _served(db: Database, start: float, end: float, subjects: list[str]) -> dict
         "ORDER BY COUNT(*) DESC, MIN(id) LIMIT 20",
         (start, end),
     )
+    step()
     series = _series(db, start, end, clients)
     before = _series(db, start - 3600.0, start, [])
+    step()
     linked_set = {r["id"] for r in linked}
     return {
         "clients_involved": clients,

@@ -23,6 +23,7 @@ import torch
 from bastion.gateway.backends.torch_backend import TorchBackend
 from bastion.gateway.defence import knn
 from bastion.gateway.monitoring.reference import build_profile
+from bastion.gateway.progress import Progress
 from bastion.gateway.registry import pick_device
 from bastion.gateway.repository import ConfigError, ModelRepository
 from bastion.gateway.screening import mahalanobis
@@ -109,11 +110,15 @@ def fit_gaussian(
 
 
 def run_job(
-    job: ScreenedClassifier, images: np.ndarray, device: torch.device
+    job: ScreenedClassifier, images: np.ndarray, device: torch.device, what: str = "screen"
 ) -> list[ScreenResult]:
-    return [
-        job(torch.from_numpy(images[i : i + 250]).to(device)) for i in range(0, len(images), 250)
-    ]
+    """The fused job over ``images`` in batches of 250, its progress reported as ``what``."""
+    results = []
+    with Progress(what, len(images), "images") as progress:
+        for i in range(0, len(images), 250):
+            results.append(job(torch.from_numpy(images[i : i + 250]).to(device)))
+            progress.advance(len(results[-1].scores))
+    return results
 
 
 def calibrate_model(
@@ -165,7 +170,7 @@ def calibrate_model(
     job = ScreenedClassifier(
         backend.module, policy.detectors, policy.squeeze, None, target, gaussian
     )
-    results = run_job(job, images, target)
+    results = run_job(job, images, target, f"calibrate {name}: clean images")
     scores = np.concatenate([r.scores.cpu().numpy() for r in results]).astype(np.float64)
     meta = {"model": name, "version": version, "data": source, "device": str(target)}
     if train_source:
@@ -181,9 +186,8 @@ def calibrate_model(
     )
     if test is not None or dims == (1, 28, 28):  # a held-out split to measure the tiers on
         test_images, _, test_source = clean_images(test, dims, "test")
-        test_scores = np.concatenate(
-            [r.scores.cpu().numpy() for r in run_job(job, test_images, target)]
-        ).astype(np.float64)
+        tested = run_job(job, test_images, target, f"calibrate {name}: test images")
+        test_scores = np.concatenate([r.scores.cpu().numpy() for r in tested]).astype(np.float64)
         report = held_out(calibration, test_scores, tuple(rates))
         meta = {**calibration.meta, "test": test_source}
         calibration = replace(calibration, test=report, meta=meta)
