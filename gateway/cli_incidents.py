@@ -173,7 +173,8 @@ def incidents_verify(
             f"ok: {verdict.entries} entries, {verdict.checkpoints} signed checkpoints, {seen}"
         )
     else:
-        typer.echo(f"TAMPERED: first bad entry {verdict.first_bad}")
+        where = "the witness" if verdict.first_bad is None else f"entry {verdict.first_bad}"
+        typer.echo(f"TAMPERED: first bad {where}")
         for problem in verdict.problems[:50]:
             typer.echo(f"  {problem}")
     if not verdict.ok:

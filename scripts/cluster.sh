@@ -12,7 +12,9 @@
 # .venv/bin/python in this checkout, else python3), BASTION_CLUSTER_ENV (a file of extra
 # BASTION_* settings, one NAME=value a line, given to every replica). After `start`, the
 # directory holds `lb` (the HTTP address), `lb-grpc`, `admin-token`, `database-url`,
-# `redis-url`, and replica-N/ (its log, its SQLite files, its `port`, `grpc-port` and `pid`).
+# `redis-url`, and replica-N/ (its log, its incident-log witness `incident-checkpoint.json`, its
+# `port`, `grpc-port` and `pid`). `start` clears the folder only when it is empty or an earlier
+# bed; the folder's parents must be readable by the `postgres` user when run as root.
 # The Debian packages come from scripts/system-packages.sh.
 set -euo pipefail
 
@@ -151,7 +153,11 @@ start() {
   [ -e "$dir/lb" ] || [ -e "$dir/redis/pid" ] || [ -e "$dir/postgres-bin" ] \
     && die "a cluster runs (or a failed start left one) in $dir: bash scripts/cluster.sh stop"
   command -v haproxy >/dev/null || die "HAProxy is not installed: bash scripts/system-packages.sh"
-  rm -rf "$dir"; mkdir -p "$dir/haproxy"
+  # only an empty folder or an earlier bed (its marker) is cleared: never a folder of other files
+  if [ -d "$dir" ] && [ -n "$(ls -A "$dir")" ] && [ ! -e "$dir/.bastion-cluster" ]; then
+    die "$dir holds other files: give BASTION_CLUSTER_DIR a new or empty folder"
+  fi
+  rm -rf "$dir"; mkdir -p "$dir/haproxy"; : > "$dir/.bastion-cluster"
   local began=$SECONDS n lb lbg
   "$python" -c 'import secrets; print(secrets.token_hex(24))' > "$dir/admin-token"
   chmod 600 "$dir/admin-token"

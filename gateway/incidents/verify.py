@@ -215,7 +215,10 @@ def _check_witness(path: Path, verdict: Verdict, tree: InmemoryTree, key: Ed2551
         return
     if witnessed is None:
         if verdict.entries:
-            verdict.problems.append(f"witness: {path} is missing (deleted?)")
+            verdict.problems.append(
+                f"witness: {path} is missing (deleted? a replica that never appended to a shared "
+                "log keeps none: give the witness of one that did)"
+            )
         return
     verdict.witnessed = witnessed.size
     if not valid(witnessed, key):
