@@ -47,7 +47,7 @@ class Decisions:
         self._campaign_rungs[root] = rung
         if len(self._campaign_rungs) > self.ladder.max_clients:
             self._campaign_rungs.popitem(last=False)
-        log.warning("campaign %s now %s at request %r", root, rung, request_id)
+        log.warning("campaign %s now %s%s", root, rung, _at(request_id))
         if self.audit is not None:
             members = self.ladder.campaign(client)
             self.audit(
@@ -99,11 +99,11 @@ class Decisions:
                 },
             )
         log.warning(
-            "client %s now %s at request %r: statistic %.1f (campaign %.1f over %d clients), "
+            "client %s now %s%s: statistic %.1f (campaign %.1f over %d clients), "
             "%d images, %d flagged, %d probes",
             client,
             rung,
-            request_id,
+            _at(request_id),
             account.statistic if account else 0.0,
             self.ladder.campaign_statistic(client),
             len(campaign),
@@ -111,3 +111,8 @@ class Decisions:
             account.flagged if account else 0,
             account.probes if account else 0,
         )
+
+
+def _at(request_id: str | None) -> str:
+    """Where a log line names the request, when it had an id."""
+    return f" at request {request_id!r}" if request_id else ""
