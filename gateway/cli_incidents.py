@@ -274,13 +274,17 @@ def quarantine_export(
     clean, quarantined: adversarial, review: unreviewed) as a dataset for retraining: NumPy
     .npz plus a CSV manifest. Offline; the export is an entry of the incident log."""
     from bastion.gateway.incidents.export import export
+    from bastion.gateway.progress import Progress
     from bastion.gateway.settings import Settings
 
     settings = Settings()
     url = database_url or (settings.database_url if store is None else None)
     try:
-        with _quarantine_store(url, store or settings.quarantine_path) as records:
-            done = export(records, out, model, status)
+        with (
+            _quarantine_store(url, store or settings.quarantine_path) as records,
+            Progress("quarantine export", None, "records read") as progress,
+        ):
+            done = export(records, out, model, status, progress=progress)
     except ValueError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from None

@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from bastion.gateway.progress import Progress
 from bastion.gateway.quarantine.store import QUARANTINED, RELEASED, REVIEW, QuarantineStore
 
 LABELS = {RELEASED: "clean", QUARANTINED: "adversarial", REVIEW: "unreviewed"}
@@ -44,14 +45,18 @@ def export(
     model: str | None = None,
     status: str | None = None,
     limit: int = 1_000_000,
+    progress: Progress | None = None,
 ) -> dict[str, Any]:
     """Writes ``quarantine-export.npz`` and ``quarantine-export.csv`` into ``out``; returns
-    what the log records. Raises ValueError when the inputs differ in shape or dtype (export
-    one ``model`` at a time) or there is nothing to export."""
+    what the log records; ``progress`` advances by the records read. Raises ValueError when
+    the inputs differ in shape or dtype (export one ``model`` at a time) or there is nothing
+    to export."""
     records = []
     while len(records) < limit:
         page = store.list(model, status, min(PAGE, limit - len(records)), len(records), True)
         records += page
+        if progress is not None:
+            progress.advance(len(page))
         if len(page) < PAGE:
             break
     if not records:
