@@ -84,8 +84,10 @@ if ! out=$(podman run --rm "$base" true 2>&1); then
     if [ "$nproc" = unlimited ] || [ "$nproc" -gt "$pid_max" ]; then nproc=$pid_max; fi
     fallback=(--ulimit "nofile=$(ulimit -Hn):$(ulimit -Hn)" --ulimit "nproc=$nproc:$nproc")
     command -v runc >/dev/null && podman_opts+=(--runtime runc)
+    hint=""
+    command -v runc >/dev/null || hint=" (runc is not installed: apt-get install runc, then retry)"
     out=$(podman run --rm "${fallback[@]}" "$base" true 2>&1) \
-        || fail "podman cannot run a container here, even with ${podman_opts[*]} ${fallback[*]}:
+        || fail "podman cannot run a container here, even with ${podman_opts[*]} ${fallback[*]}${hint}:
 $out"
     run_opts=("${fallback[@]}")
     step "using podman ${podman_opts[*]} with ${run_opts[*]}"

@@ -44,8 +44,8 @@ from bastion.gateway.protocol.types import Caller, InferRequest, InferResponse
 from bastion.gateway.repository import parse_version
 from bastion.gateway.rpc.status import clip, to_status
 
-if TYPE_CHECKING:  # the handlers answer relayed calls (gateway.rpc.server)
-    from bastion.gateway.rpc.server import RelayedContext as Context
+if TYPE_CHECKING:  # the handlers answer relayed calls (gateway.rpc.context)
+    from bastion.gateway.rpc.context import RelayedContext as Context
 
 FINAL_ASKED = "triton_enable_empty_final_response"  # tritonclient's enable_empty_final_response
 FINAL = "triton_final_response"  # Triton's flag on a stream's last response for a request
