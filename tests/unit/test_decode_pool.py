@@ -120,3 +120,68 @@ def test_a_job_that_waited_its_whole_budget_in_the_queue_is_refused_with_503(
     asyncio.run(scenario())
     assert not ran.is_set()
     pool.close()
+
+
+def test_jobs_queued_together_are_drained_by_one_thread_and_each_gets_its_own_answer(
+    metrics: Metrics,
+) -> None:
+    pool = DecodePool(2, 64, 1000, metrics)
+
+    async def scenario() -> list[tuple[int, int]]:
+        return await asyncio.gather(
+            *(pool.run(lambda i=i: (i, threading.get_ident())) for i in range(20))
+        )
+
+    answers = asyncio.run(scenario())
+    assert [value for value, _ in answers] == list(range(20))
+    assert len({thread for _, thread in answers}) == 1  # no second thread woken for them
+    assert pool.pending == 0
+    pool.close()
+
+
+def test_a_slow_job_does_not_hold_up_the_jobs_queued_behind_it(
+    metrics: Metrics, gate: threading.Event
+) -> None:
+    pool = DecodePool(2, 64, 60_000, metrics)
+
+    async def scenario() -> None:
+        slow = asyncio.ensure_future(pool.run(gate.wait))
+        behind = [asyncio.ensure_future(pool.run(lambda i=i: i)) for i in range(5)]
+        # a second thread takes the queue once the first has been on the slow job for 2 ms
+        assert await asyncio.wait_for(asyncio.gather(*behind), 5) == list(range(5))
+        assert not slow.done()
+        gate.set()
+        await slow
+
+    asyncio.run(scenario())
+    pool.close()
+
+
+def test_an_answer_is_not_held_back_by_a_slow_job_after_it(
+    metrics: Metrics, gate: threading.Event
+) -> None:
+    pool = DecodePool(1, 64, 60_000, metrics)
+
+    async def scenario() -> None:
+        fast = asyncio.ensure_future(pool.run(lambda: "fast"))
+        slow = asyncio.ensure_future(pool.run(gate.wait))
+        assert await asyncio.wait_for(fast, 5) == "fast"
+        assert not slow.done()
+        gate.set()
+        await slow
+
+    asyncio.run(scenario())
+    pool.close()
+
+
+def test_a_job_after_close_is_answered_503(metrics: Metrics) -> None:
+    pool = DecodePool(1, 4, 1000, metrics)
+    pool.close()
+
+    async def scenario() -> None:
+        for _ in range(2):  # and again: the pool does not wedge
+            with pytest.raises(Unavailable, match="shutting down"):
+                await asyncio.wait_for(pool.run(lambda: None), 5)
+
+    asyncio.run(scenario())
+    assert pool.pending == 0
