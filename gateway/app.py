@@ -17,7 +17,7 @@ from fastapi import FastAPI
 
 from bastion.gateway import __version__, admin, dashboard, openapi, routing_routes
 from bastion.gateway.admission import InFlight
-from bastion.gateway.asgi import Gateway
+from bastion.gateway.asgi import Gateway, TracedGateway
 from bastion.gateway.dataplane import DataPlane
 from bastion.gateway.decode_pool import DecodePool
 from bastion.gateway.defence import routes as defence_routes
@@ -34,6 +34,7 @@ from bastion.gateway.incidents.writer import LogWriter
 from bastion.gateway.monitoring.drift_monitor import DriftEvent
 from bastion.gateway.monitoring.metrics import Metrics
 from bastion.gateway.monitoring.timeseries import Sampler, read_totals
+from bastion.gateway.monitoring.tracing import Tracing
 from bastion.gateway.monitoring.window import FLAG_RATE
 from bastion.gateway.quarantine.factory import open_store, retention_sweep
 from bastion.gateway.rate_limit import (
@@ -146,12 +147,16 @@ def shared_limiter(
     )
 
 
-def create_app(settings: Settings | None = None, grpc: bool = False) -> Gateway:
+def create_app(
+    settings: Settings | None = None, grpc: bool = False, tracing: Tracing | None = None
+) -> Gateway:
     """The ASGI app: front-door checks and the inference fast path in front of the FastAPI app
     (``.app``). ``grpc``: its lifespan also serves gRPC (``bastion serve`` asks for it when
-    ``allow_grpc``; in-process tests do not)."""
+    ``allow_grpc``; in-process tests do not). ``tracing``: OpenTelemetry's (default: from
+    ``otel_endpoint``, None when unset)."""
     settings = settings or Settings()
     metrics = Metrics()
+    tracing = tracing or Tracing.from_settings(settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -228,6 +233,9 @@ def create_app(settings: Settings | None = None, grpc: bool = False) -> Gateway:
         )
         if replication is not None:
             app.state.dataplane.caught_up = replication.caught_up.is_set
+        app.state.dataplane.tracing = tracing
+        if ledger is not None:
+            ledger.tracing = tracing
         app.state.sampler = Sampler(
             lambda: read_totals(time.time(), metrics, [m.stats for m in registry.loaded()]),
             settings.dashboard_interval_s,
@@ -278,6 +286,8 @@ def create_app(settings: Settings | None = None, grpc: bool = False) -> Gateway:
                 await asyncio.to_thread(ledger.close)  # what was served is written
             grouper.store.close()
             incident_log.close()
+            if tracing is not None:  # the spans still queued go out
+                await asyncio.to_thread(tracing.shutdown)
 
     # no /docs or /redoc: FastAPI's pages load their scripts from a CDN, which a security
     # gateway should not serve and an air-gapped host cannot reach; /openapi.json stays
@@ -291,6 +301,7 @@ def create_app(settings: Settings | None = None, grpc: bool = False) -> Gateway:
     )
     app.state.settings = settings
     app.state.metrics = metrics
+    app.state.tracing = tracing
     app.state.in_flight = InFlight(settings.max_requests_in_flight, metrics)
     app.state.keys = None  # the key ring, opened with the rest in the lifespan
     app.state.incident_log = app.state.incidents = app.state.routes = None
@@ -303,4 +314,4 @@ def create_app(settings: Settings | None = None, grpc: bool = False) -> Gateway:
     app.include_router(dashboard.router)
     openapi.install(app)
     install_error_handlers(app, metrics)
-    return Gateway(app)
+    return Gateway(app) if tracing is None else TracedGateway(app, tracing)

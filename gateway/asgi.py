@@ -34,10 +34,11 @@ from bastion.gateway.errors import (
 )
 from bastion.gateway.http import HEALTH_PATHS, clip
 from bastion.gateway.identity.caller import resolve_caller
+from bastion.gateway.monitoring.tracing import Tracing
 from bastion.gateway.protocol.bounds import Limits, RawInput
 from bastion.gateway.protocol.codec import decode_infer_body, encode_response
 from bastion.gateway.protocol.content_encoding import compress
-from bastion.gateway.protocol.types import InferRequest
+from bastion.gateway.protocol.types import InferRequest, InferResponse
 from bastion.gateway.repository import parse_version
 
 log = logging.getLogger(__name__)
@@ -132,14 +133,35 @@ class Gateway:
             raise
         with self.state.in_flight.slot():
             response = await plane.infer(model, version, _http_decoder(body, headers), caller)
-        payload, json_size = encode_response(response)
-        out = [(b"content-type", _JSON if json_size is None else _BINARY)]
-        if json_size is not None:
-            out.append((b"inference-header-content-length", str(json_size).encode()))
-        payload, encoding = compress(payload, headers.get("accept-encoding"))
-        if encoding:
-            out.append((b"content-encoding", encoding.encode()))
-        return 200, out, payload
+        if plane.tracing is None:
+            return _encoded(response, headers)
+        with plane.tracing.span("encode", **{"bastion.model": response.model_name}):
+            return _encoded(response, headers)
+
+
+class TracedGateway(Gateway):
+    """The gateway behind OpenTelemetry's ASGI middleware (``BASTION_OTEL_ENDPOINT`` set):
+    every HTTP request but health and metrics gets a server span, continuing the caller's
+    ``traceparent``; the data plane's spans are its children."""
+
+    def __init__(self, app: FastAPI, tracing: Tracing) -> None:
+        super().__init__(app)
+        self._traced = tracing.asgi(super().__call__)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self._traced(scope, receive, send)
+
+
+def _encoded(response: InferResponse, headers: dict[str, str]) -> tuple[int, Headers, bytes]:
+    """The 200 answer: JSON or binary tensors, compressed as ``Accept-Encoding`` asks."""
+    payload, json_size = encode_response(response)
+    out = [(b"content-type", _JSON if json_size is None else _BINARY)]
+    if json_size is not None:
+        out.append((b"inference-header-content-length", str(json_size).encode()))
+    payload, encoding = compress(payload, headers.get("accept-encoding"))
+    if encoding:
+        out.append((b"content-encoding", encoding.encode()))
+    return 200, out, payload
 
 
 def _http_decoder(

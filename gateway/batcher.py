@@ -20,7 +20,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -63,6 +63,7 @@ class _Item:
     arrival_ns: int
     deadline_ns: int | None
     client: str | None = None
+    timing: list[Any] | None = None  # filled for a traced request (``BatchTiming``)
 
 
 class DynamicBatcher:
@@ -102,16 +103,22 @@ class DynamicBatcher:
         self._loop_task = asyncio.get_running_loop().create_task(self._loop())
 
     async def submit(
-        self, inputs: Arrays, rows: int, deadline_ns: int | None = None, client: str | None = None
+        self,
+        inputs: Arrays,
+        rows: int,
+        deadline_ns: int | None = None,
+        client: str | None = None,
+        timing: list[Any] | None = None,
     ) -> Arrays:
         """Queues one validated request (``client``: who sent it, for ``admit``); returns its
-        rows of every output."""
+        rows of every output. ``timing`` (a traced request's): receives its ``BatchTiming``."""
         if self._closing:
             raise Unavailable("model is unloading")
         if len(self._queue) >= self._max_queue_size:
             raise Unavailable(f"queue is full ({self._max_queue_size} requests); retry later")
         future: asyncio.Future[Arrays] = asyncio.get_running_loop().create_future()
-        self._queue.append(_Item(inputs, rows, future, time.perf_counter_ns(), deadline_ns, client))
+        arrival = time.perf_counter_ns()
+        self._queue.append(_Item(inputs, rows, future, arrival, deadline_ns, client, timing))
         self._queued_rows += rows
         self._wake.set()
         return await future
@@ -199,6 +206,7 @@ class DynamicBatcher:
                 self._slots.semaphore.release()
                 self._wake.set()
                 return
+        started = time.perf_counter_ns()
         try:
             outputs, times = await loop.run_in_executor(
                 self._slots.executor, self._run_batch, [item.inputs for item in items]
@@ -220,12 +228,28 @@ class DynamicBatcher:
             self._slots.semaphore.release()
             self._wake.set()
         self._observer.on_batch(rows, len(items), times)
+        ended = time.perf_counter_ns()
         start = 0
         for item in items:
+            if item.timing is not None:
+                item.timing.append(BatchTiming(item.arrival_ns, started, ended, rows, times))
             stop = start + item.rows
             if not item.future.done():
                 item.future.set_result({name: value[start:stop] for name, value in outputs.items()})
             start = stop
+
+
+@dataclass(frozen=True, slots=True)
+class BatchTiming:
+    """Where a traced request's time in the batcher went (``time.perf_counter_ns()``): queued
+    from ``arrival_ns`` until its batch started at ``started_ns``; the batch, of ``rows`` rows in
+    all, ended at ``ended_ns``, its phases in ``times``."""
+
+    arrival_ns: int
+    started_ns: int
+    ended_ns: int
+    rows: int
+    times: BatchTimes
 
 
 def _fail(future: asyncio.Future[Arrays], error: Exception) -> None:

@@ -7,6 +7,7 @@ never on the event loop. Everything a request means happens here.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 from functools import partial
@@ -32,6 +33,7 @@ from bastion.gateway.identity.caller import SCREENING_REPORT_SCOPE
 from bastion.gateway.incidents.ledger import Ledger
 from bastion.gateway.inputs import prepare_inputs
 from bastion.gateway.limits import ModelLimits, model_limits
+from bastion.gateway.monitoring.tracing import Tracing, timed
 from bastion.gateway.outputs import (
     attach_screening,
     output_tensor,
@@ -111,6 +113,7 @@ class DataPlane:
         self.screening = screening
         self.decoder = decoder
         self.defence = defence
+        self.tracing: Tracing | None = None  # OpenTelemetry, when BASTION_OTEL_ENDPOINT is set
 
     def server_metadata(self) -> dict[str, Any]:
         return {"name": "bastion", "version": __version__, "extensions": EXTENSIONS}
@@ -241,12 +244,16 @@ class DataPlane:
             # unscreened model may serve the same weights as a screened one)
             charged = self.defence.admit(caller.client_id, caller.shared)
             await self._throttle_shared(charged)
+        job = partial(self._decode_and_prepare, model, decode, caller)
+        times: list[int] = []
         try:
-            job = partial(self._decode_and_prepare, model, decode, caller)
-            prepared = await self.decoder.run(job)
+            prepared = await self.decoder.run(job if self.tracing is None else timed(job, times))
         except BastionError as exc:
             model.observer.on_failure(time.perf_counter_ns() - start, exc.reason)
             raise
+        finally:
+            if self.tracing is not None and len(times) == 2:
+                self.tracing.record("decode", *times, **_attributes(model))
         return await self._serve(model, prepared, caller, charged, start, deadline_ns)
 
     async def infer_message(
@@ -272,7 +279,10 @@ class DataPlane:
             except BastionError as exc:
                 return model, exc
 
-        model, prepared = await self.decoder.run(job)
+        times: list[int] = []
+        model, prepared = await self.decoder.run(job if self.tracing is None else timed(job, times))
+        if self.tracing is not None and len(times) == 2:
+            self.tracing.record("decode", *times, **_attributes(model))
         try:
             if isinstance(prepared, BastionError):
                 raise prepared
@@ -304,7 +314,10 @@ class DataPlane:
             deadline = self._deadline(model, request, start)
             if deadline_ns is not None:
                 deadline = deadline_ns if deadline is None else min(deadline, deadline_ns)
-            results = await model.batcher.submit(arrays, rows, deadline, caller.client_id)
+            timing: list[Any] | None = None if self.tracing is None else []
+            results = await model.batcher.submit(arrays, rows, deadline, caller.client_id, timing)
+            if timing and self.tracing is not None:
+                self.tracing.batch(timing[0], rows, _attributes(model))
             screened = await self._screen(model, request, arrays, results, charged, caller.shared)
             outputs = [output_tensor(model.config, want, results[want.name]) for want in wanted]
         except BastionError as exc:
@@ -356,23 +369,40 @@ class DataPlane:
             if self.ledger is not None:
                 self._record(model, request, arrays, results, None, "served")
             return None
-        screened = await self.screening.apply(
-            job,
-            model.screening_action,
-            model.config.name,
-            str(model.version),
-            request,
-            arrays,
-            results,
-            model.screening_review,
-        )
+        tracing = self.tracing
+        with _NOT_TRACED if tracing is None else tracing.span("screening") as span:
+            screened = await self.screening.apply(
+                job,
+                model.screening_action,
+                model.config.name,
+                str(model.version),
+                request,
+                arrays,
+                results,
+                model.screening_review,
+            )
+            if span is not None:
+                span.set_attributes(_verdicts(model, screened))
         prints = results.get(FINGERPRINTS)
         outcome = "refused"  # by the defence, unless the block below finishes
         try:
             if self.defence is not None and prints is not None:
-                defend(
-                    self.defence, model, request, arrays, results, screened, prints, charged, shared
-                )
+                with (
+                    _NOT_TRACED
+                    if tracing is None
+                    else tracing.span("defence", **_attributes(model))
+                ):
+                    defend(
+                        self.defence,
+                        model,
+                        request,
+                        arrays,
+                        results,
+                        screened,
+                        prints,
+                        charged,
+                        shared,
+                    )
             if self.routes is not None and self.routes.strict(model.config.name):
                 tighten(screened)  # rolled back in strict mode: suspicious is withheld too
             report = request.parameters.get(REPORT_PARAMETER) is True
@@ -417,3 +447,21 @@ class DataPlane:
         if request.timeout_us and policy.allow_timeout_override:
             timeout_us = request.timeout_us
         return start_ns + timeout_us * 1000 if timeout_us else None
+
+
+_NOT_TRACED = contextlib.nullcontext()
+
+
+def _attributes(model: LoadedModel) -> dict[str, str]:
+    return {"bastion.model": model.config.name, "bastion.model_version": str(model.version)}
+
+
+def _verdicts(model: LoadedModel, screened: Screened) -> dict[str, Any]:
+    """A request's verdicts and actions as span attributes (never a score or threshold)."""
+    decision = screened.decision
+    return {
+        **_attributes(model),
+        "bastion.screening.verdicts": decision.verdicts,
+        "bastion.screening.actions": decision.actions,
+        "bastion.screening.withheld": len(decision.withheld),
+    }

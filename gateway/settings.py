@@ -368,6 +368,27 @@ class Settings(BaseSettings):
     max_note_chars: int = Field(1024, ge=1, description="Longest admin note on a record.")
     log_level: str = Field("info", description="Python logging level.")
     access_log: bool = Field(False, description="uvicorn's access log (costs throughput).")
+    otel_endpoint: str | None = Field(
+        None,
+        max_length=2048,
+        pattern=r"^https?://",
+        description="OTLP endpoint that receives OpenTelemetry traces of every request (e.g. "
+        "http://collector:4318 for OTLP/HTTP, http://collector:4317 for OTLP/gRPC); unset: no "
+        "tracing at all.",
+    )
+    otel_protocol: Literal["http/protobuf", "grpc"] = Field(
+        "http/protobuf", description="The OTLP transport to the endpoint (OpenTelemetry's names)."
+    )
+    otel_sampling_ratio: float = Field(
+        1.0,
+        ge=0,
+        le=1,
+        description="Share of new traces kept (a caller's sampled traceparent is always "
+        "followed); 0.1 keeps tracing's cost under 5 % of throughput (benchmarks/RESULTS.md).",
+    )
+    otel_service_name: str = Field(
+        "bastion", min_length=1, max_length=128, description="service.name of the traces."
+    )
 
     @model_validator(mode="after")
     def _header_name(self) -> Settings:

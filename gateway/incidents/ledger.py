@@ -31,6 +31,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -142,6 +143,14 @@ def _built(parts: tuple[Any, ...]) -> list[Row]:
         return []
 
 
+@dataclass(frozen=True, slots=True)
+class _Traced:
+    """A traced request's parts and its span's context."""
+
+    parts: tuple[Any, ...]
+    span: Any
+
+
 class Ledger:
     """The ledger, written by one thread: ``where`` is the SQLite file, or an open
     ``Database`` (PostgreSQL, which the replicas share)."""
@@ -165,6 +174,7 @@ class Ledger:
             maxsize=backlog
         )
         self.written = 0
+        self.tracing: Any = None  # gateway.monitoring.tracing's, when tracing is on
         self._thread = threading.Thread(target=self._run, name="ledger", daemon=True)
         self._thread.start()
 
@@ -174,8 +184,10 @@ class Ledger:
 
     def submit_request(self, *parts: Any) -> bool:
         """Queues what ``ledger_rows`` builds one request's rows from (its arguments, the time
-        included), so the request's thread pays only for the queue."""
-        return self._put(parts, len(parts[2]))
+        included), so the request's thread pays only for the queue. With tracing on, the
+        request's span is kept for the link from the ``bastion.store`` span that writes it."""
+        traced = self.tracing.current() if self.tracing is not None else None
+        return self._put(parts if traced is None else _Traced(parts, traced), len(parts[2]))
 
     def _put(self, item: Any, rows: int) -> bool:
         try:
@@ -208,17 +220,24 @@ class Ledger:
                 except queue.Empty:
                     break
             rows: list[Row] = []
+            linked: list[Any] = []  # the traced requests' span contexts
             for batch in items:
+                if isinstance(batch, _Traced):
+                    linked.append(batch.span)
+                    batch = batch.parts
                 if isinstance(batch, tuple):  # a request's parts: build its rows here
                     rows += _built(batch)
                 elif batch is not None:
                     rows += batch
             try:
-                if rows:
+                if rows and linked:
+                    with self.tracing.store("served", len(rows), linked):
+                        self._insert(rows)
+                elif rows:
                     self._insert(rows)
-                    if time.monotonic() >= next_sweep:
-                        self.sweep()
-                        next_sweep = time.monotonic() + SWEEP_INTERVAL_S
+                if rows and time.monotonic() >= next_sweep:
+                    self.sweep()
+                    next_sweep = time.monotonic() + SWEEP_INTERVAL_S
             except (sqlite3.Error, OSError):  # a full disk, PostgreSQL away
                 log.exception("ledger: %d rows not written", len(rows))
                 if self._on_drop is not None:

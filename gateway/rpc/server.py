@@ -45,6 +45,7 @@ _HEALTH_BYTES = 1024  # a HealthCheckRequest is a service name
 _READY_TIMEOUT_S = 60.0
 _RESTART_DELAY_S = 1.0
 _FRAME_SLACK = 1 << 20  # a frame's metadata and framing beside its message
+_NOT_TRACED = "/grpc.health."  # probes, as HTTP's health routes are not traced
 MAX_WATCHES = 64  # health Watch streams open at once: outside the inference calls' slots
 
 
@@ -261,6 +262,20 @@ class GrpcServer:
             del self.calls[context.ident]
 
     async def _answer(self, context: RelayedContext, raw: bytes | None) -> None:
+        tracing = getattr(self.state, "tracing", None)
+        opening = context.opening
+        if tracing is None or opening.method.startswith(_NOT_TRACED):
+            ending = await self._run(context, raw)
+        else:  # the server span, continuing a traceparent in the metadata
+            with tracing.rpc(opening.method, opening.metadata, opening.peer) as span:
+                ending = await self._run(context, raw)
+                if ending is not None:
+                    span.set_attribute("rpc.grpc.status_code", ending.code)
+        if ending is not None:
+            context.link.send(relay.END, context.ident, ending.encode())
+
+    async def _run(self, context: RelayedContext, raw: bytes | None) -> relay.Ending | None:
+        """The call's ending, or None when the client went away (nothing to answer)."""
         method = self.methods.get(context.opening.method)
         ending: relay.Ending | None = None
         try:
@@ -281,14 +296,13 @@ class GrpcServer:
             except Aborted:
                 ending = context.ending
         except asyncio.CancelledError:
-            return  # the client went away (or the front did): nothing to answer
+            return None  # the client went away (or the front did): nothing to answer
         except Exception:
             log.exception("unhandled error in %s", context.opening.method)
             ending = relay.Ending(grpc.StatusCode.INTERNAL.value[0], "internal error")
         finally:
             self._forget(context)
-        if ending is not None:
-            context.link.send(relay.END, context.ident, ending.encode())
+        return ending
 
     def _count(self, event: dict[str, Any]) -> None:
         metrics = self.state.metrics

@@ -212,7 +212,11 @@ class InferenceService:
         except Exception as exc:
             log.exception("unhandled error in ModelInfer")
             await self.abort(context, BastionError(f"internal error: {type(exc).__name__}"))
-        return to_infer_response(response).SerializeToString()
+        tracing = self.plane.tracing
+        if tracing is None:
+            return to_infer_response(response).SerializeToString()
+        with tracing.span("encode", **{"bastion.model": response.model_name}):
+            return to_infer_response(response).SerializeToString()
 
     def _caller(self, meta: dict[str, str], context: Context) -> Caller:
         return resolve_caller(

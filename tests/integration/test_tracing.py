@@ -1,0 +1,146 @@
+"""OpenTelemetry traces in process, read from the SDK's in-memory exporter: the spans of one
+request, their parent/child links, their attributes, and the caller's traceparent continued."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind
+
+from bastion.gateway.app import create_app
+from bastion.gateway.monitoring.tracing import Tracing
+from bastion.gateway.settings import Settings
+from bastion.models.data import load_split, to_float
+
+INFER = "/v2/models/digits/infer"
+TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
+PARENT_ID = "00f067aa0ba902b7"
+TRACEPARENT = f"00-{TRACE_ID}-{PARENT_ID}-01"
+REQUEST_SPANS = {"decode", "queue", "batch", "forward", "screening", "defence", "encode"}
+
+
+def settings(repository: Path, tmp_path: Path, **extra: object) -> Settings:
+    return Settings(
+        model_repository=repository,
+        torch_threads=1,
+        quarantine_path=tmp_path / "quarantine.db",
+        ledger_path=tmp_path / "ledger.db",
+        **extra,
+    )
+
+
+@pytest.fixture
+def traced(repository: Path, tmp_path: Path) -> Iterator[tuple[TestClient, InMemorySpanExporter]]:
+    exporter = InMemorySpanExporter()
+    config = settings(repository, tmp_path)
+    with TestClient(create_app(config, tracing=Tracing(config, exporter))) as client:
+        yield client, exporter
+
+
+def digit() -> dict:
+    image = to_float(load_split("test")[0][:1])
+    tensor = {"name": "images", "datatype": "FP32", "shape": list(image.shape)}
+    return {"inputs": [{**tensor, "data": image.ravel().tolist()}]}
+
+
+def by_trace(exporter: InMemorySpanExporter, trace_id: int) -> list[ReadableSpan]:
+    return [s for s in exporter.get_finished_spans() if s.context.trace_id == trace_id]
+
+
+def status(span: ReadableSpan) -> object:
+    """The HTTP status on a server span, under the stable or the older semantic conventions."""
+    attributes = span.attributes or {}
+    return attributes.get("http.response.status_code", attributes.get("http.status_code"))
+
+
+def test_a_request_continues_the_callers_trace_with_a_span_for_each_stage(
+    traced: tuple[TestClient, InMemorySpanExporter],
+) -> None:
+    client, exporter = traced
+    response = client.post(INFER, json=digit(), headers={"traceparent": TRACEPARENT})
+    assert response.status_code == 200, response.text
+    spans = by_trace(exporter, int(TRACE_ID, 16))
+    (server,) = [s for s in spans if s.kind == SpanKind.SERVER]
+    assert server.parent is not None and server.parent.span_id == int(PARENT_ID, 16)
+    assert status(server) == 200
+    named = {s.name.removeprefix("bastion."): s for s in spans if s.name.startswith("bastion.")}
+    assert set(named) == REQUEST_SPANS
+    for name in REQUEST_SPANS - {"forward"}:
+        assert named[name].parent.span_id == server.context.span_id, name
+        assert named[name].attributes["bastion.model"] == "digits", name
+    assert named["forward"].parent.span_id == named["batch"].context.span_id
+    assert named["batch"].attributes["bastion.batch_size"] >= 1
+    assert named["batch"].attributes["bastion.model_version"] == "1"
+    assert list(named["screening"].attributes["bastion.screening.verdicts"]) == ["clean"]
+    # in order, within the server span: decode, then the queue, the batch, screening, encode
+    order = [named[n] for n in ("decode", "queue", "batch", "screening", "encode")]
+    assert all(a.end_time <= b.start_time + 1_000 for a, b in zip(order, order[1:]))
+    assert server.start_time <= order[0].start_time and order[-1].end_time <= server.end_time
+    assert named["batch"].start_time <= named["forward"].start_time
+    assert named["forward"].end_time <= named["batch"].end_time
+    assert not any("score" in key or "threshold" in key for s in spans for key in s.attributes)
+
+
+def test_the_ledger_write_is_a_store_span_linked_to_the_requests_it_records(
+    traced: tuple[TestClient, InMemorySpanExporter],
+) -> None:
+    client, exporter = traced
+    for _ in range(3):
+        assert client.post(INFER, json=digit()).status_code == 200
+    client.app.state.dataplane.ledger.flush()  # type: ignore[attr-defined]
+    servers = {
+        s.context.span_id for s in exporter.get_finished_spans() if s.kind == SpanKind.SERVER
+    }
+    stores = [s for s in exporter.get_finished_spans() if s.name == "bastion.store"]
+    assert stores and all(s.parent is None for s in stores)  # a root of its own
+    linked = {link.context.span_id for s in stores for link in s.links}
+    assert linked == servers
+    assert sum(s.attributes["bastion.rows"] for s in stores) == 3
+
+
+def test_health_and_metrics_are_not_traced_and_an_unsampled_caller_is_followed(
+    traced: tuple[TestClient, InMemorySpanExporter],
+) -> None:
+    client, exporter = traced
+    assert client.get("/v2/health/ready").status_code == 200
+    assert client.get("/metrics").status_code == 200
+    assert exporter.get_finished_spans() == ()
+    unsampled = f"00-{TRACE_ID}-{PARENT_ID}-00"  # the caller chose not to record this trace
+    assert client.post(INFER, json=digit(), headers={"traceparent": unsampled}).status_code == 200
+    assert exporter.get_finished_spans() == ()
+
+
+def test_a_refused_request_is_traced_with_its_status(
+    traced: tuple[TestClient, InMemorySpanExporter],
+) -> None:
+    client, exporter = traced
+    response = client.post(INFER, content=b"{not json", headers={"traceparent": TRACEPARENT})
+    assert response.status_code == 400
+    (server,) = [s for s in by_trace(exporter, int(TRACE_ID, 16)) if s.kind == SpanKind.SERVER]
+    assert status(server) == 400
+
+
+def test_without_an_endpoint_no_part_of_the_sdk_is_loaded(repository: Path, tmp_path: Path) -> None:
+    """No endpoint, no tracing: neither the SDK, the instrumentation nor an exporter is
+    imported, and the app is the plain gateway (the API alone may be: other libraries use it)."""
+    script = (
+        "import sys\n"
+        "from pathlib import Path\n"
+        "from bastion.gateway.app import create_app\n"
+        "from bastion.gateway.asgi import TracedGateway\n"
+        "from bastion.gateway.settings import Settings\n"
+        f"app = create_app(Settings(model_repository=Path({str(repository)!r})))\n"
+        "assert not isinstance(app, TracedGateway) and app.state.tracing is None\n"
+        "sdk = ('opentelemetry.sdk', 'opentelemetry.instrumentation', 'opentelemetry.exporter')\n"
+        "loaded = sorted(m for m in sys.modules if m.startswith(sdk))\n"
+        "assert not loaded, loaded\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
