@@ -3,6 +3,7 @@ request, their parent/child links, their attributes, and the caller's traceparen
 
 from __future__ import annotations
 
+import itertools
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -81,7 +82,7 @@ def test_a_request_continues_the_callers_trace_with_a_span_for_each_stage(
     assert list(named["screening"].attributes["bastion.screening.verdicts"]) == ["clean"]
     # in order, within the server span: decode, then the queue, the batch, screening, encode
     order = [named[n] for n in ("decode", "queue", "batch", "screening", "encode")]
-    assert all(a.end_time <= b.start_time + 1_000 for a, b in zip(order, order[1:]))
+    assert all(a.end_time <= b.start_time + 1_000 for a, b in itertools.pairwise(order))
     assert server.start_time <= order[0].start_time and order[-1].end_time <= server.end_time
     assert named["batch"].start_time <= named["forward"].start_time
     assert named["forward"].end_time <= named["batch"].end_time
