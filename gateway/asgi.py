@@ -133,7 +133,7 @@ class Gateway:
             raise
         with self.state.in_flight.slot():
             response = await plane.infer(model, version, _http_decoder(body, headers), caller)
-        if plane.tracing is None:
+        if plane.tracing is None or not plane.tracing.active():
             return _encoded(response, headers)
         with plane.tracing.span("encode", **{"bastion.model": response.model_name}):
             return _encoded(response, headers)
@@ -148,8 +148,20 @@ class TracedGateway(Gateway):
         super().__init__(app)
         self._traced = tracing.asgi(super().__call__)
 
+        self._tracing = tracing
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await self._traced(scope, receive, send)
+        if scope["type"] == "http" and self._tracing.sampled(_traceparent(scope)):
+            await self._traced(scope, receive, send)
+        else:  # not sampled: no span at any stage, the plain gateway's cost
+            await super().__call__(scope, receive, send)
+
+
+def _traceparent(scope: Scope) -> bytes | None:
+    for name, value in scope["headers"]:
+        if name == b"traceparent":
+            return bytes(value)
+    return None
 
 
 def _encoded(response: InferResponse, headers: dict[str, str]) -> tuple[int, Headers, bytes]:

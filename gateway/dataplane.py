@@ -246,14 +246,15 @@ class DataPlane:
             await self._throttle_shared(charged)
         job = partial(self._decode_and_prepare, model, decode, caller)
         times: list[int] = []
+        tracing = self._tracing()
         try:
-            prepared = await self.decoder.run(job if self.tracing is None else timed(job, times))
+            prepared = await self.decoder.run(job if tracing is None else timed(job, times))
         except BastionError as exc:
             model.observer.on_failure(time.perf_counter_ns() - start, exc.reason)
             raise
         finally:
-            if self.tracing is not None and len(times) == 2:
-                self.tracing.record("decode", *times, **_attributes(model))
+            if tracing is not None and len(times) == 2:
+                tracing.record("decode", *times, **_attributes(model))
         return await self._serve(model, prepared, caller, charged, start, deadline_ns)
 
     async def infer_message(
@@ -280,9 +281,10 @@ class DataPlane:
                 return model, exc
 
         times: list[int] = []
-        model, prepared = await self.decoder.run(job if self.tracing is None else timed(job, times))
-        if self.tracing is not None and len(times) == 2:
-            self.tracing.record("decode", *times, **_attributes(model))
+        tracing = self._tracing()
+        model, prepared = await self.decoder.run(job if tracing is None else timed(job, times))
+        if tracing is not None and len(times) == 2:
+            tracing.record("decode", *times, **_attributes(model))
         try:
             if isinstance(prepared, BastionError):
                 raise prepared
@@ -314,10 +316,11 @@ class DataPlane:
             deadline = self._deadline(model, request, start)
             if deadline_ns is not None:
                 deadline = deadline_ns if deadline is None else min(deadline, deadline_ns)
-            timing: list[Any] | None = None if self.tracing is None else []
+            tracing = self._tracing()
+            timing: list[Any] | None = None if tracing is None else []
             results = await model.batcher.submit(arrays, rows, deadline, caller.client_id, timing)
-            if timing and self.tracing is not None:
-                self.tracing.batch(timing[0], rows, _attributes(model))
+            if timing and tracing is not None:
+                tracing.batch(timing[0], rows, _attributes(model))
             screened = await self._screen(model, request, arrays, results, charged, caller.shared)
             outputs = [output_tensor(model.config, want, results[want.name]) for want in wanted]
         except BastionError as exc:
@@ -369,7 +372,7 @@ class DataPlane:
             if self.ledger is not None:
                 self._record(model, request, arrays, results, None, "served")
             return None
-        tracing = self.tracing
+        tracing = self._tracing()
         with _NOT_TRACED if tracing is None else tracing.span("screening") as span:
             screened = await self.screening.apply(
                 job,
@@ -440,6 +443,11 @@ class DataPlane:
             outcome,
             time.time(),
         )
+
+    def _tracing(self) -> Tracing | None:
+        """The tracer when the current request is traced (sampled), else None."""
+        tracing = self.tracing
+        return tracing if tracing is not None and tracing.active() else None
 
     def _deadline(self, model: LoadedModel, request: InferRequest, start_ns: int) -> int | None:
         policy = model.config.batching

@@ -23,6 +23,8 @@ queue (spans past it are dropped, never waited for) and export off the request p
 
 from __future__ import annotations
 
+import random
+import re
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -40,6 +42,8 @@ T = TypeVar("T")
 NOT_TRACED = ("/v2/health/live", "/v2/health/ready", "/metrics")
 MAX_QUEUED_SPANS = 8192  # the export queue's bound; spans past it are dropped
 PREFIX = "bastion."
+# W3C Trace Context §3.2: version 00, a non-zero trace id and parent id, the flags
+_TRACEPARENT = re.compile(r"00-(?!0{32})[0-9a-f]{32}-(?!0{16})[0-9a-f]{16}-[0-9a-f]{2}")
 _EPOCH_OFFSET_NS = time.time_ns() - time.perf_counter_ns()
 
 
@@ -54,10 +58,11 @@ class Tracing:
     in-memory exporter, which is exported to at once."""
 
     def __init__(self, settings: Settings, exporter: SpanExporter | None = None) -> None:
+        from opentelemetry import trace
         from opentelemetry.sdk.resources import Resource
         from opentelemetry.sdk.trace import TracerProvider
         from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
-        from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+        from opentelemetry.sdk.trace.sampling import ALWAYS_ON, ParentBased
 
         from bastion.gateway import __version__
 
@@ -65,8 +70,12 @@ class Tracing:
             resource=Resource.create(
                 {"service.name": settings.otel_service_name, "service.version": __version__}
             ),
-            sampler=ParentBased(TraceIdRatioBased(settings.otel_sampling_ratio)),
+            # the ratio is applied before a request's first span (``sampled``): a request left
+            # out then costs nothing further, not a non-recording span at every stage
+            sampler=ParentBased(ALWAYS_ON),
         )
+        self.ratio = settings.otel_sampling_ratio
+        self._current_span = trace.get_current_span
         if exporter is None:
             self.provider.add_span_processor(
                 BatchSpanProcessor(otlp_exporter(settings), max_queue_size=MAX_QUEUED_SPANS)
@@ -74,6 +83,20 @@ class Tracing:
         else:
             self.provider.add_span_processor(SimpleSpanProcessor(exporter))
         self.tracer = self.provider.get_tracer("bastion.gateway", __version__)
+
+    def sampled(self, traceparent: str | bytes | None) -> bool:
+        """Whether to trace a request: as its caller's W3C ``traceparent`` says when it has a
+        valid one (the sampled flag), else with probability ``otel_sampling_ratio``."""
+        if traceparent is not None:
+            if isinstance(traceparent, bytes):
+                traceparent = traceparent.decode("latin-1")
+            if _TRACEPARENT.fullmatch(traceparent.strip()):
+                return bool(int(traceparent.strip()[-2:], 16) & 1)
+        return self.ratio >= 1.0 or random.random() < self.ratio
+
+    def active(self) -> bool:
+        """Whether the current request is being traced (its span records)."""
+        return self._current_span().is_recording()
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Tracing | None:

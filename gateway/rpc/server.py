@@ -264,7 +264,11 @@ class GrpcServer:
     async def _answer(self, context: RelayedContext, raw: bytes | None) -> None:
         tracing = getattr(self.state, "tracing", None)
         opening = context.opening
-        if tracing is None or opening.method.startswith(_NOT_TRACED):
+        if (
+            tracing is None
+            or opening.method.startswith(_NOT_TRACED)
+            or not tracing.sampled(dict(opening.metadata).get("traceparent"))
+        ):
             ending = await self._run(context, raw)
         else:  # the server span, continuing a traceparent in the metadata
             with tracing.rpc(opening.method, opening.metadata, opening.peer) as span:

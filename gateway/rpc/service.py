@@ -213,7 +213,7 @@ class InferenceService:
             log.exception("unhandled error in ModelInfer")
             await self.abort(context, BastionError(f"internal error: {type(exc).__name__}"))
         tracing = self.plane.tracing
-        if tracing is None:
+        if tracing is None or not tracing.active():
             return to_infer_response(response).SerializeToString()
         with tracing.span("encode", **{"bastion.model": response.model_name}):
             return to_infer_response(response).SerializeToString()

@@ -145,3 +145,19 @@ def test_without_an_endpoint_no_part_of_the_sdk_is_loaded(repository: Path, tmp_
     )
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_a_request_left_out_by_the_ratio_gets_no_span_but_a_sampled_caller_is_followed(
+    repository: Path, tmp_path: Path
+) -> None:
+    exporter = InMemorySpanExporter()
+    config = settings(repository, tmp_path, otel_sampling_ratio=0.0)
+    with TestClient(create_app(config, tracing=Tracing(config, exporter))) as client:
+        assert client.post(INFER, json=digit()).status_code == 200
+        malformed = {"traceparent": f"00-{TRACE_ID}-{'0' * 16}-01"}  # an all-zero parent id
+        assert client.post(INFER, json=digit(), headers=malformed).status_code == 200
+        assert exporter.get_finished_spans() == ()
+        sampled = {"traceparent": TRACEPARENT}
+        assert client.post(INFER, json=digit(), headers=sampled).status_code == 200
+        names = {s.name for s in exporter.get_finished_spans()}
+        assert {f"bastion.{n}" for n in REQUEST_SPANS} <= names
