@@ -386,6 +386,13 @@ class Settings(BaseSettings):
         description="Share of new traces kept (a caller's sampled traceparent is always "
         "followed); 0.1 keeps tracing's cost under 5 % of throughput (benchmarks/RESULTS.md).",
     )
+    otel_max_traces_per_s: int = Field(
+        200,
+        ge=1,
+        le=1_000_000,
+        description="Traced requests a second at most, whatever callers' traceparent asks: a "
+        "client that marks every request sampled cannot make the gateway trace them all.",
+    )
     otel_service_name: str = Field(
         "bastion", min_length=1, max_length=128, description="service.name of the traces."
     )

@@ -75,6 +75,8 @@ class Tracing:
             sampler=ParentBased(ALWAYS_ON),
         )
         self.ratio = settings.otel_sampling_ratio
+        self.max_per_s = settings.otel_max_traces_per_s
+        self._second, self._traced = 0, 0  # the current whole second and its traced requests
         self._current_span = trace.get_current_span
         if exporter is None:
             self.provider.add_span_processor(
@@ -86,13 +88,23 @@ class Tracing:
 
     def sampled(self, traceparent: str | bytes | None) -> bool:
         """Whether to trace a request: as its caller's W3C ``traceparent`` says when it has a
-        valid one (the sampled flag), else with probability ``otel_sampling_ratio``."""
+        valid one (the sampled flag), else with probability ``otel_sampling_ratio``; and never
+        more than ``otel_max_traces_per_s`` a second (the flag is the caller's to set)."""
+        wanted = None
         if traceparent is not None:
             if isinstance(traceparent, bytes):
                 traceparent = traceparent.decode("latin-1")
             if _TRACEPARENT.fullmatch(traceparent.strip()):
-                return bool(int(traceparent.strip()[-2:], 16) & 1)
-        return self.ratio >= 1.0 or random.random() < self.ratio
+                wanted = bool(int(traceparent.strip()[-2:], 16) & 1)
+        if wanted is None:
+            wanted = self.ratio >= 1.0 or random.random() < self.ratio
+        if not wanted:
+            return False
+        second = int(time.monotonic())
+        if second != self._second:
+            self._second, self._traced = second, 0
+        self._traced += 1
+        return self._traced <= self.max_per_s
 
     def active(self) -> bool:
         """Whether the current request is being traced (its span records)."""

@@ -161,3 +161,13 @@ def test_a_request_left_out_by_the_ratio_gets_no_span_but_a_sampled_caller_is_fo
         assert client.post(INFER, json=digit(), headers=sampled).status_code == 200
         names = {s.name for s in exporter.get_finished_spans()}
         assert {f"bastion.{n}" for n in REQUEST_SPANS} <= names
+
+
+def test_callers_cannot_force_more_traces_a_second_than_the_cap(
+    repository: Path, tmp_path: Path
+) -> None:
+    config = settings(repository, tmp_path, otel_sampling_ratio=0.0, otel_max_traces_per_s=5)
+    tracing = Tracing(config, InMemorySpanExporter())
+    forced = [tracing.sampled(TRACEPARENT) for _ in range(50)]  # within one second, or two
+    assert 5 <= sum(forced) <= 10
+    assert not tracing.sampled(None)  # ratio 0: nothing of its own
