@@ -34,7 +34,7 @@ from bastion.gateway.errors import (
 )
 from bastion.gateway.http import HEALTH_PATHS, clip
 from bastion.gateway.identity.caller import resolve_caller
-from bastion.gateway.monitoring.tracing import Tracing
+from bastion.gateway.monitoring.tracing import NOT_TRACED, Tracing
 from bastion.gateway.protocol.bounds import Limits, RawInput
 from bastion.gateway.protocol.codec import decode_infer_body, encode_response
 from bastion.gateway.protocol.content_encoding import compress
@@ -135,26 +135,44 @@ class Gateway:
             response = await plane.infer(model, version, _http_decoder(body, headers), caller)
         if plane.tracing is None or not plane.tracing.active():
             return _encoded(response, headers)
-        with plane.tracing.span("encode", **{"bastion.model": response.model_name}):
+        with plane.tracing.span("encode"):
             return _encoded(response, headers)
 
 
 class TracedGateway(Gateway):
-    """The gateway behind OpenTelemetry's ASGI middleware (``BASTION_OTEL_ENDPOINT`` set):
-    every HTTP request but health and metrics gets a server span, continuing the caller's
-    ``traceparent``; the data plane's spans are its children."""
+    """The gateway with OpenTelemetry traces (``BASTION_OTEL_ENDPOINT`` set): a request the
+    sampling picks (``Tracing.sampled``) gets a server span, continuing the caller's
+    ``traceparent``, with the data plane's spans its children; health and metrics are not
+    traced, and a request left out runs exactly as in ``Gateway``."""
 
     def __init__(self, app: FastAPI, tracing: Tracing) -> None:
         super().__init__(app)
-        self._traced = tracing.asgi(super().__call__)
-
         self._tracing = tracing
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and self._tracing.sampled(_traceparent(scope)):
-            await self._traced(scope, receive, send)
-        else:  # not sampled: no span at any stage, the plain gateway's cost
+        if (
+            scope["type"] != "http"
+            or scope["path"] in NOT_TRACED
+            or not self._tracing.sampled(_traceparent(scope))
+        ):
             await super().__call__(scope, receive, send)
+            return
+        match = self.INFER.match(scope["path"])
+        route = None
+        if match is not None:
+            versions = "/versions/{version}" if match.group(2) is not None else ""
+            route = f"/v2/models/{{model}}{versions}/infer"
+        answered: list[int] = []
+
+        async def traced_send(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                answered.append(message["status"])
+            await send(message)
+
+        with self._tracing.http(scope, route) as span:
+            await super().__call__(scope, receive, traced_send)
+            if answered:
+                self._tracing.status(span, answered[0])
 
 
 def _traceparent(scope: Scope) -> bytes | None:

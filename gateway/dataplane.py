@@ -254,7 +254,7 @@ class DataPlane:
             raise
         finally:
             if tracing is not None and len(times) == 2:
-                tracing.record("decode", *times, **_attributes(model))
+                tracing.record("decode", *times)
         return await self._serve(model, prepared, caller, charged, start, deadline_ns)
 
     async def infer_message(
@@ -284,7 +284,7 @@ class DataPlane:
         tracing = self._tracing()
         model, prepared = await self.decoder.run(job if tracing is None else timed(job, times))
         if tracing is not None and len(times) == 2:
-            tracing.record("decode", *times, **_attributes(model))
+            tracing.record("decode", *times)
         try:
             if isinstance(prepared, BastionError):
                 raise prepared
@@ -320,7 +320,8 @@ class DataPlane:
             timing: list[Any] | None = None if tracing is None else []
             results = await model.batcher.submit(arrays, rows, deadline, caller.client_id, timing)
             if timing and tracing is not None:
-                tracing.batch(timing[0], rows, _attributes(model))
+                tracing.annotate(**_attributes(model))  # on the request's server span
+                tracing.batch(timing[0], rows)
             screened = await self._screen(model, request, arrays, results, charged, caller.shared)
             outputs = [output_tensor(model.config, want, results[want.name]) for want in wanted]
         except BastionError as exc:
@@ -373,7 +374,7 @@ class DataPlane:
                 self._record(model, request, arrays, results, None, "served")
             return None
         tracing = self._tracing()
-        with _NOT_TRACED if tracing is None else tracing.span("screening") as span:
+        with _NOT_TRACED if tracing is None else tracing.span("policy") as span:
             screened = await self.screening.apply(
                 job,
                 model.screening_action,
@@ -385,27 +386,34 @@ class DataPlane:
                 model.screening_review,
             )
             if span is not None:
-                span.set_attributes(_verdicts(model, screened))
+                span.set_attributes(_verdicts(screened))
+            self._defend(model, request, arrays, results, screened, charged, shared)
+        try:
+            refuse_if_withheld(screened, request)
+        except Blocked:
+            self.screening.metrics.screening_refused.inc()
+            raise
+        return screened
+
+    def _defend(
+        self,
+        model: LoadedModel,
+        request: InferRequest,
+        arrays: dict[str, np.ndarray],
+        results: dict[str, np.ndarray],
+        screened: Screened,
+        charged: str | None,
+        shared: bool,
+    ) -> None:
+        """The stateful defence's evidence and rung, strict mode's tightening, and the ledger
+        row of what the request's outcome is."""
         prints = results.get(FINGERPRINTS)
         outcome = "refused"  # by the defence, unless the block below finishes
         try:
             if self.defence is not None and prints is not None:
-                with (
-                    _NOT_TRACED
-                    if tracing is None
-                    else tracing.span("defence", **_attributes(model))
-                ):
-                    defend(
-                        self.defence,
-                        model,
-                        request,
-                        arrays,
-                        results,
-                        screened,
-                        prints,
-                        charged,
-                        shared,
-                    )
+                defend(
+                    self.defence, model, request, arrays, results, screened, prints, charged, shared
+                )
             if self.routes is not None and self.routes.strict(model.config.name):
                 tighten(screened)  # rolled back in strict mode: suspicious is withheld too
             report = request.parameters.get(REPORT_PARAMETER) is True
@@ -413,12 +421,6 @@ class DataPlane:
         finally:
             if self.ledger is not None:  # what was answered to whom, off the hot path
                 self._record(model, request, arrays, results, screened.decision.verdicts, outcome)
-        try:
-            refuse_if_withheld(screened, request)
-        except Blocked:
-            self.screening.metrics.screening_refused.inc()
-            raise
-        return screened
 
     def _record(
         self,
@@ -464,11 +466,10 @@ def _attributes(model: LoadedModel) -> dict[str, str]:
     return {"bastion.model": model.config.name, "bastion.model_version": str(model.version)}
 
 
-def _verdicts(model: LoadedModel, screened: Screened) -> dict[str, Any]:
+def _verdicts(screened: Screened) -> dict[str, Any]:
     """A request's verdicts and actions as span attributes (never a score or threshold)."""
     decision = screened.decision
     return {
-        **_attributes(model),
         "bastion.screening.verdicts": decision.verdicts,
         "bastion.screening.actions": decision.actions,
         "bastion.screening.withheld": len(decision.withheld),

@@ -3,17 +3,19 @@
 Off unless the endpoint is set: then the SDK is not even imported and every hook in the request
 path is one ``is None`` check. On:
 
-- an HTTP request's server span comes from OpenTelemetry's ASGI instrumentation, which
-  continues the caller's W3C ``traceparent`` (health and metrics scrapes are not traced);
-- a gRPC call reaches the gateway through the front process's relay, not through a ``grpc``
-  server the gRPC instrumentation could wrap, so its server span is made here, from the relayed
-  metadata with the same W3C propagator and the RPC semantic conventions' attributes;
-- under the server span, each inference request gets ``bastion.decode``, ``bastion.queue``,
-  ``bastion.batch`` (its child ``bastion.forward`` is the model and the screening detectors in
-  one fused pass), ``bastion.screening`` (verdicts, quarantine), ``bastion.defence`` and
-  ``bastion.encode``, with the model, version, batch size, verdicts and actions as attributes;
-  each ledger transaction is a ``bastion.store`` span linked to the requests whose rows it
-  writes.
+- each request's server span continues the caller's W3C ``traceparent`` (an HTTP header, or
+  gRPC metadata relayed by the front process) with the SDK's W3C propagator, and carries the
+  HTTP or RPC semantic conventions' attributes (health and metrics are not traced). It is made
+  here rather than by OpenTelemetry's ASGI and gRPC instrumentation: gRPC calls reach the
+  gateway through a relay, not a ``grpc`` server the instrumentation could wrap, and the ASGI
+  middleware costs about four spans' worth of CPU per request (230 us against 50 us for a span,
+  measured here), more than the 5 % budget at a 10 % ratio allows (benchmarks/RESULTS.md 14);
+- under it, each inference request gets ``bastion.decode``, ``bastion.queue``,
+  ``bastion.batch`` (the model and the screening detectors in one fused pass: the forward's and
+  the detectors' times are its attributes), ``bastion.policy`` (the screening verdicts, the
+  quarantine and the stateful defence) and ``bastion.encode``; the model, version and batch
+  size are attributes. Each ledger transaction is a ``bastion.store`` span linked to the
+  requests whose rows it writes.
 
 Work done on another thread or for many requests at once (a decode, a batch) is timed where it
 runs and recorded into each request's trace afterwards with its real start and end, so no
@@ -63,6 +65,7 @@ class Tracing:
         from opentelemetry.sdk.trace import TracerProvider
         from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
         from opentelemetry.sdk.trace.sampling import ALWAYS_ON, ParentBased
+        from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
         from bastion.gateway import __version__
 
@@ -78,6 +81,7 @@ class Tracing:
         self.max_per_s = settings.otel_max_traces_per_s
         self._second, self._traced = 0, 0  # the current whole second and its traced requests
         self._current_span = trace.get_current_span
+        self._propagator = TraceContextTextMapPropagator()
         if exporter is None:
             self.provider.add_span_processor(
                 BatchSpanProcessor(otlp_exporter(settings), max_queue_size=MAX_QUEUED_SPANS)
@@ -106,6 +110,11 @@ class Tracing:
         self._traced += 1
         return self._traced <= self.max_per_s
 
+    def annotate(self, **attributes: Any) -> None:
+        """Sets attributes on the current span (the request's server span, from the data
+        plane)."""
+        self._current_span().set_attributes(attributes)
+
     def active(self) -> bool:
         """Whether the current request is being traced (its span records)."""
         return self._current_span().is_recording()
@@ -115,24 +124,55 @@ class Tracing:
         """Tracing when ``otel_endpoint`` is set, else None (and nothing imported)."""
         return cls(settings) if settings.otel_endpoint else None
 
-    def asgi(self, app: Any) -> Any:
-        """``app`` behind OpenTelemetry's ASGI middleware: a server span per HTTP request."""
-        from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
-
-        return OpenTelemetryMiddleware(
-            app,
-            excluded_urls=",".join(NOT_TRACED),
-            tracer_provider=self.provider,
-            exclude_spans=["receive", "send"],  # one span per request, not one per ASGI event
-        )
-
     @contextmanager
-    def rpc(self, method: str, metadata: Sequence[tuple[str, str]], peer: str) -> Iterator[Span]:
-        """The server span of one relayed gRPC call (``method``: ``/package.Service/Method``),
-        continuing the ``traceparent`` in its metadata, current for the call's handler."""
-        from opentelemetry import propagate
+    def server(
+        self, name: str, carrier: dict[str, str], attributes: dict[str, Any]
+    ) -> Iterator[Span]:
+        """A request's server span, continuing the W3C ``traceparent`` in ``carrier`` (its
+        headers or metadata, lower-case keys), current while the request is answered."""
         from opentelemetry.trace import SpanKind
 
+        with self.tracer.start_as_current_span(
+            name,
+            context=self._propagator.extract(carrier),
+            kind=SpanKind.SERVER,
+            attributes=attributes,
+        ) as span:
+            yield span
+
+    def http(self, scope: dict[str, Any], route: str | None) -> Any:
+        """The server span of one HTTP request (an ASGI ``scope``; ``route``: its route
+        template, when known), with the HTTP semantic conventions' attributes; a context
+        manager. ``status`` then records the answer's status code."""
+        carrier: dict[str, str] = {}
+        for key, value in scope["headers"]:
+            if key in (b"traceparent", b"tracestate"):
+                carrier.setdefault(key.decode(), value.decode("latin-1"))
+        method = scope["method"]
+        attributes: dict[str, Any] = {
+            "http.request.method": method,
+            "url.path": scope["path"],
+            "url.scheme": scope.get("scheme", "http"),
+        }
+        if route is not None:
+            attributes["http.route"] = route
+        client = scope.get("client")
+        if client:
+            attributes["client.address"] = str(client[0])
+        return self.server(f"{method} {route}" if route else method, carrier, attributes)
+
+    @staticmethod
+    def status(span: Span, code: int) -> None:
+        """An HTTP answer's status on its server span (5xx: the span's status is an error)."""
+        from opentelemetry.trace import Status, StatusCode
+
+        span.set_attribute("http.response.status_code", code)
+        if code >= 500:
+            span.set_status(Status(StatusCode.ERROR))
+
+    def rpc(self, method: str, metadata: Sequence[tuple[str, str]], peer: str) -> Any:
+        """The server span of one relayed gRPC call (``method``: ``/package.Service/Method``),
+        with the RPC semantic conventions' attributes; a context manager."""
         carrier: dict[str, str] = {}
         for key, value in metadata:
             carrier.setdefault(key, value)  # the first of a repeated key, as HTTP's would be
@@ -143,13 +183,7 @@ class Tracing:
             "rpc.method": name,
             "network.peer.address": peer,
         }
-        with self.tracer.start_as_current_span(
-            method.strip("/"),
-            context=propagate.extract(carrier),
-            kind=SpanKind.SERVER,
-            attributes=attributes,
-        ) as span:
-            yield span
+        return self.server(method.strip("/"), carrier, attributes)
 
     @contextmanager
     def span(self, name: str, **attributes: Any) -> Iterator[Span]:
@@ -179,25 +213,23 @@ class Tracing:
         span.end(end_time=epoch_ns(end_perf_ns))
         return span
 
-    def batch(self, timing: BatchTiming, rows: int, attributes: dict[str, Any]) -> None:
-        """A traced request's wait in the queue and its batch, with the fused forward (the
-        model and the screening detectors) inside it; ``rows``: the request's own."""
-        self.record("queue", timing.arrival_ns, timing.started_ns, **attributes)
-        batch = self.record(
+    def batch(self, timing: BatchTiming, rows: int) -> None:
+        """A traced request's wait in the queue and its batch (``rows``: the request's own);
+        the batch's phases are its attributes, not spans of their own (each span costs)."""
+        self.record("queue", timing.arrival_ns, timing.started_ns)
+        times = timing.times
+        self.record(
             "batch",
             timing.started_ns,
             timing.ended_ns,
-            **attributes,
-            **{"bastion.batch_size": timing.rows, "bastion.request_rows": rows},
-        )
-        begins = timing.started_ns + timing.times.input_ns
-        self.record(
-            "forward",
-            begins,
-            begins + timing.times.infer_ns,
-            batch,
-            **attributes,
-            **{"bastion.screening_ns": timing.times.screen_ns},
+            **{
+                "bastion.batch_size": timing.rows,
+                "bastion.request_rows": rows,
+                "bastion.forward_ns": times.infer_ns,
+                "bastion.screening_ns": times.screen_ns,
+                "bastion.to_device_ns": times.input_ns,
+                "bastion.to_host_ns": times.output_ns,
+            },
         )
 
     def current(self) -> SpanContext | None:

@@ -215,7 +215,7 @@ class InferenceService:
         tracing = self.plane.tracing
         if tracing is None or not tracing.active():
             return to_infer_response(response).SerializeToString()
-        with tracing.span("encode", **{"bastion.model": response.model_name}):
+        with tracing.span("encode"):
             return to_infer_response(response).SerializeToString()
 
     def _caller(self, meta: dict[str, str], context: Context) -> Caller:

@@ -170,7 +170,7 @@ def test_traces_reach_an_otlp_receiver_continuing_http_and_grpc_callers(
     server = traced_gateway(tmp_path, endpoint, protocol)
     try:
         infer_both_ways(server)
-        check_trace(received, HTTP_TRACE, "POST /v2/models/digits/infer")
+        check_trace(received, HTTP_TRACE, "POST /v2/models/{model}/infer")
         check_trace(received, GRPC_TRACE, "inference.GRPCInferenceService/ModelInfer")
         assert received.services == {"bastion-under-test"}
     finally:

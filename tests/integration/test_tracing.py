@@ -24,7 +24,7 @@ INFER = "/v2/models/digits/infer"
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 PARENT_ID = "00f067aa0ba902b7"
 TRACEPARENT = f"00-{TRACE_ID}-{PARENT_ID}-01"
-REQUEST_SPANS = {"decode", "queue", "batch", "forward", "screening", "defence", "encode"}
+REQUEST_SPANS = {"decode", "queue", "batch", "policy", "encode"}
 
 
 def settings(repository: Path, tmp_path: Path, **extra: object) -> Settings:
@@ -71,21 +71,21 @@ def test_a_request_continues_the_callers_trace_with_a_span_for_each_stage(
     (server,) = [s for s in spans if s.kind == SpanKind.SERVER]
     assert server.parent is not None and server.parent.span_id == int(PARENT_ID, 16)
     assert status(server) == 200
+    assert server.name == "POST /v2/models/{model}/infer"
+    assert server.attributes["bastion.model"] == "digits"
+    assert server.attributes["bastion.model_version"] == "1"
     named = {s.name.removeprefix("bastion."): s for s in spans if s.name.startswith("bastion.")}
     assert set(named) == REQUEST_SPANS
-    for name in REQUEST_SPANS - {"forward"}:
+    for name in REQUEST_SPANS:
         assert named[name].parent.span_id == server.context.span_id, name
-        assert named[name].attributes["bastion.model"] == "digits", name
-    assert named["forward"].parent.span_id == named["batch"].context.span_id
-    assert named["batch"].attributes["bastion.batch_size"] >= 1
-    assert named["batch"].attributes["bastion.model_version"] == "1"
-    assert list(named["screening"].attributes["bastion.screening.verdicts"]) == ["clean"]
-    # in order, within the server span: decode, then the queue, the batch, screening, encode
-    order = [named[n] for n in ("decode", "queue", "batch", "screening", "encode")]
+    batch = named["batch"].attributes
+    assert batch["bastion.batch_size"] >= 1 and batch["bastion.request_rows"] == 1
+    assert 0 < batch["bastion.screening_ns"] < batch["bastion.forward_ns"]
+    assert list(named["policy"].attributes["bastion.screening.verdicts"]) == ["clean"]
+    # in order, within the server span: decode, then the queue, the batch, policy, encode
+    order = [named[n] for n in ("decode", "queue", "batch", "policy", "encode")]
     assert all(a.end_time <= b.start_time + 1_000 for a, b in itertools.pairwise(order))
     assert server.start_time <= order[0].start_time and order[-1].end_time <= server.end_time
-    assert named["batch"].start_time <= named["forward"].start_time
-    assert named["forward"].end_time <= named["batch"].end_time
     assert not any("score" in key or "threshold" in key for s in spans for key in s.attributes)
 
 
@@ -96,13 +96,14 @@ def test_the_ledger_write_is_a_store_span_linked_to_the_requests_it_records(
     for _ in range(3):
         assert client.post(INFER, json=digit()).status_code == 200
     client.app.state.dataplane.ledger.flush()  # type: ignore[attr-defined]
-    servers = {
-        s.context.span_id for s in exporter.get_finished_spans() if s.kind == SpanKind.SERVER
+    traces = {
+        s.context.trace_id for s in exporter.get_finished_spans() if s.kind == SpanKind.SERVER
     }
     stores = [s for s in exporter.get_finished_spans() if s.name == "bastion.store"]
     assert stores and all(s.parent is None for s in stores)  # a root of its own
-    linked = {link.context.span_id for s in stores for link in s.links}
-    assert linked == servers
+    assert all(s.context.trace_id not in traces for s in stores)
+    linked = {link.context.trace_id for s in stores for link in s.links}
+    assert linked == traces and len(traces) == 3  # each request's trace, once
     assert sum(s.attributes["bastion.rows"] for s in stores) == 3
 
 
