@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from bastion.gateway import __version__
-from bastion.gateway.backends import FINGERPRINTS
+from bastion.gateway.backends import EMBEDDINGS, FINGERPRINTS
 from bastion.gateway.decode_pool import DecodePool
 from bastion.gateway.defence.request_path import defend
 from bastion.gateway.defence.service import DefenceService, throttled
@@ -444,6 +444,7 @@ class DataPlane:
             verdicts if verdicts is not None else ["unscreened"] * len(inputs),
             outcome,
             time.time(),
+            results.get(EMBEDDINGS),
         )
 
     def _tracing(self) -> Tracing | None:

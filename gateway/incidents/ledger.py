@@ -60,14 +60,23 @@ CREATE TABLE IF NOT EXISTS served (
     sketch BLOB NOT NULL,
     predicted INTEGER NOT NULL,
     confidence REAL NOT NULL,
-    tier TEXT NOT NULL
+    tier TEXT NOT NULL,
+    margin REAL,
+    pixel_mean REAL,
+    pixel_std REAL,
+    embedding BLOB
 );
 CREATE INDEX IF NOT EXISTS served_client ON served (client, time);
 """
 COLUMNS = (
     "time, client, model, version, request_id, outcome, input_hash, sketch, predicted, "
-    "confidence, tier"
+    "confidence, tier, margin, pixel_mean, pixel_std, embedding"
 )
+# the drift statistics of each image (``gateway.monitoring.reference.STATISTICS``), added to a
+# ledger file written before they were: what ``bastion drift report`` reads as a window
+_DRIFT_COLUMNS = {"margin": "REAL", "pixel_mean": "REAL", "pixel_std": "REAL", "embedding": "BLOB"}
+EMBEDDING_SUMMARY = 8  # dimensions the penultimate embedding is projected to for the record
+_PROJECTION_SEED = 20261201
 
 
 class Row(NamedTuple):
@@ -84,6 +93,30 @@ class Row(NamedTuple):
     predicted: int
     confidence: float
     tier: str
+    margin: float | None = None
+    pixel_mean: float | None = None
+    pixel_std: float | None = None
+    embedding: bytes | None = None  # EMBEDDING_SUMMARY float32, little-endian
+
+
+def embedding_projection(width: int) -> np.ndarray:
+    """The fixed Gaussian random projection (width, ``EMBEDDING_SUMMARY``) float32 that
+    summarises an embedding for the ledger; distances are kept in expectation (Johnson and
+    Lindenstrauss, 1984), so a shift in the embeddings shows in the summary too."""
+    rng = np.random.default_rng(_PROJECTION_SEED + width)
+    scale = 1.0 / np.sqrt(EMBEDDING_SUMMARY)
+    return (rng.standard_normal((width, EMBEDDING_SUMMARY)) * scale).astype(np.float32)
+
+
+def image_statistics(
+    inputs: np.ndarray, probabilities: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per row: top-1 minus top-2 probability, and the pixels' mean and sample sd, as the
+    drift monitor computes them (``monitoring.reference.scalar_statistics``)."""
+    flat = np.nan_to_num(probabilities.reshape(len(probabilities), -1), nan=0.0)
+    top = -np.sort(-flat, axis=1)[:, :2] if flat.shape[1] > 1 else np.hstack([flat, flat * 0])
+    pixels = np.nan_to_num(inputs.reshape(len(inputs), -1).astype(np.float64))
+    return top[:, 0] - top[:, 1], pixels.mean(axis=1), pixels.std(axis=1, ddof=1)
 
 
 def sketches(prints: np.ndarray) -> list[bytes]:
@@ -113,12 +146,14 @@ def ledger_rows(
     verdicts: Sequence[str],
     outcome: str,
     now: float | None = None,
+    embeddings: np.ndarray | None = None,
 ) -> list[Row]:
     """One request's rows: ``model`` (name, version), ``caller`` (client, request id), the
     input rows (n, ...), the outputs as answered (after any repeat), the fingerprints (n, S)
     if the defence computed them, one verdict per image, and the request's outcome. The class
     and confidence come from an output named ``probabilities``, else from the softmax of the
-    first output."""
+    first output. ``embeddings`` (n, E): the penultimate layer when the batch computed it,
+    recorded as its ``EMBEDDING_SUMMARY``-dimensional projection."""
     probabilities = outputs.get("probabilities")
     if probabilities is None:
         logits = next(iter(outputs.values())).reshape(len(inputs), -1).astype(np.float64)
@@ -126,11 +161,18 @@ def ledger_rows(
         shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
         probabilities = shifted / shifted.sum(axis=1, keepdims=True)
     predicted, confidence = predictions(probabilities)
+    margin, pixel_mean, pixel_std = image_statistics(inputs, probabilities)
     marks = sketches(prints) if prints is not None else [b""] * len(inputs)
+    summaries: list[bytes | None] = [None] * len(inputs)
+    if embeddings is not None and len(embeddings) == len(inputs):
+        flat = np.nan_to_num(embeddings.reshape(len(inputs), -1).astype(np.float32))
+        projected = (flat @ embedding_projection(flat.shape[1])).astype("<f4")
+        summaries = [row.tobytes() for row in projected]
     now, client = time.time() if now is None else now, caller[0] or "(anonymous)"
     return [
         Row(now, client, model[0], model[1], caller[1], outcome, content_hash(inputs[i]),
-            marks[i], int(predicted[i]), float(confidence[i]), verdicts[i])
+            marks[i], int(predicted[i]), float(confidence[i]), verdicts[i], float(margin[i]),
+            float(pixel_mean[i]), float(pixel_std[i]), summaries[i])
         for i in range(len(inputs))
     ]  # fmt: skip
 
@@ -166,6 +208,8 @@ class Ledger:
     ) -> None:
         local = isinstance(where, str | Path)
         self._db = SQLiteDatabase(where, "NORMAL", _SCHEMA) if local else where
+        if local:
+            _add_drift_columns(self._db)
         self.retention_s, self.max_rows = retention_s, max_rows
         self.clock, self._on_drop = clock, on_drop
         # a request's rows, or what they are built from (``ledger_rows``' arguments): the
@@ -272,3 +316,12 @@ class Ledger:
     def count(self) -> int:
         ((rows,),) = self._db.query("SELECT COUNT(*) FROM served")
         return int(rows)
+
+
+def _add_drift_columns(db: SQLiteDatabase) -> None:
+    """Adds the drift statistics' columns to a ledger file from before them (NULL there)."""
+    present = {row[1] for row in db.query("PRAGMA table_info(served)")}
+    with db.transaction():
+        for name, kind in _DRIFT_COLUMNS.items():
+            if name not in present:
+                db.run(f"ALTER TABLE served ADD COLUMN {name} {kind}")

@@ -106,3 +106,50 @@ def test_a_non_finite_output_is_recorded_not_a_lost_batch(tmp_path: Path) -> Non
     ledger.flush()
     assert ledger.count() == 5
     ledger.close()
+
+
+def test_rows_carry_the_drift_monitors_statistics_and_an_embedding_summary() -> None:
+    from bastion.gateway.incidents.ledger import EMBEDDING_SUMMARY
+    from bastion.gateway.monitoring.reference import scalar_statistics
+
+    images = to_float(load_split("test")[0][:5])
+    probabilities = np.random.default_rng(1).dirichlet(np.ones(10), 5).astype(np.float32)
+    embeddings = np.random.default_rng(2).normal(size=(5, 128)).astype(np.float32)
+    rows = ledger_rows(
+        ("m", "1"), ("c", None), images, {"probabilities": probabilities}, None,
+        ["clean"] * 5, "served", 1.0, embeddings,
+    )  # fmt: skip
+    expected = scalar_statistics(torch.from_numpy(images), torch.from_numpy(probabilities))
+    got = np.array([[r.confidence, r.margin, r.pixel_mean, r.pixel_std] for r in rows]).T
+    np.testing.assert_allclose(got, expected.numpy(), atol=1e-5)
+    summaries = [np.frombuffer(r.embedding, "<f4") for r in rows]
+    assert all(s.shape == (EMBEDDING_SUMMARY,) for s in summaries)
+    # the projection keeps distances in expectation: farther embeddings, farther summaries
+    far = embeddings.copy()
+    far[0] += 10.0
+    moved = ledger_rows(("m", "1"), ("c", None), images, {"probabilities": probabilities},
+                        None, ["clean"] * 5, "served", 1.0, far)  # fmt: skip
+    shift = np.linalg.norm(np.frombuffer(moved[0].embedding, "<f4") - summaries[0])
+    assert shift > 10.0 and moved[1].embedding == rows[1].embedding
+
+
+def test_a_ledger_file_from_before_the_drift_columns_gains_them(tmp_path: Path) -> None:
+    import sqlite3
+
+    path = tmp_path / "old.db"
+    with sqlite3.connect(path) as old:
+        old.execute(
+            "CREATE TABLE served (id INTEGER PRIMARY KEY, time REAL NOT NULL, client TEXT NOT "
+            "NULL, model TEXT NOT NULL, version TEXT NOT NULL, request_id TEXT, outcome TEXT NOT "
+            "NULL, input_hash INTEGER NOT NULL, sketch BLOB NOT NULL, predicted INTEGER NOT "
+            "NULL, confidence REAL NOT NULL, tier TEXT NOT NULL)"
+        )
+        old.execute("INSERT INTO served VALUES (1, 0, 'c', 'm', '1', NULL, 'served', 1, x'', 3, "
+                    "0.9, 'clean')")  # fmt: skip
+    ledger = Ledger(path, 3600.0, 1000)
+    ledger.submit(rows_for(2, t=1.0))
+    ledger.flush()
+    ledger.close()
+    with sqlite3.connect(path) as db:
+        margins = [row[0] for row in db.execute("SELECT margin FROM served ORDER BY id")]
+    assert margins[0] is None and margins[1] == pytest.approx(0.9, abs=1e-6)
