@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 
 from bastion.gateway import cli_serve
+from bastion.gateway.cli_drift import drift
 from bastion.gateway.cli_incidents import (
     Token,
     Url,
@@ -34,6 +35,7 @@ app.add_typer(keys, name="keys")
 clients = typer.Typer(help="Clients the stateful defence tracks: rungs, evidence, release.")
 app.add_typer(clients, name="clients")
 app.add_typer(incidents, name="incidents")
+app.add_typer(drift, name="drift")
 
 ModelName = Annotated[str, typer.Argument(help="Model name in the repository.", metavar="MODEL")]
 Item = Annotated[str, typer.Argument(help="Quarantine record id.", metavar="ITEM")]

@@ -216,10 +216,18 @@ def incidents_report(
             "BASTION_DATABASE_URL when set and neither --log nor --ledger is given)."
         ),
     ] = None,
+    drift: Annotated[
+        bool,
+        typer.Option(
+            help="Also write incident-ID-drift.html, the drift report (Evidently) of the "
+            "window, and link it (needs the reports extra)."
+        ),
+    ] = True,
 ) -> None:
     """Writes the impact report (JSON and an HTML page with plots): the clients involved,
     every served prediction linked to the campaign, what else they were served, the class
-    mix against the reference, the model versions that answered. Offline, read-only."""
+    mix against the reference, the model versions that answered, and a link to the drift
+    report of the window. Offline, read-only."""
     from bastion.gateway.incidents.report import STAGES, build, write
     from bastion.gateway.progress import Progress
     from bastion.gateway.settings import Settings
@@ -247,12 +255,45 @@ def incidents_report(
             err=True,
         )
         raise typer.Exit(2) from None
+    if drift:
+        report["drift_report"] = _drift_report(
+            report, out, url or ledger or settings.ledger_path,
+            repository or settings.model_repository,
+        )  # fmt: skip
     paths = write(report, out)
     typer.echo(
         f"{paths[1]}\n{paths[0]}\n{report['linked_served_count']} served predictions linked to "
         f"the campaign, {len(report['clients_involved'])} clients involved "
         f"({time.perf_counter() - started:.1f} s)"
     )
+
+
+def _drift_report(
+    report: dict[str, Any], out: Path, ledger: Path | str, repository: Path
+) -> dict[str, Any]:
+    """The drift report of the incident's window for the version that answered most (the
+    one the report's reference is): where it was written, or why there is none."""
+    from bastion.gateway.cli_drift import write_report
+    from bastion.gateway.errors import BastionError
+
+    top = report.get("reference") or max(
+        report.get("versions") or [{}], key=lambda v: v.get("requests", 0)
+    )
+    if not top.get("model"):
+        return {"missing": "no model version answered in the window"}
+    name = f"incident-{report['incident']['id']}-drift.html"
+    window = report["window"]
+    try:
+        write_report(
+            top["model"], int(top["version"]), out / name, ledger, repository,
+            window["start"], window["end"],
+        )  # fmt: skip
+    except ImportError:
+        return {"missing": "the reports extra is not installed (pip install "
+                           "'bastion-gateway[reports]')"}  # fmt: skip
+    except (OSError, ValueError, sqlite3.Error, BastionError) as exc:
+        return {"missing": str(exc)}
+    return {"file": name, "model": top["model"], "version": str(top["version"])}
 
 
 def quarantine_export(

@@ -85,7 +85,7 @@ def _open(where: Path | str) -> Database:
 
 
 @contextmanager
-def _snapshot(where: Path | str) -> Iterator[Database]:
+def snapshot(where: Path | str) -> Iterator[Database]:
     """The database at ``where`` in one read-only transaction: what the replicas or the
     gateway append meanwhile is not half seen."""
     db = _open(where)
@@ -206,7 +206,7 @@ def build(
     unknown incident, FileNotFoundError for a missing file, ``DatabaseUnavailable`` when
     PostgreSQL cannot be reached."""
     step = progress.advance if progress is not None else lambda count=1: None
-    with _snapshot(log) as log_db:  # a clear error for a wrong log before the ledger's
+    with snapshot(log) as log_db:  # a clear error for a wrong log before the ledger's
         store = IncidentStore(log_db)  # not closed here: its database is the snapshot's
         header = store.get(incident)
         subjects = sorted(store.subjects(incident, limit=MAX_SUBJECTS))  # in no collation
@@ -219,7 +219,7 @@ def build(
         if is_postgres(ledger) and ledger == log:
             served = _served(log_db, start, end, subjects, step)
         else:
-            with _snapshot(ledger) as ledger_db:
+            with snapshot(ledger) as ledger_db:
                 served = _served(ledger_db, start, end, subjects, step)
     return {
         "incident": header.to_json(),

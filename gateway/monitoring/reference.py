@@ -51,6 +51,9 @@ class ReferenceProfile:
     samples: int
     flag_rate: float | None = None  # the screening's expected clean flag rate, when calibrated
     meta: dict[str, Any] = field(default_factory=dict)
+    # (M, S + 1): the statistics and predicted class of the images whose embeddings are kept
+    # (or of M random ones): the rows a drift report's reference is (None in older profiles)
+    rows: torch.Tensor | None = None
 
     @property
     def statistics(self) -> tuple[str, ...]:
@@ -65,6 +68,8 @@ class ReferenceProfile:
             "classes": self.classes,
             "embeddings": self.embeddings,
         }
+        if self.rows is not None:
+            tensors["rows"] = self.rows
         header = {
             "bandwidth": self.bandwidth,
             "samples": self.samples,
@@ -101,6 +106,7 @@ class ReferenceProfile:
             samples=int(header["samples"]),
             flag_rate=header["flag_rate"],
             meta=header["meta"],
+            rows=tensors.get("rows"),
         )
 
 
@@ -116,14 +122,16 @@ def build_profile(
     values = scalar_statistics(images, probs).cpu()
     edges = torch.stack([drift.quantile_edges(row, BINS) for row in values])
     proportions = drift.proportions(drift.bin_counts(values, edges)).float()
-    classes = torch.bincount(probs.argmax(dim=1).cpu(), minlength=probs.shape[1])
+    predicted = probs.argmax(dim=1).cpu()
+    classes = torch.bincount(predicted, minlength=probs.shape[1])
+    generator = torch.Generator().manual_seed(seed)
+    take = torch.randperm(len(images), generator=generator)[:EMBEDDING_SAMPLE].sort().values
     if embeddings is None:  # a network without a Linear head: no MMD
         sample, bandwidth = torch.zeros(0, 1), 1.0
     else:
-        generator = torch.Generator().manual_seed(seed)
-        take = torch.randperm(len(embeddings), generator=generator)[:EMBEDDING_SAMPLE]
-        sample = embeddings.detach().cpu().float()[take.sort().values]
+        sample = embeddings.detach().cpu().float()[take]
         bandwidth = drift.median_bandwidth(sample)
+    rows = torch.cat([values[:, take].T, predicted[take].unsqueeze(1).float()], dim=1)
     return ReferenceProfile(
         edges=edges,
         proportions=proportions,
@@ -134,4 +142,5 @@ def build_profile(
         samples=len(images),
         flag_rate=flag_rate,
         meta={"created_at": time.time(), **(meta or {})},
+        rows=rows,
     )

@@ -260,6 +260,11 @@ def test_the_impact_report_lists_exactly_what_the_attacker_was_served(
         timeout=120,
     ).stdout  # fmt: skip
     assert 'data-ready="true"' in dom, dom[-2000:]
+    # the drift report of the window, written beside it and linked
+    drift = report["drift_report"]
+    assert drift.get("file") == f"incident-{incident}-drift.html", drift
+    assert 'id="bastion-drift"' in (tmp_path / drift["file"]).read_text()
+    assert f'href="{drift["file"]}"' in dom
     points = dict(re.findall(r'id="(chart-[a-z]+)" data-points="(\d+)"', dom))
     assert set(points) == {"chart-requests", "chart-confidence", "chart-classes", "chart-clients"}
     assert all(int(n) > 0 for n in points.values()), points
