@@ -274,7 +274,6 @@ def _drift_report(
     """The drift report of the incident's window for the version that answered most (the
     one the report's reference is): where it was written, or why there is none."""
     from bastion.gateway.cli_drift import write_report
-    from bastion.gateway.errors import BastionError
 
     top = report.get("reference") or max(
         report.get("versions") or [{}], key=lambda v: v.get("requests", 0)
@@ -291,8 +290,8 @@ def _drift_report(
     except ImportError:
         return {"missing": "the reports extra is not installed (pip install "
                            "'bastion-gateway[reports]')"}  # fmt: skip
-    except (OSError, ValueError, sqlite3.Error, BastionError) as exc:
-        return {"missing": str(exc)}
+    except Exception as exc:  # the impact report is written whatever befalls this one
+        return {"missing": str(exc) or type(exc).__name__}
     return {"file": name, "model": top["model"], "version": str(top["version"])}
 
 

@@ -38,6 +38,7 @@ MAX_IMAGES = 200_000  # a window's rows read at most (the newest)
 # eight dimensions are tested at once on 500-image windows (clean test digits against the
 # bundled profile score 0.05-0.13 per dimension, the same digits at half brightness 0.43-0.87)
 EMBEDDING_THRESHOLD = 0.2
+MAX_EMBEDDING_VALUE = 1e6  # a summary past it is a corrupt row, not a layer's output
 
 
 @dataclass(frozen=True)
@@ -129,23 +130,45 @@ def window_frame(
         where += " AND time <= ?"
         params.append(end)
     limit = min(last or MAX_IMAGES, MAX_IMAGES)
-    found = db.query(
-        "SELECT time, confidence, margin, pixel_mean, pixel_std, predicted, embedding "
-        f"FROM served WHERE {where} ORDER BY id DESC LIMIT {limit}",
-        tuple(params),
-    )
+    try:
+        found = db.query(
+            "SELECT time, confidence, margin, pixel_mean, pixel_std, predicted, embedding "
+            f"FROM served WHERE {where} ORDER BY id DESC LIMIT {limit}",
+            tuple(params),
+        )
+    except Exception as exc:
+        if "margin" in str(exc):  # no such column: a ledger no gateway of this version opened
+            raise ValueError(
+                "this ledger has no drift statistics: it was written before they were "
+                "recorded (a gateway of this version adds them when it opens the ledger)"
+            ) from None
+        raise
     found.reverse()
     frame = pd.DataFrame(
         [row[:6] for row in found],
         columns=["time", "confidence", "margin", "pixel_mean", "pixel_std", "predicted"],
     )
+    for column in frame.columns:  # what the gateway wrote is numbers; anything else is dropped
+        frame[column] = pd.to_numeric(frame[column], errors="coerce")
+    width = EMBEDDING_SUMMARY * 4
     summaries = [
-        np.frombuffer(row[6], "<f4") if row[6] else np.full(EMBEDDING_SUMMARY, np.nan)
+        np.frombuffer(row[6], "<f4")
+        if isinstance(row[6], bytes | bytearray | memoryview) and len(row[6]) == width
+        else np.full(EMBEDDING_SUMMARY, np.nan)
         for row in found
     ]
     embedded = np.vstack(summaries) if summaries else np.empty((0, EMBEDDING_SUMMARY))
+    with np.errstate(invalid="ignore"):  # an embedding no layer computes is no embedding
+        implausible = ~(np.abs(embedded) <= MAX_EMBEDDING_VALUE).all(axis=1)
+    embedded[implausible] = np.nan
     for column, values in zip(EMBEDDING_COLUMNS, embedded.T, strict=True):
         frame[column] = values
+    numbers = frame[["time", *STATISTICS]].to_numpy(np.float64)
+    usable = np.isfinite(numbers).all(axis=1) & (frame["predicted"] >= 0).to_numpy()
+    usable &= frame["predicted"].notna().to_numpy()
+    frame = frame[usable].reset_index(drop=True)
+    frame["predicted"] = frame["predicted"].astype(int)
+    frame.attrs["unusable"] = int((~usable).sum())
     return frame
 
 
@@ -163,7 +186,8 @@ def monitor_verdicts(
         for name, score in zip(STATISTICS, scores, strict=True)
     ]
     classes = len(profile.classes)
-    counts = np.bincount(window["predicted"].to_numpy().astype(int), minlength=classes)
+    predicted = window["predicted"].to_numpy().astype(int)
+    counts = np.bincount(predicted[predicted < classes], minlength=classes)
     observed = torch.tensor(counts[:classes], dtype=torch.float64)
     score = float(drift.js_divergence(profile.classes.double(), drift.proportions(observed)))
     drifted = score > js_threshold
@@ -182,6 +206,7 @@ def evidently_report(
     from evidently.presets import DataDriftPreset
 
     embedded = bool(len(window)) and not window[EMBEDDING_COLUMNS].isna().any().any()
+    embedded = embedded and not reference[EMBEDDING_COLUMNS].isna().any().any()
     definition = DataDefinition(
         numerical_columns=list(STATISTICS) + (EMBEDDING_COLUMNS if embedded else []),
         categorical_columns=["predicted"],
@@ -285,7 +310,9 @@ def comparison_html(
     listed += (
         "<li>The embedding summary (an 8-dimensional random projection of each image's "
         "penultimate layer, as the ledger records it) is Evidently's alone: the monitor tests "
-        "the full embeddings with MMD in the serving path, which the ledger does not keep.</li>"
+        "the full embeddings with MMD in the serving path, which the ledger does not keep. It "
+        "is left out when an image of the window has none (an unscreened model computes "
+        "none; rows from before the summary have none).</li>"
     )
     return (
         '<section id="bastion-drift" style="font-family:sans-serif;margin:16px">'
@@ -306,7 +333,11 @@ def build(
     """The report's HTML (Evidently's page with the comparison at its top), the monitor's
     verdicts, Evidently's and their differences. Raises ValueError for an empty window."""
     if len(window) == 0:
-        raise ValueError("the window holds no recorded images of this model version")
+        unusable = window.attrs.get("unusable", 0)
+        raise ValueError(
+            "the window holds no recorded images of this model version"
+            + (f" ({unusable} rows with statistics that are not numbers)" if unusable else "")
+        )
     ours = monitor_verdicts(profile, window, psi_threshold, js_threshold)
     reference, real = reference_frame(profile)
     snapshot, theirs = evidently_report(reference, window, psi_threshold, js_threshold)
@@ -318,18 +349,24 @@ def build(
     return page[:at] + section + page[at:], ours, theirs, notes
 
 
+LATEST_TIME = 253402300799.0  # 9999-12-31T23:59:59Z, the last time ISO 8601 dates reach
+
+
 def parse_time(value: str) -> float:
-    """Unix seconds from a number or an ISO 8601 time (UTC when it names no zone)."""
+    """Unix seconds from a number or an ISO 8601 time (UTC when it names no zone), between
+    1970 and 9999. Raises ValueError for anything else."""
     from datetime import UTC, datetime
 
     try:
-        return float(value)
+        stamp = float(value)
     except ValueError:
-        pass
-    moment = datetime.fromisoformat(value)
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=UTC)
-    stamp = moment.timestamp()
-    if not math.isfinite(stamp):
-        raise ValueError(f"not a time: {value!r}")
+        try:
+            moment = datetime.fromisoformat(value)
+        except ValueError:
+            raise ValueError(f"not a time: {value!r} (ISO 8601 or Unix seconds)") from None
+        if moment.tzinfo is None:
+            moment = moment.replace(tzinfo=UTC)
+        stamp = moment.timestamp()
+    if not (math.isfinite(stamp) and 0.0 <= stamp <= LATEST_TIME):
+        raise ValueError(f"not a time between 1970 and 9999: {value!r}")
     return stamp

@@ -25,8 +25,10 @@ queue (spans past it are dropped, never waited for) and export off the request p
 
 from __future__ import annotations
 
+import contextvars
 import random
 import re
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -43,6 +45,9 @@ if TYPE_CHECKING:  # the SDK is an extra (bastion-gateway[otel]), imported only 
 T = TypeVar("T")
 NOT_TRACED = ("/v2/health/live", "/v2/health/ready", "/metrics")
 MAX_QUEUED_SPANS = 8192  # the export queue's bound; spans past it are dropped
+EXPORT_BATCH = 256  # spans per export: at most MAX_ATTRIBUTE_CHARS each attribute
+EXPORT_TIMEOUT_S = 5  # one export, retries included; and the shutdown's wait
+MAX_ATTRIBUTE_CHARS = 256
 PREFIX = "bastion."
 # W3C Trace Context §3.2: version 00, a non-zero trace id and parent id, the flags
 _TRACEPARENT = re.compile(r"00-(?!0{32})[0-9a-f]{32}-(?!0{16})[0-9a-f]{16}-[0-9a-f]{2}")
@@ -62,7 +67,7 @@ class Tracing:
     def __init__(self, settings: Settings, exporter: SpanExporter | None = None) -> None:
         from opentelemetry import trace
         from opentelemetry.sdk.resources import Resource
-        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace import SpanLimits, TracerProvider
         from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
         from opentelemetry.sdk.trace.sampling import ALWAYS_ON, ParentBased
         from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
@@ -76,6 +81,8 @@ class Tracing:
             # the ratio is applied before a request's first span (``sampled``): a request left
             # out then costs nothing further, not a non-recording span at every stage
             sampler=ParentBased(ALWAYS_ON),
+            # a client chooses the path: its text is clipped, as every attribute is
+            span_limits=SpanLimits(max_attribute_length=MAX_ATTRIBUTE_CHARS),
         )
         self.ratio = settings.otel_sampling_ratio
         self.max_per_s = settings.otel_max_traces_per_s
@@ -84,7 +91,13 @@ class Tracing:
         self._propagator = TraceContextTextMapPropagator()
         if exporter is None:
             self.provider.add_span_processor(
-                BatchSpanProcessor(otlp_exporter(settings), max_queue_size=MAX_QUEUED_SPANS)
+                BatchSpanProcessor(
+                    otlp_exporter(settings),
+                    max_queue_size=MAX_QUEUED_SPANS,
+                    # a batch well under a collector's 4 MiB gRPC message limit
+                    max_export_batch_size=EXPORT_BATCH,
+                    export_timeout_millis=EXPORT_TIMEOUT_S * 1000,
+                )
             )
         else:
             self.provider.add_span_processor(SimpleSpanProcessor(exporter))
@@ -102,13 +115,27 @@ class Tracing:
                 wanted = bool(int(traceparent.strip()[-2:], 16) & 1)
         if wanted is None:
             wanted = self.ratio >= 1.0 or random.random() < self.ratio
-        if not wanted:
-            return False
+        return wanted and self._charge()
+
+    def _charge(self) -> bool:
+        """Counts one traced request against this second's ``otel_max_traces_per_s``."""
         second = int(time.monotonic())
         if second != self._second:
             self._second, self._traced = second, 0
         self._traced += 1
         return self._traced <= self.max_per_s
+
+    def for_message(self) -> contextvars.Context | None:
+        """The context to answer one message of a traced stream in: the stream's own (None:
+        inherit it) while the per-second cap allows, else a copy with no current span, so a
+        stream of many messages cannot trace past the cap."""
+        if not self.active() or self._charge():
+            return None
+        from opentelemetry import context, trace
+
+        detached = contextvars.copy_context()
+        detached.run(context.attach, trace.set_span_in_context(trace.INVALID_SPAN))
+        return detached
 
     def annotate(self, **attributes: Any) -> None:
         """Sets attributes on the current span (the request's server span, from the data
@@ -252,9 +279,12 @@ class Tracing:
             attributes={"db.collection.name": table, "bastion.rows": rows},
         )
 
-    def shutdown(self) -> None:
-        """Exports what is queued (a few seconds at most), then stops."""
-        self.provider.shutdown()
+    def shutdown(self, timeout_s: float = EXPORT_TIMEOUT_S) -> None:
+        """Exports what is queued, then stops; returns within ``timeout_s`` even when the
+        collector does not answer (the SDK itself would wait up to 30 s), leaving the rest."""
+        closing = threading.Thread(target=self.provider.shutdown, name="otel-shutdown", daemon=True)
+        closing.start()
+        closing.join(timeout_s)
 
 
 def timed(job: Callable[[], T], into: list[int]) -> Callable[[], T]:
@@ -285,9 +315,9 @@ def otlp_exporter(settings: Settings) -> SpanExporter:
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 
         insecure = endpoint.startswith("http://")
-        return OTLPSpanExporter(endpoint=endpoint, insecure=insecure, timeout=10)
+        return OTLPSpanExporter(endpoint=endpoint, insecure=insecure, timeout=EXPORT_TIMEOUT_S)
     from opentelemetry.exporter.otlp.proto.http.trace_exporter import (
         OTLPSpanExporter as HTTPSpanExporter,
     )
 
-    return HTTPSpanExporter(endpoint=f"{endpoint}/v1/traces", timeout=10)
+    return HTTPSpanExporter(endpoint=f"{endpoint}/v1/traces", timeout=EXPORT_TIMEOUT_S)

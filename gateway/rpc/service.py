@@ -275,6 +275,7 @@ class InferenceService:
         meta = metadata(context)
         self._caller(meta, context)  # with keys on, a stream without one is refused at once
         window = asyncio.Semaphore(self.plane.settings.grpc_stream_window)
+        tracing = self.plane.tracing
         answers: asyncio.Queue[bytes | None] = asyncio.Queue()
         tasks: set[asyncio.Task[None]] = set()
 
@@ -304,7 +305,9 @@ class InferenceService:
             try:
                 async for raw in requests:
                     await window.acquire()
-                    task = asyncio.create_task(answer(raw))
+                    # each message counts against the trace cap, as an HTTP request does
+                    context = tracing.for_message() if tracing is not None else None
+                    task = asyncio.create_task(answer(raw), context=context)
                     tasks.add(task)
                     task.add_done_callback(tasks.discard)
                 await asyncio.gather(*list(tasks))

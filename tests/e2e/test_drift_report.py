@@ -116,3 +116,30 @@ def test_bad_windows_get_a_clear_error(ledger: Path, tmp_path: Path) -> None:
     missing = [*base[:5], "nosuchmodel", *base[6:]]
     done = subprocess.run(missing, capture_output=True, text=True, timeout=300)
     assert done.returncode == 1 and "no model" in done.stderr
+
+
+def test_rows_no_gateway_writes_are_left_out_not_a_traceback(
+    ledger: Path, tmp_path: Path
+) -> None:
+    """A ledger edited by hand: text in a number column, a short or huge embedding, a
+    negative class. Those rows are left out (or their embedding is), the report is written."""
+    import shutil
+    import sqlite3
+
+    crafted = tmp_path / "crafted.db"
+    shutil.copy(ledger, crafted)
+    with sqlite3.connect(crafted) as db:
+        first = db.execute("SELECT MAX(id) FROM served").fetchone()[0] - 3
+        db.execute("UPDATE served SET confidence = 'high' WHERE id = ?", (first,))
+        db.execute("UPDATE served SET embedding = x'616263' WHERE id = ?", (first + 1,))
+        huge = np.full(8, 3e38, "<f4").tobytes()
+        db.execute("UPDATE served SET embedding = ? WHERE id = ?", (huge, first + 2))
+        db.execute("UPDATE served SET predicted = -3 WHERE id = ?", (first + 3,))
+    out = report(crafted, tmp_path / "crafted.html", "--window", "last")
+    assert "498 images of digits version 1" in out  # the text and the negative class dropped
+    bad = [sys.executable, "-m", "bastion.gateway", "drift", "report", "digits", "--ledger",
+           str(crafted), "--repository", str(REPOSITORY), "--out", str(tmp_path / "x.html")]
+    for value in ("inf", "nan", "1e20", "-5"):
+        done = subprocess.run([*bad, "--from", value], capture_output=True, text=True,
+                              timeout=300)  # fmt: skip
+        assert done.returncode == 2 and "--from/--to" in done.stderr, done.stderr

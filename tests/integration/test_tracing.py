@@ -172,3 +172,28 @@ def test_callers_cannot_force_more_traces_a_second_than_the_cap(
     forced = [tracing.sampled(TRACEPARENT) for _ in range(50)]  # within one second, or two
     assert 5 <= sum(forced) <= 10
     assert not tracing.sampled(None)  # ratio 0: nothing of its own
+
+
+def test_each_message_of_a_traced_stream_counts_against_the_cap(
+    repository: Path, tmp_path: Path
+) -> None:
+    exporter = InMemorySpanExporter()
+    config = settings(repository, tmp_path, otel_max_traces_per_s=3)
+    tracing = Tracing(config, exporter)
+    assert tracing.sampled(TRACEPARENT)  # the stream's own span: one of the 3
+    with tracing.server("stream", {"traceparent": TRACEPARENT}, {}):
+        contexts = [tracing.for_message() for _ in range(4)]
+        assert contexts[:2] == [None, None]  # within the cap: the stream's context
+        for context in contexts[2:]:  # past it: no current span, so nothing is traced
+            assert context is not None and not context.run(tracing.active)
+        assert tracing.active()  # the stream's own context is untouched
+
+
+def test_a_long_client_chosen_path_is_clipped_in_its_span(
+    traced: tuple[TestClient, InMemorySpanExporter],
+) -> None:
+    client, exporter = traced
+    path = "/v2/models/" + "x" * 5000 + "/ready"
+    assert client.get(path, headers={"traceparent": TRACEPARENT}).status_code == 404
+    (server,) = exporter.get_finished_spans()
+    assert len(server.attributes["url.path"]) == 256
