@@ -471,7 +471,8 @@ def _verdicts(screened: Screened) -> dict[str, Any]:
     """A request's verdicts and actions as span attributes (never a score or threshold)."""
     decision = screened.decision
     return {
-        "bastion.screening.verdicts": decision.verdicts,
-        "bastion.screening.actions": decision.actions,
+        # one string each (a list attribute costs the SDK a copy per element)
+        "bastion.screening.verdicts": ",".join(decision.verdicts),
+        "bastion.screening.actions": ",".join(decision.actions),
         "bastion.screening.withheld": len(decision.withheld),
     }

@@ -178,7 +178,8 @@ class Tracing:
         method = scope["method"]
         attributes: dict[str, Any] = {
             "http.request.method": method,
-            "url.path": scope["path"],
+            # clipped here: the SDK would clip it too, logging a warning each time
+            "url.path": scope["path"][:MAX_ATTRIBUTE_CHARS],
             "url.scheme": scope.get("scheme", "http"),
         }
         if route is not None:
@@ -254,8 +255,6 @@ class Tracing:
                 "bastion.request_rows": rows,
                 "bastion.forward_ns": times.infer_ns,
                 "bastion.screening_ns": times.screen_ns,
-                "bastion.to_device_ns": times.input_ns,
-                "bastion.to_host_ns": times.output_ns,
             },
         )
 
