@@ -383,8 +383,9 @@ class Settings(BaseSettings):
         1.0,
         ge=0,
         le=1,
-        description="Share of new traces kept (a caller's sampled traceparent is always "
-        "followed); 0.1 keeps tracing's cost under 5 % of throughput (benchmarks/RESULTS.md).",
+        description="Share of requests traced when the caller's traceparent does not say "
+        "(a sampled one is followed, within otel_max_traces_per_s); each traced request costs "
+        "about 1 ms of CPU (at 0.1, 16 % of throughput on 2 cores: benchmarks/RESULTS.md 14).",
     )
     otel_max_traces_per_s: int = Field(
         200,
