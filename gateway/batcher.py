@@ -8,13 +8,15 @@ The queue is bounded (full → ``Unavailable`` at once); requests past their dea
 before they reach the device; a cancelled caller's rows are dropped before the batch runs.
 An optional ``admit`` hook sees a formed batch's clients before it runs and may refuse some of
 them (the rate limit shared by replicas: one Redis round trip per batch, not per request).
-Model work runs in the device's thread pool, never on the event loop.
+Model work runs in the device's thread pool, never on the event loop; a batch whose work is
+I/O (a remote upstream's call) is a coroutine on the loop instead, bounded by its own slots.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
@@ -24,11 +26,12 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from bastion.gateway.errors import BackendError, DeadlineExceeded, Unavailable
+from bastion.gateway.errors import BackendError, BastionError, DeadlineExceeded, Unavailable
 from bastion.gateway.monitoring.stats import BatchTimes
 
 Arrays = dict[str, np.ndarray]
 RunBatch = Callable[[Sequence[Arrays]], tuple[Arrays, BatchTimes]]
+AsyncRunBatch = Callable[[Sequence[Arrays]], Awaitable[tuple[Arrays, BatchTimes]]]
 Admit = Callable[[list[str | None]], Awaitable[list[Exception | None]]]
 """A batch's clients -> per request None (admitted) or the error that refuses it."""
 
@@ -39,6 +42,19 @@ class BatchObserver(Protocol):
     def on_dequeue(self, queue_ns: int) -> None: ...
 
     def on_expired(self, queue_ns: int) -> None: ...
+
+
+class Unobserved:
+    """A batcher whose batches another observer already counts (a model's second stage)."""
+
+    def on_batch(self, size: int, requests: int, times: BatchTimes) -> None:
+        pass
+
+    def on_dequeue(self, queue_ns: int) -> None:
+        pass
+
+    def on_expired(self, queue_ns: int) -> None:
+        pass
 
 
 class DeviceSlots:
@@ -55,6 +71,13 @@ class DeviceSlots:
         self.executor.shutdown(wait=True, cancel_futures=True)
 
 
+class CallSlots:
+    """Bounds the batches in flight to a remote upstream; the calls run on the event loop."""
+
+    def __init__(self, slots: int) -> None:
+        self.semaphore = asyncio.Semaphore(slots)
+
+
 @dataclass(slots=True)
 class _Item:
     inputs: Arrays
@@ -69,8 +92,8 @@ class _Item:
 class DynamicBatcher:
     def __init__(
         self,
-        run_batch: RunBatch,
-        slots: DeviceSlots,
+        run_batch: RunBatch | AsyncRunBatch,
+        slots: DeviceSlots | CallSlots,
         observer: BatchObserver,
         *,
         max_batch_size: int,
@@ -79,7 +102,10 @@ class DynamicBatcher:
         max_queue_size: int = 1024,
         admit: Admit | None = None,
     ) -> None:
+        """``run_batch``: the batch's work, a function run on ``slots``' threads, or a
+        coroutine function (with ``CallSlots``) awaited on the loop."""
         self._run_batch = run_batch
+        self._on_loop = inspect.iscoroutinefunction(run_batch)
         self._admit = admit
         self._slots = slots
         self._observer = observer
@@ -208,9 +234,12 @@ class DynamicBatcher:
                 return
         started = time.perf_counter_ns()
         try:
-            outputs, times = await loop.run_in_executor(
-                self._slots.executor, self._run_batch, [item.inputs for item in items]
-            )
+            batch = [item.inputs for item in items]
+            if self._on_loop:
+                outputs, times = await self._run_batch(batch)  # type: ignore[misc]
+            else:
+                executor = self._slots.executor  # type: ignore[union-attr]
+                outputs, times = await loop.run_in_executor(executor, self._run_batch, batch)
             rows = sum(item.rows for item in items)
             for name, value in outputs.items():
                 if value.shape[:1] != (rows,):
@@ -218,8 +247,9 @@ class DynamicBatcher:
                         f"output {name!r} has {value.shape[:1]} rows, expected {rows}"
                     )
         except Exception as exc:
+            # a protocol error (an upstream's 400, 503, 504) keeps its status
             error = (
-                exc if isinstance(exc, BackendError) else BackendError(f"inference failed: {exc}")
+                exc if isinstance(exc, BastionError) else BackendError(f"inference failed: {exc}")
             )
             for item in items:
                 _fail(item.future, error)

@@ -7,6 +7,7 @@ never on the event loop. Everything a request means happens here.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import time
 from collections.abc import Callable
@@ -23,6 +24,7 @@ from bastion.gateway.defence.service import DefenceService, throttled
 from bastion.gateway.errors import (
     BastionError,
     Blocked,
+    DeadlineExceeded,
     Forbidden,
     NotFound,
     PayloadTooLarge,
@@ -82,7 +84,8 @@ MessageParser = Callable[[], tuple[str, int | None, int, Decoder]]
 the version asked for (None: the route's or the latest), the message's size in bytes and the
 decoder of its tensors, or raises a ``BastionError``. Runs on a pool thread."""
 
-_PRIVATE_PARAMETERS = ("screening", "squeeze")
+# the screening policy, and where a remote model's upstream is (internal topology)
+_PRIVATE_PARAMETERS = ("screening", "squeeze", "upstream")
 
 
 class DataPlane:
@@ -312,6 +315,7 @@ class DataPlane:
         """Batches, screens and answers a decoded request (failures counted for ``model``)."""
         request, arrays, rows = prepared
         try:
+            model.check_ready()  # a remote model whose upstream is down: 503 before any work
             wanted = requested_outputs(model.config, request)
             deadline = self._deadline(model, request, start)
             if deadline_ns is not None:
@@ -323,6 +327,8 @@ class DataPlane:
                 tracing.annotate(**_attributes(model))  # on the request's server span
                 tracing.batch(timing[0], rows)
             screened = await self._screen(model, request, arrays, results, charged, caller.shared)
+            if model.upstream is not None and screened is not None:
+                results = await self._forward(model, request, arrays, results, screened, deadline)
             outputs = [output_tensor(model.config, want, results[want.name]) for want in wanted]
         except BastionError as exc:
             model.observer.on_failure(time.perf_counter_ns() - start, exc.reason)
@@ -419,8 +425,55 @@ class DataPlane:
             report = request.parameters.get(REPORT_PARAMETER) is True
             outcome = "withheld" if screened.decision.withheld and not report else "served"
         finally:
-            if self.ledger is not None:  # what was answered to whom, off the hot path
+            # what was answered to whom, off the hot path; a remote model's served rows are
+            # recorded once its upstream has answered (``_forward``)
+            if self.ledger is not None and not (model.upstream is not None and outcome == "served"):
                 self._record(model, request, arrays, results, screened.decision.verdicts, outcome)
+
+    async def _forward(
+        self,
+        model: LoadedModel,
+        request: InferRequest,
+        arrays: dict[str, np.ndarray],
+        results: dict[str, np.ndarray],
+        screened: Screened,
+        deadline: int | None,
+    ) -> dict[str, np.ndarray]:
+        """A screened remote model's second stage: the rows the policy let through go to the
+        upstream (batched with other requests' rows), and its outputs replace the local
+        screening model's, unchanged. Only an admin's report asks for a request with withheld
+        rows; those rows keep the local outputs, which ``report_outputs`` then blanks."""
+        assert model.upstream is not None
+        rows = len(next(iter(arrays.values())))
+        withheld = set(screened.decision.withheld)
+        keep = [i for i in range(rows) if i not in withheld]
+        served, outcome = results, "failed"  # nothing served unless the upstream answers
+        tracing = self._tracing()
+        try:
+            if keep:
+                sent = arrays if len(keep) == rows else {k: v[keep] for k, v in arrays.items()}
+                wait = None if deadline is None else max(0, deadline - time.perf_counter_ns()) / 1e9
+                with _NOT_TRACED if tracing is None else tracing.span("upstream"):
+                    try:
+                        async with asyncio.timeout(wait):
+                            answer = await model.upstream.submit(sent, len(keep), deadline)
+                    except TimeoutError:
+                        raise DeadlineExceeded(
+                            "request timed out waiting for the upstream"
+                        ) from None
+                served = dict(results)
+                for spec in model.config.outputs:
+                    if len(keep) == rows:
+                        served[spec.name] = answer[spec.name]
+                    else:
+                        merged = results[spec.name].copy()
+                        merged[keep] = answer[spec.name]
+                        served[spec.name] = merged
+            outcome = "served"
+        finally:
+            if self.ledger is not None:
+                self._record(model, request, arrays, served, screened.decision.verdicts, outcome)
+        return served
 
     def _record(
         self,

@@ -101,7 +101,7 @@ _READY = {200: {"description": "Ready"}, **MODEL_ERRORS}
     "/v2/models/{model}/versions/{version}/ready", response_class=Response, responses=_READY
 )
 async def model_ready(request: Request, model: str, version: str | None = None) -> Response:
-    plane(request).registry.get(model, parse_version(version))
+    plane(request).registry.get(model, parse_version(version)).check_ready()
     return Response(status_code=200)
 
 

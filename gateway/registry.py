@@ -18,7 +18,15 @@ from typing import Any
 import numpy as np
 
 from bastion.gateway.backends import Backend, load_backend
-from bastion.gateway.batcher import Admit, Arrays, DeviceSlots, DynamicBatcher
+from bastion.gateway.backends.triton_upstream import TritonUpstream, upstream_spec
+from bastion.gateway.batcher import (
+    Admit,
+    Arrays,
+    CallSlots,
+    DeviceSlots,
+    DynamicBatcher,
+    Unobserved,
+)
 from bastion.gateway.errors import BastionError, NotFound, Unavailable
 from bastion.gateway.limits import ModelLimits, model_limits
 from bastion.gateway.monitoring.drift_monitor import DriftMonitor
@@ -45,6 +53,13 @@ class LoadedModel:
     screening_review: str = "review"  # what a suspicious verdict does: review or allow
     drift: DriftMonitor | None = None
     limits: ModelLimits | None = None  # what this version can take (gateway.limits)
+    remote: TritonUpstream | None = None  # a remote Triton model's upstream
+    upstream: DynamicBatcher | None = None  # its second stage, after local screening
+
+    def check_ready(self) -> None:
+        """Raises ``Unavailable`` while a remote model's upstream cannot serve."""
+        if self.remote is not None and not self.remote.ready:
+            raise Unavailable(f"model {self.config.name!r} is not ready: {self.remote.reason}")
 
     @property
     def stats(self) -> ModelStats:
@@ -111,6 +126,14 @@ def pick_device(setting: str) -> str:
     if setting == "cuda" or (setting == "auto" and torch.cuda.is_available()):
         return "cuda:0"
     return "cpu"
+
+
+def _entry(name: str, version: int, loaded: LoadedModel) -> dict[str, str]:
+    """A loaded version's index entry: UNAVAILABLE, with the reason, while its upstream is."""
+    entry = {"name": name, "version": str(version), "state": "READY"}
+    if loaded.remote is not None and not loaded.remote.ready:
+        entry.update(state="UNAVAILABLE", reason=loaded.remote.reason)
+    return entry
 
 
 UNLOADED = "unloaded"
@@ -208,7 +231,7 @@ class ModelRegistry:
         for name in self.repository.names():
             versions = self._models.get(name)
             if versions:
-                entries += [{"name": name, "version": str(v), "state": "READY"} for v in versions]
+                entries += [_entry(name, v, loaded) for v, loaded in versions.items()]
             else:
                 entry = {"name": name, "state": "UNAVAILABLE"}
                 entry["reason"] = self._errors.get(name, UNLOADED)
@@ -217,29 +240,54 @@ class ModelRegistry:
 
     async def _load_version(self, config: ModelConfig, version: int) -> LoadedModel:
         threads = self.settings.torch_threads
-        backend = await asyncio.to_thread(load_backend, config, version, self.device, threads)
-        await asyncio.to_thread(warm_up, backend, config)
-        drift = self._drift_monitor(config, version, backend)
+        source = self._screening_source(config, version)
+        remote = await self._remote(config, version) if config.backend == "triton" else None
+        observer = ModelObserver(ModelStats(config.name, str(version)), self.metrics)
+        batching = config.batching
+        options = {
+            "max_batch_size": batching.max_batch_size,
+            "preferred_batch_sizes": batching.preferred_batch_sizes,
+            "max_queue_delay_us": batching.max_queue_delay_us,
+            "max_queue_size": self.settings.max_queue_size or batching.max_queue_size,
+        }
+        calls = CallSlots(self.settings.upstream_max_inflight_batches)
+        if source is None:  # a remote model that does not screen: the upstream is the backend
+            assert remote is not None
+            batcher = DynamicBatcher(
+                remote.infer, calls, observer, admit=self.batch_admit, **options
+            )
+            batcher.start()
+            loaded = LoadedModel(config, version, remote, batcher, observer, remote=remote)
+            return loaded
+        try:
+            backend = await asyncio.to_thread(load_backend, *source, self.device, threads)
+            await asyncio.to_thread(warm_up, backend, source[0])
+        except BaseException:
+            if remote is not None:
+                await remote.close()
+            raise
+        drift = self._drift_monitor(source[0], source[1], backend, config.name, version)
         slots = self._slots.get(backend.device)
         if slots is None:
             slots = DeviceSlots(backend.device, self.settings.max_concurrent_batches)
             self._slots[backend.device] = slots
-        observer = ModelObserver(ModelStats(config.name, str(version)), self.metrics)
-        batching = config.batching
         batcher = DynamicBatcher(
             lambda requests: run_batch(backend, requests),
             slots,
             observer,
-            max_batch_size=batching.max_batch_size,
-            preferred_batch_sizes=batching.preferred_batch_sizes,
-            max_queue_delay_us=batching.max_queue_delay_us,
-            max_queue_size=self.settings.max_queue_size or batching.max_queue_size,
             admit=self.batch_admit,
+            **options,
         )
         batcher.start()
-        loaded = LoadedModel(config, version, backend, batcher, observer)
+        loaded = LoadedModel(config, version, backend, batcher, observer, remote=remote)
+        if remote is not None:
+            # the rows screening passes, batched again for one upstream call (no extra wait:
+            # the rows of one screened batch arrive together)
+            second = {**options, "max_queue_delay_us": 0}
+            loaded.upstream = DynamicBatcher(remote.infer, calls, Unobserved(), **second)
+            loaded.upstream.start()
         loaded.drift = drift
-        policy = from_config(config)
+        policy = from_config(source[0])
         if backend.screening is not None:  # the defence's fingerprints, in the same batch
             backend.screening.fingerprint_spec = self.fingerprint_spec
         if policy is not None and backend.screening is not None:
@@ -248,10 +296,67 @@ class ModelRegistry:
             self.on_screening(config.name, str(version), backend.screening)
         return loaded
 
+    async def _remote(self, config: ModelConfig, version: int) -> TritonUpstream:
+        """A remote Triton model's upstream, asked once before the model is served (an
+        unreachable one leaves the model loaded but not ready) and watched after."""
+        settings = self.settings
+        spec = upstream_spec(
+            config,
+            settings.upstream_timeout_s,
+            settings.upstream_connections,
+            settings.upstream_health_interval_s,
+        )
+        gauge = self.metrics.upstream_ready.labels(config.name, str(version))
+        duration = self.metrics.upstream_duration.labels(config.name, str(version))
+        remote = TritonUpstream(spec, config, on_ready=gauge.set, on_call=duration.observe)
+        await remote.probe()
+        remote.start()
+        return remote
+
+    def _screening_source(
+        self, config: ModelConfig, version: int
+    ) -> tuple[ModelConfig, int] | None:
+        """The config and version folder a model's local backend loads: its own, or for a
+        remote Triton model that screens, the weights in its own version folder or the model
+        its parameter ``screening_model`` names (whose calibration and policy it then uses);
+        None for a remote model that does not screen."""
+        if config.backend != "triton":
+            return config, version
+        if from_config(config) is None:
+            return None
+        named = config.parameters.get("screening_model")
+        if not named:
+            return dataclasses.replace(config, backend="pytorch"), version
+        if named == config.name:
+            raise ConfigError(f"model {config.name!r}: screening_model names the model itself")
+        source = self.repository.config(named)
+        wanted = config.parameters.get("screening_model_version")
+        picked = int(wanted) if wanted and wanted.isdigit() else max(source.versions, default=0)
+        if source.backend != "pytorch" or picked not in source.versions:
+            raise ConfigError(
+                f"model {config.name!r}: screening_model {named!r} needs to be a pytorch model "
+                f"with version {picked} in the repository"
+            )
+        ours = [(t.name, t.datatype, t.dims) for t in (*config.inputs, *config.outputs)]
+        theirs = [(t.name, t.datatype, t.dims) for t in (*source.inputs, *source.outputs)]
+        if ours != theirs or from_config(source) is None:
+            raise ConfigError(
+                f"model {config.name!r}: screening_model {named!r} must screen, with the same "
+                "inputs and outputs"
+            )
+        return source, picked
+
     def _drift_monitor(
-        self, config: ModelConfig, version: int, backend: Backend
+        self,
+        config: ModelConfig,
+        version: int,
+        backend: Backend,
+        name: str | None = None,
+        served: int | None = None,
     ) -> DriftMonitor | None:
-        """A monitor for a torch model whose version folder holds a reference profile."""
+        """A monitor for a torch model whose version folder holds a reference profile
+        (``config`` and ``version``: the folder's; ``name`` and ``served``: the model it
+        watches, when another model's weights screen it)."""
         wanted = config.parameters.get("drift", "on").lower() != "off"
         if not (self.settings.drift and wanted and hasattr(backend, "monitor")):
             return None
@@ -273,8 +378,8 @@ class ModelRegistry:
             # without recalibrating (the profile holds the rate at calibration time)
             profile = dataclasses.replace(profile, flag_rate=targets[ADVERSARIAL])
         monitor = DriftMonitor(
-            config.name,
-            str(version),
+            name or config.name,
+            str(served or version),
             profile,
             drift_config(self.settings),
             self.metrics,
@@ -286,7 +391,12 @@ class ModelRegistry:
 
     async def _close(self, loaded: LoadedModel) -> None:
         await loaded.batcher.close()
-        loaded.backend.close()
+        if loaded.upstream is not None:
+            await loaded.upstream.close()
+        if loaded.remote is not None:
+            await loaded.remote.close()
+        if loaded.backend is not loaded.remote:
+            loaded.backend.close()
         if loaded.drift is not None:
             loaded.drift.close()
 

@@ -91,6 +91,20 @@ class Settings(BaseSettings):
     max_concurrent_batches: int = Field(
         1, ge=1, description="Batches in flight per device (one compute thread each)."
     )
+    # a model with backend "triton" (backends/triton_upstream.py); its config's parameters
+    # upstream_timeout_s and upstream_connections override the first two for it
+    upstream_timeout_s: float = Field(
+        10.0, gt=0, le=3600, description="One call to a remote Triton upstream, in seconds."
+    )
+    upstream_connections: int = Field(
+        16, ge=1, le=1024, description="HTTP connections kept to each remote Triton upstream."
+    )
+    upstream_max_inflight_batches: int = Field(
+        8, ge=1, le=1024, description="Batches in flight to each remote Triton upstream."
+    )
+    upstream_health_interval_s: float = Field(
+        2.0, gt=0, le=3600, description="How often an upstream's readiness is checked, seconds."
+    )
     admin_token: str = Field("", description="Bearer token for admin actions; empty disables them.")
     client_id_header: str = Field(
         "x-client-id", description="Request header naming the client (lower case)."

@@ -136,8 +136,14 @@ class ServerProcess:
                 self.process.wait(timeout=10)
 
 
-def start_server(log_dir: Path, *args: str, env: dict[str, str] | None = None) -> ServerProcess:
-    """Starts ``bastion serve`` on a free port and polls readiness with backoff."""
+def start_server(
+    log_dir: Path,
+    *args: str,
+    env: dict[str, str] | None = None,
+    ready_path: str = "/v2/health/ready",
+) -> ServerProcess:
+    """Starts ``bastion serve`` on a free port and polls ``ready_path`` (readiness; liveness
+    for a server with a model meant not to be ready) with backoff."""
     port, grpc_port = free_port(), free_port()
     log = log_dir / f"server-{port}.log"
     full_env = {
@@ -165,7 +171,7 @@ def start_server(log_dir: Path, *args: str, env: dict[str, str] | None = None) -
         if process.poll() is not None:
             raise RuntimeError(f"server exited early:\n{log.read_text()}")
         try:
-            if httpx.get(f"http://{server.url}/v2/health/ready", timeout=2).status_code == 200:
+            if httpx.get(f"http://{server.url}{ready_path}", timeout=2).status_code == 200:
                 return server
         except httpx.HTTPError:
             pass

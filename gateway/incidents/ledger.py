@@ -45,7 +45,8 @@ SKETCH = 16
 SKETCH_MATCH = 12
 SWEEP_INTERVAL_S = 10.0
 GATHER_S = 0.05
-OUTCOMES = ("served", "withheld", "refused")
+# failed: accepted, screened and let through, but its remote upstream gave no answer
+OUTCOMES = ("served", "withheld", "refused", "failed")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS served (

@@ -300,6 +300,19 @@ class Metrics:
         self.models_ready = Gauge(
             "bastion_models_ready", "Model versions loaded and ready", registry=self.registry
         )
+        self.upstream_ready = Gauge(
+            "bastion_upstream_ready",
+            "1 while a remote Triton model's upstream answers and is ready",
+            labels,
+            registry=self.registry,
+        )
+        self.upstream_duration = Histogram(
+            "bastion_upstream_duration_seconds",
+            "One batch's call to a remote Triton upstream",
+            labels,
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
 
     def _drift_metrics(self, labels: list[str]) -> None:
         statistic = [*labels, "statistic"]

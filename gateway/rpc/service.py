@@ -148,7 +148,8 @@ class InferenceService:
 
     async def model_ready(self, request: pb.ModelReadyRequest, meta: dict) -> Message:
         try:
-            self.plane.registry.get(request.name, parse_version(request.version or None))
+            model = self.plane.registry.get(request.name, parse_version(request.version or None))
+            model.check_ready()
         except (NotFound, Unavailable):
             return pb.ModelReadyResponse(ready=False)
         return pb.ModelReadyResponse(ready=True)

@@ -1,0 +1,371 @@
+"""A remote Triton as a model's backend: Bastion batches and screens, an existing Triton infers.
+
+A model whose config says ``backend: "triton"`` names its upstream in parameters:
+
+- ``upstream_url``: ``grpc://host:port`` or ``http://host:port`` (HTTP needs the
+  ``triton-http`` extra: tritonclient's asyncio HTTP client runs on aiohttp);
+- ``upstream_model`` (default: the model's own name) and ``upstream_version`` (default: the
+  upstream's version policy picks);
+- ``upstream_timeout_s`` and ``upstream_connections``, else the gateway's settings.
+
+Calls go through tritonclient's asyncio clients on the event loop (no thread per call), with
+binary tensors both ways, so the outputs a client gets are the upstream's bytes. The model is
+ready only while the upstream answers: a watcher asks it for the model's metadata (checked
+against the config once per reconnection) and readiness every ``upstream_health_interval_s``,
+and a failed call marks it down at once.
+
+Upstream errors become the protocol's statuses (``upstream_error``): what the upstream refused
+as invalid is the client's 400, an absent or unready upstream model 503, a deadline 504, an
+unimplemented feature 501, anything else 502 (the gateway got a bad answer from its upstream,
+RFC 9110 section 15.6.3). Server-side messages and the upstream's address are logged, never
+told to clients (the index and errors are public): they may name the upstream's hosts and files.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+import numpy as np
+
+from bastion.gateway.errors import (
+    BastionError,
+    DeadlineExceeded,
+    InvalidInput,
+    Unavailable,
+    Unsupported,
+)
+from bastion.gateway.monitoring.stats import BatchTimes
+from bastion.gateway.repository import ConfigError, ModelConfig
+
+log = logging.getLogger(__name__)
+
+Arrays = dict[str, np.ndarray]
+PROTOCOLS = ("grpc", "http")
+MAX_REASON_CHARS = 200
+
+
+class BadGateway(BastionError):
+    """The upstream answered with an error of its own or an answer that is not a valid one."""
+
+    status = 502
+    reason = "BACKEND"
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamSpec:
+    """Where a model's upstream is and how to call it."""
+
+    protocol: str  # "grpc" or "http"
+    address: str  # host:port, as tritonclient takes it
+    model: str
+    version: str  # "" lets the upstream's version policy pick
+    timeout_s: float  # one call, connection included
+    connections: int  # HTTP: the connection pool's size; gRPC: one HTTP/2 channel multiplexes
+    health_interval_s: float
+
+    @property
+    def url(self) -> str:
+        return f"{self.protocol}://{self.address}"
+
+
+def upstream_spec(
+    config: ModelConfig, timeout_s: float, connections: int, health_interval_s: float
+) -> UpstreamSpec:
+    """The upstream a ``triton`` model's parameters name. Raises ``ConfigError`` for a missing
+    or malformed URL (only ``grpc://host:port`` and ``http://host:port``), version or knob."""
+    params = config.parameters
+    where = f"model {config.name!r}"
+    url = params.get("upstream_url", "")
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        raise ConfigError(f"{where}: upstream_url is not a valid URL ({exc})") from None
+    if parts.scheme not in PROTOCOLS or not parts.hostname or port is None:
+        raise ConfigError(
+            f"{where}: parameter upstream_url must be grpc://host:port or http://host:port"
+        )
+    if parts.path not in ("", "/") or parts.query or parts.fragment or parts.username:
+        raise ConfigError(f"{where}: upstream_url takes no path, query or credentials")
+    version = params.get("upstream_version", "")
+    if version and not (version.isascii() and version.isdigit() and len(version) <= 18):
+        raise ConfigError(f"{where}: upstream_version must be a positive integer")
+    try:
+        timeout = float(params.get("upstream_timeout_s", timeout_s))
+        pool = int(params.get("upstream_connections", connections))
+    except ValueError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+    if not (0 < timeout <= 3600) or not (1 <= pool <= 1024):
+        raise ConfigError(
+            f"{where}: upstream_timeout_s must be in (0, 3600], upstream_connections in [1, 1024]"
+        )
+    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+    return UpstreamSpec(
+        parts.scheme,
+        f"{host}:{port}",
+        params.get("upstream_model", config.name),
+        version,
+        timeout,
+        pool,
+        health_interval_s,
+    )
+
+
+# tritonclient's status strings: gRPC's "StatusCode.X", HTTP's status code
+_CLIENT = {"StatusCode.INVALID_ARGUMENT", "400", "413"}
+_NOT_READY = {"StatusCode.UNAVAILABLE", "StatusCode.NOT_FOUND", "503", "404"}
+_OVERLOADED = {"StatusCode.RESOURCE_EXHAUSTED", "429"}
+_DEADLINE = {"StatusCode.DEADLINE_EXCEEDED", "504", "408"}
+_UNSUPPORTED = {"StatusCode.UNIMPLEMENTED", "501"}
+
+
+def upstream_error(status: str | None, message: str) -> BastionError:
+    """The protocol error for an upstream's ``InferenceServerException``.
+
+    ``status``: tritonclient's (``StatusCode.INVALID_ARGUMENT`` over gRPC, ``"400"`` over
+    HTTP). Only a refusal of the request itself (400) quotes the upstream's message, clipped;
+    server errors are reported by kind.
+    """
+    status = status or ""
+    if status in _CLIENT:
+        return InvalidInput(f"the upstream refused the request: {clip(message)}")
+    if status in _NOT_READY:
+        return Unavailable("the upstream model is not ready; retry later")
+    if status in _OVERLOADED:
+        return Unavailable("the upstream is overloaded; retry later")
+    if status in _DEADLINE:
+        return DeadlineExceeded("the upstream did not answer in time")
+    if status in _UNSUPPORTED:
+        return Unsupported("the upstream does not support this request")
+    return BadGateway(f"the upstream failed the request ({clip(status, 40) or 'error'})")
+
+
+def clip(text: str, limit: int = MAX_REASON_CHARS) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def check_compatible(config: ModelConfig, metadata: dict[str, Any], max_batch_size: int) -> None:
+    """Refuses an upstream model that cannot take this config's batches or give its outputs.
+
+    ``metadata``: the v2 model metadata as JSON (inputs and outputs with name, datatype, shape,
+    the batch dimension first when the model batches). Raises ``ConfigError`` naming the
+    first mismatch.
+    """
+    if max_batch_size < config.max_batch_size:
+        raise ConfigError(
+            f"the upstream's max_batch_size is {max_batch_size}, below this config's "
+            f"{config.max_batch_size}"
+        )
+    for kind, specs in (("input", config.inputs), ("output", config.outputs)):
+        theirs = {t.get("name"): t for t in metadata.get(f"{kind}s", [])}
+        for spec in specs:
+            tensor = theirs.get(spec.name)
+            if tensor is None:
+                raise ConfigError(f"the upstream model has no {kind} {spec.name!r}")
+            shape = tuple(int(d) for d in tensor.get("shape", []))[1:]
+            if tensor.get("datatype") != spec.datatype or not _same_dims(shape, spec.dims):
+                raise ConfigError(
+                    f"the upstream's {kind} {spec.name!r} is {tensor.get('datatype')} "
+                    f"{list(shape)}, this config's {spec.datatype} {list(spec.dims)}"
+                )
+
+
+def _same_dims(theirs: Sequence[int], ours: Sequence[int]) -> bool:
+    return len(theirs) == len(ours) and all(
+        t == o or t == -1 for t, o in zip(theirs, ours, strict=True)
+    )
+
+
+class TritonUpstream:
+    """One model version's upstream: its client, its readiness and the batched call.
+
+    Built and used on the event loop. ``ready`` and ``reason`` say whether it can serve and,
+    if not, why (shown in the repository index).
+    """
+
+    device = "upstream"
+    screening = None  # a model that screens does so locally, before this is called
+
+    def __init__(
+        self,
+        spec: UpstreamSpec,
+        config: ModelConfig,
+        on_ready: Callable[[bool], None] = lambda ready: None,
+        on_call: Callable[[float], None] = lambda seconds: None,
+    ) -> None:
+        """``on_ready``: told each change of readiness; ``on_call``: each call's seconds."""
+        self.spec = spec
+        self.config = config
+        self.ready = False
+        self.reason = "the upstream has not answered yet"
+        self._on_ready, self._on_call = on_ready, on_call
+        self._checked = False
+        self._inputs = [(t.name, t.datatype) for t in config.inputs]
+        self._outputs = [t.name for t in config.outputs]
+        self._client, self._module, self._transport_errors = _client(spec)
+        self._watcher: asyncio.Task[None] | None = None
+        self._wake = asyncio.Event()
+
+    def start(self) -> None:
+        self._watcher = asyncio.get_running_loop().create_task(self._watch())
+
+    async def probe(self) -> bool:
+        """Asks the upstream once; True when its model is ready and matches the config."""
+        try:
+            async with asyncio.timeout(self.spec.timeout_s):
+                if not self._checked:
+                    await self._check()
+                ready = await self._client.is_model_ready(self.spec.model, self.spec.version)
+        except ConfigError as exc:
+            self._set(False, f"the upstream model does not match this config: {exc}")
+        except Exception as exc:  # unreachable, refused, timed out, malformed: not ready
+            self._set(False, f"the upstream is unreachable ({_kind(exc)})")
+        else:
+            reason = "the upstream reports its model not ready"
+            self._set(bool(ready), None if ready else reason)
+        return self.ready
+
+    async def _check(self) -> None:
+        metadata = await self._client.get_model_metadata(
+            self.spec.model, self.spec.version, **self._as_json
+        )
+        config = await self._client.get_model_config(
+            self.spec.model, self.spec.version, **self._as_json
+        )
+        config = config.get("config", config)  # gRPC's JSON wraps it
+        check_compatible(self.config, metadata, int(config.get("max_batch_size", 0)))
+        self._checked = True
+
+    @property
+    def _as_json(self) -> dict[str, bool]:
+        return {"as_json": True} if self.spec.protocol == "grpc" else {}
+
+    async def _watch(self) -> None:
+        while True:
+            await self.probe()
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.spec.health_interval_s):
+                    await self._wake.wait()
+
+    def _set(self, ready: bool, reason: str | None) -> None:
+        if ready != self.ready:
+            if ready:
+                log.info("model %s: upstream %s ready", self.config.name, self.spec.url)
+            else:
+                log.warning(
+                    "model %s: upstream %s not ready: %s", self.config.name, self.spec.url, reason
+                )
+                self._checked = False  # it may come back as another model
+            self._on_ready(ready)
+        self.ready = ready
+        self.reason = reason or ""
+
+    async def infer(self, requests: Sequence[Arrays]) -> tuple[Arrays, BatchTimes]:
+        """One upstream call for a batch's requests (rows concatenated, as ``run_batch`` does);
+        the outputs by name, rows in order, as the upstream's arrays. Raises a protocol error
+        (``upstream_error``) or ``Unavailable`` when the upstream cannot be reached."""
+        if not self.ready:
+            raise Unavailable(f"model {self.config.name!r} is not ready: {self.reason}")
+        t0 = time.perf_counter_ns()
+        batch = {name: np.concatenate([r[name] for r in requests]) for name, _ in self._inputs}
+        inputs = []
+        for name, datatype in self._inputs:
+            tensor = self._module.InferInput(name, list(batch[name].shape), datatype)
+            tensor.set_data_from_numpy(batch[name])
+            inputs.append(tensor)
+        wanted = [self._module.InferRequestedOutput(name) for name in self._outputs]
+        t1 = time.perf_counter_ns()
+        result = await self._call(inputs, wanted)
+        t2 = time.perf_counter_ns()
+        self._on_call((t2 - t1) / 1e9)
+        outputs = {}
+        for name in self._outputs:
+            value = result.as_numpy(name)
+            if value is None:
+                raise BadGateway(f"the upstream's answer has no output {name!r}")
+            outputs[name] = value
+        return outputs, BatchTimes(t1 - t0, t2 - t1, time.perf_counter_ns() - t2)
+
+    async def _call(self, inputs: list[Any], wanted: list[Any]) -> Any:
+        from tritonclient.utils import InferenceServerException
+
+        spec = self.spec
+        extra = {"client_timeout": spec.timeout_s} if spec.protocol == "grpc" else {}
+        try:
+            async with asyncio.timeout(spec.timeout_s):
+                return await self._client.infer(
+                    spec.model, inputs, model_version=spec.version, outputs=wanted, **extra
+                )
+        except TimeoutError:
+            raise DeadlineExceeded(
+                f"the upstream did not answer within {spec.timeout_s:g} s"
+            ) from None
+        except InferenceServerException as exc:
+            error = upstream_error(exc.status(), exc.message() or "")
+            if isinstance(error, Unavailable) and "not ready" in error.message:
+                self._down(f"the upstream refused the call ({clip(str(exc.status()), 40)})")
+            if not isinstance(error, InvalidInput):
+                log.warning(
+                    "model %s: upstream error %s: %s",
+                    self.config.name,
+                    exc.status(),
+                    clip(str(exc.message())),
+                )
+            raise error from None
+        except self._transport_errors as exc:
+            self._down(f"the upstream is unreachable ({_kind(exc)})")
+            raise Unavailable(f"model {self.config.name!r} is not ready: {self.reason}") from None
+
+    def _down(self, reason: str) -> None:
+        """Not ready until the watcher, woken now, reaches the upstream again."""
+        self._set(False, reason)
+        self._wake.set()
+
+    async def close(self) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watcher
+        with contextlib.suppress(Exception):
+            await self._client.close()
+
+
+def _kind(exc: BaseException) -> str:
+    """What went wrong, without the upstream's own text (it may name its files and hosts)."""
+    status = getattr(exc, "status", None)
+    if callable(status):
+        with contextlib.suppress(Exception):
+            return str(status()) or type(exc).__name__
+    return "timed out" if isinstance(exc, TimeoutError) else type(exc).__name__
+
+
+def _client(spec: UpstreamSpec) -> tuple[Any, Any, tuple[type[BaseException], ...]]:
+    """tritonclient's asyncio client for the spec's protocol, its tensor module, and the
+    transport errors that mean the upstream is unreachable."""
+    if spec.protocol == "grpc":
+        import tritonclient.grpc as module
+        import tritonclient.grpc.aio as aio
+
+        return aio.InferenceServerClient(spec.address), module, (OSError,)
+    try:
+        import aiohttp
+        import tritonclient.http as module
+        import tritonclient.http.aio as aio
+    except ImportError as exc:
+        raise ConfigError(
+            f"an http:// upstream needs tritonclient's HTTP client: pip install "
+            f"'bastion-gateway[triton-http]' ({exc})"
+        ) from None
+    client = aio.InferenceServerClient(
+        spec.address, conn_limit=spec.connections, conn_timeout=spec.timeout_s
+    )
+    return client, module, (aiohttp.ClientError, OSError)
