@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
@@ -102,10 +101,10 @@ class DynamicBatcher:
         max_queue_size: int = 1024,
         admit: Admit | None = None,
     ) -> None:
-        """``run_batch``: the batch's work, a function run on ``slots``' threads, or a
-        coroutine function (with ``CallSlots``) awaited on the loop."""
+        """``run_batch``: the batch's work; a function run on ``DeviceSlots``' threads, or
+        with ``CallSlots`` a coroutine function awaited on the loop."""
         self._run_batch = run_batch
-        self._on_loop = inspect.iscoroutinefunction(run_batch)
+        self._on_loop = isinstance(slots, CallSlots)
         self._admit = admit
         self._slots = slots
         self._observer = observer

@@ -250,7 +250,9 @@ class ModelRegistry:
             "max_queue_delay_us": batching.max_queue_delay_us,
             "max_queue_size": self.settings.max_queue_size or batching.max_queue_size,
         }
-        calls = CallSlots(self.settings.upstream_max_inflight_batches)
+        # batches in flight upstream: what it runs at once (more only shrinks the batches)
+        inflight = self.settings.upstream_max_inflight_batches
+        calls = CallSlots(inflight or (remote.instances if remote else 0) or 1)
         if source is None:  # a remote model that does not screen: the upstream is the backend
             assert remote is not None
             batcher = DynamicBatcher(

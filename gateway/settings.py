@@ -100,7 +100,11 @@ class Settings(BaseSettings):
         16, ge=1, le=1024, description="HTTP connections kept to each remote Triton upstream."
     )
     upstream_max_inflight_batches: int = Field(
-        8, ge=1, le=1024, description="Batches in flight to each remote Triton upstream."
+        0,
+        ge=0,
+        le=1024,
+        description="Batches in flight to each remote Triton upstream; 0: as many as the "
+        "upstream model has instances (its instance_group counts, read at load; 1 if unknown).",
     )
     upstream_health_interval_s: float = Field(
         2.0, gt=0, le=3600, description="How often an upstream's readiness is checked, seconds."

@@ -10,6 +10,9 @@ bash "$root/scripts/setup.sh" "$venv" >/dev/null
 bash "$root/scripts/system-packages.sh"
 cd "$root"
 "$venv/bin/ruff" check .
+# PyTriton (a real Triton core) is the upstream of the remote-backend tests; its environment is
+# built once beside Bastion's and kept (benchmarks/peers.py)
+"$venv/bin/python" -m bastion.benchmarks.peers >/dev/null
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 # Without a GPU, Triton kernels run in Triton's interpreter so their logic is tested on the CPU.
 if ! command -v nvidia-smi >/dev/null 2>&1; then export TRITON_INTERPRET=${TRITON_INTERPRET:-1}; fi

@@ -42,6 +42,7 @@ from bastion.gateway.errors import (
     Unsupported,
 )
 from bastion.gateway.monitoring.stats import BatchTimes
+from bastion.gateway.protocol.dtypes import BY_V2
 from bastion.gateway.repository import ConfigError, ModelConfig
 
 log = logging.getLogger(__name__)
@@ -208,8 +209,11 @@ class TritonUpstream:
         self.reason = "the upstream has not answered yet"
         self._on_ready, self._on_call = on_ready, on_call
         self._checked = False
+        self.instances = 0  # the upstream model's instance count, once its config is read
         self._inputs = [(t.name, t.datatype) for t in config.inputs]
-        self._outputs = [t.name for t in config.outputs]
+        self._outputs = [  # BYTES arrive as numpy objects
+            (t.name, BY_V2[t.datatype].numpy or np.dtype(object), t.dims) for t in config.outputs
+        ]
         self._client, self._module, self._transport_errors = _client(spec)
         self._watcher: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
@@ -242,6 +246,8 @@ class TritonUpstream:
         )
         config = config.get("config", config)  # gRPC's JSON wraps it
         check_compatible(self.config, metadata, int(config.get("max_batch_size", 0)))
+        groups = config.get("instance_group") or [{}]
+        self.instances = sum(max(1, int(g.get("count", 1))) for g in groups)
         self._checked = True
 
     @property
@@ -282,16 +288,19 @@ class TritonUpstream:
             tensor = self._module.InferInput(name, list(batch[name].shape), datatype)
             tensor.set_data_from_numpy(batch[name])
             inputs.append(tensor)
-        wanted = [self._module.InferRequestedOutput(name) for name in self._outputs]
+        wanted = [self._module.InferRequestedOutput(name) for name, _, _ in self._outputs]
         t1 = time.perf_counter_ns()
         result = await self._call(inputs, wanted)
         t2 = time.perf_counter_ns()
         self._on_call((t2 - t1) / 1e9)
         outputs = {}
-        for name in self._outputs:
+        for name, dtype, dims in self._outputs:
             value = result.as_numpy(name)
             if value is None:
                 raise BadGateway(f"the upstream's answer has no output {name!r}")
+            # checked at load, but the upstream may have swapped its model since
+            if value.dtype != dtype or not _same_dims(dims, value.shape[1:]):
+                raise BadGateway(f"the upstream's output {name!r} is not what the config says")
             outputs[name] = value
         return outputs, BatchTimes(t1 - t0, t2 - t1, time.perf_counter_ns() - t2)
 

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 import numpy as np
 import pytest
 
-from bastion.gateway.batcher import Arrays, DeviceSlots, DynamicBatcher
+from bastion.gateway.batcher import Arrays, CallSlots, DeviceSlots, DynamicBatcher
 from bastion.gateway.errors import BackendError, DeadlineExceeded, Unavailable
 from bastion.gateway.monitoring.stats import BatchTimes
 
@@ -283,6 +283,61 @@ def test_the_admit_hook_sees_each_batch_once_and_its_refusals_never_run() -> Non
             await refused  # a batch of refusals only: nothing runs, the slot is free again
         assert (await batcher.submit(row(6), 1, client="carol"))["y"].tolist() == [12]
         assert device.batches == [[1], [3, 4], [6]]
+        await batcher.close()
+
+    run(scenario())
+
+
+class Upstream:
+    """A fake remote upstream: a coroutine on the loop, its calls in flight counted."""
+
+    def __init__(self, error: Exception | None = None) -> None:
+        self.batches: list[list[float]] = []
+        self.inflight = self.most = 0
+        self.release = asyncio.Event()
+        self.error = error
+
+    async def __call__(self, requests: Sequence[Arrays]) -> tuple[Arrays, BatchTimes]:
+        x = np.concatenate([r["x"] for r in requests])
+        self.batches.append(x.tolist())
+        self.inflight += 1
+        self.most = max(self.most, self.inflight)
+        try:
+            await self.release.wait()
+        finally:
+            self.inflight -= 1
+        if self.error is not None:
+            raise self.error
+        return {"y": x * 2}, BatchTimes(0, 1, 0)
+
+
+def test_a_coroutine_batch_runs_on_the_loop_within_its_call_slots() -> None:
+    async def scenario() -> None:
+        upstream = Upstream()
+        batcher = DynamicBatcher(upstream, CallSlots(2), Observer(), max_batch_size=1)
+        batcher.start()
+        tasks = [asyncio.create_task(batcher.submit(row(v), 1)) for v in (1, 2, 3, 4)]
+        await until(lambda: upstream.inflight == 2)
+        await asyncio.sleep(0.01)
+        assert upstream.most == 2 and len(upstream.batches) == 2  # the slots hold the rest
+        upstream.release.set()
+        results = await asyncio.gather(*tasks)
+        assert [r["y"].tolist() for r in results] == [[2], [4], [6], [8]]
+        assert threading.active_count() == threads_before
+        await batcher.close()
+
+    threads_before = threading.active_count()
+    run(scenario())
+
+
+def test_a_protocol_error_from_the_batch_keeps_its_status() -> None:
+    async def scenario() -> None:
+        upstream = Upstream(error=DeadlineExceeded("the upstream did not answer in time"))
+        upstream.release.set()
+        batcher = DynamicBatcher(upstream, CallSlots(1), Observer(), max_batch_size=4)
+        batcher.start()
+        with pytest.raises(DeadlineExceeded):
+            await batcher.submit(row(1), 1)
         await batcher.close()
 
     run(scenario())
