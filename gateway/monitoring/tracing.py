@@ -1,57 +1,73 @@
 """OpenTelemetry traces of requests, exported over OTLP to ``BASTION_OTEL_ENDPOINT``.
 
-Off unless the endpoint is set: then the SDK is not even imported and every hook in the request
-path is one ``is None`` check. On:
+Off unless the endpoint is set: then every hook in the request path is one ``is None`` check.
+On:
 
 - each request's server span continues the caller's W3C ``traceparent`` (an HTTP header, or
-  gRPC metadata relayed by the front process) with the SDK's W3C propagator, and carries the
-  HTTP or RPC semantic conventions' attributes (health and metrics are not traced). It is made
-  here rather than by OpenTelemetry's ASGI and gRPC instrumentation: gRPC calls reach the
-  gateway through a relay, not a ``grpc`` server the instrumentation could wrap, and the ASGI
-  middleware costs about four spans' worth of CPU per request (230 us against 50 us for a span,
-  measured here), more than the 5 % budget at a 10 % ratio allows (benchmarks/RESULTS.md 14);
+  gRPC metadata relayed by the front process) and carries the HTTP or RPC semantic conventions'
+  attributes (health and metrics are not traced);
 - under it, each inference request gets ``bastion.decode``, ``bastion.queue``,
   ``bastion.batch`` (the model and the screening detectors in one fused pass: the forward's and
   the detectors' times are its attributes), ``bastion.policy`` (the screening verdicts, the
-  quarantine and the stateful defence) and ``bastion.encode``; the model, version and batch
-  size are attributes. Each ledger transaction is a ``bastion.store`` span linked to the
-  requests whose rows it writes.
+  quarantine and the stateful defence), ``bastion.upstream`` (a remote Triton model's call)
+  and ``bastion.encode``; the model, version and batch size are attributes. Each ledger
+  transaction is a ``bastion.store`` span linked to the requests whose rows it writes.
+
+**Where the SDK runs.** The request path records each span as plain data (``Recorded``: ids,
+name, times, attributes), about 15 us for a request's six; the OpenTelemetry SDK builds them
+into its spans and exports them over OTLP in a child process (``trace_export``), fed through a
+pipe. Measured here, the SDK's own spans cost 290 us a request to make and as much again to
+encode, on the gateway's GIL (benchmarks/RESULTS.md 14): more than the 5 % budget at a 10 %
+ratio allows. OpenTelemetry's ASGI and gRPC instrumentation do not fit either: the ASGI
+middleware alone cost 230 us a request, and gRPC calls reach the gateway through a relay, not
+a ``grpc`` server the instrumentation could wrap.
 
 Work done on another thread or for many requests at once (a decode, a batch) is timed where it
 runs and recorded into each request's trace afterwards with its real start and end, so no
-context has to cross threads. Spans go out through the SDK's ``BatchSpanProcessor``: a bounded
-queue (spans past it are dropped, never waited for) and export off the request path.
+context has to cross threads. A finished trace is queued (bounded: past it, traces are dropped,
+never waited for), and one thread writes what has gathered to the exporter in one go.
 """
 
 from __future__ import annotations
 
 import contextvars
+import logging
+import queue
 import random
 import re
+import struct
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
-if TYPE_CHECKING:  # the SDK is an extra (bastion-gateway[otel]), imported only when tracing
-    from opentelemetry.sdk.trace import TracerProvider
+import orjson
+
+if TYPE_CHECKING:  # the SDK is an extra (bastion-gateway[otel]), imported only to export
     from opentelemetry.sdk.trace.export import SpanExporter
-    from opentelemetry.trace import Link, Span, SpanContext
 
     from bastion.gateway.batcher import BatchTiming
     from bastion.gateway.settings import Settings
 
+log = logging.getLogger(__name__)
 T = TypeVar("T")
 NOT_TRACED = ("/v2/health/live", "/v2/health/ready", "/metrics")
-MAX_QUEUED_SPANS = 8192  # the export queue's bound; spans past it are dropped
-EXPORT_BATCH = 256  # spans per export: at most MAX_ATTRIBUTE_CHARS each attribute
-EXPORT_TIMEOUT_S = 5  # one export, retries included; and the shutdown's wait
+MAX_QUEUED_TRACES = 4096  # the export queue's bound; traces past it are dropped
 MAX_ATTRIBUTE_CHARS = 256
+MAX_LINKS = 128
+MAX_TRACESTATE_CHARS = 512  # W3C Trace Context §3.3.1.5: at most 32 members
+EXPORT_TIMEOUT_S = 5  # one export, retries included; and the shutdown's wait
+GATHER_S = 0.05  # the writer's wait for more traces before one write
 PREFIX = "bastion."
+SERVER, INTERNAL = 1, 0  # OpenTelemetry's SpanKind values
 # W3C Trace Context §3.2: version 00, a non-zero trace id and parent id, the flags
-_TRACEPARENT = re.compile(r"00-(?!0{32})[0-9a-f]{32}-(?!0{16})[0-9a-f]{16}-[0-9a-f]{2}")
+_TRACEPARENT = re.compile(r"00-(?!0{32})([0-9a-f]{32})-(?!0{16})([0-9a-f]{16})-([0-9a-f]{2})")
 _EPOCH_OFFSET_NS = time.time_ns() - time.perf_counter_ns()
+_FRAME = struct.Struct(">I")  # each trace's length, before its JSON
 
 
 def epoch_ns(perf_ns: int) -> int:
@@ -59,49 +75,98 @@ def epoch_ns(perf_ns: int) -> int:
     return perf_ns + _EPOCH_OFFSET_NS
 
 
+def _id(bits: int) -> int:
+    return random.getrandbits(bits) or 1  # an all-zero id is invalid
+
+
+def _clip(value: Any) -> Any:
+    return value[:MAX_ATTRIBUTE_CHARS] if isinstance(value, str) else value
+
+
+@dataclass(slots=True, eq=False)
+class Recorded:
+    """One span as the request path records it. ``spans``: every span of its request, shared
+    by them all (the server span's trace, exported when the server span ends)."""
+
+    trace_id: int  # 128 bits
+    span_id: int  # 64 bits
+    parent_id: int  # 0: a root
+    remote_parent: bool  # the parent is the caller's (a traceparent)
+    name: str
+    kind: int
+    start_ns: int  # Unix epoch
+    end_ns: int = 0
+    attributes: dict[str, Any] = field(default_factory=dict)
+    error: bool = False
+    links: list[tuple[int, int]] = field(default_factory=list)  # (trace id, span id)
+    tracestate: str = ""
+    spans: list[Recorded] = field(default_factory=list)
+
+    def set_attribute(self, key: str, value: Any) -> None:
+        self.attributes[key] = _clip(value)
+
+    def set_attributes(self, attributes: dict[str, Any]) -> None:
+        for key, value in attributes.items():
+            self.attributes[key] = _clip(value)
+
+    def child(self, name: str, start_ns: int, attributes: dict[str, Any]) -> Recorded:
+        span = Recorded(
+            self.trace_id,
+            _id(64),
+            self.span_id,
+            False,
+            name,
+            INTERNAL,
+            start_ns,
+            attributes={k: _clip(v) for k, v in attributes.items()},
+            spans=self.spans,
+        )
+        self.spans.append(span)
+        return span
+
+    def as_list(self) -> list[Any]:
+        """The exporter's form (``trace_export.readable`` reads it): ids as hex strings."""
+        return [
+            f"{self.trace_id:032x}",
+            f"{self.span_id:016x}",
+            f"{self.parent_id:016x}" if self.parent_id else "",
+            self.remote_parent,
+            self.name,
+            self.kind,
+            self.start_ns,
+            self.end_ns,
+            self.attributes,
+            self.error,
+            [[f"{t:032x}", f"{s:016x}"] for t, s in self.links],
+            self.tracestate,
+        ]
+
+
+_CURRENT: contextvars.ContextVar[Recorded | None] = contextvars.ContextVar(
+    "bastion_span", default=None
+)
+
+
 class Tracing:
-    """The tracer provider and the request path's hooks. ``exporter``: where spans go (default:
-    OTLP over ``settings.otel_protocol`` to ``settings.otel_endpoint``); tests pass the SDK's
-    in-memory exporter, which is exported to at once."""
+    """Sampling, the request path's hooks, and the queue to the exporter. ``exporter``: an
+    SDK ``SpanExporter`` that gets each finished trace at once, in this process (the tests'
+    in-memory exporter); by default spans go over OTLP (``settings.otel_protocol``, to
+    ``settings.otel_endpoint``) from the exporter process."""
 
     def __init__(self, settings: Settings, exporter: SpanExporter | None = None) -> None:
-        from opentelemetry import trace
-        from opentelemetry.sdk.resources import Resource
-        from opentelemetry.sdk.trace import SpanLimits, TracerProvider
-        from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
-        from opentelemetry.sdk.trace.sampling import ALWAYS_ON, ParentBased
-        from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
-
-        from bastion.gateway import __version__
-
-        self.provider: TracerProvider = TracerProvider(
-            resource=Resource.create(
-                {"service.name": settings.otel_service_name, "service.version": __version__}
-            ),
-            # the ratio is applied before a request's first span (``sampled``): a request left
-            # out then costs nothing further, not a non-recording span at every stage
-            sampler=ParentBased(ALWAYS_ON),
-            # a client chooses the path: its text is clipped, as every attribute is
-            span_limits=SpanLimits(max_attribute_length=MAX_ATTRIBUTE_CHARS),
-        )
         self.ratio = settings.otel_sampling_ratio
         self.max_per_s = settings.otel_max_traces_per_s
         self._second, self._traced = 0, 0  # the current whole second and its traced requests
-        self._current_span = trace.get_current_span
-        self._propagator = TraceContextTextMapPropagator()
+        self.dropped = 0  # traces the full queue (or a dead exporter) turned away
         if exporter is None:
-            self.provider.add_span_processor(
-                BatchSpanProcessor(
-                    otlp_exporter(settings),
-                    max_queue_size=MAX_QUEUED_SPANS,
-                    # a batch well under a collector's 4 MiB gRPC message limit
-                    max_export_batch_size=EXPORT_BATCH,
-                    export_timeout_millis=EXPORT_TIMEOUT_S * 1000,
-                )
-            )
+            self._sink: _Sink = _ExporterProcess(settings)
         else:
-            self.provider.add_span_processor(SimpleSpanProcessor(exporter))
-        self.tracer = self.provider.get_tracer("bastion.gateway", __version__)
+            self._sink = _InProcess(settings, exporter)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Tracing | None:
+        """Tracing when ``otel_endpoint`` is set, else None."""
+        return cls(settings) if settings.otel_endpoint else None
 
     def sampled(self, traceparent: str | bytes | None) -> bool:
         """Whether to trace a request: as its caller's W3C ``traceparent`` says when it has a
@@ -111,8 +176,9 @@ class Tracing:
         if traceparent is not None:
             if isinstance(traceparent, bytes):
                 traceparent = traceparent.decode("latin-1")
-            if _TRACEPARENT.fullmatch(traceparent.strip()):
-                wanted = bool(int(traceparent.strip()[-2:], 16) & 1)
+            match = _TRACEPARENT.fullmatch(traceparent.strip())
+            if match is not None:
+                wanted = bool(int(match.group(3), 16) & 1)
         if wanted is None:
             wanted = self.ratio >= 1.0 or random.random() < self.ratio
         return wanted and self._charge()
@@ -131,41 +197,55 @@ class Tracing:
         stream of many messages cannot trace past the cap."""
         if not self.active() or self._charge():
             return None
-        from opentelemetry import context, trace
-
         detached = contextvars.copy_context()
-        detached.run(context.attach, trace.set_span_in_context(trace.INVALID_SPAN))
+        detached.run(_CURRENT.set, None)
         return detached
 
-    def annotate(self, **attributes: Any) -> None:
+    @staticmethod
+    def active() -> bool:
+        """Whether the current request is being traced."""
+        return _CURRENT.get() is not None
+
+    @staticmethod
+    def annotate(**attributes: Any) -> None:
         """Sets attributes on the current span (the request's server span, from the data
         plane)."""
-        self._current_span().set_attributes(attributes)
-
-    def active(self) -> bool:
-        """Whether the current request is being traced (its span records)."""
-        return self._current_span().is_recording()
-
-    @classmethod
-    def from_settings(cls, settings: Settings) -> Tracing | None:
-        """Tracing when ``otel_endpoint`` is set, else None (and nothing imported)."""
-        return cls(settings) if settings.otel_endpoint else None
+        span = _CURRENT.get()
+        if span is not None:
+            span.set_attributes(attributes)
 
     @contextmanager
     def server(
         self, name: str, carrier: dict[str, str], attributes: dict[str, Any]
-    ) -> Iterator[Span]:
+    ) -> Iterator[Recorded]:
         """A request's server span, continuing the W3C ``traceparent`` in ``carrier`` (its
-        headers or metadata, lower-case keys), current while the request is answered."""
-        from opentelemetry.trace import SpanKind
-
-        with self.tracer.start_as_current_span(
+        headers or metadata, lower-case keys), current while the request is answered; its
+        trace goes to the exporter when it ends."""
+        match = _TRACEPARENT.fullmatch((carrier.get("traceparent") or "").strip())
+        if match is not None:
+            trace_id, parent_id = int(match.group(1), 16), int(match.group(2), 16)
+            state = (carrier.get("tracestate") or "")[:MAX_TRACESTATE_CHARS]
+        else:
+            trace_id, parent_id, state = _id(128), 0, ""
+        span = Recorded(
+            trace_id,
+            _id(64),
+            parent_id,
+            parent_id != 0,
             name,
-            context=self._propagator.extract(carrier),
-            kind=SpanKind.SERVER,
-            attributes=attributes,
-        ) as span:
+            SERVER,
+            epoch_ns(time.perf_counter_ns()),
+            attributes={k: _clip(v) for k, v in attributes.items()},
+            tracestate=state,
+        )
+        span.spans.append(span)
+        token = _CURRENT.set(span)
+        try:
             yield span
+        finally:
+            _CURRENT.reset(token)
+            span.end_ns = epoch_ns(time.perf_counter_ns())
+            self._emit(span.spans)
 
     def http(self, scope: dict[str, Any], route: str | None) -> Any:
         """The server span of one HTTP request (an ASGI ``scope``; ``route``: its route
@@ -178,8 +258,7 @@ class Tracing:
         method = scope["method"]
         attributes: dict[str, Any] = {
             "http.request.method": method,
-            # clipped here: the SDK would clip it too, logging a warning each time
-            "url.path": scope["path"][:MAX_ATTRIBUTE_CHARS],
+            "url.path": scope["path"],
             "url.scheme": scope.get("scheme", "http"),
         }
         if route is not None:
@@ -190,13 +269,11 @@ class Tracing:
         return self.server(f"{method} {route}" if route else method, carrier, attributes)
 
     @staticmethod
-    def status(span: Span, code: int) -> None:
+    def status(span: Recorded, code: int) -> None:
         """An HTTP answer's status on its server span (5xx: the span's status is an error)."""
-        from opentelemetry.trace import Status, StatusCode
-
-        span.set_attribute("http.response.status_code", code)
+        span.attributes["http.response.status_code"] = code
         if code >= 500:
-            span.set_status(Status(StatusCode.ERROR))
+            span.error = True
 
     def rpc(self, method: str, metadata: Sequence[tuple[str, str]], peer: str) -> Any:
         """The server span of one relayed gRPC call (``method``: ``/package.Service/Method``),
@@ -214,36 +291,41 @@ class Tracing:
         return self.server(method.strip("/"), carrier, attributes)
 
     @contextmanager
-    def span(self, name: str, **attributes: Any) -> Iterator[Span]:
-        """A child of the current span around work done here (``bastion.`` + ``name``)."""
-        with self.tracer.start_as_current_span(PREFIX + name, attributes=attributes) as span:
+    def span(self, name: str, **attributes: Any) -> Iterator[Recorded | None]:
+        """A child of the current span around work done here (``bastion.`` + ``name``);
+        yields None when no request is traced."""
+        parent = _CURRENT.get()
+        if parent is None:
+            yield None
+            return
+        span = parent.child(PREFIX + name, epoch_ns(time.perf_counter_ns()), attributes)
+        token = _CURRENT.set(span)
+        try:
             yield span
+        finally:
+            _CURRENT.reset(token)
+            span.end_ns = epoch_ns(time.perf_counter_ns())
 
+    @staticmethod
     def record(
-        self,
         name: str,
         start_perf_ns: int,
         end_perf_ns: int,
-        parent: Span | None = None,
+        parent: Recorded | None = None,
         **attributes: Any,
-    ) -> Span:
+    ) -> Recorded | None:
         """A finished child span (of ``parent``, else of the current span) for work timed
         elsewhere: ``time.perf_counter_ns()`` readings at its start and end."""
-        from opentelemetry import trace
-
-        context = trace.set_span_in_context(parent) if parent is not None else None
-        span = self.tracer.start_span(
-            PREFIX + name,
-            context=context,
-            start_time=epoch_ns(start_perf_ns),
-            attributes=attributes,
-        )
-        span.end(end_time=epoch_ns(end_perf_ns))
+        parent = parent or _CURRENT.get()
+        if parent is None:
+            return None
+        span = parent.child(PREFIX + name, epoch_ns(start_perf_ns), attributes)
+        span.end_ns = epoch_ns(end_perf_ns)
         return span
 
     def batch(self, timing: BatchTiming, rows: int) -> None:
         """A traced request's wait in the queue and its batch (``rows``: the request's own);
-        the batch's phases are its attributes, not spans of their own (each span costs)."""
+        the batch's phases are its attributes, not spans of their own."""
         self.record("queue", timing.arrival_ns, timing.started_ns)
         times = timing.times
         self.record(
@@ -258,32 +340,42 @@ class Tracing:
             },
         )
 
-    def current(self) -> SpanContext | None:
-        """The current span's context when it is sampled (what a later link needs), else None."""
-        from opentelemetry import trace
+    @staticmethod
+    def current() -> tuple[int, int] | None:
+        """The current span's (trace id, span id), what a later link needs; None untraced."""
+        span = _CURRENT.get()
+        return None if span is None else (span.trace_id, span.span_id)
 
-        context = trace.get_current_span().get_span_context()
-        return context if context.is_valid and context.trace_flags.sampled else None
-
-    def store(self, table: str, rows: int, linked: Sequence[SpanContext]) -> Any:
-        """A ``bastion.store`` span for one write of many requests' rows, linked to theirs;
-        a context manager. Its own trace: a transaction is no single request's child."""
-        from opentelemetry.trace import Link
-
-        links: list[Link] = [Link(context) for context in linked[:128]]
-        return self.tracer.start_as_current_span(
+    @contextmanager
+    def store(self, table: str, rows: int, linked: Sequence[tuple[int, int]]) -> Iterator[None]:
+        """A ``bastion.store`` span for one write of many requests' rows, linked to theirs.
+        Its own trace: a transaction is no single request's child."""
+        span = Recorded(
+            _id(128),
+            _id(64),
+            0,
+            False,
             PREFIX + "store",
-            context=_root(),
-            links=links,
+            INTERNAL,
+            epoch_ns(time.perf_counter_ns()),
             attributes={"db.collection.name": table, "bastion.rows": rows},
+            links=list(linked[:MAX_LINKS]),
         )
+        try:
+            yield
+        finally:
+            span.end_ns = epoch_ns(time.perf_counter_ns())
+            self._emit([span])
+
+    def _emit(self, spans: list[Recorded]) -> None:
+        if not self._sink.put(spans):
+            self.dropped += 1
 
     def shutdown(self, timeout_s: float = EXPORT_TIMEOUT_S) -> None:
-        """Exports what is queued, then stops; returns within ``timeout_s`` even when the
-        collector does not answer (the SDK itself would wait up to 30 s), leaving the rest."""
-        closing = threading.Thread(target=self.provider.shutdown, name="otel-shutdown", daemon=True)
-        closing.start()
-        closing.join(timeout_s)
+        """Exports what is queued, then stops; returns within about ``timeout_s`` even when
+        the collector does not answer (the SDK itself would wait up to 30 s), leaving the
+        rest."""
+        self._sink.close(timeout_s)
 
 
 def timed(job: Callable[[], T], into: list[int]) -> Callable[[], T]:
@@ -300,23 +392,104 @@ def timed(job: Callable[[], T], into: list[int]) -> Callable[[], T]:
     return run
 
 
-def _root() -> Any:
-    from opentelemetry.context import Context
+def encode(traces: Sequence[list[Recorded]]) -> bytes:
+    """Traces as the exporter process reads them: each a length-prefixed JSON list."""
+    out = []
+    for spans in traces:
+        body = orjson.dumps([span.as_list() for span in spans])
+        out += (_FRAME.pack(len(body)), body)
+    return b"".join(out)
 
-    return Context()
+
+class _Sink:
+    def put(self, spans: list[Recorded]) -> bool: ...
+
+    def close(self, timeout_s: float) -> None: ...
 
 
-def otlp_exporter(settings: Settings) -> SpanExporter:
-    """OTLP/HTTP (``/v1/traces`` under the endpoint) or OTLP/gRPC, bounded in time."""
-    assert settings.otel_endpoint is not None
-    endpoint = settings.otel_endpoint.rstrip("/")
-    if settings.otel_protocol == "grpc":
-        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+class _InProcess(_Sink):
+    """Each trace built into SDK spans and exported at once, here (for tests)."""
 
-        insecure = endpoint.startswith("http://")
-        return OTLPSpanExporter(endpoint=endpoint, insecure=insecure, timeout=EXPORT_TIMEOUT_S)
-    from opentelemetry.exporter.otlp.proto.http.trace_exporter import (
-        OTLPSpanExporter as HTTPSpanExporter,
-    )
+    def __init__(self, settings: Settings, exporter: SpanExporter) -> None:
+        from bastion.gateway.monitoring.trace_export import Builder
 
-    return HTTPSpanExporter(endpoint=f"{endpoint}/v1/traces", timeout=EXPORT_TIMEOUT_S)
+        self._build = Builder(settings.otel_service_name)
+        self._exporter = exporter
+
+    def put(self, spans: list[Recorded]) -> bool:
+        self._exporter.export([self._build(span.as_list()) for span in spans])
+        return True
+
+    def close(self, timeout_s: float) -> None:
+        self._exporter.shutdown()
+
+
+class _ExporterProcess(_Sink):
+    """The exporter process (``trace_export``) and the thread that writes traces to its pipe."""
+
+    def __init__(self, settings: Settings) -> None:
+        assert settings.otel_endpoint is not None
+        from bastion.gateway import __version__
+
+        config = {
+            "endpoint": settings.otel_endpoint,
+            "protocol": settings.otel_protocol,
+            "service_name": settings.otel_service_name,
+            "service_version": __version__,
+        }
+        self._process = subprocess.Popen(
+            [sys.executable, "-m", "bastion.gateway.monitoring.trace_export", orjson.dumps(config)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+        )
+        self._queue: queue.Queue[list[Recorded] | None] = queue.Queue(MAX_QUEUED_TRACES)
+        self._broken = False
+        self._writer = threading.Thread(target=self._run, name="otel-writer", daemon=True)
+        self._writer.start()
+
+    def put(self, spans: list[Recorded]) -> bool:
+        if self._broken:
+            return False
+        try:
+            self._queue.put_nowait(spans)
+        except queue.Full:
+            return False
+        return True
+
+    def _run(self) -> None:
+        stdin = self._process.stdin
+        assert stdin is not None
+        while True:
+            first = self._queue.get()
+            if first is not None:
+                time.sleep(GATHER_S)  # one write for many traces, not a wake-up per request
+            traces = [first]
+            while len(traces) < MAX_QUEUED_TRACES:
+                try:
+                    traces.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            done = None in traces
+            try:
+                stdin.write(encode([t for t in traces if t is not None]))
+                stdin.flush()
+            except (OSError, ValueError):  # the exporter died: tracing stops, serving does not
+                if not self._broken:
+                    log.error("the trace exporter process exited; traces are dropped")
+                self._broken = True
+            if done:
+                return
+
+    def close(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        with suppress(queue.Full):
+            self._queue.put(None, timeout=max(0.1, timeout_s / 2))
+        self._writer.join(max(0.1, deadline - time.monotonic()))
+        if self._process.stdin is not None:
+            with suppress(OSError):
+                self._process.stdin.close()  # end of input: the exporter flushes and exits
+        try:
+            self._process.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:  # a collector that does not answer: the rest is lost
+            self._process.kill()
+            self._process.wait(5)

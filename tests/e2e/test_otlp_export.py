@@ -175,3 +175,59 @@ def test_traces_reach_an_otlp_receiver_continuing_http_and_grpc_callers(
         assert received.services == {"bastion-under-test"}
     finally:
         server.stop()
+
+
+def exporters_of(pid: int) -> list[int]:
+    """The gateway's trace exporter processes (its children running ``trace_export``)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            command = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        parent = int(stat.rsplit(")", 1)[1].split()[1])
+        if parent == pid and b"trace_export" in command:
+            found.append(int(entry.name))
+    return found
+
+
+def test_traces_still_queued_when_the_gateway_stops_are_flushed_and_the_exporter_goes_with_it(
+    tmp_path: Path, http_receiver: tuple[str, Received]
+) -> None:
+    endpoint, received = http_receiver
+    server = start_server(
+        tmp_path,
+        env={
+            "BASTION_OTEL_ENDPOINT": endpoint,
+            "OTEL_BSP_SCHEDULE_DELAY": "600000",  # nothing is exported until the flush at stop
+        },
+    )
+    try:
+        (exporter,) = exporters_of(server.process.pid)
+        infer_both_ways(server)
+        time.sleep(1)
+        assert received.spans == []
+    finally:
+        server.stop()
+    check_trace(received, HTTP_TRACE, "POST /v2/models/{model}/infer")
+    assert not Path(f"/proc/{exporter}").exists()
+
+
+def test_a_gateway_whose_collector_is_away_serves_and_stops_in_bounded_time(
+    tmp_path: Path,
+) -> None:
+    server = start_server(
+        tmp_path, env={"BASTION_OTEL_ENDPOINT": f"http://127.0.0.1:{free_port()}"}
+    )
+    try:
+        (exporter,) = exporters_of(server.process.pid)
+        infer_both_ways(server)
+    finally:
+        started = time.monotonic()
+        server.stop()
+        stopped_in = time.monotonic() - started
+    assert stopped_in < 15
+    assert not Path(f"/proc/{exporter}").exists()
