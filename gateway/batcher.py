@@ -245,6 +245,10 @@ class DynamicBatcher:
                     raise BackendError(
                         f"output {name!r} has {value.shape[:1]} rows, expected {rows}"
                     )
+        except asyncio.CancelledError:  # never leave an accepted request unanswered
+            for item in items:
+                _fail(item.future, Unavailable("the batch was cancelled; retry"))
+            raise
         except Exception as exc:
             # a protocol error (an upstream's 400, 503, 504) keeps its status
             error = (

@@ -19,6 +19,8 @@ import numpy as np
 from bastion.gateway import __version__
 from bastion.gateway.backends import EMBEDDINGS, FINGERPRINTS
 from bastion.gateway.decode_pool import DecodePool
+from bastion.gateway.defence.answers import served_answers
+from bastion.gateway.defence.observation import Observation
 from bastion.gateway.defence.request_path import defend
 from bastion.gateway.defence.service import DefenceService, throttled
 from bastion.gateway.errors import (
@@ -326,9 +328,13 @@ class DataPlane:
             if timing and tracing is not None:
                 tracing.annotate(**_attributes(model))  # on the request's server span
                 tracing.batch(timing[0], rows)
-            screened = await self._screen(model, request, arrays, results, charged, caller.shared)
+            screened, observed = await self._screen(
+                model, request, arrays, results, charged, caller.shared
+            )
             if model.upstream is not None and screened is not None:
-                results = await self._forward(model, request, arrays, results, screened, deadline)
+                results = await self._forward(
+                    model, request, arrays, results, screened, observed, deadline
+                )
             outputs = [output_tensor(model.config, want, results[want.name]) for want in wanted]
         except BastionError as exc:
             model.observer.on_failure(time.perf_counter_ns() - start, exc.reason)
@@ -371,14 +377,15 @@ class DataPlane:
         results: dict[str, np.ndarray],
         charged: str | None = None,
         shared: bool = False,
-    ) -> Screened | None:
+    ) -> tuple[Screened | None, Observation | None]:
         """Policy after the fused batch: metrics, quarantine, the stateful defence's evidence
-        and rung (``charged``: the campaign ``admit`` charged), and the 403 for withheld images."""
+        and rung (``charged``: the campaign ``admit`` charged), and the 403 for withheld
+        images; returns the verdicts and the defence's observation."""
         job = model.backend.screening
         if job is None:
             if self.ledger is not None:
                 self._record(model, request, arrays, results, None, "served")
-            return None
+            return None, None
         tracing = self._tracing()
         with _NOT_TRACED if tracing is None else tracing.span("policy") as span:
             screened = await self.screening.apply(
@@ -393,13 +400,13 @@ class DataPlane:
             )
             if span is not None:
                 span.set_attributes(_verdicts(screened))
-            self._defend(model, request, arrays, results, screened, charged, shared)
+            observed = self._defend(model, request, arrays, results, screened, charged, shared)
         try:
             refuse_if_withheld(screened, request)
         except Blocked:
             self.screening.metrics.screening_refused.inc()
             raise
-        return screened
+        return screened, observed
 
     def _defend(
         self,
@@ -410,14 +417,16 @@ class DataPlane:
         screened: Screened,
         charged: str | None,
         shared: bool,
-    ) -> None:
+    ) -> Observation | None:
         """The stateful defence's evidence and rung, strict mode's tightening, and the ledger
-        row of what the request's outcome is."""
+        row of what the request's outcome is; returns the defence's observation (None: no
+        defence)."""
         prints = results.get(FINGERPRINTS)
         outcome = "refused"  # by the defence, unless the block below finishes
+        observed = None
         try:
             if self.defence is not None and prints is not None:
-                defend(
+                observed = defend(
                     self.defence, model, request, arrays, results, screened, prints, charged, shared
                 )
             if self.routes is not None and self.routes.strict(model.config.name):
@@ -429,6 +438,7 @@ class DataPlane:
             # recorded once its upstream has answered (``_forward``)
             if self.ledger is not None and not (model.upstream is not None and outcome == "served"):
                 self._record(model, request, arrays, results, screened.decision.verdicts, outcome)
+        return observed
 
     async def _forward(
         self,
@@ -437,16 +447,19 @@ class DataPlane:
         arrays: dict[str, np.ndarray],
         results: dict[str, np.ndarray],
         screened: Screened,
+        observed: Observation | None,
         deadline: int | None,
     ) -> dict[str, np.ndarray]:
         """A screened remote model's second stage: the rows the policy let through go to the
         upstream (batched with other requests' rows), and its outputs replace the local
-        screening model's, unchanged. Only an admin's report asks for a request with withheld
-        rows; those rows keep the local outputs, which ``report_outputs`` then blanks."""
+        screening model's, unchanged. Rows the stateful defence gave a remembered answer
+        (``repeat``) keep it and are not sent; the upstream's answers are what the defence then
+        remembers. Only an admin's report asks for a request with withheld rows; those keep
+        the local outputs, which ``report_outputs`` then blanks."""
         assert model.upstream is not None
         rows = len(next(iter(arrays.values())))
-        withheld = set(screened.decision.withheld)
-        keep = [i for i in range(rows) if i not in withheld]
+        kept = set(screened.decision.withheld) | set(observed.repeats if observed else ())
+        keep = [i for i in range(rows) if i not in kept]
         served, outcome = results, "failed"  # nothing served unless the upstream answers
         tracing = self._tracing()
         try:
@@ -469,6 +482,10 @@ class DataPlane:
                         merged = results[spec.name].copy()
                         merged[keep] = answer[spec.name]
                         served[spec.name] = merged
+                if observed is not None and self.defence is not None:
+                    outputs = [spec.name for spec in model.config.outputs]
+                    name = (model.config.name, model.version)
+                    self.defence.answered(observed, served_answers(outputs, name, served)[0])
             outcome = "served"
         finally:
             if self.ledger is not None:

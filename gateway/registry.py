@@ -8,6 +8,7 @@ redeploy.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import time
@@ -266,7 +267,7 @@ class ModelRegistry:
             await asyncio.to_thread(warm_up, backend, source[0])
         except BaseException:
             if remote is not None:
-                await remote.close()
+                await self._close_remote(remote, version)
             raise
         drift = self._drift_monitor(source[0], source[1], backend, config.name, version)
         slots = self._slots.get(backend.device)
@@ -307,13 +308,29 @@ class ModelRegistry:
             settings.upstream_timeout_s,
             settings.upstream_connections,
             settings.upstream_health_interval_s,
+            settings.upstream_max_response_bytes,
         )
-        gauge = self.metrics.upstream_ready.labels(config.name, str(version))
-        duration = self.metrics.upstream_duration.labels(config.name, str(version))
-        remote = TritonUpstream(spec, config, on_ready=gauge.set, on_call=duration.observe)
-        await remote.probe()
+        labels = (config.name, str(version))
+        gauge = self.metrics.upstream_ready.labels(*labels)
+        duration = self.metrics.upstream_duration.labels(*labels)
+        errors = self.metrics.upstream_errors
+
+        def failed(kind: str) -> None:
+            errors.labels(*labels, kind[:40]).inc()
+
+        remote = TritonUpstream(
+            spec, config, on_ready=gauge.set, on_call=duration.observe, on_error=failed
+        )
+        gauge.set(0)
+        if not await remote.probe():
+            log.warning("model %s v%d: loaded, not ready: %s", config.name, version, remote.reason)
         remote.start()
         return remote
+
+    async def _close_remote(self, remote: TritonUpstream, version: int) -> None:
+        await remote.close()
+        with contextlib.suppress(KeyError):  # no stale 1 for a model no longer served
+            self.metrics.upstream_ready.remove(remote.config.name, str(version))
 
     def _screening_source(
         self, config: ModelConfig, version: int
@@ -328,10 +345,21 @@ class ModelRegistry:
             return None
         named = config.parameters.get("screening_model")
         if not named:
+            if "architecture" not in config.parameters:
+                raise ConfigError(
+                    f"model {config.name!r} screens: name a screening_model in the repository, "
+                    "or put its weights (model.safetensors, parameter architecture) and "
+                    "calibration in its version folder"
+                )
             return dataclasses.replace(config, backend="pytorch"), version
         if named == config.name:
             raise ConfigError(f"model {config.name!r}: screening_model names the model itself")
-        source = self.repository.config(named)
+        try:
+            source = self.repository.config(named)
+        except NotFound:  # the repository's 404 would read as this model's own absence
+            raise ConfigError(
+                f"model {config.name!r}: screening_model {named!r} is not in the repository"
+            ) from None
         wanted = config.parameters.get("screening_model_version")
         picked = int(wanted) if wanted and wanted.isdigit() else max(source.versions, default=0)
         if source.backend != "pytorch" or picked not in source.versions:
@@ -396,7 +424,7 @@ class ModelRegistry:
         if loaded.upstream is not None:
             await loaded.upstream.close()
         if loaded.remote is not None:
-            await loaded.remote.close()
+            await self._close_remote(loaded.remote, loaded.version)
         if loaded.backend is not loaded.remote:
             loaded.backend.close()
         if loaded.drift is not None:

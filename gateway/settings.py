@@ -106,6 +106,13 @@ class Settings(BaseSettings):
         description="Batches in flight to each remote Triton upstream; 0: as many as the "
         "upstream model has instances (its instance_group counts, read at load; 1 if unknown).",
     )
+    upstream_max_response_bytes: int = Field(
+        64 << 20,
+        ge=1 << 16,
+        le=1 << 31,
+        description="Largest answer taken from a remote Triton upstream; a model whose outputs "
+        "have fixed dims gets a tighter bound from them.",
+    )
     upstream_health_interval_s: float = Field(
         2.0, gt=0, le=3600, description="How often an upstream's readiness is checked, seconds."
     )

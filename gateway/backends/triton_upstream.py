@@ -50,6 +50,9 @@ log = logging.getLogger(__name__)
 Arrays = dict[str, np.ndarray]
 PROTOCOLS = ("grpc", "http")
 MAX_REASON_CHARS = 200
+MAX_INSTANCES = 64  # batches in flight taken from the upstream's config, at most
+UNAVAILABLE_STREAK = 3  # calls refused UNAVAILABLE in a row that mark the upstream down
+MAX_RESPONSE_SLACK = 1 << 20  # bytes beyond the outputs' own: headers, JSON, framing
 
 
 class BadGateway(BastionError):
@@ -70,6 +73,7 @@ class UpstreamSpec:
     timeout_s: float  # one call, connection included
     connections: int  # HTTP: the connection pool's size; gRPC: one HTTP/2 channel multiplexes
     health_interval_s: float
+    max_response_bytes: int = 64 << 20  # an answer past it is refused unread
 
     @property
     def url(self) -> str:
@@ -77,7 +81,11 @@ class UpstreamSpec:
 
 
 def upstream_spec(
-    config: ModelConfig, timeout_s: float, connections: int, health_interval_s: float
+    config: ModelConfig,
+    timeout_s: float,
+    connections: int,
+    health_interval_s: float,
+    max_response_bytes: int = 64 << 20,
 ) -> UpstreamSpec:
     """The upstream a ``triton`` model's parameters name. Raises ``ConfigError`` for a missing
     or malformed URL (only ``grpc://host:port`` and ``http://host:port``), version or knob."""
@@ -95,6 +103,11 @@ def upstream_spec(
         )
     if parts.path not in ("", "/") or parts.query or parts.fragment or parts.username:
         raise ConfigError(f"{where}: upstream_url takes no path, query or credentials")
+    if any(d < 0 for spec in config.inputs for d in spec.dims):
+        raise ConfigError(
+            f"{where}: a remote model's inputs need fixed dims: its requests are batched into "
+            "one upstream call"
+        )
     version = params.get("upstream_version", "")
     if version and not (version.isascii() and version.isdigit() and len(version) <= 18):
         raise ConfigError(f"{where}: upstream_version must be a positive integer")
@@ -116,6 +129,7 @@ def upstream_spec(
         timeout,
         pool,
         health_interval_s,
+        response_cap(config, max_response_bytes),
     )
 
 
@@ -131,12 +145,12 @@ def upstream_error(status: str | None, message: str) -> BastionError:
     """The protocol error for an upstream's ``InferenceServerException``.
 
     ``status``: tritonclient's (``StatusCode.INVALID_ARGUMENT`` over gRPC, ``"400"`` over
-    HTTP). Only a refusal of the request itself (400) quotes the upstream's message, clipped;
-    server errors are reported by kind.
+    HTTP). The upstream's own message is never quoted (it is logged): it may name the
+    upstream's model, hosts and files.
     """
     status = status or ""
-    if status in _CLIENT:
-        return InvalidInput(f"the upstream refused the request: {clip(message)}")
+    if status in _CLIENT:  # its text is logged: it names the upstream's model, maybe files
+        return InvalidInput("the upstream refused the request as invalid")
     if status in _NOT_READY:
         return Unavailable("the upstream model is not ready; retry later")
     if status in _OVERLOADED:
@@ -173,9 +187,10 @@ def check_compatible(config: ModelConfig, metadata: dict[str, Any], max_batch_si
                 raise ConfigError(f"the upstream model has no {kind} {spec.name!r}")
             shape = tuple(int(d) for d in tensor.get("shape", []))[1:]
             if tensor.get("datatype") != spec.datatype or not _same_dims(shape, spec.dims):
+                theirs_type = clip(str(tensor.get("datatype")), 16)
                 raise ConfigError(
-                    f"the upstream's {kind} {spec.name!r} is {tensor.get('datatype')} "
-                    f"{list(shape)}, this config's {spec.datatype} {list(spec.dims)}"
+                    f"the upstream's {kind} {spec.name!r} is {theirs_type} "
+                    f"{clip(str(list(shape)), 80)}, this config's {spec.datatype} {list(spec.dims)}"
                 )
 
 
@@ -201,13 +216,17 @@ class TritonUpstream:
         config: ModelConfig,
         on_ready: Callable[[bool], None] = lambda ready: None,
         on_call: Callable[[float], None] = lambda seconds: None,
+        on_error: Callable[[str], None] = lambda kind: None,
     ) -> None:
-        """``on_ready``: told each change of readiness; ``on_call``: each call's seconds."""
+        """``on_ready``: told each change of readiness; ``on_call``: each call's seconds;
+        ``on_error``: each failed call's kind (the upstream's status, ``timeout``,
+        ``unreachable``, ...)."""
         self.spec = spec
         self.config = config
         self.ready = False
         self.reason = "the upstream has not answered yet"
-        self._on_ready, self._on_call = on_ready, on_call
+        self._on_ready, self._on_call, self._errors = on_ready, on_call, on_error
+        self._unavailable = 0  # calls refused UNAVAILABLE in a row
         self._checked = False
         self.instances = 0  # the upstream model's instance count, once its config is read
         self._inputs = [(t.name, t.datatype) for t in config.inputs]
@@ -231,7 +250,14 @@ class TritonUpstream:
         except ConfigError as exc:
             self._set(False, f"the upstream model does not match this config: {exc}")
         except Exception as exc:  # unreachable, refused, timed out, malformed: not ready
-            self._set(False, f"the upstream is unreachable ({_kind(exc)})")
+            kind = _kind(exc)
+            if kind in ("StatusCode.NOT_FOUND", "404"):
+                reason = (
+                    f"the upstream has no such model: check upstream_model and version ({kind})"
+                )
+            else:
+                reason = f"the upstream is unreachable ({kind})"
+            self._set(False, reason)
         else:
             reason = "the upstream reports its model not ready"
             self._set(bool(ready), None if ready else reason)
@@ -247,7 +273,8 @@ class TritonUpstream:
         config = config.get("config", config)  # gRPC's JSON wraps it
         check_compatible(self.config, metadata, int(config.get("max_batch_size", 0)))
         groups = config.get("instance_group") or [{}]
-        self.instances = sum(max(1, int(g.get("count", 1))) for g in groups)
+        count = sum(max(1, int(g.get("count", 1))) for g in groups)
+        self.instances = min(count, MAX_INSTANCES)  # the upstream's word, bounded
         self._checked = True
 
     @property
@@ -293,13 +320,23 @@ class TritonUpstream:
         result = await self._call(inputs, wanted)
         t2 = time.perf_counter_ns()
         self._on_call((t2 - t1) / 1e9)
+        self._unavailable = 0
+        rows = len(batch[self._inputs[0][0]])
         outputs = {}
         for name, dtype, dims in self._outputs:
-            value = result.as_numpy(name)
-            if value is None:
-                raise BadGateway(f"the upstream's answer has no output {name!r}")
+            try:
+                value = result.as_numpy(name)
+            except Exception:  # text in number data, a wrong size: the upstream's fault
+                log.warning("model %s: unreadable upstream output %r", self.config.name, name)
+                value = None
             # checked at load, but the upstream may have swapped its model since
-            if value.dtype != dtype or not _same_dims(dims, value.shape[1:]):
+            if (
+                value is None
+                or value.dtype != dtype
+                or value.shape[:1] != (rows,)
+                or not _same_dims(dims, value.shape[1:])
+            ):
+                self._errors(BadGateway.__name__)
                 raise BadGateway(f"the upstream's output {name!r} is not what the config says")
             outputs[name] = value
         return outputs, BatchTimes(t1 - t0, t2 - t1, time.perf_counter_ns() - t2)
@@ -315,24 +352,39 @@ class TritonUpstream:
                     spec.model, inputs, model_version=spec.version, outputs=wanted, **extra
                 )
         except TimeoutError:
-            raise DeadlineExceeded(
-                f"the upstream did not answer within {spec.timeout_s:g} s"
-            ) from None
+            self._errors("timeout")
+            raise DeadlineExceeded("the upstream did not answer in time") from None
         except InferenceServerException as exc:
-            error = upstream_error(exc.status(), exc.message() or "")
-            if isinstance(error, Unavailable) and "not ready" in error.message:
-                self._down(f"the upstream refused the call ({clip(str(exc.status()), 40)})")
-            if not isinstance(error, InvalidInput):
-                log.warning(
-                    "model %s: upstream error %s: %s",
-                    self.config.name,
-                    exc.status(),
-                    clip(str(exc.message())),
-                )
+            status = str(exc.status())
+            error = upstream_error(status, exc.message() or "")
+            self._errors(status)
+            log.warning(
+                "model %s: upstream error %s: %s",
+                self.config.name,
+                status,
+                clip(str(exc.message())),
+            )
+            if status in ("StatusCode.NOT_FOUND", "404"):
+                self._down(f"the upstream has no such model ({status})")
+            elif isinstance(error, Unavailable):
+                self._unavailable += 1  # a full queue answers this too: down only if it lasts
+                if self._unavailable >= UNAVAILABLE_STREAK:
+                    self._down(f"the upstream keeps refusing calls ({clip(status, 40)})")
             raise error from None
+        except BastionError as exc:
+            self._errors(type(exc).__name__)
+            raise
         except self._transport_errors as exc:
+            self._errors("unreachable")
             self._down(f"the upstream is unreachable ({_kind(exc)})")
             raise Unavailable(f"model {self.config.name!r} is not ready: {self.reason}") from None
+        except asyncio.CancelledError:
+            # the client closed under the call (an unload), not this task cancelled: answer it
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise
+            self._errors("closed")
+            raise Unavailable(f"model {self.config.name!r} was unloaded during the call") from None
 
     def _down(self, reason: str) -> None:
         """Not ready until the watcher, woken now, reaches the upstream again."""
@@ -357,6 +409,79 @@ def _kind(exc: BaseException) -> str:
     return "timed out" if isinstance(exc, TimeoutError) else type(exc).__name__
 
 
+def response_cap(config: ModelConfig, ceiling: int) -> int:
+    """The most bytes an upstream answer may take: four times the largest batch's outputs
+    (binary, or JSON numbers) plus framing, when every output has fixed dims and a numeric
+    type; else ``ceiling``. A bigger answer is refused before it is parsed."""
+    total = 0
+    for spec in config.outputs:
+        dtype = BY_V2[spec.datatype].numpy
+        if dtype is None or any(d < 0 for d in spec.dims):
+            return ceiling
+        total += int(np.prod(spec.dims, dtype=np.int64)) * dtype.itemsize
+    return min(ceiling, 4 * config.max_batch_size * total + MAX_RESPONSE_SLACK)
+
+
+@dataclass(frozen=True, slots=True)
+class _Answer:
+    """An HTTP answer read whole within the cap: what tritonclient reads of a response."""
+
+    status: int
+    headers: Any
+    body: bytes
+
+    async def read(self) -> bytes:
+        return self.body
+
+
+class _GuardedSession:
+    """tritonclient's aiohttp session, refusing what a gateway must not trust from its
+    upstream: redirects (they would send the batch, or fetch a reply, elsewhere), compressed
+    bodies (tritonclient inflates them on the event loop, unbounded) and bodies past the cap.
+    Each refusal is a ``BadGateway``."""
+
+    def __init__(self, session: Any, cap: int) -> None:
+        self._session, self._cap = session, cap
+
+    async def post(self, url: str, data: bytes, headers: Any) -> _Answer:
+        return await self._read(
+            await self._session.post(
+                url=url, data=data, headers=_identity(headers), allow_redirects=False
+            )
+        )
+
+    async def get(self, url: str, headers: Any) -> _Answer:
+        return await self._read(
+            await self._session.get(url=url, headers=_identity(headers), allow_redirects=False)
+        )
+
+    async def close(self) -> None:
+        await self._session.close()
+
+    async def _read(self, response: Any) -> _Answer:
+        try:
+            if 300 <= response.status < 400:
+                raise BadGateway("the upstream answered with a redirect, which is not followed")
+            if response.headers.get("Content-Encoding", "identity").lower() != "identity":
+                raise BadGateway("the upstream answered with a compressed body, not asked for")
+            if (response.content_length or 0) > self._cap:
+                raise BadGateway("the upstream's answer is larger than its outputs can be")
+            body = bytearray()
+            async for chunk in response.content.iter_chunked(1 << 16):
+                body += chunk
+                if len(body) > self._cap:
+                    raise BadGateway("the upstream's answer is larger than its outputs can be")
+            return _Answer(response.status, response.headers, bytes(body))
+        finally:
+            response.release()
+
+
+def _identity(headers: Any) -> dict[str, str]:
+    """The request's headers, asking for an uncompressed answer (aiohttp offers gzip by
+    default, and Triton takes the offer)."""
+    return {**(headers or {}), "Accept-Encoding": "identity"}
+
+
 def _client(spec: UpstreamSpec) -> tuple[Any, Any, tuple[type[BaseException], ...]]:
     """tritonclient's asyncio client for the spec's protocol, its tensor module, and the
     transport errors that mean the upstream is unreachable."""
@@ -364,7 +489,17 @@ def _client(spec: UpstreamSpec) -> tuple[Any, Any, tuple[type[BaseException], ..
         import tritonclient.grpc as module
         import tritonclient.grpc.aio as aio
 
-        return aio.InferenceServerClient(spec.address), module, (OSError,)
+        backoff_ms = int(max(0.1, min(spec.health_interval_s, 10.0)) * 1000)
+        options = [
+            ("grpc.max_send_message_length", 2**31 - 1),
+            ("grpc.max_receive_message_length", spec.max_response_bytes),
+            # gRPC's own reconnect backoff grows to 120 s; readiness is asked every interval
+            ("grpc.initial_reconnect_backoff_ms", min(backoff_ms, 1000)),
+            ("grpc.min_reconnect_backoff_ms", min(backoff_ms, 1000)),
+            ("grpc.max_reconnect_backoff_ms", backoff_ms),
+        ]
+        client = aio.InferenceServerClient(spec.address, channel_args=options)
+        return client, module, (OSError,)
     try:
         import aiohttp
         import tritonclient.http as module
@@ -377,4 +512,5 @@ def _client(spec: UpstreamSpec) -> tuple[Any, Any, tuple[type[BaseException], ..
     client = aio.InferenceServerClient(
         spec.address, conn_limit=spec.connections, conn_timeout=spec.timeout_s
     )
+    client._stub = _GuardedSession(client._stub, spec.max_response_bytes)  # see its docstring
     return client, module, (aiohttp.ClientError, OSError)

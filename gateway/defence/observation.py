@@ -22,6 +22,7 @@ class Observation:
     tightened: bool = False  # a young identity during an alert: its suspicious images withheld
     lines: tuple[int, ...] = ()  # images on a line through two of the client's: withheld
     client: str | None = None  # whose images (for ``settle``)
+    rows: tuple[int, ...] = ()  # the image index of each of ``slots``
 
 
 @dataclass(frozen=True)

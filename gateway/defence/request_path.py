@@ -10,7 +10,7 @@ import numpy as np
 from bastion.gateway.backends import EMBEDDINGS
 from bastion.gateway.defence.answers import put_back, served_answers
 from bastion.gateway.defence.evidence import STRICT
-from bastion.gateway.defence.observation import Embedded
+from bastion.gateway.defence.observation import Embedded, Observation
 from bastion.gateway.defence.service import DefenceService
 from bastion.gateway.protocol.types import InferRequest
 from bastion.gateway.screening.policy import ADVERSARIAL, SUSPICIOUS
@@ -30,9 +30,10 @@ def defend(
     prints: np.ndarray,
     charged: str | None,
     shared: bool,
-) -> None:
+) -> Observation:
     """The stateful defence's evidence, repeats and rung for this request (403 or 429
-    raised here), and the record of what its queries were given."""
+    raised here), and the record of what its queries were given; returns the observation
+    (its ``repeats``: the images given a remembered answer)."""
     assert model.backend.screening is not None
     job = model.backend.screening
     rows = next(iter(arrays.values()))
@@ -66,3 +67,4 @@ def defend(
         served = not screened.decision.withheld or request.parameters.get(REPORT_PARAMETER) is True
     finally:  # a refused query's near-duplicates are refused in turn
         defence.settle(observed, served)
+    return observed

@@ -349,6 +349,7 @@ class DefenceService:
         refused: list[int] = []
         lines: list[int] = []  # on the line through two of the client's pictures: withheld
         slots: list[tuple[int, int]] = []
+        indices: list[int] = []  # the image of each slot
         shared: list[Evidence] = []  # for the other replicas
         with self.lock:
             young = self._young(key)
@@ -475,6 +476,7 @@ class DefenceService:
                     )
                 slot = self.index.add(row, key, content, int(match is not None))
                 slots.append((slot, content))
+                indices.append(i)
                 kept = None
                 if answers is not None:  # what this query is answered: the repeat, if any
                     kept = answers[i] if given is None else given
@@ -518,7 +520,20 @@ class DefenceService:
             tightened,
             tuple(lines),
             key,
+            tuple(indices),
         )
+
+    def answered(self, observed: Observation, answers: np.ndarray) -> None:
+        """Keeps what a remote model's upstream answered (``answers`` (n, A) float32, laid out
+        as ``served_answers``) for the queries ``observe`` remembered with the local screening
+        model's answers, so a later repeat gives what was served. Rows given a remembered
+        answer keep it."""
+        if not observed.answer_key:
+            return
+        with self.lock:
+            for (slot, _), i in zip(observed.slots, observed.rows, strict=True):
+                if i not in observed.repeats:
+                    self.index.keep_answer(slot, observed.answer_key, answers[i])
 
     def _recount(
         self,

@@ -306,6 +306,12 @@ class Metrics:
             labels,
             registry=self.registry,
         )
+        self.upstream_errors = Counter(
+            "bastion_upstream_errors",
+            "Failed calls to a remote Triton upstream, by kind (its status, timeout, unreachable)",
+            [*labels, "kind"],
+            registry=self.registry,
+        )
         self.upstream_duration = Histogram(
             "bastion_upstream_duration_seconds",
             "One batch's call to a remote Triton upstream",

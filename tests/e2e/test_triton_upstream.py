@@ -34,6 +34,7 @@ pytestmark = pytest.mark.timeout(600)
 HERE = Path(__file__).resolve().parent
 TOKEN = "upstream-admin"
 OUTPUTS = ("logits", "probabilities")
+METRICS_INTERVAL_S = 2.5  # Triton's metrics refresh (2 s), and a margin
 
 
 @dataclass
@@ -51,6 +52,15 @@ class Upstream:
         text = httpx.get(f"http://127.0.0.1:{self.http_port + 2}/metrics", timeout=10).text
         match = re.search(rf'^nv_inference_count{{model="{model}",version="1"}} (\d+)', text, re.M)
         return int(match.group(1)) if match else 0
+
+    def settled(self, model: str, at_least: int = 0) -> int:
+        """The count once Triton has published everything run so far: it refreshes its
+        metrics every 2 s, so a count read at once could miss a call just made."""
+        deadline = time.monotonic() + 15
+        while self.count(model) < at_least and time.monotonic() < deadline:
+            time.sleep(0.2)
+        time.sleep(METRICS_INTERVAL_S)
+        return self.count(model)
 
     def stop(self) -> None:
         if self.process.poll() is None:
@@ -227,7 +237,7 @@ def test_a_withheld_request_never_reaches_the_upstream(
     gateway: ServerProcess, upstream: Upstream
 ) -> None:
     x = digits(4)
-    before = upstream.count("digits")
+    before = upstream.settled("digits")
     with pytest.raises(InferenceServerException) as http_err:
         infer(th, gateway.url, "strict", x)
     assert http_err.value.status() == "403" and "withheld" in http_err.value.message()
@@ -244,10 +254,12 @@ def test_a_withheld_request_never_reaches_the_upstream(
         headers={"Authorization": f"Bearer {TOKEN}"},
     )
     assert np.isnan(report["probabilities"]).all()
-    assert upstream.count("digits") == before
+    assert upstream.settled("digits") == before
     # a screened request that passes does reach it: the count above can move
-    infer(th, gateway.url, "front", x)
-    assert upstream.count("digits_offset") >= len(x)
+    passed = upstream.settled("digits_offset")
+    fresh = digits(60)[50:54]  # pictures no earlier test sent (no remembered answer)
+    infer(th, gateway.url, "front", fresh)
+    assert upstream.settled("digits_offset", passed + len(fresh)) == passed + len(fresh)
 
 
 def test_the_ledger_records_what_the_upstream_served_and_what_was_withheld(
@@ -362,3 +374,145 @@ def test_a_model_follows_its_upstream_down_and_back(tmp_path: Path) -> None:
         first.stop()
         if again is not None:
             again.stop()
+
+
+def test_near_duplicates_get_the_remembered_upstream_answer_and_are_not_forwarded(
+    gateway: ServerProcess, upstream: Upstream
+) -> None:
+    """The stateful defence's repeat: an attack's small steps learn nothing new, from a remote
+    model as from a local one, and the answer repeated is the one the upstream served."""
+    rng = np.random.default_rng(7)
+    first = digits(40)[37:38]
+    headers = {"x-client-id": "stepper"}
+    direct = infer(th, f"127.0.0.1:{upstream.http_port}", "digits_offset", first)
+    before = upstream.settled("digits_offset", 1)
+    answers = [infer(th, gateway.url, "front", first, headers=headers)]
+    for _ in range(5):
+        step = np.clip(first + rng.normal(0, 0.004, first.shape), 0, 1).astype(np.float32)
+        answers.append(infer(th, gateway.url, "front", step, headers=headers))
+    assert same_bits(answers[0]["logits"], direct["logits"])
+    # a step answered with an earlier step's answer learned nothing new
+    repeated = [
+        k
+        for k in range(1, len(answers))
+        if any(same_bits(answers[k]["logits"], a["logits"]) for a in answers[:k])
+    ]
+    assert len(repeated) >= 3, repeated  # every step once the defence has seen a probe
+    forwarded = 6 - len(repeated)
+    assert upstream.settled("digits_offset", before + forwarded) - before == forwarded
+
+
+class Hostile:
+    """A Triton-shaped HTTP server in this test that answers metadata honestly and each
+    inference as its model's name says: ``redirect`` (307 to a secret page), ``gzip`` (a
+    small compressed body that inflates to 256 MB), ``huge`` (a body of 3 MB), ``fewrows``
+    (one row for any batch), ``text`` (strings where numbers belong)."""
+
+    def __init__(self) -> None:
+        import gzip
+        import json
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        hits: list[str] = []
+        tensor = {"name": "images", "datatype": "FP32", "shape": [-1, 1, 28, 28]}
+        outs = [{"name": n, "datatype": "FP32", "shape": [-1, 10]} for n in OUTPUTS]
+        bomb = gzip.compress(b"0" * (256 << 20), compresslevel=9)  # about 250 KB
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def reply(self, status: int, body: bytes, **headers: str) -> None:
+                self.send_response(status)
+                headers.setdefault("Content-Type", "application/json")
+                for key, value in headers.items():
+                    self.send_header(key.replace("_", "-"), value)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                try:
+                    self.wfile.write(body)
+                except OSError:  # the gateway hung up on an answer it refuses: as it should
+                    self.close_connection = True
+
+            def do_GET(self) -> None:
+                hits.append(self.path)
+                parts = self.path.strip("/").split("/")
+                if parts[-1] == "ready":
+                    self.reply(200, b"")
+                elif parts[-1] == "config":
+                    self.reply(200, json.dumps({"name": parts[2], "max_batch_size": 64}).encode())
+                else:
+                    meta = {"name": parts[-1], "inputs": [tensor], "outputs": outs}
+                    self.reply(200, json.dumps(meta).encode())
+
+            def do_POST(self) -> None:
+                hits.append(self.path)
+                self.rfile.read(int(self.headers["Content-Length"]))
+                model = self.path.split("/")[3]
+                if model == "redirect":
+                    self.reply(307, b"", Location=f"http://127.0.0.1:{port}/secret")
+                elif model == "gzip":
+                    self.reply(200, bomb, Content_Encoding="gzip")
+                elif model == "huge":
+                    self.reply(200, b" " * (3 << 20))
+                else:
+                    data = [["x"] * 10] if model == "text" else [[0.5] * 10]
+                    answer = {
+                        "outputs": [
+                            {"name": n, "datatype": "FP32", "shape": [1, 10], "data": data}
+                            for n in OUTPUTS
+                        ]
+                    }
+                    self.reply(200, json.dumps(answer).encode())
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        port = self.server.server_address[1]
+        self.port, self.hits = port, hits
+        import threading
+
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+
+def test_a_hostile_upstream_gets_502s_and_cannot_redirect_bomb_or_flood_the_gateway(
+    tmp_path: Path,
+) -> None:
+    hostile = Hostile()
+    repo = tmp_path / "repository"
+    (repo / "digits").mkdir(parents=True)
+    (repo / "digits" / "labels.txt").write_text("\n".join(str(i) for i in range(10)))
+    names = ("redirect", "gzip", "huge", "fewrows", "text")
+    for name in names:
+        remote_model(repo, name, f"http://127.0.0.1:{hostile.port}", name)
+    server = start_server(tmp_path, env={"BASTION_MODEL_REPOSITORY": str(repo)})
+    try:
+        x = digits(2)
+        infer(th, server.url, "fewrows", x[:1])  # one row asked, one given: served
+        before = peak_kb(server.process.pid)
+        for name in names:
+            with pytest.raises(InferenceServerException) as err:
+                infer(th, server.url, name, x)
+            assert err.value.status() == "502", (name, err.value.message())
+            assert str(hostile.port) not in err.value.message()
+        live = httpx.get(f"http://{server.url}/v2/health/live", timeout=5)
+        assert live.status_code == 200
+        assert "/secret" not in hostile.hits  # the redirect was not followed
+        # the gateway did not inflate the bomb (256 MB) nor read past its cap
+        assert peak_kb(server.process.pid) - before < 64_000
+        metrics = httpx.get(f"http://{server.url}/metrics").text
+        for name in names:
+            counted = (
+                f'bastion_upstream_errors_total{{kind="BadGateway",model="{name}",version="1"}}'
+            )
+            assert counted in metrics
+    finally:
+        server.stop()
+        hostile.server.shutdown()
+        hostile.server.server_close()  # joins its request threads, closing their sockets
+
+
+def peak_kb(pid: int) -> int:
+    """A process's peak resident memory (``VmHWM``), in kB."""
+    status = Path(f"/proc/{pid}/status").read_text().splitlines()
+    return int(next(line.split()[1] for line in status if line.startswith("VmHWM")))
