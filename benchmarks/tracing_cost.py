@@ -81,28 +81,46 @@ def run_config(name: str, env: dict[str, str], args: argparse.Namespace, sink: S
     try:
         procs.wait_ready(server, infer_probe(url), args.ready_timeout)
         run_h2load(infer, body, headers, args.streams, args.warmup, workdir, http1=True)
+        exporters = exporter_pids(server.process.pid)
         spans_before, cpu_before = sink.spans, procs.cpu_seconds(server.process.pid)
+        exporter_before = sum(procs.cpu_seconds(pid) for pid in exporters)
         load = run_h2load(infer, body, headers, args.streams, args.duration, workdir, http1=True)
         cpu_s = procs.cpu_seconds(server.process.pid) - cpu_before
+        exporter_s = sum(procs.cpu_seconds(pid) for pid in exporters) - exporter_before
     finally:
         procs.stop(server)  # its tracer exports what it still holds as it stops
     return load.as_dict() | {
         "spans_exported": sink.spans - spans_before,
         "server_cpu_ms_per_request": cpu_s * 1e3 / max(load.completed, 1),
+        "exporter_cpu_ms_per_request": exporter_s * 1e3 / max(load.completed, 1),
     }
+
+
+def exporter_pids(root: int) -> list[int]:
+    """The gateway's trace exporter process (``trace_export``), if tracing is on."""
+    found = []
+    for pid in procs.tree_pids(root):
+        try:
+            command = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"trace_export" in command:
+            found.append(pid)
+    return found
 
 
 def markdown(report: dict) -> str:
     lines = [
-        "| round | tracing | requests/s | p50 ms | p99 ms | server CPU ms/req | spans exported |",
-        "|---:|---|---:|---:|---:|---:|---:|",
+        "| round | tracing | requests/s | p50 ms | p99 ms | server CPU ms/req "
+        "| of it the exporter | spans exported |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|",
     ]
     for number, runs in enumerate(report["rounds"], 1):
         for name, run in runs.items():
             lines.append(
                 f"| {number} | {name} | {run['rps']:,.0f} | {run['p50_ms']:.1f} | "
                 f"{run['p99_ms']:.1f} | {run['server_cpu_ms_per_request']:.3f} | "
-                f"{run['spans_exported']:,} |"
+                f"{run.get('exporter_cpu_ms_per_request', 0.0):.3f} | {run['spans_exported']:,} |"
             )
     values = report["ratios"]
     rounds = ", ".join(f"{v:.3f}" for v in values)

@@ -409,8 +409,8 @@ class Settings(BaseSettings):
         ge=0,
         le=1,
         description="Share of requests traced when the caller's traceparent does not say "
-        "(a sampled one is followed, within otel_max_traces_per_s); each traced request costs "
-        "about 1 ms of CPU (at 0.1, 16 % of throughput on 2 cores: benchmarks/RESULTS.md 14).",
+        "(a sampled one is followed, within otel_max_traces_per_s); at 0.1, 10 % of "
+        "throughput on 2 cores, the exporter process included (benchmarks/RESULTS.md 14c).",
     )
     otel_max_traces_per_s: int = Field(
         200,

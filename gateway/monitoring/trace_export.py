@@ -6,12 +6,16 @@ here, length-prefixed JSON on standard input, so the SDK's span objects, the pro
 and the export never hold the serving process's GIL. End of input (the gateway stopping, or
 dying) flushes what is queued, bounded by the export timeout, and exits. SIGINT is ignored: a
 Ctrl-C reaches the whole process group, and the gateway closes the pipe when it has finished.
+It runs at a lower priority (nice 10) than the gateway: on a saturated machine the export waits,
+and past its bounded queue spans are dropped, rather than requests slowed.
 
 Run by the gateway: ``python -m bastion.gateway.monitoring.trace_export CONFIG_JSON``.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 import signal
 import struct
 import sys
@@ -29,6 +33,7 @@ MAX_QUEUED_SPANS = 8192  # the export queue's bound; spans past it are dropped
 EXPORT_BATCH = 256  # spans per export, well under a collector's 4 MiB gRPC message limit
 EXPORT_TIMEOUT_S = 5  # one export, retries included; and the final flush
 MAX_FRAME_BYTES = 16 << 20
+NICENESS = 10  # below the gateway: on a busy machine, traces wait (or drop), requests do not
 _FRAME = struct.Struct(">I")
 
 
@@ -113,6 +118,8 @@ def main(argv: list[str]) -> int:
     from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    with contextlib.suppress(OSError):  # export is background work: serving comes first
+        os.nice(NICENESS)
     config = orjson.loads(argv[0])
     build = Builder(config["service_name"], config.get("service_version"))
     processor = BatchSpanProcessor(
