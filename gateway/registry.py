@@ -311,7 +311,11 @@ class ModelRegistry:
             settings.upstream_max_response_bytes,
         )
         labels = (config.name, str(version))
-        gauge = self.metrics.upstream_ready.labels(*labels)
+        ready = self.metrics.upstream_ready
+
+        def gauge_set(value: bool) -> None:  # looked up each time: a reload may remove it
+            ready.labels(*labels).set(value)
+
         duration = self.metrics.upstream_duration.labels(*labels)
         errors = self.metrics.upstream_errors
 
@@ -319,9 +323,9 @@ class ModelRegistry:
             errors.labels(*labels, kind[:40]).inc()
 
         remote = TritonUpstream(
-            spec, config, on_ready=gauge.set, on_call=duration.observe, on_error=failed
+            spec, config, on_ready=gauge_set, on_call=duration.observe, on_error=failed
         )
-        gauge.set(0)
+        gauge_set(False)
         if not await remote.probe():
             log.warning("model %s v%d: loaded, not ready: %s", config.name, version, remote.reason)
         remote.start()
@@ -329,8 +333,14 @@ class ModelRegistry:
 
     async def _close_remote(self, remote: TritonUpstream, version: int) -> None:
         await remote.close()
-        with contextlib.suppress(KeyError):  # no stale 1 for a model no longer served
-            self.metrics.upstream_ready.remove(remote.config.name, str(version))
+        served = self._models.get(remote.config.name, {}).get(version)
+        if served is None or served.remote is None or served.remote is remote:
+            # no stale 1 for a version no longer served (a reload's new instance keeps it)
+            with contextlib.suppress(KeyError):
+                self.metrics.upstream_ready.remove(remote.config.name, str(version))
+            return
+        gauge = self.metrics.upstream_ready.labels(remote.config.name, str(version))
+        gauge.set(served.remote.ready)
 
     def _screening_source(
         self, config: ModelConfig, version: int

@@ -133,6 +133,8 @@ def upstream_spec(
     )
 
 
+# aiohttp's errors for a pooled connection the upstream closed while idle: not a dead upstream
+_DROPPED = {"ServerDisconnectedError", "ClientPayloadError", "ClientOSError"}
 # tritonclient's status strings: gRPC's "StatusCode.X", HTTP's status code
 _CLIENT = {"StatusCode.INVALID_ARGUMENT", "400", "413"}
 _NOT_READY = {"StatusCode.UNAVAILABLE", "StatusCode.NOT_FOUND", "503", "404"}
@@ -283,13 +285,15 @@ class TritonUpstream:
 
     async def _watch(self) -> None:
         while True:
+            self._wake.clear()  # before the probe: a call failing during it wakes the next
             await self.probe()
-            self._wake.clear()
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self.spec.health_interval_s):
                     await self._wake.wait()
 
     def _set(self, ready: bool, reason: str | None) -> None:
+        if ready:
+            self._unavailable = 0
         if ready != self.ready:
             if ready:
                 log.info("model %s: upstream %s ready", self.config.name, self.spec.url)
@@ -376,6 +380,11 @@ class TritonUpstream:
             raise
         except self._transport_errors as exc:
             self._errors("unreachable")
+            if type(exc).__name__ in _DROPPED:  # a kept-alive connection the upstream closed
+                self._unavailable += 1
+                if self._unavailable >= UNAVAILABLE_STREAK:
+                    self._down(f"the upstream keeps dropping calls ({_kind(exc)})")
+                raise Unavailable("the upstream dropped the connection; retry") from None
             self._down(f"the upstream is unreachable ({_kind(exc)})")
             raise Unavailable(f"model {self.config.name!r} is not ready: {self.reason}") from None
         except asyncio.CancelledError:

@@ -148,6 +148,16 @@ class ProbeIndex:
         self._answer_keys[slot] = key
         return True
 
+    def keep_served(self, slot: int, key: int, content: int, answer: np.ndarray) -> None:
+        """``keep_answer`` for a query answered after it was remembered (a remote upstream's
+        answer): kept only while the slot still holds that query (raw-content hash
+        ``content``) and it was not refused since."""
+        if self._contents[slot] != content or self._times[slot] == -np.inf:
+            return
+        if self.refused(slot, key):
+            return
+        self.keep_answer(slot, key, answer)
+
     def keep_refusal(self, slot: int, key: int, content: int) -> None:
         """The slot's query (raw-content hash ``content``; a slot reused since holds another)
         was refused (withheld, throttled or contained): what a repeat of it gets is a refusal

@@ -56,6 +56,7 @@ def defend(
         targets.get(ADVERSARIAL),
         request.id,
         f"{model.config.name}:{model.version}",
+        pending=model.upstream is not None,  # a remote model's upstream answers later
     )
     put_back(outputs, results, observed.repeats)
     served = False

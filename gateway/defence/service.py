@@ -333,6 +333,7 @@ class DefenceService:
         block_rate: float | None = None,
         request_id: str | None = None,
         model: str | None = None,
+        pending: bool = False,
     ) -> Observation:
         """Weighs one request's images: ``prints`` (n, S) int64, one verdict per image, and the
         input rows (n, ...) whose raw bytes tell an exact resend (a retry, by anyone: the same
@@ -343,7 +344,9 @@ class DefenceService:
         ``block_rate`` of adversarial ones (its block tier's);
         ``embedded`` carries the embeddings for the model's k-NN detector, if it has one.
         Each probe is logged at debug level with the request's id and what it was given;
-        ``model`` ("name:version", the one that answered) goes into the decisions logged."""
+        ``model`` ("name:version", the one that answered) goes into the decisions logged.
+        ``pending``: ``answers`` are not what will be served (a remote model's upstream answers
+        later, ``answered``): none is kept or shared now, so nothing repeats them."""
         key = client or "(anonymous)"
         rung, probes, nears, contained, repeats = OBSERVE, 0, 0, 0, {}
         refused: list[int] = []
@@ -478,8 +481,11 @@ class DefenceService:
                 slots.append((slot, content))
                 indices.append(i)
                 kept = None
-                if answers is not None:  # what this query is answered: the repeat, if any
+                if answers is not None and not pending:  # what it is answered: the repeat, if any
                     kept = answers[i] if given is None else given
+                    self.index.keep_answer(slot, answer_key, kept)
+                elif given is not None:  # a repeat is served as it is: keep it now
+                    kept = given
                     self.index.keep_answer(slot, answer_key, kept)
                 if self.on_evidence is not None:
                     shared.append(
@@ -526,14 +532,16 @@ class DefenceService:
     def answered(self, observed: Observation, answers: np.ndarray) -> None:
         """Keeps what a remote model's upstream answered (``answers`` (n, A) float32, laid out
         as ``served_answers``) for the queries ``observe`` remembered with the local screening
-        model's answers, so a later repeat gives what was served. Rows given a remembered
-        answer keep it."""
+        model's answers (``observe`` with ``pending``), so a later repeat gives what was
+        served, never the local model's answer. Rows given a remembered answer keep it; a
+        slot reused or refused since is left alone. Other replicas get no answer for these
+        queries (they forward their repeats rather than repeat a local answer)."""
         if not observed.answer_key:
             return
         with self.lock:
-            for (slot, _), i in zip(observed.slots, observed.rows, strict=True):
+            for (slot, content), i in zip(observed.slots, observed.rows, strict=True):
                 if i not in observed.repeats:
-                    self.index.keep_answer(slot, observed.answer_key, answers[i])
+                    self.index.keep_served(slot, observed.answer_key, content, answers[i])
 
     def _recount(
         self,

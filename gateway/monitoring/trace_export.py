@@ -106,12 +106,11 @@ def frames(stream: IO[bytes]) -> Iterator[list[list[Any]]]:
         if len(head) < _FRAME.size:
             return
         (size,) = _FRAME.unpack(head)
-        if size > MAX_FRAME_BYTES:
-            return
-        body = stream.read(size)
+        body = stream.read(size)  # an oversized trace is read past, not kept
         if len(body) < size:
             return
-        yield orjson.loads(body)
+        if size <= MAX_FRAME_BYTES:
+            yield orjson.loads(body)
 
 
 def main(argv: list[str]) -> int:
@@ -130,7 +129,10 @@ def main(argv: list[str]) -> int:
     )
     for trace in frames(sys.stdin.buffer):
         for record in trace:
-            processor.on_end(build(record))
+            try:
+                processor.on_end(build(record))
+            except Exception:  # one malformed span is lost, not the exporter
+                continue
     # the SDK's shutdown waits up to 30 s for a collector that does not answer: bounded here
     closing = threading.Thread(target=processor.shutdown, daemon=True)
     closing.start()

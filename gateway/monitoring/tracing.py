@@ -59,6 +59,8 @@ NOT_TRACED = ("/v2/health/live", "/v2/health/ready", "/metrics")
 MAX_QUEUED_TRACES = 4096  # the export queue's bound; traces past it are dropped
 MAX_ATTRIBUTE_CHARS = 256
 MAX_LINKS = 128
+MAX_NAME_CHARS = 128
+MAX_SPANS_PER_TRACE = 512  # a gRPC stream is one trace: its messages' spans past this are lost
 MAX_TRACESTATE_CHARS = 512  # W3C Trace Context §3.3.1.5: at most 32 members
 EXPORT_TIMEOUT_S = 5  # one export, retries included; and the shutdown's wait
 GATHER_S = 0.05  # the writer's wait for more traces before one write
@@ -110,6 +112,8 @@ class Recorded:
             self.attributes[key] = _clip(value)
 
     def child(self, name: str, start_ns: int, attributes: dict[str, Any]) -> Recorded:
+        """A span under this one, part of its trace; past ``MAX_SPANS_PER_TRACE`` (a long
+        stream's many messages) it is made but not kept, so a trace's memory is bounded."""
         span = Recorded(
             self.trace_id,
             _id(64),
@@ -121,7 +125,8 @@ class Recorded:
             attributes={k: _clip(v) for k, v in attributes.items()},
             spans=self.spans,
         )
-        self.spans.append(span)
+        if len(self.spans) < MAX_SPANS_PER_TRACE:
+            self.spans.append(span)
         return span
 
     def as_list(self) -> list[Any]:
@@ -165,8 +170,20 @@ class Tracing:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Tracing | None:
-        """Tracing when ``otel_endpoint`` is set, else None."""
-        return cls(settings) if settings.otel_endpoint else None
+        """Tracing when ``otel_endpoint`` is set, else None. Raises ``RuntimeError`` when the
+        exporter process could not run: the ``otel`` extra is not installed."""
+        if not settings.otel_endpoint:
+            return None
+        import importlib.util
+
+        wanted = "grpc" if settings.otel_protocol == "grpc" else "http"
+        for module in ("opentelemetry.sdk", f"opentelemetry.exporter.otlp.proto.{wanted}"):
+            if importlib.util.find_spec(module) is None:
+                raise RuntimeError(
+                    "BASTION_OTEL_ENDPOINT is set but OpenTelemetry's SDK and OTLP exporter "
+                    "are not installed: pip install 'bastion-gateway[otel]'"
+                )
+        return cls(settings)
 
     def sampled(self, traceparent: str | bytes | None) -> bool:
         """Whether to trace a request: as its caller's W3C ``traceparent`` says when it has a
@@ -191,15 +208,36 @@ class Tracing:
         self._traced += 1
         return self._traced <= self.max_per_s
 
-    def for_message(self) -> contextvars.Context | None:
-        """The context to answer one message of a traced stream in: the stream's own (None:
-        inherit it) while the per-second cap allows, else a copy with no current span, so a
-        stream of many messages cannot trace past the cap."""
-        if not self.active() or self._charge():
-            return None
-        detached = contextvars.copy_context()
-        detached.run(_CURRENT.set, None)
-        return detached
+    def for_message(self) -> tuple[contextvars.Context | None, Recorded | None]:
+        """The context to answer one message of a stream in, and the message's span. A traced
+        stream's message, while the per-second cap allows, gets a ``bastion.message`` span of
+        its own under the stream's, with a trace list of its own that ``finish`` exports when
+        the message is answered (a long stream is not one ever-growing trace); past the cap,
+        a context with no current span. (None, None) when the stream is not traced."""
+        stream = _CURRENT.get()
+        if stream is None:
+            return None, None
+        context = contextvars.copy_context()
+        if not self._charge():
+            context.run(_CURRENT.set, None)
+            return context, None
+        span = Recorded(
+            stream.trace_id,
+            _id(64),
+            stream.span_id,
+            False,
+            PREFIX + "message",
+            INTERNAL,
+            epoch_ns(time.perf_counter_ns()),
+        )
+        span.spans.append(span)
+        context.run(_CURRENT.set, span)
+        return context, span
+
+    def finish(self, span: Recorded) -> None:
+        """Ends a stream message's span (``for_message``) and exports its trace."""
+        span.end_ns = epoch_ns(time.perf_counter_ns())
+        self._emit(span.spans)
 
     @staticmethod
     def active() -> bool:
@@ -224,7 +262,9 @@ class Tracing:
         match = _TRACEPARENT.fullmatch((carrier.get("traceparent") or "").strip())
         if match is not None:
             trace_id, parent_id = int(match.group(1), 16), int(match.group(2), 16)
-            state = (carrier.get("tracestate") or "")[:MAX_TRACESTATE_CHARS]
+            state = carrier.get("tracestate") or ""
+            if len(state) > MAX_TRACESTATE_CHARS:  # whole members only (§3.3.1.5)
+                state = state[: state.rfind(",", 0, MAX_TRACESTATE_CHARS) + 1].rstrip(",")
         else:
             trace_id, parent_id, state = _id(128), 0, ""
         span = Recorded(
@@ -232,7 +272,7 @@ class Tracing:
             _id(64),
             parent_id,
             parent_id != 0,
-            name,
+            name[:MAX_NAME_CHARS],  # a caller chooses the method: bounded
             SERVER,
             epoch_ns(time.perf_counter_ns()),
             attributes={k: _clip(v) for k, v in attributes.items()},
@@ -471,7 +511,12 @@ class _ExporterProcess(_Sink):
                     break
             done = None in traces
             try:
-                stdin.write(encode([t for t in traces if t is not None]))
+                data = encode([t for t in traces if t is not None])
+            except Exception:  # never the writer's death: these traces are lost, not the rest
+                log.exception("traces not encoded; dropped")
+                data = b""
+            try:
+                stdin.write(data)
                 stdin.flush()
             except (OSError, ValueError):  # the exporter died: tracing stops, serving does not
                 if not self._broken:
@@ -485,6 +530,8 @@ class _ExporterProcess(_Sink):
         with suppress(queue.Full):
             self._queue.put(None, timeout=max(0.1, timeout_s / 2))
         self._writer.join(max(0.1, deadline - time.monotonic()))
+        if self._writer.is_alive():  # stuck writing to a stalled exporter: closing would wait
+            self._process.kill()
         if self._process.stdin is not None:
             with suppress(OSError):
                 self._process.stdin.close()  # end of input: the exporter flushes and exits

@@ -23,7 +23,7 @@ import logging
 import socket
 import struct
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -267,7 +267,7 @@ class GrpcServer:
         if (
             tracing is None
             or opening.method.startswith(_NOT_TRACED)
-            or not tracing.sampled(dict(opening.metadata).get("traceparent"))
+            or not tracing.sampled(_first(opening.metadata, "traceparent"))
         ):
             ending = await self._run(context, raw)
         else:  # the server span, continuing a traceparent in the metadata
@@ -362,3 +362,8 @@ class GrpcServer:
                 await self._update_health()
             except Exception:  # the health status must outlive one bad poll
                 log.exception("could not update the gRPC health status")
+
+
+def _first(metadata: Sequence[tuple[str, str]], key: str) -> str | None:
+    """The first value of a metadata key (the one the server span continues)."""
+    return next((value for name, value in metadata if name == key), None)

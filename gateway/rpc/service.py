@@ -307,8 +307,12 @@ class InferenceService:
                 async for raw in requests:
                     await window.acquire()
                     # each message counts against the trace cap, as an HTTP request does
-                    context = tracing.for_message() if tracing is not None else None
+                    context, message = (
+                        tracing.for_message() if tracing is not None else (None, None)
+                    )
                     task = asyncio.create_task(answer(raw), context=context)
+                    if message is not None and tracing is not None:
+                        task.add_done_callback(lambda _, m=message: tracing.finish(m))
                     tasks.add(task)
                     task.add_done_callback(tasks.discard)
                 await asyncio.gather(*list(tasks))

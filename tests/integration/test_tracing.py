@@ -181,12 +181,23 @@ def test_each_message_of_a_traced_stream_counts_against_the_cap(
     config = settings(repository, tmp_path, otel_max_traces_per_s=3)
     tracing = Tracing(config, exporter)
     assert tracing.sampled(TRACEPARENT)  # the stream's own span: one of the 3
-    with tracing.server("stream", {"traceparent": TRACEPARENT}, {}):
-        contexts = [tracing.for_message() for _ in range(4)]
-        assert contexts[:2] == [None, None]  # within the cap: the stream's context
-        for context in contexts[2:]:  # past it: no current span, so nothing is traced
-            assert context is not None and not context.run(tracing.active)
+    with tracing.server("stream", {"traceparent": TRACEPARENT}, {}) as stream:
+        messages = [tracing.for_message() for _ in range(4)]
+        for context, span in messages[:2]:  # within the cap: a span of the message's own
+            assert span is not None and context is not None and context.run(tracing.active)
+            context.run(tracing.record, "decode", 1, 2)
+            tracing.finish(span)
+        for context, span in messages[2:]:  # past it: no current span, so nothing is traced
+            assert span is None and context is not None and not context.run(tracing.active)
         assert tracing.active()  # the stream's own context is untouched
+    spans = exporter.get_finished_spans()
+    names = sorted(s.name for s in spans)
+    assert names == ["bastion.decode"] * 2 + ["bastion.message"] * 2 + ["stream"]
+    ids = {s.context.span_id for s in spans if s.name == "bastion.message"}
+    assert {s.parent.span_id for s in spans if s.name == "bastion.message"} == {
+        stream.span_id
+    }
+    assert {s.parent.span_id for s in spans if s.name == "bastion.decode"} == ids
 
 
 def test_a_long_client_chosen_path_is_clipped_in_its_span(
@@ -197,3 +208,21 @@ def test_a_long_client_chosen_path_is_clipped_in_its_span(
     assert client.get(path, headers={"traceparent": TRACEPARENT}).status_code == 404
     (server,) = exporter.get_finished_spans()
     assert len(server.attributes["url.path"]) == 256
+
+
+def test_a_long_streams_trace_keeps_a_bounded_number_of_spans(
+    repository: Path, tmp_path: Path
+) -> None:
+    """A gRPC stream is one trace; its messages' spans must not pile up until it ends."""
+    from bastion.gateway.monitoring.tracing import MAX_SPANS_PER_TRACE
+
+    exporter = InMemorySpanExporter()
+    tracing = Tracing(settings(repository, tmp_path), exporter)
+    with tracing.server("stream", {"traceparent": TRACEPARENT}, {}):
+        for _ in range(3 * MAX_SPANS_PER_TRACE):
+            tracing.record("decode", 1, 2)
+        with tracing.span("encode") as span:  # still made, so callers need not check
+            assert span is not None
+    spans = exporter.get_finished_spans()
+    assert len(spans) == MAX_SPANS_PER_TRACE
+    assert sum(s.kind == SpanKind.SERVER for s in spans) == 1
