@@ -23,7 +23,6 @@ Needs h2load (``apt-get install nghttp2-client``) and PyTriton's environment
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 import shutil
 import sys
@@ -34,6 +33,7 @@ import numpy as np
 from bastion.benchmarks import procs
 from bastion.benchmarks.h2load import grpc_infer_body, run_h2load
 from bastion.benchmarks.machine import describe_machine
+from bastion.benchmarks.rounds import run_rounds, write_report
 from bastion.benchmarks.serving import (
     COMMON_ENV,
     MODEL,
@@ -222,17 +222,9 @@ def main(argv: list[str] | None = None) -> int:
     args.streams = [int(s) for s in args.streams.split(",")]
     args.out = args.out.resolve()
     args.workdir = args.out / "tmp" / "remote_triton"
-    rounds: list[dict[str, dict]] = []
-    for number in range(1, args.rounds + 1):
-        results: dict[str, dict] = {}
-        for name in args.arms.split(","):
-            print(f"remote_triton: round {number}: {name} ...", file=sys.stderr, flush=True)
-            try:
-                results[name] = bench_arm(name, args)
-            except Exception as error:  # one broken arm must not cost the others theirs
-                results[name] = {"error": f"{type(error).__name__}: {error}"[:4000]}
-                print(f"remote_triton: {name} failed: {results[name]['error']}", file=sys.stderr)
-        rounds.append(results)
+    rounds = run_rounds(
+        "remote_triton", args.arms.split(","), args.rounds, lambda name: bench_arm(name, args)
+    )
     report = {
         "machine": describe_machine(),
         "command": shlex.join(
@@ -242,12 +234,7 @@ def main(argv: list[str] | None = None) -> int:
         "rounds": rounds,
         "ratios": ratios(rounds),
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "remote_triton.json").write_text(json.dumps(report, indent=2) + "\n")
-    text = markdown(report)
-    (args.out / "remote_triton.md").write_text(text)
-    print(text)
-    return 1 if any("error" in r for results in rounds for r in results.values()) else 0
+    return write_report(args.out, "remote_triton", report, markdown)
 
 
 if __name__ == "__main__":

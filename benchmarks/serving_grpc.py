@@ -19,7 +19,6 @@ Run: ``python -m bastion.benchmarks.serving_grpc [--duration 20] [--streams 64]
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import shlex
 import sys
@@ -31,6 +30,7 @@ import numpy as np
 from bastion.benchmarks import procs
 from bastion.benchmarks.h2load import grpc_infer_body, run_h2load
 from bastion.benchmarks.machine import describe_machine
+from bastion.benchmarks.rounds import run_rounds, write_report
 from bastion.benchmarks.serving import COMMON_ENV, LAUNCHERS, MODEL, Launch, infer_probe
 from bastion.benchmarks.workload import REPO_ROOT, build_request, digit_images, load_served
 
@@ -181,17 +181,9 @@ def main(argv: list[str] | None = None) -> int:
     args.streams = [int(s) for s in args.streams.split(",")]
     args.out = args.out.resolve()
     args.workdir = args.out / "tmp" / "grpc"
-    rounds: list[dict[str, dict]] = []
-    for number in range(1, args.rounds + 1):
-        results: dict[str, dict] = {}
-        for name in args.servers.split(","):
-            print(f"serving_grpc: round {number}: {name} ...", file=sys.stderr, flush=True)
-            try:
-                results[name] = bench_server(name, args)
-            except Exception as error:  # one broken server must not cost the others theirs
-                results[name] = {"error": f"{type(error).__name__}: {error}"[:4000]}
-                print(f"serving_grpc: {name} failed: {results[name]['error']}", file=sys.stderr)
-        rounds.append(results)
+    rounds = run_rounds(
+        "serving_grpc", args.servers.split(","), args.rounds, lambda n: bench_server(n, args)
+    )
     report = {
         "machine": describe_machine(),
         "command": shlex.join(
@@ -201,12 +193,7 @@ def main(argv: list[str] | None = None) -> int:
         "rounds": rounds,
         "ratios": ratios(rounds, args.streams),
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "serving_grpc.json").write_text(json.dumps(report, indent=2) + "\n")
-    text = markdown(report)
-    (args.out / "serving_grpc.md").write_text(text)
-    print(text)
-    return 1 if any("error" in r for results in rounds for r in results.values()) else 0
+    return write_report(args.out, "serving_grpc", report, markdown)
 
 
 if __name__ == "__main__":

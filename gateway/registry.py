@@ -240,9 +240,29 @@ class ModelRegistry:
         return entries
 
     async def _load_version(self, config: ModelConfig, version: int) -> LoadedModel:
-        threads = self.settings.torch_threads
         source = self._screening_source(config, version)
         remote = await self._remote(config, version) if config.backend == "triton" else None
+        started: list[DynamicBatcher] = []
+        try:
+            return await self._assemble(config, version, source, remote, started)
+        except BaseException:  # nothing of a version that failed to load keeps running
+            for batcher in started:
+                await batcher.close(drain_timeout_s=0)
+            if remote is not None:
+                await self._close_remote(remote, version)
+            raise
+
+    async def _assemble(
+        self,
+        config: ModelConfig,
+        version: int,
+        source: tuple[ModelConfig, int] | None,
+        remote: TritonUpstream | None,
+        started: list[DynamicBatcher],
+    ) -> LoadedModel:
+        """The backend, batchers and policy of one version (``started``: each batcher
+        started, for the caller to stop should a later step fail)."""
+        threads = self.settings.torch_threads
         observer = ModelObserver(ModelStats(config.name, str(version)), self.metrics)
         batching = config.batching
         options = {
@@ -260,15 +280,11 @@ class ModelRegistry:
                 remote.infer, calls, observer, admit=self.batch_admit, **options
             )
             batcher.start()
+            started.append(batcher)
             loaded = LoadedModel(config, version, remote, batcher, observer, remote=remote)
             return loaded
-        try:
-            backend = await asyncio.to_thread(load_backend, *source, self.device, threads)
-            await asyncio.to_thread(warm_up, backend, source[0])
-        except BaseException:
-            if remote is not None:
-                await self._close_remote(remote, version)
-            raise
+        backend = await asyncio.to_thread(load_backend, *source, self.device, threads)
+        await asyncio.to_thread(warm_up, backend, source[0])
         drift = self._drift_monitor(source[0], source[1], backend, config.name, version)
         slots = self._slots.get(backend.device)
         if slots is None:
@@ -282,6 +298,7 @@ class ModelRegistry:
             **options,
         )
         batcher.start()
+        started.append(batcher)
         loaded = LoadedModel(config, version, backend, batcher, observer, remote=remote)
         if remote is not None:
             # the rows screening passes, batched again for one upstream call (no extra wait:
@@ -289,6 +306,7 @@ class ModelRegistry:
             second = {**options, "max_queue_delay_us": 0}
             loaded.upstream = DynamicBatcher(remote.infer, calls, Unobserved(), **second)
             loaded.upstream.start()
+            started.append(loaded.upstream)
         loaded.drift = drift
         policy = from_config(source[0])
         if backend.screening is not None:  # the defence's fingerprints, in the same batch
@@ -326,8 +344,14 @@ class ModelRegistry:
             spec, config, on_ready=gauge_set, on_call=duration.observe, on_error=failed
         )
         gauge_set(False)
-        if not await remote.probe():
-            log.warning("model %s v%d: loaded, not ready: %s", config.name, version, remote.reason)
+        try:
+            if not await remote.probe():
+                log.warning(
+                    "model %s v%d: loaded, not ready: %s", config.name, version, remote.reason
+                )
+        except BaseException:  # cancelled while asking: its client goes too
+            await self._close_remote(remote, version)
+            raise
         remote.start()
         return remote
 
